@@ -1,0 +1,421 @@
+"""Typed settings for dataset builds and training: every threshold and default lives here.
+
+Each flow has one frozen settings object (`BuildSettings`, `TrainSettings`) made of small frozen
+sections. Values come, in increasing priority, from the defaults below, a YAML/TOML file, the
+environment (`REFANY3D__SECTION__FIELD=value`) and the CLI (`--set section.field=value`).
+Validation happens at construction, so a bad value fails before any work starts, with a message
+naming the field and what it allows. Settings are never mutated: `override` returns a new object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+ENV_PREFIX = "REFANY3D__"
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside what it allows; the message names the field."""
+
+
+class _Section:
+    """Base of every settings dataclass: validates its own fields at construction."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _opt(default: Any, doc: str, **rules: Any) -> Any:
+    """A settings field with a one-line doc and validation rules (ge, gt, le, lt)."""
+    if isinstance(default, list | dict | tuple) and not isinstance(default, str):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **rules})
+    return field(default=default, metadata={"doc": doc, **rules})
+
+
+# --------------------------------------------------------------------------- build sections
+
+
+@dataclass(frozen=True)
+class SourceSettings(_Section):
+    kind: Literal["synthetic", "subjects200k"] = _opt("synthetic", "where rows come from")
+    data_files: str = _opt("", "glob or fsspec URL of Subjects200K-format Parquet files; empty = default")
+    hub_id: str = _opt("Yuanshi/Subjects200K", "Hugging Face dataset id, read as hf:// Parquet when no data_files")
+    limit: int = _opt(0, "stop after this many source rows (0 = all)", ge=0)
+    synthetic_rows: int = _opt(8, "rows the synthetic source generates when no data_files are given", ge=1)
+    seed: int = _opt(0, "seed of the synthetic source", ge=0)
+
+
+@dataclass(frozen=True)
+class QualitySettings(_Section):
+    min_score: int = _opt(5, "keep rows whose three quality scores are all >= this", ge=0, le=5)
+
+
+@dataclass(frozen=True)
+class SplitSettings(_Section):
+    min_view_size: int = _opt(64, "reject pairs whose derived view side S is smaller than this (px)", ge=1)
+
+
+@dataclass(frozen=True)
+class DetectorSettings(_Section):
+    backend: Literal["truth", "groundingdino", "hf-grounding-dino"] = _opt("truth", "detector backend")
+    weights: str = _opt("", "local directory or hub id of the detector weights")
+    text_encoder: str = _opt("", "groundingdino-py: local BERT directory (no hub access needed)")
+    box_threshold: float = _opt(0.35, "minimum box score", ge=0.0, le=1.0)
+    text_threshold: float = _opt(0.25, "minimum text-token score", ge=0.0, le=1.0)
+    batch_size: int = _opt(8, "images per forward pass", ge=1)
+    truth_jitter: float = _opt(0.03, "truth backend: box corner jitter, fraction of box size", ge=0.0)
+    truth_dilation: float = _opt(0.05, "truth backend: box dilation, fraction of box size", ge=0.0)
+
+
+@dataclass(frozen=True)
+class SegmenterSettings(_Section):
+    backend: Literal["truth", "sam", "hf-sam"] = _opt("truth", "segmenter backend")
+    weights: str = _opt("", "checkpoint file (sam) or local directory / hub id (hf-sam)")
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = _opt("vit_h", "sam backend: image encoder size")
+    max_area_ratio: float = _opt(0.6, "drop masks covering more than this fraction of the image", gt=0.0, le=1.0)
+    min_area_ratio: float = _opt(0.01, "drop masks covering less than this fraction of the image", ge=0.0, lt=1.0)
+    max_components: int = _opt(3, "drop masks with more connected parts than this (fragmented)", ge=1)
+    batch_size: int = _opt(8, "images per forward pass", ge=1)
+    truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
+
+
+@dataclass(frozen=True)
+class DepthSettings(_Section):
+    backend: Literal["truth", "depth-pro"] = _opt("truth", "depth backend")
+    weights: str = _opt("", "local directory or hub id (apple/DepthPro-hf)")
+    batch_size: int = _opt(8, "images per forward pass", ge=1)
+    truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
+    truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
+
+
+@dataclass(frozen=True)
+class MesherSettings(_Section):
+    backend: Literal["truth", "hunyuan3d"] = _opt("truth", "image-to-mesh backend")
+    weights: str = _opt("", "local directory or hub id of Hunyuan3D-2")
+    target_faces: int = _opt(40000, "face count after reduction, before UV unwrapping", ge=100)
+    uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
+    uv_partitions: int = _opt(4, "Open3D compute_uvatlas parallel_partitions", ge=1)
+
+
+@dataclass(frozen=True)
+class PoseSettings(_Section):
+    backend: Literal["builtin", "foundationpose"] = _opt("builtin", "6D pose estimator")
+    weights: str = _opt("", "FoundationPose weights directory")
+    voxel_fraction: float = _opt(0.03, "registration voxel size as a fraction of object size", gt=0.0)
+    ransac_iterations: int = _opt(100000, "RANSAC iterations of the global registration", ge=1)
+    silhouette_refine_steps: int = _opt(30, "silhouette-IoU refinement iterations", ge=0)
+
+
+@dataclass(frozen=True)
+class VerifySettings(_Section):
+    min_iou: float = _opt(0.8, "keep samples whose rendered-mask IoU with the SAM mask is above this", ge=0.0, le=1.0)
+    max_lpips: float = _opt(0.3, "keep samples whose LPIPS to the image crop is below this", ge=0.0)
+    lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")
+    lpips_weights: str = _opt("", "local file of the LPIPS backbone weights (offline)")
+
+
+@dataclass(frozen=True)
+class RenderSettings(_Section):
+    resolution: int = _opt(512, "side of every rendered view in px", ge=16)
+    views: int = _opt(8, "orbit views per asset (equal azimuth steps)", ge=1)
+    elevation_deg: float = _opt(20.0, "orbit camera elevation in degrees", ge=-89.0, le=89.0)
+    distance: float = _opt(2.8, "orbit camera distance, object normalised to [-1, 1]", gt=0.0)
+    fov_deg: float = _opt(40.0, "orbit camera vertical field of view in degrees", gt=0.0, lt=180.0)
+    turntable: bool = _opt(False, "also write a turntable video")
+
+
+@dataclass(frozen=True)
+class StorageSettings(_Section):
+    out: str = _opt("out/dataset", "output URL (any fsspec URL) for shards, rejects, card, stats")
+    artifacts: str = _opt("", "artifact store URL; empty = OUT/artifacts")
+    shard_size: int = _opt(64, "samples per Parquet shard", ge=1)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings(_Section):
+    device: str = _opt("cpu", "torch device for models: cpu, cuda, cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = _opt("float32", "model precision on the device")
+    batch_size: int = _opt(8, "source rows per flow batch (one task per stage and batch)", ge=1)
+    gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
+    workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
+    runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
+    dask_address: str = _opt("", "dask scheduler address; empty = local cluster")
+
+
+@dataclass(frozen=True)
+class BuildSettings(_Section):
+    """Everything a dataset build needs; one frozen object per build."""
+
+    name: str = _opt("refany3d-synthetic", "dataset name (flow run name, card title)")
+    until: str = _opt("shard", "last stage to run (its ancestors run too)")
+    source: SourceSettings = field(default_factory=SourceSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+    depth: DepthSettings = field(default_factory=DepthSettings)
+    mesher: MesherSettings = field(default_factory=MesherSettings)
+    pose: PoseSettings = field(default_factory=PoseSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from refany3d.stages.dag import STAGES  # late: stages import config
+
+        if self.until not in STAGES:
+            raise SettingsError(f"until: {self.until!r} is not one of {', '.join(STAGES)}")
+
+    @property
+    def uses_truth(self) -> bool:
+        """True when any network is replaced by its ground-truth backend (outputs must say so)."""
+        return "truth" in (self.detector.backend, self.segmenter.backend, self.depth.backend, self.mesher.backend)
+
+
+# --------------------------------------------------------------------------- train sections
+
+
+@dataclass(frozen=True)
+class DataSettings(_Section):
+    shards: str = _opt("out/dataset/data/*.parquet", "glob or fsspec URL of training shards")
+    resolution: int = _opt(512, "target image side in px", ge=16)
+    condition_resolution: int = _opt(512, "condition view side in px (256 = compact option)", ge=16)
+    drop_text_prob: float = _opt(0.1, "probability of an empty prompt", ge=0.0, le=1.0)
+    drop_references_prob: float = _opt(0.1, "probability of zeroing all reference views", ge=0.0, le=1.0)
+    num_workers: int = _opt(0, "data loader processes", ge=0)
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Section):
+    """The RefAny3D network; each ablation switch of the paper's §4.3 is one flag."""
+
+    pretrained: str = _opt("", "local directory or hub id of FLUX.1-dev; empty = `tiny` random config")
+    tiny: bool = _opt(True, "build a tiny random-weight Flux-architecture model (offline, tests)")
+    lora_rank: int = _opt(16, "rank of both LoRA adapters", ge=1)
+    lora_alpha: float = _opt(16.0, "alpha of both LoRA adapters", gt=0.0)
+    num_views: int = _opt(8, "condition views (RGB + point map each)", ge=0)
+    shared_positions: bool = _opt(True, "target point map reuses the RGB ids; conditions shifted on width")
+    text_agnostic: bool = _opt(True, "target point map does not attend to text")
+    domain_lora: bool = _opt(True, "Domain-LoRA on point-map tokens")
+    point_map_branch: bool = _opt(True, "generate the target point map jointly")
+    attention: Literal["flex", "grouped", "dense"] = _opt("flex", "group-attention implementation")
+    gradient_checkpointing: bool = _opt(True, "recompute block activations in backward")
+
+
+@dataclass(frozen=True)
+class OptimSettings(_Section):
+    optimizer: Literal["prodigy", "adamw"] = _opt("prodigy", "optimizer")
+    lr: float = _opt(1.0, "learning rate (1.0 for Prodigy)", gt=0.0)
+    weight_decay: float = _opt(0.01, "weight decay", ge=0.0)
+    grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)
+    batch_size: int = _opt(1, "samples per device per step", ge=1)
+    steps: int = _opt(30000, "optimisation steps", ge=1)
+    seed: int = _opt(0, "training seed", ge=0)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings(_Section):
+    dir: str = _opt("out/train", "checkpoint and sample directory (fsspec URL)")
+    every: int = _opt(1000, "save every N steps", ge=1)
+    keep: int = _opt(3, "checkpoints to keep", ge=1)
+    sample_every: int = _opt(1000, "sample the validation prompts every N steps", ge=1)
+    sample_steps: int = _opt(28, "denoising steps when sampling", ge=1)
+    guidance: float = _opt(3.5, "guidance embedding when sampling", ge=0.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Section):
+    """Everything a training run needs; one frozen object per run."""
+
+    name: str = _opt("refany3d-lora", "run name")
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+# --------------------------------------------------------------------------- loading
+
+
+def _validate(obj: Any, prefix: str = "") -> None:
+    """Check every field of a settings dataclass against its type and rules."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, value, hint = f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise SettingsError(f"{name}: expected a section, got {value!r}")
+            continue  # sections validate themselves in their own __post_init__ or below
+        if typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            if value not in allowed:
+                raise SettingsError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            continue
+        base = bool if hint is bool else hint
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(obj, f.name, float(value))
+            value = float(value)
+        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+            raise SettingsError(f"{name}: expected {base.__name__}, got {value!r}")
+        for rule, bound in f.metadata.items():
+            ok = {
+                "ge": lambda v, b: v >= b,
+                "gt": lambda v, b: v > b,
+                "le": lambda v, b: v <= b,
+                "lt": lambda v, b: v < b,
+            }.get(rule)
+            if ok is not None and not ok(value, bound):
+                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[rule]
+                raise SettingsError(f"{name}: {value!r} is out of range; allowed: {sign} {bound}")
+
+
+def _coerce(text: str, hint: Any, name: str) -> Any:
+    """Turn an override string (CLI or environment) into the field's type."""
+    if hint is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}: {text!r} is not a boolean; allowed: true, false")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            raise SettingsError(f"{name}: {text!r} is not a valid {hint.__name__}") from None
+    if typing.get_origin(hint) is Literal:
+        args = typing.get_args(hint)
+        if args and isinstance(args[0], int | float) and not isinstance(args[0], bool):
+            return _coerce(text, type(args[0]), name)
+    return text
+
+
+def _merge(cls: type, base: Any, updates: Mapping[str, Any], prefix: str = "") -> Any:
+    """Return a new dataclass of `cls` from `base` with nested `updates` applied."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(updates) - known
+    if unknown:
+        raise SettingsError(
+            f"{prefix}{sorted(unknown)[0]}: unknown setting; allowed: {', '.join(sorted(known))}"
+        )
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{prefix}{key}: expected a section (mapping), got {value!r}")
+            changes[key] = _merge(hint, getattr(base, key), value, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, hint, f"{prefix}{key}") if isinstance(value, str) else value
+    try:
+        return dataclasses.replace(base, **changes)
+    except SettingsError as err:
+        raise SettingsError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{key}: {part} is a value, not a section")
+        node[leaf] = value
+    return out
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
+    """`["a.b=1", ...]` → `{"a.b": "1"}`; a pair without `=` is an error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set {pair!r}: expected section.field=value")
+        out[key.strip()] = value
+    return out
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return data
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    return {
+        key[len(ENV_PREFIX) :].lower().replace("__", "."): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    }
+
+
+def load_settings(
+    cls: type[T],
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build `cls` from defaults < file < environment < overrides (dotted keys)."""
+    settings = cls()
+    if config_file:
+        settings = _merge(cls, settings, read_file(config_file))
+    settings = _merge(cls, settings, _nest(_from_env(os.environ if environ is None else environ)))
+    if overrides:
+        settings = _merge(cls, settings, _nest(overrides))
+    return settings
+
+
+def override(settings: T, **dotted: Any) -> T:
+    """A new settings object with dotted-key changes: `override(s, **{"render.views": 4})`."""
+    return _merge(type(settings), settings, _nest(dotted))
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def settings_hash(section: Any) -> str:
+    """Stable short hash of a settings object or section (cache keys, card provenance)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, default, doc) for every field; used by `refany3d config`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", getattr(default, f.name), f.metadata.get("doc", "")))
+    return rows
+
+

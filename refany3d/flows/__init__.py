@@ -1,0 +1,1 @@
+"""Prefect flows and deployments. Nothing else in refany3d imports Prefect."""

@@ -1,0 +1,168 @@
+"""The `Sample` record that moves between stages, and the Arrow schema of the final shards.
+
+This module is the single source of truth for what a sample carries and what a shard holds.
+Between stages a sample carries small values and URIs into the artifact store (`artifacts`),
+never big arrays; the shard writer inlines the bytes at the end.
+
+Shard schema version history:
+    1 — first release: Subjects200K fields, mask, depth, pose, intrinsics, mesh, point maps, orbit views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SHARD_SCHEMA_VERSION = 1
+
+# Artifact roles a sample may reference (keys of `Sample.artifacts`).
+IMAGE = "image"  # PNG of the S×S view
+MASK = "mask"  # PNG, 8-bit, 255 = object
+DEPTH = "depth"  # npz, float16 metres, key "depth"
+MESH = "mesh"  # GLB of the object in its canonical frame
+POINT_MAP = "point_map"  # PNG, 8-bit: scene point map in canonical coordinates, white background
+POINT_MAP_RAW = "point_map_raw"  # PNG, 16-bit: the same, lossless
+VIEWS_RGB = "views_rgb"  # JSON list of PNG URIs, one per orbit view
+VIEWS_POINT_MAP = "views_point_map"  # JSON list of PNG URIs, one per orbit view
+TRUTH = "truth"  # npz of the synthetic ground truth of this view (synthetic source only)
+
+
+@dataclass
+class Sample:
+    """One subject view on its way through the build.
+
+    Before `split`, a sample stands for a whole Subjects200K row (`side == ""`); after it, for
+    one of the row's two views. `source_ref` points at the row in its Parquet file
+    (`<url>#<row index>`), so the image bytes are read only where they are needed.
+    """
+
+    sample_id: str
+    source_id: str
+    source: str  # "subjects200k" | "synthetic"
+    source_ref: str
+    side: str = ""  # "" (whole row), "left" or "right"
+    caption: str = ""
+    item: str = ""
+    category: str = ""
+    collection: str = ""
+    quality: dict[str, int] = field(default_factory=dict)
+    description: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    box: list[float] | None = None  # [x0, y0, x1, y1] pixels of the S×S view
+    pose: list[float] | None = None  # 16 floats, row-major object-to-camera, OpenCV
+    intrinsics: list[float] | None = None  # 9 floats, row-major, pixels of the S×S view
+    focal_px: float | None = None
+    mesh_scale: float | None = None  # metres per canonical unit, from calibration
+    backends: dict[str, str] = field(default_factory=dict)  # stage -> backend that produced it
+
+    def replace(self, **changes: Any) -> Sample:
+        """A copy with `changes`; dict fields are copied so stages never alias each other."""
+        base = {f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        base.update(changes)
+        return Sample(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        return cls(**data)
+
+
+def _copy(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a sample left the build: `(stage, reason, metric)`; reasons are snake_case constants."""
+
+    sample_id: str
+    source_id: str
+    stage: str
+    reason: str
+    metric: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class StageResult:
+    kept: list[Sample] = field(default_factory=list)
+    dropped: list[Rejection] = field(default_factory=list)
+
+    def drop(self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = "") -> None:
+        self.dropped.append(Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail))
+
+
+# --------------------------------------------------------------------------- shard schema
+
+_IMAGE = {"_type": "Image"}
+
+
+def _image_list() -> dict[str, Any]:
+    return {"_type": "List", "feature": _IMAGE}
+
+
+# (name, arrow type, Hugging Face feature). Images are HF `Image` structs {bytes, path}.
+_IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
+    ("sample_id", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("source", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("source_id", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("side", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("image", _IMAGE_STRUCT, _IMAGE),
+    ("caption", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("item", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("category", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("collection", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("mask", _IMAGE_STRUCT, _IMAGE),
+    ("depth", pa.binary(), {"dtype": "binary", "_type": "Value"}),
+    ("box", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
+    ("pose", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
+    ("intrinsics", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
+    ("mesh_glb", pa.binary(), {"dtype": "binary", "_type": "Value"}),
+    ("point_map", _IMAGE_STRUCT, _IMAGE),
+    ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),
+    ("views_rgb", pa.list_(_IMAGE_STRUCT), _image_list()),
+    ("views_point_map", pa.list_(_IMAGE_STRUCT), _image_list()),
+    ("metrics", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
+    ("backends", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
+]
+
+REJECT_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("sample_id", pa.string()),
+    ("source_id", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("metric", pa.float64()),
+    ("detail", pa.string()),
+]
+
+
+def shard_schema(columns: list[str] | None = None) -> pa.Schema:
+    """Arrow schema of a shard (all columns, or the named subset in canonical order).
+
+    The `huggingface` metadata makes `datasets.load_dataset("parquet", ...)` decode the image
+    columns as PIL images.
+    """
+    chosen = [c for c in SHARD_COLUMNS if columns is None or c[0] in columns]
+    features = {name: feat for name, _, feat in chosen}
+    meta = {
+        "huggingface": json.dumps({"info": {"features": features}}),
+        "refany3d": json.dumps({"shard_schema_version": SHARD_SCHEMA_VERSION}),
+    }
+    return pa.schema([(name, typ) for name, typ, _ in chosen], metadata=meta)
+
+
+def reject_schema() -> pa.Schema:
+    return pa.schema(REJECT_COLUMNS, metadata={"refany3d": json.dumps({"reject_schema_version": 1})})
+
+
+def image_cell(data: bytes | None, path: str | None = None) -> dict[str, Any] | None:
+    """A Hugging Face `Image` cell."""
+    return None if data is None else {"bytes": data, "path": path}

@@ -1,0 +1,17 @@
+"""What a stage gets besides its samples and settings: where artifacts live, and a logger."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from refany3d.storage.store import ArtifactStore
+
+
+@dataclass
+class StageContext:
+    """Per-call context of a stage. `store` holds heavy artifacts; `seed` feeds any randomness."""
+
+    store: ArtifactStore
+    seed: int = 0
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("refany3d"))
