@@ -1,0 +1,210 @@
+"""Rasterised renders of a trimesh mesh with pyrender, headless through EGL.
+
+One OpenGL context per process (`get_renderer`), reused for every render; a mesh is uploaded once
+per `MeshScene` and re-posed for each view. CPU machines get Mesa llvmpipe, GPU machines NVIDIA's
+EGL. Camera convention: OpenCV (x right, y down, z forward), object-to-camera (4, 4) poses,
+intrinsics in pixels with pixel (i, j) centred at u=i, v=j (see `refany3d.render.cameras`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import trimesh
+
+from refany3d.render.cameras import CV_TO_GL
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+Mode = Literal["lit", "albedo", "geometry"]
+
+
+@dataclass(frozen=True)
+class Light:
+    """A directional light. direction: (3,) the way light travels, in the OpenCV camera frame."""
+
+    direction: tuple[float, float, float]
+    intensity: float = 3.0
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+# A key light from the upper left behind the camera and a weaker fill from the right.
+DEFAULT_LIGHTS = (Light((0.4, 0.6, 1.0), 3.0), Light((-0.6, 0.2, 1.0), 1.2))
+DEFAULT_AMBIENT = 0.35
+
+
+@dataclass(frozen=True)
+class Render:
+    """One view. rgb: (H, W, 3) uint8, black background, colour premultiplied by `alpha` (None for
+    `geometry` mode); depth: (H, W) float32 z-depth in the mesh's units, 0 where empty; mask: (H, W)
+    bool, depth > 0; alpha: (H, W) float32 antialiased coverage in [0, 1] (None for `geometry`)."""
+
+    rgb: np.ndarray | None
+    depth: np.ndarray
+    mask: np.ndarray
+    alpha: np.ndarray | None = None
+
+    def over(self, background: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8: the render composited over a (H, W, 3) uint8 background."""
+        out = self.rgb.astype(np.float32) + background.astype(np.float32) * (1.0 - self.alpha[..., None])
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _pyrender():
+    """Import pyrender headless (pyglet must not open a shadow window first)."""
+    import pyglet
+
+    pyglet.options["shadow_window"] = False
+    pyglet.options["headless"] = True
+    import pyrender
+
+    return pyrender
+
+
+@functools.lru_cache(maxsize=1)
+def get_renderer():
+    """The process's one `pyrender.OffscreenRenderer` (the viewport is resized per call)."""
+    return _pyrender().OffscreenRenderer(64, 64)
+
+
+def _material(pyrender, mesh: trimesh.Trimesh):
+    """(material, texcoords per vertex or None, colours per vertex or None) of a trimesh mesh."""
+    visual = mesh.visual
+    kwargs = dict(metallicFactor=0.0, roughnessFactor=0.9, alphaMode="OPAQUE")
+    if visual.kind == "texture" and visual.uv is not None:
+        mat = visual.material
+        image = getattr(mat, "baseColorTexture", None)
+        image = getattr(mat, "image", None) if image is None else image
+        factor = getattr(mat, "baseColorFactor", None)
+        if factor is None:
+            factor = getattr(mat, "diffuse", None)
+        factor = np.asarray(factor if factor is not None else [255, 255, 255, 255], dtype=np.float64)
+        factor = factor / 255.0 if factor.max() > 1.0 else factor
+        if image is None:
+            return pyrender.MetallicRoughnessMaterial(baseColorFactor=factor, **kwargs), None, None
+        texture = pyrender.Texture(source=np.asarray(image.convert("RGB")), source_channels="RGB")
+        material = pyrender.MetallicRoughnessMaterial(baseColorTexture=texture, **kwargs)
+        return material, np.asarray(visual.uv, dtype=np.float32), None
+    if visual.kind in ("vertex", "face"):
+        colors = visual.vertex_colors if visual.kind == "vertex" else visual.face_colors
+        material = pyrender.MetallicRoughnessMaterial(baseColorFactor=[1.0, 1.0, 1.0, 1.0], **kwargs)
+        return material, None, np.asarray(colors)
+    material = pyrender.MetallicRoughnessMaterial(baseColorFactor=[0.7, 0.7, 0.7, 1.0], **kwargs)
+    return material, None, None
+
+
+def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool):
+    material, uv, colors = _material(pyrender, mesh)
+    face_colors = colors is not None and len(colors) == len(mesh.faces) and mesh.visual.kind == "face"
+    if smooth and not face_colors:
+        attrs = dict(positions=mesh.vertices, normals=mesh.vertex_normals, indices=mesh.faces)
+        attrs.update(texcoord_0=uv, color_0=colors)
+    else:  # faceted: one vertex per face corner, face normals
+        corners = mesh.faces.reshape(-1)
+        attrs = dict(positions=mesh.vertices[corners], normals=np.repeat(mesh.face_normals, 3, axis=0))
+        attrs["texcoord_0"] = None if uv is None else uv[corners]
+        attrs["color_0"] = (
+            None if colors is None else (np.repeat(colors, 3, 0) if face_colors else colors[corners])
+        )
+    return pyrender.Primitive(material=material, mode=4, **attrs)
+
+
+class MeshScene:
+    """A mesh uploaded once, rendered from many poses (one pyrender scene, reused).
+
+    meshes: one trimesh mesh or several (a composite object), all in the object frame.
+    """
+
+    def __init__(self, meshes: trimesh.Trimesh | list[trimesh.Trimesh], smooth: bool = False) -> None:
+        pyrender = self._pr = _pyrender()
+        parts = [meshes] if isinstance(meshes, trimesh.Trimesh) else list(meshes)
+        prims = [_primitive(pyrender, m, smooth) for m in parts]
+        self.scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[DEFAULT_AMBIENT] * 3)
+        self.node = self.scene.add(pyrender.Mesh(prims), pose=np.eye(4))
+        self.camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=0.01, zfar=100.0)
+        self.scene.add(self.camera, pose=np.eye(4))
+        self._light_nodes: list = []
+        self._lights: tuple[Light, ...] | None = None
+        vertices = np.concatenate([m.vertices for m in parts])
+        self.center = vertices.mean(axis=0)
+        self.radius = float(np.linalg.norm(vertices - self.center, axis=1).max())
+
+    def _set_lights(self, lights: tuple[Light, ...], ambient: float) -> None:
+        self.scene.ambient_light = np.array([ambient] * 3)
+        if lights == self._lights:
+            return
+        for node in self._light_nodes:
+            self.scene.remove_node(node)
+        self._light_nodes = []
+        for light in lights:
+            travel = CV_TO_GL[:3, :3] @ np.asarray(light.direction, dtype=np.float64)
+            travel /= np.linalg.norm(travel)
+            pose = np.eye(4)  # a pyrender directional light shines along its node's −z
+            z = -travel
+            x = np.cross([0.0, 1.0, 0.0] if abs(z[1]) < 0.9 else [1.0, 0.0, 0.0], z)
+            x /= np.linalg.norm(x)
+            pose[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+            node = self._pr.DirectionalLight(color=np.asarray(light.color), intensity=light.intensity)
+            self._light_nodes.append(self.scene.add(node, pose=pose))
+        self._lights = lights
+
+    def render(
+        self,
+        pose: np.ndarray,
+        intrinsics: np.ndarray,
+        width: int,
+        height: int,
+        mode: Mode = "lit",
+        lights: tuple[Light, ...] = DEFAULT_LIGHTS,
+        ambient: float = DEFAULT_AMBIENT,
+        exact: bool = True,
+    ) -> Render:
+        """Render at `pose` (4, 4 object-to-camera, OpenCV) with `intrinsics` (3, 3, px).
+
+        mode: `lit` (PBR with `lights` + ambient), `albedo` (unlit base colour), `geometry`
+        (depth and mask only, sampled at pixel centres without multisampling: exact geometry).
+        exact: for `lit`/`albedo`, take depth and mask from a second, `geometry` pass; otherwise
+        they come from the multisampled colour pass, whose depth is sampled off the pixel centre.
+        """
+        pr = self._pr
+        k = np.asarray(intrinsics, dtype=np.float64)
+        # pyrender puts pixel centres at +0.5; OpenCV at integers.
+        self.camera.fx, self.camera.fy = k[0, 0], k[1, 1]
+        self.camera.cx, self.camera.cy = k[0, 2] + 0.5, k[1, 2] + 0.5
+        dist = float(np.linalg.norm(pose[:3, :3] @ self.center + pose[:3, 3]))
+        self.camera.znear = max(dist - 1.05 * self.radius, 1e-3 * max(dist, 1e-3))
+        self.camera.zfar = dist + 1.05 * self.radius
+        self.scene.set_pose(self.node, CV_TO_GL @ np.asarray(pose, dtype=np.float64))
+        renderer = get_renderer()
+        renderer.viewport_width, renderer.viewport_height = int(width), int(height)
+        if mode == "geometry" or exact:
+            # SEG turns multisampling off: depth is sampled at pixel centres, like the ray caster.
+            seg = {self.node: (255, 255, 255)}
+            _, depth = renderer.render(self.scene, flags=pr.RenderFlags.SEG, seg_node_map=seg)
+            if mode == "geometry":
+                return Render(None, depth, depth > 0)
+        self._set_lights(lights if mode == "lit" else (), ambient)
+        flags = pr.RenderFlags.RGBA | (pr.RenderFlags.FLAT if mode == "albedo" else pr.RenderFlags.NONE)
+        rgba, ms_depth = renderer.render(self.scene, flags=flags)
+        depth = depth if exact else ms_depth
+        alpha = rgba[..., 3].astype(np.float32) / 255.0
+        return Render(np.ascontiguousarray(rgba[..., :3]), depth, depth > 0, alpha)
+
+
+def render(
+    mesh: trimesh.Trimesh | list[trimesh.Trimesh],
+    pose: np.ndarray,
+    intrinsics: np.ndarray,
+    width: int,
+    height: int,
+    mode: Mode = "lit",
+    lights: tuple[Light, ...] = DEFAULT_LIGHTS,
+    ambient: float = DEFAULT_AMBIENT,
+    exact: bool = True,
+) -> Render:
+    """One-off render of `mesh` (uploads it; use `MeshScene` to render one mesh many times)."""
+    return MeshScene(mesh).render(pose, intrinsics, width, height, mode, lights, ambient, exact)
