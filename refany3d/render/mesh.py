@@ -1,0 +1,212 @@
+"""Mesh utilities: load, normalise, repair, reduce, UV-unwrap (Open3D UV atlas), bake textures.
+
+Meshes are `trimesh.Trimesh` in their own frame (y up by glTF convention). Functions return new
+meshes and never modify their input.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import trimesh
+from PIL import Image
+
+
+def load_mesh(source: str | os.PathLike | bytes, file_type: str | None = None) -> trimesh.Trimesh:
+    """One mesh from a GLB/GLTF/OBJ/PLY path or bytes, textures kept; a scene is flattened
+    (node transforms applied, parts concatenated). `file_type` is required for bytes."""
+    if isinstance(source, bytes | bytearray):
+        if not file_type:
+            raise ValueError("load_mesh: pass file_type ('glb', 'obj', 'ply') with bytes")
+        loaded = trimesh.load(io.BytesIO(source), file_type=file_type, force="mesh", process=False)
+    else:
+        loaded = trimesh.load(os.fspath(source), file_type=file_type, force="mesh", process=False)
+    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
+        raise ValueError(f"load_mesh: no triangles in {source if not isinstance(source, bytes) else 'bytes'}")
+    return loaded
+
+
+def mesh_to_glb(mesh: trimesh.Trimesh) -> bytes:
+    """GLB bytes of `mesh` (textures embedded)."""
+    return mesh.export(file_type="glb")
+
+
+def normalize_transform(mesh: trimesh.Trimesh) -> np.ndarray:
+    """(4, 4) similarity that maps the mesh's bounding box centre to the origin and its largest
+    half-extent to 1, i.e. into [-1, 1]³."""
+    lo, hi = mesh.bounds
+    scale = 2.0 / max(float((hi - lo).max()), 1e-12)
+    out = np.eye(4)
+    out[:3, :3] *= scale
+    out[:3, 3] = -scale * (lo + hi) / 2.0
+    return out
+
+
+def normalize_mesh(mesh: trimesh.Trimesh) -> tuple[trimesh.Trimesh, np.ndarray]:
+    """(copy of `mesh` inside [-1, 1]³, the (4, 4) transform applied)."""
+    transform = normalize_transform(mesh)
+    out = mesh.copy()
+    out.apply_transform(transform)
+    return out, transform
+
+
+def repair_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """Geometry-only clean-up before unwrapping: merge coincident vertices, drop degenerate and
+    duplicate faces and unreferenced vertices, make winding consistent, fill small holes."""
+    out = trimesh.Trimesh(mesh.vertices.copy(), mesh.faces.copy(), process=False)
+    out.merge_vertices(merge_tex=True, merge_norm=True)
+    out.update_faces(out.nondegenerate_faces() & out.unique_faces())
+    out.remove_unreferenced_vertices()
+    trimesh.repair.fix_winding(out)
+    trimesh.repair.fill_holes(out)
+    return out
+
+
+def reduce_faces(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
+    """Quadric decimation to at most `target_faces` triangles (geometry only: attributes are
+    dropped, the mesh is re-textured after unwrapping)."""
+    if len(mesh.faces) <= target_faces:
+        return trimesh.Trimesh(mesh.vertices.copy(), mesh.faces.copy(), process=False)
+    import open3d as o3d
+
+    legacy = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(np.asarray(mesh.vertices, dtype=np.float64)),
+        o3d.utility.Vector3iVector(np.asarray(mesh.faces, dtype=np.int32)),
+    )
+    simple = legacy.simplify_quadric_decimation(target_number_of_triangles=int(target_faces))
+    simple.remove_degenerate_triangles()
+    simple.remove_unreferenced_vertices()
+    return trimesh.Trimesh(np.asarray(simple.vertices), np.asarray(simple.triangles), process=False)
+
+
+def compute_uv_atlas(
+    mesh: trimesh.Trimesh,
+    size: int = 1024,
+    partitions: int = 4,
+    gutter: float = 2.0,
+    max_stretch: float = 1 / 6,
+) -> tuple[trimesh.Trimesh, int]:
+    """(mesh with per-vertex UVs in [0, 1] from Open3D's UV atlas, number of charts).
+
+    The input must be manifold (see `repair_mesh`). Vertices on chart seams are split, so the
+    output has the same faces (same order) but possibly more vertices. `size`, `gutter`: atlas
+    side and chart spacing in px; `partitions`: parallel partitions (faster, more charts)."""
+    import open3d as o3d
+
+    tmesh = o3d.t.geometry.TriangleMesh()
+    tmesh.vertex.positions = o3d.core.Tensor(np.asarray(mesh.vertices, dtype=np.float32))
+    tmesh.triangle.indices = o3d.core.Tensor(np.asarray(mesh.faces, dtype=np.int32))
+    _, charts, _ = tmesh.compute_uvatlas(
+        size=int(size),
+        gutter=float(gutter),
+        max_stretch=float(max_stretch),
+        parallel_partitions=int(partitions),
+    )
+    corner_uv = tmesh.triangle.texture_uvs.numpy().reshape(-1, 2).astype(np.float64)  # (3F, 2)
+    corner_vertex = np.asarray(mesh.faces).reshape(-1)
+    # one output vertex per distinct (vertex, uv) pair: seams split, interiors stay shared
+    keys = np.concatenate(
+        [corner_vertex[:, None].astype(np.float64), np.round(corner_uv * (1 << 20))], axis=1
+    )
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    vertices = np.asarray(mesh.vertices)[corner_vertex[first]]
+    out = trimesh.Trimesh(vertices, inverse.reshape(-1, 3), process=False)
+    out.visual = trimesh.visual.TextureVisuals(uv=corner_uv[first])
+    return out, int(charts)
+
+
+def _uv_raster(mesh: trimesh.Trimesh, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each texel centre of a size×size atlas: (face id (size, size) int64, -1 if none;
+    barycentric weights (size, size, 3)). Ray-casts the flat UV layout (no GL)."""
+    import open3d as o3d
+
+    uv = np.asarray(mesh.visual.uv, dtype=np.float64)
+    flat = np.concatenate([uv, np.zeros((len(uv), 1))], axis=1).astype(np.float32)
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(flat, np.asarray(mesh.faces, dtype=np.uint32))
+    # texel (row r, col c) ↔ uv ((c + .5) / size, 1 − (r + .5) / size): image rows run top-down
+    cols, rows = np.meshgrid(np.arange(size), np.arange(size))
+    u, v = (cols + 0.5) / size, 1.0 - (rows + 0.5) / size
+    rays = np.stack([u, v, np.ones_like(u), np.zeros_like(u), np.zeros_like(u), -np.ones_like(u)], axis=-1)
+    hits = scene.cast_rays(o3d.core.Tensor(rays.astype(np.float32)))
+    face = hits["primitive_ids"].numpy().astype(np.int64)
+    face[~np.isfinite(hits["t_hit"].numpy())] = -1
+    b = hits["primitive_uvs"].numpy().astype(np.float64)  # weights of the 2nd and 3rd corner
+    return face, np.stack([1.0 - b[..., 0] - b[..., 1], b[..., 0], b[..., 1]], axis=-1)
+
+
+def _surface_colors(source: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """(n, 3) float RGB of `source` at the surface points nearest to (n, 3) `points`."""
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(
+        np.asarray(source.vertices, dtype=np.float32), np.asarray(source.faces, dtype=np.uint32)
+    )
+    near = scene.compute_closest_points(o3d.core.Tensor(points.astype(np.float32)))
+    face = near["primitive_ids"].numpy().astype(np.int64)
+    b = near["primitive_uvs"].numpy().astype(np.float64)
+    w = np.stack([1.0 - b[:, 0] - b[:, 1], b[:, 0], b[:, 1]], axis=1)[..., None]  # (n, 3, 1)
+    corners = np.asarray(source.faces)[face]  # (n, 3)
+    visual = source.visual
+    if visual.kind == "texture" and visual.uv is not None:
+        mat = visual.material
+        image = getattr(mat, "baseColorTexture", None)
+        image = getattr(mat, "image", None) if image is None else image
+        uv = (np.asarray(visual.uv)[corners] * w).sum(axis=1)
+        if image is None:
+            return np.tile(np.asarray(mat.main_color[:3], dtype=np.float64), (len(points), 1))
+        return _sample_bilinear(np.asarray(image.convert("RGB"), dtype=np.float64), uv)
+    colors = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3]
+    return (colors[corners] * w).sum(axis=1)
+
+
+def _sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """(n, 3) bilinear samples of a (H, W, 3) image at (n, 2) UVs (v up, clamped, GL-style)."""
+    h, w = image.shape[:2]
+    x = np.clip(uv[:, 0] * w - 0.5, 0, w - 1)
+    y = np.clip((1.0 - uv[:, 1]) * h - 0.5, 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _dilate(image: np.ndarray, filled: np.ndarray, steps: int) -> np.ndarray:
+    """Grow chart colours `steps` texels into the gutter (bilinear lookups near seams stay clean)."""
+    import cv2
+
+    image, filled = image.copy(), filled.copy()
+    kernel = np.ones((3, 3), np.float32)
+    for _ in range(steps):
+        weight = cv2.filter2D(filled.astype(np.float32), -1, kernel, borderType=cv2.BORDER_CONSTANT)
+        total = cv2.filter2D(image * filled[..., None], -1, kernel, borderType=cv2.BORDER_CONSTANT)
+        grow = (~filled) & (weight > 0)
+        image[grow] = total[grow] / weight[grow][:, None]
+        filled |= grow
+    return image
+
+
+def bake_texture(source: trimesh.Trimesh, target: trimesh.Trimesh, size: int = 1024) -> trimesh.Trimesh:
+    """Copy of `target` (with UVs, e.g. from `compute_uv_atlas`) textured with a size×size atlas
+    that samples `source`'s colour (its UV texture, else its vertex colours) at the nearest
+    surface point of every texel. Both meshes in the same frame."""
+    face, bary = _uv_raster(target, size)
+    filled = face >= 0
+    tri = np.asarray(target.vertices)[np.asarray(target.faces)[face[filled]]]  # (n, 3, 3)
+    points = (tri * bary[filled][..., None]).sum(axis=1)
+    atlas = np.zeros((size, size, 3), dtype=np.float32)
+    atlas[filled] = _surface_colors(source, points)
+    atlas = _dilate(atlas, filled, steps=4)
+    out = target.copy()
+    material = trimesh.visual.material.PBRMaterial(
+        baseColorTexture=Image.fromarray(np.clip(atlas + 0.5, 0, 255).astype(np.uint8)),
+        metallicFactor=0.0,
+        roughnessFactor=0.9,
+    )
+    out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(target.visual.uv), material=material)
+    return out
