@@ -1,0 +1,51 @@
+"""Save and load the trained parts of RefAny3D: both peft adapters and the domain switcher.
+
+Directory layout (safetensors only, nothing is unpickled):
+
+    <dir>/reference/adapter_model.safetensors + adapter_config.json   (standard peft format)
+    <dir>/domain/adapter_model.safetensors + adapter_config.json      (when the Domain-LoRA is on)
+    <dir>/domain_switcher.safetensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from refany3d.models.flux.transformer import RefAny3DTransformer
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SWITCHER_WEIGHTS = "domain_switcher.safetensors"
+
+
+def save_adapters(model: RefAny3DTransformer, directory: str | Path) -> Path:
+    """Write the adapters and the domain switcher of `model` under `directory`; returns it."""
+    directory = Path(directory)
+    for name, config in model.lora_configs.items():
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(model.flux, adapter_name=name)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, directory / name / ADAPTER_WEIGHTS)
+        config.save_pretrained(directory / name)
+    switcher = {k: v.detach().contiguous() for k, v in model.domain_switcher.state_dict().items()}
+    save_file(switcher, directory / SWITCHER_WEIGHTS)
+    return directory
+
+
+def load_adapters(model: RefAny3DTransformer, directory: str | Path) -> None:
+    """Load what `save_adapters` wrote into a model built with the same settings."""
+    directory = Path(directory)
+    device = next(model.parameters()).device
+    for name, config in model.lora_configs.items():
+        saved = LoraConfig.from_pretrained(directory / name)
+        if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
+            raise ValueError(f"{directory / name}: rank/alpha {saved.r}/{saved.lora_alpha} != model's")
+        state = load_file(directory / name / ADAPTER_WEIGHTS, device=str(device))
+        result = set_peft_model_state_dict(model.flux, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{directory / name}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
+    model.domain_switcher.load_state_dict(load_file(directory / SWITCHER_WEIGHTS, device=str(device)))

@@ -1,0 +1,330 @@
+"""RefAny3D: a dual-branch Flux transformer with Reference-/Domain-LoRA and group attention.
+
+Reading order as in diffusers' transformer_flux.py: the attention processor, the two block types,
+the domain switcher, then the model. The blocks reuse the modules of an unchanged
+`FluxTransformer2DModel` (so FLUX.1-dev weights load as they are) and differ from Flux in three
+places: AdaLN modulation is per token group (5 kinds, positions.py), the adapters are routed by
+token group (lora.py), and attention follows the group rule (attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from refany3d.models.flux.attention import AttentionKind, GroupAttention
+from refany3d.models.flux.lora import LoraRoutes, Route, add_adapters, lora_routes, routed_linear
+from refany3d.models.flux.positions import TEXT, TokenLayout, token_ids
+
+# diffusers' own tiny Flux test config, with 64 input channels (packed 16-channel VAE latents).
+TINY_FLUX_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 4, 8),
+}
+
+
+# --------------------------------------------------------------------------- attention processor
+
+
+class GroupAttnProcessor:
+    """Flux attention with group-routed LoRA on the projections and the group attention rule.
+
+    Called by the blocks below with the pass's `GroupAttention` and LoRA routes as explicit arguments.
+    """
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        attention: GroupAttention,
+        routes: tuple[Route, ...],
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states (B, L, C) image tokens (double block) or text + image (single block)."""
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query = attn.norm_q(heads(routed_linear(attn.to_q, hidden_states, routes)))
+        key = attn.norm_k(heads(routed_linear(attn.to_k, hidden_states, routes)))
+        value = heads(routed_linear(attn.to_v, hidden_states, routes))
+        if encoder_hidden_states is not None:
+            query = torch.cat(
+                [attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1
+            )
+            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = attention(query, key, value).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text_len = encoder_hidden_states.shape[1]
+        image_out = routed_linear(attn.to_out[0], out[:, text_len:], routes)
+        return image_out, attn.to_add_out(out[:, :text_len])
+
+
+# --------------------------------------------------------------------------- per-group modulation
+
+
+def _modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """x * (1 + scale_g) + shift_g on each group's slice; x (B, L, C), shift/scale (B, G, C)."""
+    parts = [
+        torch.addcmul(shift[:, g : g + 1], part, 1 + scale[:, g : g + 1])
+        for g, part in enumerate(x.split(sizes, dim=1))
+        if sizes[g]
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _gated_residual(
+    residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """residual + gate_g * x on each group's slice."""
+    parts = [
+        torch.addcmul(res, part, gate[:, g : g + 1])
+        for g, (res, part) in enumerate(zip(residual.split(sizes, dim=1), x.split(sizes, dim=1)))
+        if sizes[g]
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def double_block_forward(
+    block: nn.Module,
+    processor: GroupAttnProcessor,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    emb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
+    attention: GroupAttention,
+    routes: LoraRoutes,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `FluxTransformerBlock` with per-kind modulation; emb (B, 5, C) is one AdaLN input per kind."""
+    sizes = attention.layout.image_kind_sizes
+    mod = routed_linear(block.norm1.linear, F.silu(emb[:, TEXT + 1 :]), routes.image_kinds)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context.linear(
+        F.silu(emb[:, TEXT])
+    )[:, None].chunk(6, dim=-1)
+
+    norm_hidden = _modulate(block.norm1.norm(hidden_states), shift_msa, scale_msa, sizes)
+    norm_text = torch.addcmul(c_shift_msa, block.norm1_context.norm(encoder_hidden_states), 1 + c_scale_msa)
+    attn_out, text_attn_out = processor(
+        block.attn, norm_hidden, norm_text, image_rotary_emb, attention, routes.image
+    )
+
+    hidden_states = _gated_residual(hidden_states, attn_out, gate_msa, sizes)
+    norm_hidden = _modulate(block.norm2(hidden_states), shift_mlp, scale_mlp, sizes)
+    ff_out = routed_linear(block.ff.net[2], block.ff.net[0](norm_hidden), routes.image)
+    hidden_states = _gated_residual(hidden_states, ff_out, gate_mlp, sizes)
+
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, text_attn_out, c_gate_msa)
+    norm_text = torch.addcmul(c_shift_mlp, block.norm2_context(encoder_hidden_states), 1 + c_scale_mlp)
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, block.ff_context(norm_text), c_gate_mlp)
+    return hidden_states, encoder_hidden_states
+
+
+def single_block_forward(
+    block: nn.Module,
+    processor: GroupAttnProcessor,
+    hidden_states: torch.Tensor,
+    emb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
+    attention: GroupAttention,
+    routes: LoraRoutes,
+) -> torch.Tensor:
+    """A `FluxSingleTransformerBlock` over the joint text + image sequence with per-kind modulation."""
+    sizes = attention.layout.kind_sizes
+    shift, scale, gate = routed_linear(block.norm.linear, F.silu(emb), routes.joint_kinds).chunk(3, dim=-1)
+    norm_hidden = _modulate(block.norm.norm(hidden_states), shift, scale, sizes)
+    mlp = block.act_mlp(routed_linear(block.proj_mlp, norm_hidden, routes.joint))
+    attn_out = processor(block.attn, norm_hidden, None, image_rotary_emb, attention, routes.joint)
+    out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), routes.joint)
+    return _gated_residual(hidden_states, out, gate, sizes)
+
+
+# --------------------------------------------------------------------------- domain switcher
+
+
+class DomainSwitcher(nn.Module):
+    """Per-domain embedding added to an image group's timestep embedding (0 = RGB, 1 = point map).
+
+    Embedding(2, 256) -> Linear(256, inner) -> SiLU -> Linear(inner, inner), the last zero-initialised
+    so that the untrained model equals Flux.
+    """
+
+    def __init__(self, inner_dim: int, embedding_dim: int = 256):
+        super().__init__()
+        self.embedding = nn.Embedding(2, embedding_dim)
+        self.linear_1 = nn.Linear(embedding_dim, inner_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(inner_dim, inner_dim)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, domain: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.embedding(domain))))
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class RefAny3DOutput:
+    rgb: torch.Tensor  # (B, Lt, C_out) velocity of the target RGB latents
+    point_map: torch.Tensor | None  # (B, Lt, C_out) velocity of the target point-map latents
+
+
+class RefAny3DTransformer(nn.Module):
+    """Dual-branch Flux: jointly denoises a target RGB and point map from N posed reference views.
+
+    Args:
+        flux: an unchanged `FluxTransformer2DModel` (FLUX.1-dev or a tiny random one); adapters are
+            injected into it in place.
+        lora_rank, lora_alpha: of both adapters.
+        shared_positions: point maps reuse their RGB twin's rotary ids (positions.token_ids).
+        text_agnostic: the target point map does not attend to the text.
+        domain_lora: inject and route the Domain-LoRA on point-map tokens.
+        point_map_branch: generate the target point map (and take point-map conditions).
+        attention: "flex" | "grouped" | "dense" (attention.py); "flex" runs "grouped" off CUDA.
+        gradient_checkpointing: recompute each block in backward while training.
+    """
+
+    def __init__(
+        self,
+        flux: FluxTransformer2DModel,
+        lora_rank: int = 16,
+        lora_alpha: float = 16.0,
+        shared_positions: bool = True,
+        text_agnostic: bool = True,
+        domain_lora: bool = True,
+        point_map_branch: bool = True,
+        attention: AttentionKind = "flex",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.flux = flux
+        self.lora_configs = add_adapters(flux, lora_rank, lora_alpha, domain_lora)
+        param = next(flux.parameters())
+        self.domain_switcher = DomainSwitcher(flux.inner_dim).to(param.device, param.dtype)
+        self.shared_positions = shared_positions
+        self.text_agnostic = text_agnostic
+        self.domain_lora = domain_lora
+        self.point_map_branch = point_map_branch
+        self.attention = attention
+        self.gradient_checkpointing = gradient_checkpointing
+        self.processor = GroupAttnProcessor()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapters and the domain switcher; the Flux weights stay frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def group_embeddings(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled_projections: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, 5, C) AdaLN inputs per kind: text and targets at t, conditions at t = 0, plus the domain."""
+        zeros = torch.zeros_like(timestep)
+        both = torch.cat([timestep, zeros]).to(pooled_projections.dtype) * 1000
+        pooled = torch.cat([pooled_projections, pooled_projections])
+        if guidance is None:
+            temb = self.flux.time_text_embed(both, pooled)
+        else:
+            temb = self.flux.time_text_embed(
+                both, torch.cat([guidance, guidance]).to(both.dtype) * 1000, pooled
+            )
+        at_t, at_zero = temb.chunk(2)
+        rgb, point_map = self.domain_switcher(torch.arange(2, device=temb.device)).to(temb.dtype)
+        # kinds in sequence order: text, target RGB, RGB conds, point-map conds, target point map
+        return torch.stack([at_t, at_t + rgb, at_zero + rgb, at_zero + point_map, at_t + point_map], dim=1)
+
+    def forward(
+        self,
+        target_rgb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        target_size: tuple[int, int],
+        target_point_map: torch.Tensor | None = None,
+        cond_rgb: torch.Tensor | None = None,
+        cond_point_map: torch.Tensor | None = None,
+        cond_size: tuple[int, int] | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> RefAny3DOutput:
+        """Velocities of the target groups.
+
+        target_rgb / target_point_map: (B, Lt, C_in) packed noisy latents at `timestep` (B,) in [0, 1];
+        cond_rgb / cond_point_map: (B, N, Lc, C_in) clean condition latents (t = 0);
+        encoder_hidden_states: (B, T, joint_attention_dim) T5 tokens; pooled_projections: (B, pooled);
+        target_size / cond_size: (h, w) of the packed latent grids; guidance: (B,) or None.
+        """
+        point_map = self.point_map_branch
+        if point_map != (target_point_map is not None):
+            raise ValueError("target_point_map must be given exactly when the point-map branch is on")
+        views = 0 if cond_rgb is None else cond_rgb.shape[1]
+        if point_map and views and cond_point_map is None:
+            raise ValueError("the point-map branch needs cond_point_map with cond_rgb")
+        layout = TokenLayout(
+            text=encoder_hidden_states.shape[1],
+            target=target_rgb.shape[1],
+            cond=cond_rgb.shape[2] if views else 0,
+            views=views,
+            point_map=point_map,
+        )
+        parts = [target_rgb]
+        if views:
+            parts += [cond_rgb.flatten(1, 2)] + ([cond_point_map.flatten(1, 2)] if point_map else [])
+        if point_map:
+            parts.append(target_point_map)
+        image = torch.cat(parts, dim=1) if len(parts) > 1 else target_rgb
+
+        device = target_rgb.device
+        routes = lora_routes(layout, self.domain_lora)
+        kind = self.attention if self.attention != "flex" or device.type == "cuda" else "grouped"
+        attention = GroupAttention(layout, kind, self.text_agnostic, device)
+        txt_ids, img_ids = token_ids(layout, target_size, cond_size, self.shared_positions)
+        rotary = self.flux.pos_embed(torch.cat([txt_ids, img_ids]).to(device))
+        emb = self.group_embeddings(timestep, guidance, pooled_projections)
+
+        hidden = routed_linear(self.flux.x_embedder, image, routes.image)
+        text = self.flux.context_embedder(encoder_hidden_states)
+        for block in self.flux.transformer_blocks:
+            args = (block, self.processor, hidden, text, emb, rotary, attention, routes)
+            hidden, text = self._run(double_block_forward, args)
+        joint = torch.cat([text, hidden], dim=1)
+        for block in self.flux.single_transformer_blocks:
+            joint = self._run(
+                single_block_forward, (block, self.processor, joint, emb, rotary, attention, routes)
+            )
+
+        start = layout.text
+        rgb = self._project(joint[:, start : start + layout.target], emb[:, 1])
+        pm = self._project(joint[:, -layout.target :], emb[:, -1]) if point_map else None
+        return RefAny3DOutput(rgb=rgb, point_map=pm)
+
+    def _run(self, fn, args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _project(self, hidden: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.flux.proj_out(self.flux.norm_out(hidden, emb))

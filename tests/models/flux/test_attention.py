@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from refany3d.models.flux.attention import GroupAttention, group_mask
+from refany3d.models.flux.positions import TokenLayout
+
+
+def _qkv(layout: TokenLayout, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, layout.joint_len, 2, 16, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def test_group_mask_follows_the_group_rule():
+    layout = TokenLayout(text=1, target=1, cond=1, views=2, point_map=True)
+    # tokens: text, target RGB, RGB cond 0, RGB cond 1, point-map cond 0, point-map cond 1, target point map
+    expected = [
+        [1, 1, 1, 1, 1, 1, 1],  # text sees all
+        [1, 1, 1, 1, 1, 1, 1],  # target RGB sees all
+        [1, 1, 1, 0, 1, 0, 1],  # RGB cond 0: text, targets, itself, its point map
+        [1, 1, 0, 1, 0, 1, 1],
+        [1, 1, 1, 0, 1, 0, 1],  # point-map cond 0: text, targets, its RGB view, itself
+        [1, 1, 0, 1, 0, 1, 1],
+        [0, 1, 1, 1, 1, 1, 1],  # target point map: all but text
+    ]
+    assert group_mask(layout, text_agnostic=True).int().tolist() == expected
+    assert group_mask(layout, text_agnostic=False)[-1].all()
+
+
+@pytest.mark.parametrize("point_map", [True, False])
+@pytest.mark.parametrize("text_agnostic", [True, False])
+def test_grouped_attention_equals_dense_masked_reference(point_map, text_agnostic):
+    layout = TokenLayout(text=3, target=6, cond=4, views=3, point_map=point_map)
+    q, k, v = _qkv(layout)
+    dense = GroupAttention(layout, "dense", text_agnostic, "cpu")(q, k, v)
+    grads_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    grouped = GroupAttention(layout, "grouped", text_agnostic, "cpu")(q, k, v)
+    grads_grouped = torch.autograd.grad(grouped.square().sum(), (q, k, v))
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_grouped, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_attention_without_conditions_equals_dense():
+    layout = TokenLayout(text=3, target=6, cond=0, views=0, point_map=True)
+    q, k, v = _qkv(layout)
+    expected = GroupAttention(layout, "dense", True, "cpu")(q, k, v)
+    torch.testing.assert_close(GroupAttention(layout, "grouped", True, "cpu")(q, k, v), expected)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_dense_masked_reference():
+    layout = TokenLayout(text=3, target=6, cond=4, views=3, point_map=True)
+    q, k, v = (x.detach() for x in _qkv(layout, seed=1))
+    expected = GroupAttention(layout, "dense", True, "cpu")(q, k, v)
+    torch.testing.assert_close(
+        GroupAttention(layout, "flex", True, "cpu")(q, k, v), expected, rtol=1e-4, atol=1e-5
+    )
