@@ -72,6 +72,7 @@ class DetectorSettings(_Section):
     backend: Literal["truth", "groundingdino", "hf-grounding-dino"] = _opt("truth", "detector backend")
     weights: str = _opt("", "local directory or hub id of the detector weights")
     text_encoder: str = _opt("", "groundingdino-py: local BERT directory (no hub access needed)")
+    config: str = _opt("", "groundingdino-py: model config .py; empty = the package's SwinT-OGC config")
     box_threshold: float = _opt(0.35, "minimum box score", ge=0.0, le=1.0)
     text_threshold: float = _opt(0.25, "minimum text-token score", ge=0.0, le=1.0)
     batch_size: int = _opt(8, "images per forward pass", ge=1)
@@ -87,6 +88,7 @@ class SegmenterSettings(_Section):
     max_area_ratio: float = _opt(0.6, "drop masks covering more than this fraction of the image", gt=0.0, le=1.0)
     min_area_ratio: float = _opt(0.01, "drop masks covering less than this fraction of the image", ge=0.0, lt=1.0)
     max_components: int = _opt(3, "drop masks with more connected parts than this (fragmented)", ge=1)
+    min_component_ratio: float = _opt(0.002, "parts smaller than this fraction of the mask are not counted", ge=0.0, lt=1.0)
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
 
@@ -98,6 +100,7 @@ class DepthSettings(_Section):
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
     truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
+    truth_focal_error: float = _opt(0.05, "truth backend: std of the log focal-length error", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class RuntimeSettings(_Section):
 class BuildSettings(_Section):
     """Everything a dataset build needs; one frozen object per build."""
 
-    name: str = _opt("refany3d-synthetic", "dataset name (flow run name, card title)")
+    name: str = _opt("", "dataset name (flow run name, card title); empty = refany3d-<source.kind>")
     until: str = _opt("shard", "last stage to run (its ancestors run too)")
     source: SourceSettings = field(default_factory=SourceSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)
@@ -181,9 +184,21 @@ class BuildSettings(_Section):
             raise SettingsError(f"until: {self.until!r} is not one of {', '.join(STAGES)}")
 
     @property
+    def dataset_name(self) -> str:
+        return self.name or f"refany3d-{self.source.kind}"
+
+    @property
+    def truth_stages(self) -> list[str]:
+        """Stages up to `until` whose network is replaced by its ground-truth backend."""
+        from refany3d.stages.dag import ancestors
+
+        backends = {"detect": self.detector, "segment": self.segmenter, "depth": self.depth, "mesh": self.mesher}
+        return [s for s in ancestors(self.until) if s in backends and backends[s].backend == "truth"]
+
+    @property
     def uses_truth(self) -> bool:
-        """True when any network is replaced by its ground-truth backend (outputs must say so)."""
-        return "truth" in (self.detector.backend, self.segmenter.backend, self.depth.backend, self.mesher.backend)
+        """True when the output of this build depends on ground-truth backends (outputs must say so)."""
+        return bool(self.truth_stages)
 
 
 # --------------------------------------------------------------------------- train sections

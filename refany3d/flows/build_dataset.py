@@ -21,7 +21,7 @@ from refany3d.config import BuildSettings, settings_hash, to_dict
 from refany3d.records import Sample, StageResult
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES, ancestors, stage_function
-from refany3d.storage.card import write_card
+from refany3d.storage.card import ensure_build_id, write_card
 from refany3d.storage.shards import list_tables, write_rejects
 from refany3d.storage.store import ArtifactStore, join
 from refany3d.stages.read_source import SourceBatch, plan_source
@@ -62,8 +62,9 @@ def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         ident = json.dumps(
             [[(s.sample_id, sorted(s.artifacts.items())) for s in r.kept] for r in inputs], default=str
         )
-    extra = {"until": settings.until, "out": settings.storage.out} if stage == "shard" else {}
-    blob = json.dumps([stage, sections, ident, __version__, extra, settings.storage.out], default=str)
+    extra = {"until": settings.until} if stage == "shard" else {}
+    # The build id lives in OUT: a deleted or new output directory means recompute, not reuse.
+    blob = json.dumps([stage, sections, ident, __version__, extra, parameters["build_id"]], default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
@@ -74,7 +75,7 @@ def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     cache_key_fn=_stage_cache_key,
     persist_result=True,
 )
-def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings) -> StageResult:
+def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings, build_id: str) -> StageResult:
     """Run one stage on one batch; its rejects are written before the result is returned."""
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
     ctx = StageContext(store=store, seed=settings.source.seed)
@@ -100,12 +101,13 @@ def tally(stage_results: dict[str, list[StageResult]], inputs: dict[str, int]) -
     return stats
 
 
-@flow(name="build-dataset", flow_run_name="{settings.name}", log_prints=True)
+@flow(name="build-dataset", flow_run_name="{settings.dataset_name}", log_prints=True)
 def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
     logger = get_run_logger()
+    build_id = ensure_build_id(settings.storage.out)
     batches = plan_source(settings)
-    logger.info("building %r: %d batch(es), stages %s", settings.name, len(batches), ancestors(settings.until))
+    logger.info("building %r: %d batch(es), stages %s", settings.dataset_name, len(batches), ancestors(settings.until))
     stages = [s for s in ancestors(settings.until) if s != "shard"]
     futures: dict[str, list[PrefectFuture]] = {}
     for stage in stages + ["shard"]:
@@ -116,6 +118,7 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
                 b.batch_id,
                 b if stage == "source" else [futures[p][i] for p in parents],
                 settings,
+                build_id,
             )
             for i, b in enumerate(batches)
         ]
@@ -127,6 +130,6 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
         inputs[stage] = sum(len(merge_parents([results[p][i] for p in parents])) for i in range(len(batches)))
     stats = tally(results, inputs)
     shards = list_tables(settings.storage.out)
-    write_card(settings.storage.out, settings.name, stats, to_dict(settings), settings.uses_truth, settings.until, shards)
+    write_card(settings.storage.out, settings.dataset_name, stats, to_dict(settings), settings.uses_truth, settings.until, shards)
     logger.info("wrote %d shard(s) to %s", len(shards), settings.storage.out)
     return {"stats": stats, "shards": shards, "out": settings.storage.out}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import yaml
@@ -10,6 +11,15 @@ from fsspec.core import url_to_fs
 
 from refany3d.records import SHARD_SCHEMA_VERSION
 from refany3d.storage.store import join, write_atomic
+
+
+def ensure_build_id(out: str) -> str:
+    """The id of the build writing to `out`, created on first use (`OUT/.build-id`)."""
+    fs, root = url_to_fs(out)
+    path = join(root, ".build-id")
+    if not fs.exists(path):
+        write_atomic(fs, path, uuid.uuid4().hex.encode())
+    return fs.cat_file(path).decode().strip()
 
 
 def yield_table(stats: dict[str, dict[str, int]]) -> list[dict[str, Any]]:

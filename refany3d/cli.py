@@ -1,0 +1,160 @@
+"""`refany3d` command line: builds settings objects from flags and hands them to the flows.
+
+This is the only module that parses arguments; the library takes settings objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from refany3d import __version__
+from refany3d.config import (
+    BuildSettings,
+    SettingsError,
+    describe,
+    load_settings,
+    parse_overrides,
+)
+from refany3d.stages.dag import STAGES
+
+
+def _prefect_defaults() -> None:
+    # Offline machines: no analytics, and give the ephemeral server time to start on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML settings file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one setting (repeatable), e.g. --set verify.min_iou=0.85",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refany3d",
+        description="Build the RefAny3D pose-aligned 3D-asset dataset and train the RefAny3D model.",
+    )
+    parser.add_argument("--version", action="version", version=f"refany3d {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser("build", help="build the dataset (Prefect flow build-dataset)")
+    build.add_argument("--source", choices=["synthetic", "subjects200k"], help="row source (default: synthetic)")
+    build.add_argument("--data-files", metavar="GLOB", help="Subjects200K-format Parquet files (glob or fsspec URL)")
+    build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows")
+    build.add_argument("--out", metavar="URL", help="output directory or fsspec URL")
+    build.add_argument("--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it")
+    build.add_argument("--name", help="dataset name (flow run name)")
+    _add_settings_args(build)
+
+    synth = sub.add_parser("synth", help="write the embedded synthetic source (Subjects200K format + truth)")
+    synth.add_argument("--n", type=int, default=8, help="pair rows to generate")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, metavar="DIR")
+
+    config = sub.add_parser("config", help="print every build setting with its default and doc")
+    config.add_argument("--train", action="store_true", help="training settings instead")
+    return parser
+
+
+def _build_settings(args: argparse.Namespace) -> BuildSettings:
+    flags: dict[str, Any] = {
+        "source.kind": args.source,
+        "source.data_files": args.data_files,
+        "source.limit": args.limit,
+        "storage.out": args.out,
+        "until": args.until,
+        "name": args.name,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.data_files and not args.source:
+        overrides["source.kind"] = "subjects200k"
+    overrides.update(parse_overrides(args.overrides))
+    return load_settings(BuildSettings, args.config, overrides)
+
+
+def _preflight(settings: BuildSettings) -> None:
+    """Fail before any work: every stage to run exists, and its weights are where settings say."""
+    from refany3d.stages.dag import ancestors, stage_function
+
+    for stage in ancestors(settings.until):
+        stage_function(stage)
+    try:
+        from refany3d.models.weights import check_weights
+    except ModuleNotFoundError:
+        return
+    check_weights(settings)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from refany3d.storage.card import yield_table
+
+    table = Table(title="per-stage yield")
+    for col in ("stage", "in", "kept", "dropped", "reasons"):
+        table.add_column(col, justify="left" if col in ("stage", "reasons") else "right")
+    for row in yield_table(result["stats"]):
+        table.add_row(*(str(row[c]) for c in ("stage", "in", "kept", "dropped", "reasons")))
+    console = Console()
+    console.print(table)
+    console.print(f"{len(result['shards'])} shard(s), card and stats in [bold]{result['out']}[/bold]")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        console.print(f"open the run in the Prefect UI: {api.removesuffix('/api')}/runs")
+    else:
+        console.print("ran on an ephemeral Prefect server; start `prefect server start` to keep runs in the UI")
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    settings = _build_settings(args)
+    _preflight(settings)
+    _prefect_defaults()
+    from refany3d.flows.build_dataset import build_dataset
+
+    result = build_dataset(settings)
+    _print_summary(result)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from refany3d.synthetic import generate
+
+    generate(args.out, args.n, args.seed)
+    print(f"wrote {args.n} synthetic pair rows to {args.out}/data and ground truth to {args.out}/truth")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from refany3d.config import TrainSettings
+
+    for name, default, doc in describe(TrainSettings if args.train else BuildSettings):
+        print(f"{name:34} {default!r:28} {doc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"build": _cmd_build, "synth": _cmd_synth, "config": _cmd_config}
+    try:
+        code = commands[args.command](args)
+    except (SettingsError, FileNotFoundError, NotImplementedError) as err:
+        print(f"refany3d {args.command}: error: {err}", file=sys.stderr)
+        code = 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

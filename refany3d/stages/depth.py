@@ -1,0 +1,60 @@
+"""Depth stage: metric depth of each view and the focal length it implies (monocular depth backend).
+
+Depth is stored as float16 metres in an npz (key `depth`, 0 = unknown); `sample.focal_px` is the
+focal length in pixels of the view that goes with it (the pose stage back-projects with it).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from refany3d.config import BuildSettings
+from refany3d.models.depth import load_depth
+from refany3d.records import DEPTH, MASK, Sample, StageResult
+from refany3d.stages._views import batched, read_mask, read_view
+from refany3d.stages.context import StageContext
+
+STAGE = "depth"
+INVALID_DEPTH = "invalid_depth"
+
+_FLOAT16_MAX = 65000.0
+
+
+def _encode_depth(depth: np.ndarray) -> bytes:
+    clean = np.where(np.isfinite(depth), depth, 0.0).clip(0.0, _FLOAT16_MAX).astype(np.float16)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, depth=clean)
+    return buf.getvalue()
+
+
+def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
+    result = StageResult()
+    if not samples:
+        return result
+    opts = settings.depth
+    estimator = load_depth(settings)
+    for chunk in batched(samples, opts.batch_size):
+        images = [read_view(ctx.store, s) for s in chunk]
+        maps = estimator.estimate(images, chunk, opts, ctx.seed)
+        for sample, image, dm in zip(chunk, images, maps, strict=True):
+            region = np.ones(dm.depth.shape, bool)
+            if MASK in sample.artifacts:
+                region = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
+            values = dm.depth[region]
+            valid = values[np.isfinite(values) & (values > 0)]
+            if valid.size == 0 or not math.isfinite(dm.focal_px) or dm.focal_px <= 0:
+                result.drop(
+                    sample, STAGE, INVALID_DEPTH, metric=float(valid.size), detail=f"focal {dm.focal_px}"
+                )
+                continue
+            out = sample.replace(focal_px=float(dm.focal_px))
+            out.artifacts[DEPTH] = ctx.store.put_content("depth", _encode_depth(dm.depth), ".npz")
+            out.metrics["depth_median_m"] = float(np.median(valid))
+            out.metrics["depth_valid_ratio"] = float(valid.size / max(values.size, 1))
+            out.metrics["fov_deg"] = math.degrees(2 * math.atan(image.width / (2 * dm.focal_px)))
+            out.backends[STAGE] = estimator.name
+            result.kept.append(out)
+    return result

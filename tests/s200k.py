@@ -1,0 +1,85 @@
+"""Subjects200K-format Parquet files built in code for tests (real schema, several paddings)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+SCHEMA = pa.schema(
+    [
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        ("collection", pa.string()),
+        (
+            "quality_assessment",
+            pa.struct([("compositeStructure", pa.int64()), ("objectConsistency", pa.int64()), ("imageQuality", pa.int64())]),
+        ),
+        (
+            "description",
+            pa.struct(
+                [
+                    ("item", pa.string()),
+                    ("description_0", pa.string()),
+                    ("description_1", pa.string()),
+                    ("category", pa.string()),
+                    ("description_valid", pa.bool_()),
+                ]
+            ),
+        ),
+    ]
+)
+
+
+@dataclass
+class Row:
+    side: int = 64
+    pad: int = 8
+    scores: tuple[int, int, int] = (5, 5, 5)
+    item: str = "ceramic mug"
+    valid: bool = True
+    corrupt: bool = False
+    fmt: str = "PNG"
+    captions: tuple[str, str] = ("a mug on a table", "a mug in a kitchen")
+    seed: int = 0
+    views: list[np.ndarray] = field(default_factory=list)
+
+
+def pair_image(row: Row) -> tuple[bytes, list[np.ndarray]]:
+    """A padded pair whose two views are distinct random patterns; returns (bytes, [left, right])."""
+    rng = np.random.default_rng(row.seed)
+    s, p = row.side, row.pad
+    canvas = np.full((s + 2 * p, 2 * s + 3 * p, 3), 255, np.uint8)
+    views = [rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for _ in range(2)]
+    canvas[p : p + s, p : p + s] = views[0]
+    canvas[p : p + s, 2 * p + s : 2 * p + 2 * s] = views[1]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format=row.fmt)
+    return buf.getvalue(), views
+
+
+def write_subjects200k(path, rows: list[Row], row_group_size: int = 3) -> list[Row]:
+    records = []
+    for i, row in enumerate(rows):
+        data, row.views = pair_image(row)
+        if row.corrupt:
+            data = b"\x89PNG\r\n\x1a\nnot really a png"
+        records.append(
+            {
+                "image": {"bytes": data, "path": None},
+                "collection": f"collection_{1 + i % 2}",
+                "quality_assessment": dict(zip(("compositeStructure", "objectConsistency", "imageQuality"), row.scores)),
+                "description": {
+                    "item": row.item,
+                    "description_0": row.captions[0],
+                    "description_1": row.captions[1],
+                    "category": "Kitchenware",
+                    "description_valid": row.valid,
+                },
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), str(path), row_group_size=row_group_size)
+    return rows
