@@ -50,11 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", help="build the dataset (Prefect flow build-dataset)")
-    build.add_argument("--source", choices=["synthetic", "subjects200k"], help="row source (default: synthetic)")
-    build.add_argument("--data-files", metavar="GLOB", help="Subjects200K-format Parquet files (glob or fsspec URL)")
+    build.add_argument(
+        "--source", choices=["synthetic", "subjects200k"], help="row source (default: synthetic)"
+    )
+    build.add_argument(
+        "--data-files", metavar="GLOB", help="Subjects200K-format Parquet files (glob or fsspec URL)"
+    )
     build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows")
     build.add_argument("--out", metavar="URL", help="output directory or fsspec URL")
-    build.add_argument("--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it")
+    build.add_argument(
+        "--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it"
+    )
     build.add_argument("--name", help="dataset name (flow run name)")
     _add_settings_args(build)
 
@@ -90,6 +96,10 @@ def _preflight(settings: BuildSettings) -> None:
 
     for stage in ancestors(settings.until):
         stage_function(stage)
+    if settings.source.data_files:
+        from refany3d.stages.read_source import resolve_files
+
+        resolve_files(settings.source.data_files)
     try:
         from refany3d.models.weights import check_weights
     except ModuleNotFoundError:
@@ -115,7 +125,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     if api:
         console.print(f"open the run in the Prefect UI: {api.removesuffix('/api')}/runs")
     else:
-        console.print("ran on an ephemeral Prefect server; start `prefect server start` to keep runs in the UI")
+        console.print(
+            "ran on an ephemeral Prefect server; start `prefect server start` to keep runs in the UI"
+        )
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

@@ -51,7 +51,9 @@ def _opt(default: Any, doc: str, **rules: Any) -> Any:
 class SourceSettings(_Section):
     kind: Literal["synthetic", "subjects200k"] = _opt("synthetic", "where rows come from")
     data_files: str = _opt("", "glob or fsspec URL of Subjects200K-format Parquet files; empty = default")
-    hub_id: str = _opt("Yuanshi/Subjects200K", "Hugging Face dataset id, read as hf:// Parquet when no data_files")
+    hub_id: str = _opt(
+        "Yuanshi/Subjects200K", "Hugging Face dataset id, read as hf:// Parquet when no data_files"
+    )
     limit: int = _opt(0, "stop after this many source rows (0 = all)", ge=0)
     synthetic_rows: int = _opt(8, "rows the synthetic source generates when no data_files are given", ge=1)
     seed: int = _opt(0, "seed of the synthetic source", ge=0)
@@ -85,10 +87,16 @@ class SegmenterSettings(_Section):
     backend: Literal["truth", "sam", "hf-sam"] = _opt("truth", "segmenter backend")
     weights: str = _opt("", "checkpoint file (sam) or local directory / hub id (hf-sam)")
     model_type: Literal["vit_h", "vit_l", "vit_b"] = _opt("vit_h", "sam backend: image encoder size")
-    max_area_ratio: float = _opt(0.6, "drop masks covering more than this fraction of the image", gt=0.0, le=1.0)
-    min_area_ratio: float = _opt(0.01, "drop masks covering less than this fraction of the image", ge=0.0, lt=1.0)
+    max_area_ratio: float = _opt(
+        0.6, "drop masks covering more than this fraction of the image", gt=0.0, le=1.0
+    )
+    min_area_ratio: float = _opt(
+        0.01, "drop masks covering less than this fraction of the image", ge=0.0, lt=1.0
+    )
     max_components: int = _opt(3, "drop masks with more connected parts than this (fragmented)", ge=1)
-    min_component_ratio: float = _opt(0.002, "parts smaller than this fraction of the mask are not counted", ge=0.0, lt=1.0)
+    min_component_ratio: float = _opt(
+        0.002, "parts smaller than this fraction of the mask are not counted", ge=0.0, lt=1.0
+    )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
 
@@ -123,7 +131,9 @@ class PoseSettings(_Section):
 
 @dataclass(frozen=True)
 class VerifySettings(_Section):
-    min_iou: float = _opt(0.8, "keep samples whose rendered-mask IoU with the SAM mask is above this", ge=0.0, le=1.0)
+    min_iou: float = _opt(
+        0.8, "keep samples whose rendered-mask IoU with the SAM mask is above this", ge=0.0, le=1.0
+    )
     max_lpips: float = _opt(0.3, "keep samples whose LPIPS to the image crop is below this", ge=0.0)
     lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")
     lpips_weights: str = _opt("", "local file of the LPIPS backbone weights (offline)")
@@ -192,7 +202,12 @@ class BuildSettings(_Section):
         """Stages up to `until` whose network is replaced by its ground-truth backend."""
         from refany3d.stages.dag import ancestors
 
-        backends = {"detect": self.detector, "segment": self.segmenter, "depth": self.depth, "mesh": self.mesher}
+        backends = {
+            "detect": self.detector,
+            "segment": self.segmenter,
+            "depth": self.depth,
+            "mesh": self.mesher,
+        }
         return [s for s in ancestors(self.until) if s in backends and backends[s].backend == "truth"]
 
     @property
@@ -229,6 +244,10 @@ class ModelSettings(_Section):
     point_map_branch: bool = _opt(True, "generate the target point map jointly")
     attention: Literal["flex", "grouped", "dense"] = _opt("flex", "group-attention implementation")
     gradient_checkpointing: bool = _opt(True, "recompute block activations in backward")
+    checkpoint_saves_attention: bool = _opt(
+        True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
+    )
+    compile_blocks: bool = _opt(False, "torch.compile the block functions on CUDA (fuses elementwise ops)")
 
 
 @dataclass(frozen=True)
@@ -262,6 +281,7 @@ class TrainSettings(_Section):
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -340,7 +360,9 @@ def _merge(cls: type, base: Any, updates: Mapping[str, Any], prefix: str = "") -
     try:
         return dataclasses.replace(base, **changes)
     except SettingsError as err:
-        raise SettingsError(f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
+        raise SettingsError(
+            f"{prefix}{err}" if prefix and not str(err).startswith(prefix) else str(err)
+        ) from None
 
 
 def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -432,5 +454,3 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             rows.append((f"{prefix}{f.name}", getattr(default, f.name), f.metadata.get("doc", "")))
     return rows
-
-

@@ -95,7 +95,9 @@ class StageResult:
     kept: list[Sample] = field(default_factory=list)
     dropped: list[Rejection] = field(default_factory=list)
 
-    def drop(self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = "") -> None:
+    def drop(
+        self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = ""
+    ) -> None:
         self.dropped.append(Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail))
 
 
@@ -124,7 +126,11 @@ SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
     ("depth", pa.binary(), {"dtype": "binary", "_type": "Value"}),
     ("box", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
     ("pose", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
-    ("intrinsics", pa.list_(pa.float32()), {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}}),
+    (
+        "intrinsics",
+        pa.list_(pa.float32()),
+        {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}},
+    ),
     ("mesh_glb", pa.binary(), {"dtype": "binary", "_type": "Value"}),
     ("point_map", _IMAGE_STRUCT, _IMAGE),
     ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),

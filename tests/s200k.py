@@ -16,7 +16,13 @@ SCHEMA = pa.schema(
         ("collection", pa.string()),
         (
             "quality_assessment",
-            pa.struct([("compositeStructure", pa.int64()), ("objectConsistency", pa.int64()), ("imageQuality", pa.int64())]),
+            pa.struct(
+                [
+                    ("compositeStructure", pa.int64()),
+                    ("objectConsistency", pa.int64()),
+                    ("imageQuality", pa.int64()),
+                ]
+            ),
         ),
         (
             "description",
@@ -45,6 +51,7 @@ class Row:
     fmt: str = "PNG"
     captions: tuple[str, str] = ("a mug on a table", "a mug in a kitchen")
     seed: int = 0
+    raw: bytes | None = None  # image bytes to store instead of the rendered pair (b"" = empty)
     views: list[np.ndarray] = field(default_factory=list)
 
 
@@ -67,11 +74,15 @@ def write_subjects200k(path, rows: list[Row], row_group_size: int = 3) -> list[R
         data, row.views = pair_image(row)
         if row.corrupt:
             data = b"\x89PNG\r\n\x1a\nnot really a png"
+        if row.raw is not None:
+            data = row.raw
         records.append(
             {
                 "image": {"bytes": data, "path": None},
                 "collection": f"collection_{1 + i % 2}",
-                "quality_assessment": dict(zip(("compositeStructure", "objectConsistency", "imageQuality"), row.scores)),
+                "quality_assessment": dict(
+                    zip(("compositeStructure", "objectConsistency", "imageQuality"), row.scores)
+                ),
                 "description": {
                     "item": row.item,
                     "description_0": row.captions[0],

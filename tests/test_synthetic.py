@@ -17,7 +17,7 @@ from refany3d.stages.read_source import plan_batches, read_source, resolve_files
 from refany3d.stages.split_pair import split_pair
 from refany3d.storage.store import ArtifactStore
 from refany3d.synthetic import ensure_synthetic, generate, read_truth
-from refany3d.synthetic.generate import MARKER
+from refany3d.synthetic.build import MARKER
 from refany3d.synthetic.objects import OBJECTS, build_object
 
 SIZE = 96
@@ -89,7 +89,7 @@ def test_rows_load_and_split_into_truth_views(source, tmp_path):
 
 def test_split_views_are_the_rendered_views_exactly(tmp_path):
     """Pixels of each split view equal the view the generator rendered (PNG: lossless)."""
-    from refany3d.synthetic.generate import _row
+    from refany3d.synthetic.build import _row
 
     root = str(tmp_path / "src")
     generate(root, 1, 11, view_size=64)

@@ -18,16 +18,25 @@ class StageSpec:
 
 # Topological order. mesh and depth are independent branches after segment.
 STAGES: dict[str, StageSpec] = {
-    "source": StageSpec((), ("source",), ("sample_id", "source", "source_id", "collection", "metrics", "backends"), "read_source"),
+    "source": StageSpec(
+        (),
+        ("source",),
+        ("sample_id", "source", "source_id", "collection", "metrics", "backends"),
+        "read_source",
+    ),
     "quality": StageSpec(("source",), ("quality",), (), "filter_quality"),
-    "split": StageSpec(("quality",), ("split",), ("side", "image", "caption", "item", "category"), "split_pair"),
+    "split": StageSpec(
+        ("quality",), ("split",), ("side", "image", "caption", "item", "category"), "split_pair"
+    ),
     "detect": StageSpec(("split",), ("detector", "runtime"), ("box",), "detect"),
     "segment": StageSpec(("detect",), ("segmenter", "runtime"), ("mask",), "segment"),
     "mesh": StageSpec(("segment",), ("mesher", "runtime"), ("mesh_glb",), "mesh"),
     "depth": StageSpec(("segment",), ("depth", "runtime"), ("depth",), "depth"),
     "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose", "intrinsics"), "estimate_pose"),
     "verify": StageSpec(("pose",), ("verify", "render"), (), "verify"),
-    "render": StageSpec(("verify",), ("render",), ("point_map", "point_map_raw", "views_rgb", "views_point_map"), "render"),
+    "render": StageSpec(
+        ("verify",), ("render",), ("point_map", "point_map_raw", "views_rgb", "views_point_map"), "render"
+    ),
     "shard": StageSpec(("render",), ("storage",), (), "shard"),
 }
 

@@ -53,7 +53,9 @@ def resolve_files(pattern: str) -> list[str]:
     return urls
 
 
-def plan_batches(files: list[str], batch_size: int, limit: int = 0, source: str = "subjects200k") -> list[SourceBatch]:
+def plan_batches(
+    files: list[str], batch_size: int, limit: int = 0, source: str = "subjects200k"
+) -> list[SourceBatch]:
     """Split files into row ranges of `batch_size`, reading only Parquet footers."""
     batches: list[SourceBatch] = []
     remaining = limit or float("inf")
@@ -63,7 +65,9 @@ def plan_batches(files: list[str], batch_size: int, limit: int = 0, source: str 
             rows = pq.ParquetFile(fh).metadata.num_rows
         rows = int(min(rows, remaining))
         remaining -= rows
-        batches += [SourceBatch(url, s, min(s + batch_size, rows), source) for s in range(0, rows, batch_size)]
+        batches += [
+            SourceBatch(url, s, min(s + batch_size, rows), source) for s in range(0, rows, batch_size)
+        ]
         if remaining <= 0:
             break
     return batches

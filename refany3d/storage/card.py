@@ -60,7 +60,8 @@ def write_card(
     """Write `OUT/README.md` and `OUT/stats.json` for a finished (or partial, `until`) build."""
     header = {
         "pretty_name": name,
-        "tags": ["3d", "pose-estimation", "point-map", "refany3d"] + (["synthetic", "ground-truth-backends"] if uses_truth else []),
+        "tags": ["3d", "pose-estimation", "point-map", "refany3d"]
+        + (["synthetic", "ground-truth-backends"] if uses_truth else []),
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
     }
     truth_note = (

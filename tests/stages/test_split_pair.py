@@ -1,0 +1,111 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refany3d.config import BuildSettings
+from refany3d.records import IMAGE
+from refany3d.stages.context import StageContext
+from refany3d.stages.filter_quality import filter_quality
+from refany3d.stages.read_source import plan_batches, read_source
+from refany3d.stages.split_pair import (
+    BAD_LAYOUT,
+    EMPTY_CAPTION,
+    IMAGE_UNDECODABLE,
+    MISSING_IMAGE,
+    VIEW_TOO_SMALL,
+    pair_layout,
+    split_pair,
+)
+from refany3d.storage.store import ArtifactStore
+from tests.s200k import Row, write_subjects200k
+
+
+def _split(tmp_path, rows):
+    path = tmp_path / "pairs.parquet"
+    write_subjects200k(path, rows)
+    ctx = StageContext(store=ArtifactStore(str(tmp_path / "store")))
+    settings = BuildSettings()
+    (batch,) = plan_batches([str(path)], batch_size=64)
+    return split_pair(read_source(batch, settings, ctx).kept, settings, ctx), ctx
+
+
+@pytest.mark.parametrize("side,pad", [(64, 8), (96, 16), (80, 0), (512, 8), (1024, 16)])
+def test_pair_layout_derives_padding(side, pad):
+    assert pair_layout(2 * side + 3 * pad, side + 2 * pad) == (pad, side)
+
+
+def test_pair_layout_rejects_non_pairs():
+    with pytest.raises(ValueError):
+        pair_layout(100, 100)
+
+
+def test_split_pair_crops_views_exactly_for_several_paddings(tmp_path):
+    rows = [Row(side=64, pad=8, seed=1), Row(side=96, pad=16, seed=2), Row(side=72, pad=0, seed=3)]
+    result, ctx = _split(tmp_path, rows)
+    assert not result.dropped
+    assert [s.sample_id for s in result.kept] == [
+        f"pairs-{i:06d}-{side}" for i in range(3) for side in ("left", "right")
+    ]
+    for i, row in enumerate(rows):
+        for j, side in enumerate(("left", "right")):
+            view = result.kept[2 * i + j]
+            crop = np.asarray(Image.open(io.BytesIO(ctx.store.get(view.artifacts[IMAGE]))))
+            np.testing.assert_array_equal(crop, row.views[j])
+            assert view.caption == row.captions[j] and view.side == side
+            assert view.metrics["pair_padding"] == row.pad
+
+
+def test_split_pair_jpeg_row_is_close(tmp_path):
+    (row,) = rows = [Row(side=64, pad=16, seed=4, fmt="JPEG")]
+    result, ctx = _split(tmp_path, rows)
+    crop = np.asarray(Image.open(io.BytesIO(ctx.store.get(result.kept[0].artifacts[IMAGE]))), dtype=float)
+    assert crop.shape == (64, 64, 3)
+    # JPEG blurs random noise; the right crop still correlates strongly with the right view.
+    assert np.corrcoef(crop.ravel(), row.views[0].ravel())[0, 1] > 0.5
+
+
+def test_split_pair_corrupt_image_rejected_and_run_goes_on(tmp_path):
+    result, _ = _split(tmp_path, [Row(seed=1), Row(corrupt=True), Row(seed=2)])
+    assert len(result.kept) == 4
+    assert [(r.source_id, r.stage, r.reason) for r in result.dropped] == [
+        ("pairs-000001", "split", IMAGE_UNDECODABLE)
+    ]
+
+
+def test_split_pair_drop_reasons(tmp_path):
+    result, _ = _split(tmp_path, [Row(side=32, pad=4), Row(captions=("", "right only"))])
+    reasons = sorted((r.sample_id, r.reason) for r in result.dropped)
+    assert reasons == [("pairs-000000", VIEW_TOO_SMALL), ("pairs-000001-left", EMPTY_CAPTION)]
+
+
+def test_split_pair_bad_layout_and_missing_image(tmp_path):
+    square = io.BytesIO()
+    Image.new("RGB", (50, 50)).save(square, format="PNG")
+    result, _ = _split(tmp_path, [Row(raw=square.getvalue()), Row(raw=b""), Row(seed=1)])
+    assert [(r.source_id, r.reason) for r in result.dropped] == [
+        ("pairs-000000", BAD_LAYOUT),
+        ("pairs-000001", MISSING_IMAGE),
+    ]
+    assert len(result.kept) == 2
+
+
+def test_split_pair_reason_strings():
+    assert (IMAGE_UNDECODABLE, MISSING_IMAGE, BAD_LAYOUT, VIEW_TOO_SMALL, EMPTY_CAPTION) == (
+        "image_undecodable",
+        "missing_image",
+        "bad_layout",
+        "view_too_small",
+        "empty_caption",
+    )
+
+
+def test_quality_then_split_keeps_only_good_rows(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    write_subjects200k(path, [Row(seed=1), Row(scores=(5, 3, 5)), Row(valid=False)])
+    ctx = StageContext(store=ArtifactStore(str(tmp_path / "store")))
+    settings = BuildSettings()
+    (batch,) = plan_batches([str(path)], batch_size=64)
+    kept = filter_quality(read_source(batch, settings, ctx).kept, settings, ctx).kept
+    assert [s.source_id for s in split_pair(kept, settings, ctx).kept] == ["pairs-000000"] * 2

@@ -1,0 +1,101 @@
+import io
+import json
+
+import datasets
+import pyarrow.parquet as pq
+from PIL import Image
+
+from refany3d.records import Rejection, image_cell
+from refany3d.storage.card import write_card
+from refany3d.storage.shards import list_tables, read_rows, write_rejects, write_shard
+
+COLUMNS = ["sample_id", "source", "source_id", "image", "caption", "item", "category", "pose", "metrics"]
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(ids):
+    return [
+        {
+            "sample_id": i,
+            "source": "subjects200k",
+            "source_id": i[:-2],
+            "image": image_cell(_png((10 * n, 0, 0))),
+            "caption": f"caption {i}",
+            "item": "mug",
+            "category": "Kitchenware",
+            "pose": [float(n)] * 16,
+            "metrics": json.dumps({"iou": 0.9}),
+        }
+        for n, i in enumerate(ids)
+    ]
+
+
+def test_write_shard_twice_is_idempotent(tmp_path):
+    out = str(tmp_path)
+    a = write_shard(out, _rows(["r1-l", "r1-r", "r2-l"]), COLUMNS)
+    before = (tmp_path / "data" / a.rsplit("/", 1)[1]).read_bytes()
+    b = write_shard(out, list(reversed(_rows(["r1-l", "r1-r", "r2-l"]))), COLUMNS)
+    assert a == b and list_tables(out) == [a]
+    assert (tmp_path / "data" / a.rsplit("/", 1)[1]).read_bytes() == before
+    ids = [r["sample_id"] for r in read_rows(list_tables(out), ["sample_id"])]
+    assert sorted(ids) == ["r1-l", "r1-r", "r2-l"]
+
+
+def test_write_shard_name_depends_on_ids(tmp_path):
+    a = write_shard(str(tmp_path), _rows(["a-l"]), COLUMNS)
+    b = write_shard(str(tmp_path), _rows(["b-l"]), COLUMNS)
+    assert a != b and len(list_tables(str(tmp_path))) == 2
+    assert write_shard(str(tmp_path), [], COLUMNS) is None
+
+
+def test_list_tables_ignores_partial_temporary_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".tmp-123-shard-x.parquet").write_bytes(b"partial")
+    assert list_tables(str(tmp_path)) == []
+
+
+def test_shard_schema_is_versioned(tmp_path):
+    path = write_shard(str(tmp_path), _rows(["a-l"]), COLUMNS)
+    meta = pq.read_schema(path).metadata
+    assert json.loads(meta[b"refany3d"])["shard_schema_version"] == 1
+
+
+def test_datasets_load_dataset_returns_pil_images(tmp_path):
+    write_shard(str(tmp_path), _rows(["a-l", "a-r"]), COLUMNS)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "data" / "*.parquet"), split="train")
+    assert set(COLUMNS) <= set(ds.column_names)
+    row = ds.sort("sample_id")[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (8, 8)
+    assert row["pose"] == [0.0] * 16 and row["caption"] == "caption a-l"
+
+
+def test_write_rejects_one_row_per_drop(tmp_path):
+    drops = [
+        Rejection("a-l", "a", "segment", "mask_too_large", 0.7),
+        Rejection("b", "b", "split", "image_undecodable"),
+    ]
+    path = write_rejects(str(tmp_path), drops)
+    assert write_rejects(str(tmp_path), drops) == path
+    rows = pq.read_table(path).to_pylist()
+    assert [(r["sample_id"], r["stage"], r["reason"], r["metric"]) for r in rows] == [
+        ("a-l", "segment", "mask_too_large", 0.7),
+        ("b", "split", "image_undecodable", None),
+    ]
+
+
+def test_write_card_header_is_datasets_config(tmp_path):
+    import yaml
+
+    stats = {"split": {"in": 4, "kept": 6, "dropped": 1, "dropped_image_undecodable": 1}}
+    write_card(str(tmp_path), "demo", stats, {"until": "split"}, True, "split", ["data/shard-x.parquet"])
+    text = (tmp_path / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
+    assert "ground-truth-backends" in header["tags"] and "Ground-truth backends" in text
+    assert "| split | 4 | 6 | 1 | image_undecodable: 1 |" in text
+    assert json.loads((tmp_path / "stats.json").read_text())["uses_truth_backends"] is True

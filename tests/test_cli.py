@@ -1,0 +1,97 @@
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tests.s200k import Row, write_subjects200k
+
+CLI = [sys.executable, "-m", "refany3d.cli"]
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_build_until_split_gives_crops_and_one_reject_per_bad_row(tmp_path):
+    rows = [
+        Row(side=64, pad=8, seed=1),
+        Row(corrupt=True),
+        Row(side=96, pad=16, seed=2),
+        Row(scores=(5, 4, 5)),
+        Row(valid=False),
+        Row(item=""),
+    ]
+    write_subjects200k(tmp_path / "s200k.parquet", rows)
+    out = tmp_path / "out"
+    proc = _run(
+        [
+            "build",
+            "--source",
+            "subjects200k",
+            "--data-files",
+            str(tmp_path / "*.parquet"),
+            "--until",
+            "split",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CancelledError" not in proc.stderr + proc.stdout
+    assert "per-stage yield" in proc.stdout
+    table = pq.read_table(list((out / "data").glob("*.parquet"))).sort_by("sample_id")
+    assert {"sample_id", "image", "caption", "item", "category"} <= set(table.column_names)
+    got = table.to_pylist()
+    assert [r["sample_id"] for r in got] == [
+        "s200k-000000-left",
+        "s200k-000000-right",
+        "s200k-000002-left",
+        "s200k-000002-right",
+    ]
+    for r, (row, j) in zip(got, [(rows[0], 0), (rows[0], 1), (rows[2], 0), (rows[2], 1)]):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))), row.views[j])
+        assert r["caption"] == row.captions[j] and r["item"] == "ceramic mug"
+    rejects = pq.read_table(list((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert sorted((r["source_id"], r["reason"]) for r in rejects) == [
+        ("s200k-000001", "image_undecodable"),
+        ("s200k-000003", "low_quality"),
+        ("s200k-000004", "description_invalid"),
+        ("s200k-000005", "empty_item"),
+    ]
+    assert (out / "README.md").exists() and (out / "stats.json").exists()
+
+
+def test_build_bad_setting_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(["build", "--set", "segmenter.backend=foo", "--out", str(out)], tmp_path)
+    assert proc.returncode == 2
+    assert "segmenter.backend: 'foo' is not one of truth, sam, hf-sam" in proc.stderr
+    assert not Path(out).exists()
+
+
+def test_build_missing_data_files_is_clear(tmp_path):
+    args = [
+        "build",
+        "--data-files",
+        str(tmp_path / "none-*.parquet"),
+        "--until",
+        "split",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 2 and "no Parquet files match" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_build_options():
+    proc = subprocess.run(CLI + ["build", "--help"], capture_output=True, text=True, timeout=60)
+    for flag in ("--source", "--data-files", "--limit", "--out", "--config", "--until", "--set"):
+        assert flag in proc.stdout
