@@ -4,6 +4,7 @@ and the shard columns each one adds. No stage code is imported here, so it is ch
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,16 +64,18 @@ def shard_columns(until: str) -> list[str]:
     return cols
 
 
+def is_available(name: str) -> bool:
+    """Whether the module of stage `name` ships in this version."""
+    return importlib.util.find_spec(f"refany3d.stages.{STAGES[name].module}") is not None
+
+
 def stage_function(name: str) -> Callable:
-    """The stage function `refany3d.stages.<module>.<name>`; a clear error if not built yet."""
-    spec = STAGES[name]
-    try:
-        module = importlib.import_module(f"refany3d.stages.{spec.module}")
-    except ModuleNotFoundError as err:
-        if err.name == f"refany3d.stages.{spec.module}":
-            raise NotImplementedError(
-                f"stage {name!r} is not available in this version of refany3d; "
-                f"run with --until {STAGES[name].parents[0] if spec.parents else 'source'} or earlier"
-            ) from None
-        raise
-    return getattr(module, spec.module)
+    """The stage function `refany3d.stages.<module>.<module>`; a clear error if not built yet."""
+    if not is_available(name):
+        ready = [s for s in STAGES if is_available(s)]
+        raise NotImplementedError(
+            f"stage {name!r} is not available in this version of refany3d "
+            f"(available: {', '.join(ready)}); choose an earlier stage with --until"
+        )
+    module = importlib.import_module(f"refany3d.stages.{STAGES[name].module}")
+    return getattr(module, STAGES[name].module)
