@@ -75,6 +75,7 @@ class DetectorSettings(_Section):
     weights: str = _opt("", "local directory or hub id of the detector weights")
     text_encoder: str = _opt("", "groundingdino-py: local BERT directory (no hub access needed)")
     config: str = _opt("", "groundingdino-py: model config .py; empty = the package's SwinT-OGC config")
+    image_size: int = _opt(800, "groundingdino-py: shorter image side fed to the model (its inference size)", ge=32)
     box_threshold: float = _opt(0.35, "minimum box score", ge=0.0, le=1.0)
     text_threshold: float = _opt(0.25, "minimum text-token score", ge=0.0, le=1.0)
     batch_size: int = _opt(8, "images per forward pass", ge=1)

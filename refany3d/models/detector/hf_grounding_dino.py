@@ -1,0 +1,63 @@
+"""`hf-grounding-dino` detector: transformers `GroundingDinoForObjectDetection` (local dir or cached hub id)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from refany3d.config import DetectorSettings
+from refany3d.models._torch import torch_device_dtype
+from refany3d.models.detector.base import Detection
+from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
+from refany3d.records import Sample
+
+
+class HfGroundingDinoDetector:
+    name = "hf-grounding-dino"
+
+    def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
+        import torch
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+        path = resolve_pretrained(weights, HF_GROUNDING_DINO)
+        self.device, self.dtype = torch_device_dtype(device, dtype)
+        self.processor = AutoProcessor.from_pretrained(path)
+        # Built on the CPU, then moved: the model creates `level_embed` on the CPU whatever the device context.
+        model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=torch.float32)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+
+    def detect(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        samples: Sequence[Sample],
+        options: DetectorSettings,
+        seed: int,
+    ) -> list[Detection]:
+        import torch
+
+        inputs = self.processor(
+            images=list(images), text=list(prompts), return_tensors="pt", padding=True, device=self.device
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        results = self.processor.post_process_grounded_object_detection(
+            outputs,
+            input_ids=inputs["input_ids"],
+            threshold=options.box_threshold,
+            text_threshold=options.text_threshold,
+            target_sizes=[(im.height, im.width) for im in images],
+        )
+        return [
+            Detection(
+                r["boxes"].cpu().numpy().astype(np.float32).reshape(-1, 4),
+                r["scores"].cpu().numpy().astype(np.float32),
+                [str(t) for t in r["text_labels"]],
+            )
+            for r in results
+        ]

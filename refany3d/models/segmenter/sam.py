@@ -1,0 +1,157 @@
+"""`sam` segmenter: segment-anything 1.0 with a box prompt, a batch of views per forward pass.
+
+The image-encoder shape (width, depth, heads, global-attention blocks, input side) is read from
+the checkpoint, so vit_h / vit_l / vit_b checkpoints (and small test encoders) load through the same
+path; a checkpoint that is a known size other than `segmenter.model_type` is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from refany3d.config import SegmenterSettings
+from refany3d.models._torch import torch_device_dtype
+from refany3d.models.segmenter.base import Segmentation
+from refany3d.models.weights import SAM_CKPT_HOW, WeightsError, require_file
+from refany3d.records import Sample
+
+# (embed_dim, depth) of the released encoders
+_KNOWN = {(1280, 32): "vit_h", (1024, 24): "vit_l", (768, 12): "vit_b"}
+
+
+def build_sam(
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: list[int],
+    image_size: int = 1024,
+):
+    """segment-anything's `Sam` as its `_build_sam` makes it, with the input side as a parameter
+    (the released models use 1024; small test models use less)."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    patch, prompt_dim = 16, 256
+    encoder = ImageEncoderViT(
+        depth=encoder_depth,
+        embed_dim=encoder_embed_dim,
+        img_size=image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=encoder_num_heads,
+        patch_size=patch,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=encoder_global_attn_indexes,
+        window_size=14,
+        out_chans=prompt_dim,
+    )
+    prompt = PromptEncoder(
+        embed_dim=prompt_dim,
+        image_embedding_size=(image_size // patch, image_size // patch),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=2048, num_heads=8),
+        transformer_dim=prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt,
+        mask_decoder=decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+def _encoder_shape(state: dict) -> dict:
+    """_build_sam keyword arguments of the image encoder stored in a SAM state dict."""
+    embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
+    rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in blocks]
+    window_len = min(r.shape[0] for r in rel)
+    return {
+        "encoder_embed_dim": embed_dim,
+        "encoder_depth": len(blocks),
+        "encoder_num_heads": embed_dim // rel[0].shape[1],
+        # windowed blocks have 2·14−1 relative positions, global ones 2·64−1
+        "encoder_global_attn_indexes": [
+            i for i, r in zip(blocks, rel, strict=True) if r.shape[0] > window_len
+        ],
+        "image_size": state["image_encoder.pos_embed"].shape[1] * 16,
+    }
+
+
+class SamSegmenter:
+    name = "sam"
+
+    def __init__(
+        self, weights: str, device: str = "cpu", dtype: str = "float32", model_type: str = "vit_h"
+    ) -> None:
+        import torch
+
+        try:
+            from segment_anything.utils.transforms import ResizeLongestSide
+        except ImportError as err:
+            raise ImportError("segmenter.backend=sam needs `pip install segment-anything`") from err
+
+        path = require_file(
+            weights, "segmenter.weights", f"a segment-anything {model_type} checkpoint (.pth)", SAM_CKPT_HOW
+        )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            shape = _encoder_shape(state)
+        except (KeyError, IndexError) as err:
+            raise WeightsError(
+                f"segmenter.weights={weights!r}: not a SAM state dict ({err}); {SAM_CKPT_HOW}"
+            ) from None
+        found = _KNOWN.get((shape["encoder_embed_dim"], shape["encoder_depth"]))
+        if found is not None and found != model_type:
+            raise WeightsError(
+                f"segmenter.weights={weights!r} is a {found} checkpoint but segmenter.model_type={model_type}"
+            )
+        self.device, self.dtype = torch_device_dtype(device, dtype)
+        model = build_sam(**shape)
+        model.load_state_dict(state)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.resize = ResizeLongestSide(model.image_encoder.img_size)
+
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        boxes: Sequence[Sequence[float]],
+        samples: Sequence[Sample],
+        options: SegmenterSettings,
+        seed: int,
+    ) -> list[Segmentation]:
+        import torch
+
+        batch = []
+        for im, box in zip(images, boxes, strict=True):
+            x = torch.from_numpy(np.array(im.convert("RGB"))).to(self.device).permute(2, 0, 1)[None].float()
+            size = (im.height, im.width)
+            batch.append(
+                {
+                    "image": self.resize.apply_image_torch(x)[0].to(self.dtype),
+                    "original_size": size,
+                    "boxes": self.resize.apply_boxes_torch(torch.tensor([box], device=self.device), size).to(
+                        self.dtype
+                    ),
+                }
+            )
+        with torch.inference_mode():
+            outputs = self.model(batch, multimask_output=False)
+        return [
+            Segmentation(o["masks"][0, 0].cpu().numpy().astype(bool), float(o["iou_predictions"][0, 0]))
+            for o in outputs
+        ]

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from refany3d.models.detector import HfGroundingDinoDetector, load_detector
+from refany3d.stages.context import StageContext
+from refany3d.stages.detect import detect
+from refany3d.storage.store import ArtifactStore
+from tests.models._views import drawn_views, perception_settings, run_batched, tiny_hf_grounding_dino
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_gdino")
+    weights = tiny_hf_grounding_dino(root / "model")
+    settings = perception_settings(
+        **{
+            "detector.backend": "hf-grounding-dino",
+            "detector.weights": str(weights),
+            "detector.box_threshold": 0.0,
+            "detector.text_threshold": 0.0,
+        }
+    )
+    ctx = StageContext(store=ArtifactStore(str(root / "artifacts")), seed=0)
+    return settings, ctx, drawn_views(ctx.store, 5)
+
+
+def test_load_detector_builds_hf_backend_once(setup):
+    settings, _, _ = setup
+    det = load_detector(settings)
+    assert isinstance(det, HfGroundingDinoDetector)
+    assert load_detector(settings) is det
+
+
+def test_detect_returns_boxes_scores_phrases(setup):
+    settings, ctx, views = setup
+    from refany3d.stages._views import read_view
+
+    images = [read_view(ctx.store, s) for s in views[:2]]
+    dets = load_detector(settings).detect(
+        images, ["red mug.", "wooden chair."], views[:2], settings.detector, 0
+    )
+    assert len(dets) == 2
+    for d in dets:
+        assert (
+            d.boxes.dtype == np.float32
+            and d.boxes.shape == (len(d.scores), 4)
+            and len(d.phrases) == len(d.scores)
+        )
+        assert len(d.scores) > 0 and np.all((d.scores >= 0) & (d.scores <= 1))
+
+
+def test_detect_stage_keeps_boxes_inside_view(setup):
+    settings, ctx, views = setup
+    result = detect(views, settings, ctx)
+    assert len(result.kept) + len(result.dropped) == 5 and result.kept
+    for s in result.kept:
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+        assert 0 <= s.metrics["box_score"] <= 1 and s.backends["detect"] == "hf-grounding-dino"
+
+
+def test_detect_batch_of_one_equals_batch_of_five(setup):
+    settings, ctx, views = setup
+    one = run_batched(detect, views, settings, ctx, "detector", 1)
+    five = run_batched(detect, views, settings, ctx, "detector", 5)
+    assert [s.sample_id for s in one.kept] == [s.sample_id for s in five.kept]
+    np.testing.assert_allclose([s.box for s in one.kept], [s.box for s in five.kept], atol=1e-3)
