@@ -47,4 +47,6 @@ def build_model(
         point_map_branch=settings.point_map_branch,
         attention=settings.attention,
         gradient_checkpointing=settings.gradient_checkpointing,
+        checkpoint_saves_attention=settings.checkpoint_saves_attention,
+        compile_blocks=settings.compile_blocks,
     )

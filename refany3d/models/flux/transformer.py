@@ -9,6 +9,7 @@ token group (lora.py), and attention follows the group rule (attention.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from refany3d.models.flux.attention import AttentionKind, GroupAttention
 from refany3d.models.flux.lora import LoraRoutes, Route, add_adapters, lora_routes, routed_linear
@@ -163,6 +164,11 @@ def single_block_forward(
     return _gated_residual(hidden_states, out, gate, sizes)
 
 
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
 # --------------------------------------------------------------------------- domain switcher
 
 
@@ -184,6 +190,32 @@ class DomainSwitcher(nn.Module):
 
     def forward(self, domain: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.embedding(domain))))
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+def _attention_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+_ATTENTION_OPS = _attention_ops()
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep SDPA outputs (and their logsumexp) for backward; recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_attention_context():
+    return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
 # --------------------------------------------------------------------------- model
@@ -208,6 +240,10 @@ class RefAny3DTransformer(nn.Module):
         point_map_branch: generate the target point map (and take point-map conditions).
         attention: "flex" | "grouped" | "dense" (attention.py); "flex" runs "grouped" off CUDA.
         gradient_checkpointing: recompute each block in backward while training.
+        checkpoint_saves_attention: with checkpointing, keep the SDPA outputs of each block instead
+            of recomputing the attention ("grouped"/"dense"; one (S, inner) tensor per block).
+        compile_blocks: `torch.compile` the two block functions on CUDA (fuses the elementwise
+            modulation, RoPE and LoRA updates); compiled once per block type, shared by all blocks.
     """
 
     def __init__(
@@ -221,6 +257,8 @@ class RefAny3DTransformer(nn.Module):
         point_map_branch: bool = True,
         attention: AttentionKind = "flex",
         gradient_checkpointing: bool = False,
+        checkpoint_saves_attention: bool = True,
+        compile_blocks: bool = False,
     ):
         super().__init__()
         self.flux = flux
@@ -233,6 +271,8 @@ class RefAny3DTransformer(nn.Module):
         self.point_map_branch = point_map_branch
         self.attention = attention
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_saves_attention = checkpoint_saves_attention
+        self.compile_blocks = compile_blocks
         self.processor = GroupAttnProcessor()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -305,26 +345,32 @@ class RefAny3DTransformer(nn.Module):
         rotary = self.flux.pos_embed(torch.cat([txt_ids, img_ids]).to(device))
         emb = self.group_embeddings(timestep, guidance, pooled_projections)
 
+        double, single = double_block_forward, single_block_forward
+        if self.compile_blocks and device.type == "cuda":
+            double, single = _compiled(double_block_forward), _compiled(single_block_forward)
+        save_attention = self.checkpoint_saves_attention and kind != "flex"
+
         hidden = routed_linear(self.flux.x_embedder, image, routes.image)
         text = self.flux.context_embedder(encoder_hidden_states)
         for block in self.flux.transformer_blocks:
             args = (block, self.processor, hidden, text, emb, rotary, attention, routes)
-            hidden, text = self._run(double_block_forward, args)
+            hidden, text = self._run(double, args, save_attention)
         joint = torch.cat([text, hidden], dim=1)
         for block in self.flux.single_transformer_blocks:
-            joint = self._run(
-                single_block_forward, (block, self.processor, joint, emb, rotary, attention, routes)
-            )
+            args = (block, self.processor, joint, emb, rotary, attention, routes)
+            joint = self._run(single, args, save_attention)
 
         start = layout.text
         rgb = self._project(joint[:, start : start + layout.target], emb[:, 1])
         pm = self._project(joint[:, -layout.target :], emb[:, -1]) if point_map else None
         return RefAny3DOutput(rgb=rgb, point_map=pm)
 
-    def _run(self, fn, args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+    def _run(self, fn, args, save_attention: bool):
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return fn(*args)
+        if save_attention:
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=_save_attention_context)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def _project(self, hidden: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.flux.proj_out(self.flux.norm_out(hidden, emb))

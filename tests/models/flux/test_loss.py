@@ -54,3 +54,20 @@ def test_flow_matching_loss_targets_velocity_of_both_branches(monkeypatch):
     manual = ((out.rgb - (eps[0] - batch.target_rgb)) ** 2).mean()
     manual = manual + ((out.point_map - (eps[1] - batch.target_point_map)) ** 2).mean()
     torch.testing.assert_close(again, manual)
+
+
+def test_flow_matching_loss_gradients_equal_with_and_without_checkpointing():
+    grads = []
+    for overrides in (
+        {"gradient_checkpointing": False},
+        {"gradient_checkpointing": True, "checkpoint_saves_attention": False},
+        {"gradient_checkpointing": True, "checkpoint_saves_attention": True},
+    ):
+        model = make_model(**overrides)
+        torch.manual_seed(5)
+        for param in model.trainable_parameters():
+            torch.nn.init.normal_(param, std=0.05)
+        flow_matching_loss(model, make_batch(), torch.Generator().manual_seed(0)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], grads[0])
