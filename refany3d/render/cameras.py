@@ -8,6 +8,8 @@ W×W view with a centred principal point has cx = cy = (W - 1) / 2.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # OpenCV camera axes → OpenGL camera axes (y up, z backward): flip y and z.
@@ -75,10 +77,20 @@ def project(points_cam: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
 
 
 def pixel_rays(intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(height, width, 3) float64 camera-frame rays K⁻¹ [u, v, 1] through pixel centres (z = 1)."""
+    """(height, width, 3) float64 camera-frame rays K⁻¹ [u, v, 1] through pixel centres (z = 1).
+
+    Cached per (K, size): orbit views and renders of one sample share their rays. Read-only."""
+    key = tuple(np.asarray(intrinsics, dtype=np.float64).reshape(-1).tolist())
+    return _pixel_rays(key, int(width), int(height))
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_rays(k: tuple[float, ...], width: int, height: int) -> np.ndarray:
     u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
     pix = np.stack([u, v, np.ones_like(u)], axis=-1)
-    return pix @ np.linalg.inv(np.asarray(intrinsics, dtype=np.float64)).T
+    rays = pix @ np.linalg.inv(np.asarray(k).reshape(3, 3)).T
+    rays.setflags(write=False)
+    return rays
 
 
 def backproject(depth: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:

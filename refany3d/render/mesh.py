@@ -97,7 +97,7 @@ def compute_uv_atlas(
 
     tmesh = o3d.t.geometry.TriangleMesh()
     tmesh.vertex.positions = o3d.core.Tensor(np.asarray(mesh.vertices, dtype=np.float32))
-    tmesh.triangle.indices = o3d.core.Tensor(np.asarray(mesh.faces, dtype=np.int32))
+    tmesh.triangle.indices = o3d.core.Tensor(np.asarray(mesh.faces, dtype=np.int64))
     _, charts, _ = tmesh.compute_uvatlas(
         size=int(size),
         gutter=float(gutter),

@@ -8,17 +8,24 @@ model consumes the 8-bit PNG; the 16-bit PNG beside it keeps the value losslessl
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
-from refany3d.render.cameras import backproject, invert_pose, transform_points
+from refany3d.render.cameras import invert_pose, pixel_rays
 
 
 def point_map_from_depth(depth: np.ndarray, intrinsics: np.ndarray, pose: np.ndarray) -> np.ndarray:
     """(H, W) z-depth of a render at `pose` (object-to-camera, OpenCV) → (H, W, 3) float32 canonical
     (object-frame) positions, 0 where depth is 0."""
-    xyz = transform_points(backproject(depth, intrinsics).astype(np.float64), invert_pose(pose))
-    return np.where((depth > 0)[..., None], xyz, 0.0).astype(np.float32)
+    height, width = depth.shape
+    cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
+    # rays rotated into the object frame once, then scaled by depth: one small matmul per view
+    rays, rot, t = pixel_rays(intrinsics, width, height), cam_to_obj[:3, :3], cam_to_obj[:3, 3]
+    # (rays · depth) rotated into the object frame, column by column: avoids a skinny BLAS matmul
+    scaled = [rays[..., i] * depth for i in range(3)]
+    xyz = np.stack([sum(scaled[i] * rot[c, i] for i in range(3)) + t[c] for c in range(3)], axis=-1)
+    xyz = xyz.astype(np.float32)
+    xyz[depth <= 0] = 0.0
+    return xyz
 
 
 def normalize_point_map(
@@ -46,6 +53,8 @@ def decode_point_map(png: bytes, bbox_min: np.ndarray, bbox_max: np.ndarray) -> 
     """(xyz (H, W, 3) float32 canonical positions, mask (H, W) bool) from an 8- or 16-bit PNG.
 
     Background is the all-white pixel; xyz is 0 there."""
+    import cv2  # late: the renderer runs where OpenCV may be absent
+
     image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     top = 65535.0 if image.dtype == np.uint16 else 255.0
     unit = image.astype(np.float64) / top
@@ -56,6 +65,8 @@ def decode_point_map(png: bytes, bbox_min: np.ndarray, bbox_max: np.ndarray) -> 
 
 
 def _png(rgb: np.ndarray) -> bytes:
+    import cv2  # PIL cannot write 16-bit RGB PNGs
+
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError("PNG encoding failed")
