@@ -62,12 +62,32 @@ def _parser() -> argparse.ArgumentParser:
         "--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it"
     )
     build.add_argument("--name", help="dataset name (flow run name)")
+    build.add_argument(
+        "--runner", choices=["thread", "dask"], help="task runner for in-flow fan-out (runtime.runner)"
+    )
     _add_settings_args(build)
 
     synth = sub.add_parser("synth", help="write the embedded synthetic source (Subjects200K format + truth)")
     synth.add_argument("--n", type=int, default=8, help="pair rows to generate")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, metavar="DIR")
+
+    deploy = sub.add_parser("deploy", help="register build-dataset (and train) on the cpu/gpu work pools")
+    deploy.add_argument(
+        "--pool",
+        dest="pools",
+        action="append",
+        choices=["cpu", "gpu"],
+        help="work pool (repeatable; default both)",
+    )
+    deploy.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployments")
+    deploy.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
+    _add_settings_args(deploy)
+
+    serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")
+    serve.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployment")
+    serve.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
+    _add_settings_args(serve)
 
     config = sub.add_parser("config", help="print every build setting with its default and doc")
     config.add_argument("--train", action="store_true", help="training settings instead")
@@ -82,6 +102,7 @@ def _build_settings(args: argparse.Namespace) -> BuildSettings:
         "storage.out": args.out,
         "until": args.until,
         "name": args.name,
+        "runtime.runner": getattr(args, "runner", None),
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.data_files and not args.source:
@@ -121,9 +142,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(f"{len(result['shards'])} shard(s), card and stats in [bold]{result['out']}[/bold]")
-    api = os.environ.get("PREFECT_API_URL")
+    from refany3d.flows.deployments import api_url
+
+    api = api_url()
     if api:
-        console.print(f"open the run in the Prefect UI: {api.removesuffix('/api')}/runs")
+        run = f"/runs/flow-run/{result['flow_run_id']}" if result.get("flow_run_id") else "/runs"
+        console.print(f"open the run in the Prefect UI: {api.removesuffix('/api')}{run}")
     else:
         console.print(
             "ran on an ephemeral Prefect server; start `prefect server start` to keep runs in the UI"
@@ -138,6 +162,35 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     result = build_dataset(settings)
     _print_summary(result)
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    _prefect_defaults()
+    from refany3d.flows.deployments import api_url, deploy
+
+    if not api_url():
+        print(
+            "refany3d deploy: error: no Prefect API; start `prefect server start` and set PREFECT_API_URL",
+            file=sys.stderr,
+        )
+        return 2
+    base = load_settings(BuildSettings, args.config, parse_overrides(args.overrides))
+    for row in deploy(tuple(args.pools or ("cpu", "gpu")), base, args.build_cron, args.cron):
+        print(f"{row.name:22} pool {row.pool:4} {row.status}")
+    print(
+        f"start a worker per pool: prefect worker start --pool cpu  (and --pool gpu on GPU machines); API {api_url()}"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _prefect_defaults()
+    from refany3d.flows.deployments import serve
+
+    serve(
+        load_settings(BuildSettings, args.config, parse_overrides(args.overrides)), args.build_cron, args.cron
+    )
     return 0
 
 
@@ -159,7 +212,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"build": _cmd_build, "synth": _cmd_synth, "config": _cmd_config}
+    commands = {
+        "build": _cmd_build,
+        "synth": _cmd_synth,
+        "config": _cmd_config,
+        "deploy": _cmd_deploy,
+        "serve": _cmd_serve,
+    }
     try:
         code = commands[args.command](args)
     except (SettingsError, FileNotFoundError, NotImplementedError) as err:

@@ -1,30 +1,64 @@
 """The `build-dataset` flow: the stage DAG of `stages/dag.py` as Prefect tasks over batches.
 
-Each stage is one task, mapped over source batches (a batch is a row range of one file), so the
-UI shows one task run per stage and batch. Stage results are small (samples carry URIs) and are
-persisted, and a task's cache key covers the stage, the settings sections it reads, its input
-samples and the code version, so a rerun skips the work that already finished.
+Each stage is one task named after it (`detect`, `segment`, ...), mapped over source batches (a
+batch is a row range of one file), so the UI shows one task run per stage and batch
+(`detect-batch-<id>`). Stage results are small (samples carry URIs) and are persisted next to the
+output, and a task's cache key covers the stage, the settings sections it reads, its input samples,
+the code version and the build id, so a rerun skips the work that already finished.
+
+Failure policy: transient errors (I/O, timeouts) are retried with exponential backoff; CUDA out of
+memory is retried in the task with half the model batch; anything else (or a transient error that
+outlives the retries) makes the task run the stage one sample at a time, and a sample that still
+fails is rejected with `stage_error` and the exception. Bad input ends as a reject, never as a
+failed run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
-from collections import Counter
+import os
+import posixpath
+import sys
+import time
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.futures import PrefectFuture, wait
+from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
 
 from refany3d import __version__
-from refany3d.config import BuildSettings, settings_hash, to_dict
-from refany3d.records import Sample, StageResult
+from refany3d.config import BuildSettings, override, settings_hash, to_dict
+from refany3d.flows.artifacts import BuildReport, reason_counts
+from refany3d.records import Rejection, Sample, StageResult
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES, ancestors, stage_function
+from refany3d.stages.read_source import SourceBatch, plan_source
 from refany3d.storage.card import ensure_build_id, write_card
 from refany3d.storage.shards import list_tables, write_rejects
 from refany3d.storage.store import ArtifactStore, join
-from refany3d.stages.read_source import SourceBatch, plan_source
+
+STAGE_ERROR = "stage_error"  # drop reason: the stage raised on this sample alone
+GPU_STAGES = frozenset({"detect", "segment", "depth", "mesh", "pose"})
+GPU_LIMIT = "gpu"  # Prefect global concurrency limit the GPU stages take slots from
+RETRIES = 2
+_TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+}
 
 
 def merge_parents(results: list[StageResult]) -> list[Sample]:
@@ -51,7 +85,7 @@ def merge_parents(results: list[StageResult]) -> list[Sample]:
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Stage + settings sections it reads + input ids/URIs + code version + output presence."""
+    """Stage + settings sections it reads + input ids/URIs + code version + build id."""
     settings: BuildSettings = parameters["settings"]
     stage = parameters["stage"]
     sections = {name: settings_hash(getattr(settings, name)) for name in STAGES[stage].sections}
@@ -68,37 +102,223 @@ def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-@task(
-    task_run_name="{stage}-batch-{batch_id}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    cache_key_fn=_stage_cache_key,
-    persist_result=True,
-)
+# --------------------------------------------------------------------------- failure policy
+
+
+def is_transient(err: BaseException) -> bool:
+    """I/O hiccups worth retrying as they are (network, timeouts, busy devices)."""
+    if isinstance(err, TimeoutError | ConnectionError | BrokenPipeError | InterruptedError):
+        return True
+    return isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA (or other accelerator) out of memory: retry with a smaller batch."""
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def _smaller_batch(settings: BuildSettings, stage: str) -> BuildSettings | None:
+    """Settings with the stage's model batch halved, or None when it is already 1."""
+    section = STAGES[stage].sections[0]
+    size = getattr(getattr(settings, section), "batch_size", 1)
+    return override(settings, **{f"{section}.batch_size": size // 2}) if size > 1 else None
+
+
+def _free_accelerator_memory() -> None:
+    torch = sys.modules.get("torch")  # only if a backend imported it: flows don't load models
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _call_stage(stage: str, inputs: Any, settings: BuildSettings, ctx: StageContext) -> StageResult:
+    """Run the stage; on out-of-memory, again with half the model batch until it fits."""
+    fn = stage_function(stage)
+    while True:
+        try:
+            return fn(inputs, settings, ctx)
+        except Exception as err:
+            smaller = _smaller_batch(settings, stage) if is_out_of_memory(err) else None
+            if smaller is None:
+                raise
+            _free_accelerator_memory()
+            get_run_logger().warning(
+                "%s: out of memory at batch %d, retrying with %d",
+                stage,
+                getattr(getattr(settings, STAGES[stage].sections[0]), "batch_size", 1),
+                getattr(getattr(smaller, STAGES[stage].sections[0]), "batch_size", 1),
+            )
+            settings = smaller
+
+
+def _singles(inputs: Any) -> Iterator[tuple[Any, Sample]]:
+    """(one-sample input, the sample it stands for) for each sample of a batch input."""
+    if isinstance(inputs, SourceBatch):
+        stem = posixpath.basename(inputs.url).removesuffix(".parquet")
+        for row in range(inputs.start, inputs.stop):
+            sid = f"{stem}-{row:06d}"
+            stub = Sample(
+                sample_id=sid, source_id=sid, source=inputs.source, source_ref=f"{inputs.url}#{row}"
+            )
+            yield SourceBatch(inputs.url, row, row + 1, inputs.source), stub
+    else:
+        for sample in inputs:
+            yield [sample], sample
+
+
+def _per_sample(stage: str, inputs: Any, settings: BuildSettings, ctx: StageContext) -> StageResult:
+    """The stage one sample at a time; a sample it still fails on is rejected with the error."""
+    result = StageResult()
+    for single, sample in _singles(inputs):
+        try:
+            part = _call_stage(stage, single, settings, ctx)
+        except Exception as err:
+            detail = f"{type(err).__name__}: {err}"[:500]
+            get_run_logger().warning("%s rejected %s: %s", stage, sample.sample_id, detail)
+            result.dropped.append(
+                Rejection(sample.sample_id, sample.source_id, stage, STAGE_ERROR, None, detail)
+            )
+            continue
+        result.kept += part.kept
+        result.dropped += part.dropped
+    return result
+
+
+def _last_attempt() -> bool:
+    ctx = TaskRunContext.get()
+    return ctx is None or ctx.task_run.run_count > ctx.task.retries
+
+
+def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContextManager:
+    """A slot of the `gpu` limit for GPU stages on a CUDA device; no throttling on CPU."""
+    if stage in GPU_STAGES and settings.runtime.device.startswith("cuda"):
+        from prefect.concurrency.sync import concurrency
+
+        return concurrency(GPU_LIMIT, occupy=1)
+    return contextlib.nullcontext()
+
+
 def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings, build_id: str) -> StageResult:
     """Run one stage on one batch; its rejects are written before the result is returned."""
+    logger = get_run_logger()
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
     ctx = StageContext(store=store, seed=settings.source.seed)
-    fn = stage_function(stage)
     samples_in = inputs if isinstance(inputs, SourceBatch) else merge_parents(inputs)
-    result = fn(samples_in, settings, ctx)
+    size = samples_in.stop - samples_in.start if isinstance(samples_in, SourceBatch) else len(samples_in)
+    logger.info("%s: %d %s of batch %s", stage, size, "rows" if stage == "source" else "samples", batch_id)
+    start = time.perf_counter()
+    with _gpu_slot(stage, settings):
+        try:
+            result = _call_stage(stage, samples_in, settings, ctx)
+        except Exception as err:
+            if is_transient(err) and not _last_attempt():
+                logger.warning("%s: transient %s, retrying: %s", stage, type(err).__name__, err)
+                raise
+            logger.warning(
+                "%s failed on the whole batch (%s: %s); running it sample by sample",
+                stage,
+                type(err).__name__,
+                err,
+            )
+            result = _per_sample(stage, samples_in, settings, ctx)
     write_rejects(settings.storage.out, result.dropped)
-    get_run_logger().info(
-        "%s on batch %s: %d kept, %d dropped", stage, batch_id, len(result.kept), len(result.dropped)
+    reasons = reason_counts(result.dropped)
+    logger.info(
+        "%s: %d kept, %d dropped%s in %.2f s",
+        stage,
+        len(result.kept),
+        len(result.dropped),
+        f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})" if reasons else "",
+        time.perf_counter() - start,
     )
     return result
 
 
-def tally(stage_results: dict[str, list[StageResult]], inputs: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Per-stage counters: in, kept, dropped, dropped_<reason>."""
-    stats: dict[str, dict[str, int]] = {}
-    for stage, results in stage_results.items():
-        reasons = Counter(r.reason for res in results for r in res.dropped)
-        kept = sum(len(res.kept) for res in results)
-        dropped = sum(reasons.values())
-        stats[stage] = {"in": inputs.get(stage, kept + dropped), "kept": kept, "dropped": dropped}
-        stats[stage].update({f"dropped_{k}": v for k, v in sorted(reasons.items())})
-    return stats
+@cache
+def stage_task(stage: str) -> Task:
+    """The Prefect task of one stage: named after it, one run per batch, retried, cached."""
+    generic = task(
+        run_stage,
+        name=stage,
+        task_run_name=f"{stage}-batch-{{batch_id}}",
+        retries=RETRIES,
+        retry_delay_seconds=exponential_backoff(backoff_factor=2),
+        retry_jitter_factor=0.5,
+        cache_key_fn=_stage_cache_key,
+        persist_result=True,
+        tags=["gpu"] if stage in GPU_STAGES else ["cpu"],
+    )
+    return generic
+
+
+# --------------------------------------------------------------------------- flow plumbing
+
+
+def result_storage(settings: BuildSettings) -> Path | str:
+    """Where task results live: beside the output (`OUT/.prefect-results`), so any worker that
+    reaches the output reaches the cache, and deleting the output forgets it. A remote URL is
+    saved as a `remote-file-system` block (Prefect wants remote result storage server-side)."""
+    url = join(settings.storage.out, ".prefect-results")
+    if "://" not in url or url.startswith("file://"):
+        return Path(os.path.abspath(url.removeprefix("file://")))
+    name = "refany3d-results-" + hashlib.sha256(url.encode()).hexdigest()[:12]
+    RemoteFileSystem(basepath=url).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def task_runner(settings: BuildSettings) -> TaskRunner:
+    """Threads by default; `runtime.runner = dask`: a Dask cluster (local, or `dask_address`)."""
+    if settings.runtime.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.runtime.dask_address:
+            return DaskTaskRunner(address=settings.runtime.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": settings.runtime.workers, "threads_per_worker": 1, "processes": True}
+        )
+    return ThreadPoolTaskRunner(max_workers=settings.runtime.workers)
+
+
+def ensure_gpu_slots(settings: BuildSettings) -> None:
+    """Create or resize the `gpu` global concurrency limit to `runtime.gpu_slots` (CUDA builds)."""
+    if not settings.runtime.device.startswith("cuda"):
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, settings.runtime.gpu_slots)
+
+
+def plan_inputs(stage: str, until: str) -> tuple[str, ...]:
+    """The stages whose results feed `stage` in a build that stops after `until`."""
+    if stage == "shard":
+        return (next(s for s in reversed(ancestors(until)) if s != "shard"),)
+    return STAGES[stage].parents
+
+
+def _submit_all(
+    runner: TaskRunner, settings: BuildSettings, batches: list[SourceBatch], build_id: str
+) -> dict[PrefectFuture, tuple[str, int]]:
+    """Every (stage, batch) task, wired to its parents' futures; future -> (stage, batch index)."""
+    storage = result_storage(settings)
+    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    by_stage: dict[str, list[PrefectFuture]] = {}
+    where: dict[PrefectFuture, tuple[str, int]] = {}
+    for stage in stages:
+        fn: Task = stage_task(stage).with_options(result_storage=storage)
+        by_stage[stage] = []
+        for i, b in enumerate(batches):
+            inputs = b if stage == "source" else [by_stage[p][i] for p in plan_inputs(stage, settings.until)]
+            params = {
+                "stage": stage,
+                "batch_id": b.batch_id,
+                "inputs": inputs,
+                "settings": settings,
+                "build_id": build_id,
+            }
+            future = runner.submit(fn, params)
+            by_stage[stage].append(future)
+            where[future] = (stage, i)
+    return where
 
 
 @flow(name="build-dataset", flow_run_name="{settings.dataset_name}", log_prints=True)
@@ -106,30 +326,43 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
     logger = get_run_logger()
     build_id = ensure_build_id(settings.storage.out)
+    ensure_gpu_slots(settings)
     batches = plan_source(settings)
-    logger.info("building %r: %d batch(es), stages %s", settings.dataset_name, len(batches), ancestors(settings.until))
-    stages = [s for s in ancestors(settings.until) if s != "shard"]
-    futures: dict[str, list[PrefectFuture]] = {}
-    for stage in stages + ["shard"]:
-        parents = STAGES[stage].parents if stage != "shard" else (stages[-1],)
-        futures[stage] = [
-            run_stage.submit(
-                stage,
-                b.batch_id,
-                b if stage == "source" else [futures[p][i] for p in parents],
-                settings,
-                build_id,
+    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    logger.info(
+        "building %r into %s: %d batch(es) of <= %d rows, stages %s, %s runner",
+        settings.dataset_name, settings.storage.out, len(batches), settings.runtime.batch_size,
+        " -> ".join(stages), settings.runtime.runner,
+    )  # fmt: skip
+    report = BuildReport(settings.dataset_name, stages, len(batches))
+    results: dict[str, list[StageResult | None]] = {s: [None] * len(batches) for s in stages}
+    with task_runner(settings) as runner:
+        where = _submit_all(runner, settings, batches, build_id)
+        for future in as_completed(list(where)):
+            stage, i = where[future]
+            results[stage][i] = future.result()
+            parents = plan_inputs(stage, settings.until)
+            n_in = (
+                batches[i].stop - batches[i].start
+                if stage == "source"
+                else len(merge_parents([results[p][i] for p in parents]))
             )
-            for i, b in enumerate(batches)
-        ]
-    wait([f for fs in futures.values() for f in fs])
-    results = {stage: [f.result() for f in fs] for stage, fs in futures.items()}
-    inputs = {"source": sum(b.stop - b.start for b in batches)}
-    for stage in stages[1:] + ["shard"]:
-        parents = STAGES[stage].parents if stage != "shard" else (stages[-1],)
-        inputs[stage] = sum(len(merge_parents([results[p][i] for p in parents])) for i in range(len(batches)))
-    stats = tally(results, inputs)
+            report.add(stage, n_in, results[stage][i])
     shards = list_tables(settings.storage.out)
-    write_card(settings.storage.out, settings.dataset_name, stats, to_dict(settings), settings.uses_truth, settings.until, shards)
-    logger.info("wrote %d shard(s) to %s", len(shards), settings.storage.out)
-    return {"stats": stats, "shards": shards, "out": settings.storage.out}
+    stats = report.stats()
+    write_card(
+        settings.storage.out,
+        settings.dataset_name,
+        stats,
+        to_dict(settings),
+        settings.uses_truth,
+        settings.until,
+        shards,
+    )
+    store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
+    last = [s for s in stages if s != "shard"][-1]
+    report.finish(
+        settings.storage.out, shards, [s for r in results[last] for s in r.kept], store, settings.uses_truth
+    )
+    logger.info("wrote %d shard(s), card and stats to %s", len(shards), settings.storage.out)
+    return {"stats": stats, "shards": shards, "out": settings.storage.out, "flow_run_id": str(flow_run.id)}

@@ -1,0 +1,124 @@
+"""Deployments of the refany3d flows: `build-dataset` (and `train` once the training flow exists) on
+the `cpu` and `gpu` work pools (process type), or served in-process for one-machine setups.
+
+Entry points are module paths (`refany3d.flows.build_dataset.build_dataset`), so a worker on any
+machine with the package installed (a virtualenv, the docker images) can run them; no code upload.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.flows import Flow
+from prefect.types.entrypoint import EntrypointType
+
+from refany3d import __version__
+from refany3d.config import BuildSettings, override, to_dict
+
+POOLS = ("cpu", "gpu")
+# Environment of flow-run processes: stage loggers reach the UI, headless GL for the renderer.
+JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "refany3d", "PYOPENGL_PLATFORM": "egl"}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One line of the `refany3d deploy` report."""
+
+    name: str  # <flow>/<deployment>
+    pool: str
+    status: str  # "registered" or why not
+
+
+def api_url() -> str | None:
+    """The Prefect API this process talks to (PREFECT_API_URL or the active profile), if any."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
+    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA)."""
+    settings = base or BuildSettings()
+    if pool == "gpu" and not settings.runtime.device.startswith("cuda"):
+        settings = override(settings, **{"runtime.device": "cuda"})
+    return {"settings": to_dict(settings)}
+
+
+def train_flow() -> Flow | None:
+    """The training flow, when this version has one (`refany3d.flows.train.train`)."""
+    try:
+        module = importlib.import_module("refany3d.flows.train")
+    except ModuleNotFoundError as err:
+        if err.name == "refany3d.flows.train":
+            return None
+        raise
+    return getattr(module, "train", None)
+
+
+def ensure_pools(pools: tuple[str, ...] = POOLS) -> None:
+    """Create the process work pools that do not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+
+def _deployment(flow: Flow, name: str, pool: str | None, parameters: dict[str, Any], cron: str | None):
+    return flow.to_deployment(
+        name=name,
+        work_pool_name=pool,
+        parameters=parameters,
+        cron=cron or None,
+        job_variables={"env": JOB_ENV} if pool else None,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        version=__version__,
+        tags=["refany3d", pool or "served"],
+    )
+
+
+def deploy(
+    pools: tuple[str, ...] = POOLS,
+    base: BuildSettings | None = None,
+    build_cron: str | None = None,
+    train_cron: str | None = None,
+) -> list[Registered]:
+    """Register `build-dataset/<pool>` (and `train/gpu` when available) with the API server."""
+    from refany3d.flows.build_dataset import build_dataset
+
+    ensure_pools(pools)
+    done = []
+    for pool in pools:
+        _deployment(build_dataset, pool, pool, build_parameters(pool, base), build_cron).apply(
+            work_pool_name=pool
+        )
+        done.append(Registered(f"build-dataset/{pool}", pool, "registered"))
+    train = train_flow()
+    if train is None:
+        done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
+    elif "gpu" in pools:
+        _deployment(train, "gpu", "gpu", {}, train_cron).apply(work_pool_name="gpu")
+        done.append(Registered("train/gpu", "gpu", "registered"))
+    return done
+
+
+def serve(
+    base: BuildSettings | None = None, build_cron: str | None = None, train_cron: str | None = None
+) -> None:
+    """Serve the deployments from this process (no work pool, no worker); blocks until stopped."""
+    from prefect import serve as prefect_serve
+
+    from refany3d.flows.build_dataset import build_dataset
+
+    deployments = [_deployment(build_dataset, "local", None, build_parameters("cpu", base), build_cron)]
+    train = train_flow()
+    if train is not None:
+        deployments.append(_deployment(train, "local", None, {}, train_cron))
+    prefect_serve(*deployments)

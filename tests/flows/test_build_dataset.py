@@ -1,0 +1,139 @@
+"""The `build-dataset` flow under a Prefect test harness: shards, rejects, caching, failure policy,
+GPU slots, artifacts and the Dask runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from refany3d.config import BuildSettings, override
+from refany3d.flows.artifacts import artifact_key
+from refany3d.flows.build_dataset import (
+    GPU_LIMIT,
+    STAGE_ERROR,
+    build_dataset,
+    ensure_gpu_slots,
+    is_out_of_memory,
+    is_transient,
+)
+from refany3d.records import IMAGE
+from tests.flows._runs import artifacts, rejects, shard_bytes, shard_ids, task_runs
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _settings(out: Path, files: str, kind: str = "subjects200k", **dotted) -> BuildSettings:
+    base = {
+        "source.kind": kind,
+        "source.data_files": files,
+        "storage.out": str(out),
+        "until": "split",
+        "runtime.batch_size": 4,
+    }
+    return override(BuildSettings(), **{**base, **dotted})
+
+
+def test_build_dataset_until_split_writes_shards_rejects_card_and_artifacts(tmp_path, s200k_source):
+    out = tmp_path / "out"
+    result = build_dataset(_settings(out, s200k_source, name="Flow Test"))
+
+    ids = shard_ids(out)
+    assert len(ids) == 12 and len(set(ids)) == 12  # 6 good rows x 2 views, no duplicates
+    assert sorted((r["stage"], r["reason"]) for r in rejects(out)) == [
+        ("quality", "low_quality"),
+        ("split", "image_undecodable"),
+    ]
+    stats = result["stats"]
+    assert stats["split"]["kept"] == 12 and stats["split"]["dropped_image_undecodable"] == 1
+    assert json.loads((out / "stats.json").read_text())["stages"] == stats
+    assert (out / "README.md").read_text().startswith("---\n")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(result["flow_run_id"]).name == "Flow Test"
+        names = {t.name for t in task_runs(client, result["flow_run_id"], expect=8)}
+        arts = artifacts(client, result["flow_run_id"])
+    assert names == {
+        f"{s}-batch-pairs-{a:07d}-{b:07d}"
+        for s in ("source", "quality", "split", "shard")
+        for a, b in ((0, 4), (4, 8))
+    }
+    keys = {a.key for a in arts}
+    assert {"flow-test-yield", "flow-test-progress", "flow-test-gallery", "flow-test-shards"} <= keys
+    tables = sorted((a for a in arts if a.key == "flow-test-yield"), key=lambda a: a.created)
+    assert len(tables) >= 2  # published as the run progressed, then final
+    final = {row["stage"]: row for row in json.loads(tables[-1].data)}
+    assert final["split"]["kept"] == 12 and final["split"]["dropped by reason"] == "image_undecodable: 1"
+    gallery = next(a for a in arts if a.key == "flow-test-gallery").data
+    assert "data:image/jpeg;base64," in gallery
+    progress = [a for a in arts if a.key == "flow-test-progress"]
+    assert progress and progress[-1].data == 100.0
+
+
+def test_build_dataset_rerun_reuses_every_task_and_writes_same_shards(tmp_path, s200k_source):
+    out = tmp_path / "out"
+    settings = _settings(out, s200k_source)
+    first = build_dataset(settings)
+    before = shard_bytes(out)
+    second = build_dataset(settings)
+    assert shard_bytes(out) == before and second["stats"] == first["stats"]
+    with get_client(sync_client=True) as client:
+        states = {t.name: t.state.name for t in task_runs(client, second["flow_run_id"], expect=8)}
+    assert len(states) == 8 and set(states.values()) == {"Cached"}
+
+
+def test_build_dataset_rejects_the_sample_a_stage_fails_on(tmp_path, synthetic_source):
+    out = tmp_path / "out"
+    settings = _settings(out, synthetic_source, kind="synthetic")
+    build_dataset(settings)
+    # Break one view's image in the artifact store: detect raises on it, and only on it.
+    broken = sorted((out / "artifacts").rglob("*.png"))
+
+    victim = next(p for p in broken if p.parent.name == IMAGE)
+    victim.write_bytes(b"not an image at all")
+    result = build_dataset(override(settings, until="detect"))
+
+    errors = [r for r in rejects(out) if r["reason"] == STAGE_ERROR]
+    assert STAGE_ERROR == "stage_error"
+    assert len(errors) == 1 and errors[0]["stage"] == "detect"
+    assert "UnidentifiedImageError" in errors[0]["detail"]
+    detect, split = result["stats"]["detect"], result["stats"]["split"]
+    assert detect["in"] == split["kept"] and detect["dropped_stage_error"] == 1
+    assert detect["kept"] + detect["dropped"] == detect["in"]
+
+
+def test_ensure_gpu_slots_sizes_the_gpu_limit_on_cuda_only(tmp_path, synthetic_source):
+    cuda = _settings(tmp_path / "out", synthetic_source, kind="synthetic", until="detect")
+    cuda = override(cuda, **{"runtime.device": "cuda", "runtime.gpu_slots": 3})
+    with get_client(sync_client=True) as client:
+        ensure_gpu_slots(override(cuda, **{"runtime.device": "cpu"}))
+        assert all(lim.name != GPU_LIMIT for lim in client.read_global_concurrency_limits())
+        ensure_gpu_slots(cuda)
+        assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
+        # A CUDA build takes and gives back the slots (truth detector needs no GPU).
+        result = build_dataset(override(cuda, **{"runtime.gpu_slots": 2}))
+        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert limit.limit == 2 and limit.active_slots == 0
+    assert result["stats"]["detect"]["in"] == result["stats"]["split"]["kept"] > 0
+
+
+def test_build_dataset_dask_runner_writes_same_shards_as_threads(tmp_path, s200k_source):
+    build_dataset(_settings(tmp_path / "threads", s200k_source))
+    build_dataset(
+        _settings(tmp_path / "dask", s200k_source, **{"runtime.runner": "dask", "runtime.workers": 2})
+    )
+    assert shard_bytes(tmp_path / "dask") == shard_bytes(tmp_path / "threads")
+
+
+def test_failure_classification():
+    assert is_transient(TimeoutError()) and is_transient(ConnectionResetError())
+    assert is_transient(OSError(5, "Input/output error"))
+    assert not is_transient(FileNotFoundError(2, "gone")) and not is_transient(ValueError("bad"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_artifact_key_is_lowercase_digits_dashes():
+    assert artifact_key("My Dataset_v2 (test)", "yield") == "my-dataset-v2-test-yield"
+    assert artifact_key("___", "progress") == "refany3d-progress"
