@@ -74,6 +74,42 @@ def build_sam(
     ).eval()
 
 
+def _sdpa_attention_class():
+    """segment-anything's encoder attention computed by `scaled_dot_product_attention`.
+
+    Same maths (the decomposed relative-position term becomes the additive mask), but a fused
+    kernel instead of materialising softmax(QKᵀ) in eager ops: the ViT-H encoder is most of SAM's time.
+    """
+    import torch
+    import torch.nn.functional as F
+    from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+    class _SdpaAttention(Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, _ = x.shape
+            qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
+            bias = None
+            if self.use_rel_pos:
+                r_q = q.reshape(b * self.num_heads, h, w, -1)
+                rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
+                rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
+                bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(
+                    b, self.num_heads, h * w, h * w
+                )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    return _SdpaAttention
+
+
+def _use_sdpa(model) -> None:
+    """Swap every encoder block's attention to the SDPA version (same parameters, same outputs)."""
+    cls = _sdpa_attention_class()
+    for block in model.image_encoder.blocks:
+        block.attn.__class__ = cls
+
+
 def _encoder_shape(state: dict) -> dict:
     """_build_sam keyword arguments of the image encoder stored in a SAM state dict."""
     embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
@@ -123,6 +159,7 @@ class SamSegmenter:
         self.device, self.dtype = torch_device_dtype(device, dtype)
         model = build_sam(**shape)
         model.load_state_dict(state)
+        _use_sdpa(model)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.resize = ResizeLongestSide(model.image_encoder.img_size)
 

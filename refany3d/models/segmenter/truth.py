@@ -39,15 +39,16 @@ class TruthSegmenter:
 
 
 def noisy_boundary(mask: np.ndarray, radius: int, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) bool mask whose boundary moves in and out by up to about `radius` px.
+    """(H, W) bool mask whose boundary moves in and out by up to `radius` px.
 
-    A smooth random field is added to the blurred mask before thresholding at 0.5, so the edge
-    shifts by a spatially coherent amount (like a segmenter's) instead of salt-and-pepper flips.
+    A smooth random field in [-radius, radius] is added to the signed distance to the boundary
+    before thresholding at 0, so the edge shifts by a spatially coherent amount (like a
+    segmenter's) instead of salt-and-pepper flips, whatever the object's size.
     """
-    if radius <= 0 or not mask.any():
+    if radius <= 0 or not mask.any() or mask.all():
         return mask.copy()
-    sigma = float(radius)
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma)
-    field = cv2.GaussianBlur(rng.standard_normal(mask.shape).astype(np.float32), (0, 0), 2 * sigma)
-    field *= 0.25 / max(float(field.std()), 1e-6)
-    return (soft + field) > 0.5
+    m = mask.astype(np.uint8)
+    signed = cv2.distanceTransform(m, cv2.DIST_L2, 3) - cv2.distanceTransform(1 - m, cv2.DIST_L2, 3)
+    field = cv2.GaussianBlur(rng.standard_normal(mask.shape).astype(np.float32), (0, 0), 4.0 * radius)
+    field = np.clip(field / max(float(field.std()), 1e-6) * 0.5, -1.0, 1.0) * radius
+    return (signed + field) > 0

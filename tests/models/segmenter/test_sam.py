@@ -74,3 +74,19 @@ def test_sam_segmenter_wrong_model_type_raises(tmp_path):
     torch.save(sam_model_registry["vit_b"]().state_dict(), tmp_path / "b.pth")
     with pytest.raises(WeightsError, match="is a vit_b checkpoint but segmenter.model_type=vit_h"):
         SamSegmenter(str(tmp_path / "b.pth"), model_type="vit_h")
+
+
+def test_sdpa_attention_matches_segment_anything_attention(tmp_path):
+    from refany3d.models.segmenter.sam import _use_sdpa, build_sam
+
+    torch.manual_seed(0)
+    sam = build_sam(32, 2, 2, [1], image_size=256)
+    for name, p in sam.named_parameters():
+        if "rel_pos" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = sam.image_encoder(x)
+        _use_sdpa(sam)
+        got = sam.image_encoder(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

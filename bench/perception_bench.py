@@ -1,0 +1,255 @@
+"""Perception stages on a GPU with full-size random-weight models: ms per image, batch 1 and 8.
+
+Builds GroundingDINO Swin-T (the IDEA-Research/grounding-dino-tiny architecture), SAM ViT-H
+(segment-anything) and Depth Pro (the apple/DepthPro-hf architecture: DINOv2-L encoders, 1536 px,
+FOV head) from configs written here, with random weights (same compute as the released ones),
+saves them in the formats our loaders read, loads them through `refany3d.models` exactly as a build
+does, and times our `detect`, `segment` and `depth` stages end to end (PNG decode, processors,
+model, post-processing, artifact writes) on 512 px views. Nothing is downloaded.
+
+    python bench/perception_bench.py --out bench/results/perception.json [--device cuda --dtype float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from refany3d.config import BuildSettings, override
+from refany3d.records import IMAGE, Sample
+from refany3d.stages.context import StageContext
+from refany3d.stages.depth import depth
+from refany3d.stages.detect import detect
+from refany3d.stages.segment import segment
+from refany3d.storage.store import ArtifactStore
+
+ITEMS = ["red mug", "wooden chair", "toy car", "blue vase", "teapot", "desk lamp", "sneaker", "backpack"]
+
+
+def build_grounding_dino(path: Path) -> None:
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    swin_t = SwinConfig(
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        image_size=224,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    bert_base = BertConfig()  # bert-base-uncased: 12 layers, 768 wide, 30522 tokens
+    cfg = GroundingDinoConfig(
+        backbone_config=swin_t,
+        text_config=bert_base,
+        num_queries=900,
+        encoder_layers=6,
+        decoder_layers=6,
+        d_model=256,
+        num_feature_levels=4,
+        encoder_n_points=4,
+        decoder_n_points=4,
+        max_text_len=256,
+        two_stage=True,
+    )
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"]
+    words += sorted({w for item in ITEMS for w in item.split()})
+    words += [f"tok{i}" for i in range(bert_base.vocab_size - len(words))]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    GroundingDinoProcessor(GroundingDinoImageProcessor(), tokenizer).save_pretrained(path)
+
+
+def build_sam_vit_h(path: Path) -> None:
+    from refany3d.models.segmenter.sam import build_sam
+
+    sam = build_sam(
+        encoder_embed_dim=1280,
+        encoder_depth=32,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=[7, 15, 23, 31],
+    )
+    torch.save(sam.state_dict(), path)
+
+
+def build_depth_pro(path: Path) -> None:
+    from transformers import DepthProConfig, DepthProForDepthEstimation, DepthProImageProcessor
+
+    dinov2_l = {
+        "model_type": "dinov2",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 16,
+        "image_size": 384,
+        "layerscale_value": 1e-5,
+    }
+    cfg = DepthProConfig(
+        fusion_hidden_size=256,
+        patch_size=384,
+        intermediate_hook_ids=[11, 5],
+        intermediate_feature_dims=[256, 256],
+        scaled_images_ratios=[0.25, 0.5, 1.0],
+        scaled_images_overlap_ratios=[0.0, 0.5, 0.25],
+        scaled_images_feature_dims=[1024, 1024, 512],
+        merge_padding_value=3,
+        use_batch_norm_in_fusion_residual=False,
+        use_bias_in_fusion_residual=True,
+        use_fov_model=True,
+        num_fov_head_layers=2,
+        image_model_config=dinov2_l,
+        patch_model_config=dict(dinov2_l),
+        fov_model_config=dict(dinov2_l),
+    )
+    model = DepthProForDepthEstimation(cfg)
+    with torch.no_grad():  # a plausible field of view from random weights
+        head = model.fov_model.head.layers[-1]
+        head.weight.mul_(0.001)
+        head.bias.fill_(50.0)
+    model.save_pretrained(path)
+    DepthProImageProcessor().save_pretrained(path)  # 1536 × 1536 input
+
+
+def views(store: ArtifactStore, n: int, size: int = 512) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 90, (size, size, 3), dtype=np.uint8))
+        x0, y0 = rng.integers(20, size // 3, 2)
+        x1, y1 = rng.integers(size // 2, size - 20, 2)
+        ImageDraw.Draw(image).ellipse([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(120, 255, 3)))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        uri = store.put_content("image", buf.getvalue(), ".png")
+        sid = f"bench-{i:03d}-left"
+        out.append(
+            Sample(
+                sid,
+                sid[:-5],
+                "subjects200k",
+                f"bench#{i}",
+                side="left",
+                item=ITEMS[i % len(ITEMS)],
+                artifacts={IMAGE: uri},
+            )
+        )
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
+    """Median ms per image of each stage over `repeats` runs (after one warm-up run)."""
+    per_stage: dict[str, list[float]] = {"detect": [], "segment": [], "depth": []}
+    for rep in range(repeats + 1):
+        current = samples
+        for name, fn in (("detect", detect), ("segment", segment), ("depth", depth)):
+            _sync()
+            start = time.perf_counter()
+            result = fn(current, settings, ctx)
+            _sync()
+            elapsed = time.perf_counter() - start
+            assert len(result.kept) == len(current), (name, result.dropped[:2])
+            current = result.kept
+            if rep > 0:
+                per_stage[name].append(1000 * elapsed / len(samples))
+    out = {k: round(statistics.median(v), 2) for k, v in per_stage.items()}
+    out["total"] = round(sum(out.values()), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/perception.json")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    work = Path(tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    build_grounding_dino(work / "gdino")
+    build_sam_vit_h(work / "sam_vit_h.pth")
+    build_depth_pro(work / "depth_pro")
+    build_s = time.perf_counter() - t0
+    ctx = StageContext(store=ArtifactStore(str(work / "artifacts")), seed=0)
+    samples = views(ctx.store, args.images)
+    base = override(
+        BuildSettings(),
+        **{
+            "runtime.device": args.device,
+            "runtime.dtype": args.dtype,
+            "detector.backend": "hf-grounding-dino",
+            "detector.weights": str(work / "gdino"),
+            "detector.box_threshold": 0.0,
+            "detector.text_threshold": 0.0,  # random weights: keep every image
+            "segmenter.backend": "sam",
+            "segmenter.weights": str(work / "sam_vit_h.pth"),
+            "segmenter.model_type": "vit_h",
+            "segmenter.max_area_ratio": 1.0,
+            "segmenter.min_area_ratio": 0.0,
+            "segmenter.max_components": 1000000,
+            "depth.backend": "depth-pro",
+            "depth.weights": str(work / "depth_pro"),
+        },
+    )
+    results = {}
+    for batch in (8, 1):
+        settings = override(base, **{f"{s}.batch_size": batch for s in ("detector", "segmenter", "depth")})
+        results[f"batch_{batch}"] = time_stages(samples, settings, ctx, args.repeats)
+        print(f"batch {batch}: {results[f'batch_{batch}']}", flush=True)
+    report = {
+        "bench": "perception stages (detect hf-grounding-dino Swin-T, segment sam vit_h, depth depth-pro DINOv2-L 1536)",
+        "unit": "ms per image, end to end through the stages, median of repeats",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": __import__("os").cpu_count(),
+        },
+        "device": args.device,
+        "dtype": args.dtype,
+        "images": args.images,
+        "view_px": 512,
+        "repeats": args.repeats,
+        "model_build_s": round(build_s, 1),
+        "results": results,
+        "targets_ms": {"batch_8_total": 100, "batch_1_total": 150},
+    }
+    import transformers
+
+    report["machine"]["transformers"] = transformers.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
