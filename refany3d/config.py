@@ -148,6 +148,10 @@ class RenderSettings(_Section):
     distance: float = _opt(2.8, "orbit camera distance, object normalised to [-1, 1]", gt=0.0)
     fov_deg: float = _opt(40.0, "orbit camera vertical field of view in degrees", gt=0.0, lt=180.0)
     turntable: bool = _opt(False, "also write a turntable video")
+    orbit_shading: Literal["albedo", "lit"] = _opt(
+        "albedo", "orbit-view shading: unlit base colour (fast on CPU GL) or lit PBR"
+    )
+    antialias: bool = _opt(False, "multisampled colour (one more depth pass per view for exact geometry)")
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,79 @@ def _pyrender():
 
 @functools.lru_cache(maxsize=1)
 def get_renderer():
-    """The process's one `pyrender.OffscreenRenderer` (the viewport is resized per call)."""
-    return _pyrender().OffscreenRenderer(64, 64)
+    """The process's one `pyrender.OffscreenRenderer` (the viewport is resized per call).
+
+    Its inner renderer is `_raw_renderer_class()`: pyrender's own unless `raw_pass` is active."""
+    offscreen = _pyrender().OffscreenRenderer(64, 64)
+    # pyrender's Renderer makes no GL objects before its first render: swap it for the subclass.
+    offscreen._renderer = _raw_renderer_class()(64, 64)
+    return offscreen
+
+
+@functools.lru_cache(maxsize=1)
+def gl_renderer_name() -> str:
+    """GL_RENDERER of the process's context, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"."""
+    from OpenGL import GL
+
+    offscreen = get_renderer()
+    offscreen._platform.make_current()
+    try:
+        name = GL.glGetString(GL.GL_RENDERER)
+    finally:
+        offscreen._platform.make_uncurrent()
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_renderer_class():
+    """pyrender's `Renderer` with a raw read-back mode (pyrender 0.1.45 internals, pinned).
+
+    With `raw` set, a pass returns (RGBA or None, depth) exactly as read: rows bottom-up, depth
+    the window depth in [0, 1] (1 = empty), no per-pass numpy linearisation; both arrays are
+    read-back buffers reused by the next raw pass of the same size. With `single_sample`
+    set, it draws into pyrender's single-sample framebuffer instead of the 4x multisampled one:
+    colour and depth are both sampled at pixel centres (exact geometry, aliased edges) from one
+    pass, and no resolve blit is needed."""
+    pyrender = _pyrender()
+    from OpenGL import GL
+
+    offscreen_flag = pyrender.RenderFlags.OFFSCREEN
+    depth_only = pyrender.RenderFlags.DEPTH_ONLY
+
+    class RawRenderer(pyrender.renderer.Renderer):
+        raw = False
+        single_sample = False
+
+        def _configure_forward_pass_viewport(self, flags):
+            super()._configure_forward_pass_viewport(flags)
+            if self.single_sample and flags & offscreen_flag:
+                GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._main_fb)
+
+        def _read_main_framebuffer(self, scene, flags):
+            if not self.raw:
+                return super()._read_main_framebuffer(scene, flags)
+            width, height = self._main_fb_dims
+            if not self.single_sample:  # resolve the multisampled colour (depth: one sample)
+                GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self._main_fb_ms)
+                GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._main_fb)
+                bits = GL.GL_COLOR_BUFFER_BIT | GL.GL_DEPTH_BUFFER_BIT
+                GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, bits, GL.GL_NEAREST)
+            GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self._main_fb)
+            if getattr(self, "_raw_buffers", (None,))[0] != (height, width):
+                # reused read-back buffers: fresh pages cost more than the copy on some VMs
+                self._raw_buffers = (
+                    (height, width),
+                    np.empty((height, width), np.float32),
+                    np.empty((height, width, 4), np.uint8),
+                )
+            _, depth, rgba = self._raw_buffers
+            GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT, depth)
+            if flags & depth_only:
+                return None, depth
+            GL.glReadPixels(0, 0, width, height, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, rgba)
+            return rgba, depth
+
+    return RawRenderer
 
 
 def _material(pyrender, mesh: trimesh.Trimesh):
@@ -97,9 +168,11 @@ def _material(pyrender, mesh: trimesh.Trimesh):
     return material, None, None
 
 
-def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool):
+def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool, welded: bool = False):
     material, uv, colors = _material(pyrender, mesh)
     face_colors = colors is not None and len(colors) == len(mesh.faces) and mesh.visual.kind == "face"
+    if welded and not face_colors:
+        return pyrender.Primitive(material=material, mode=4, **_welded_attributes(mesh, uv, colors))
     if smooth and not face_colors:
         attrs = dict(positions=mesh.vertices, normals=mesh.vertex_normals, indices=mesh.faces)
         attrs.update(texcoord_0=uv, color_0=colors)
@@ -113,16 +186,43 @@ def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool):
     return pyrender.Primitive(material=material, mode=4, **attrs)
 
 
+def _welded_attributes(mesh: trimesh.Trimesh, uv: np.ndarray | None, colors: np.ndarray | None) -> dict:
+    """Indexed vertex attributes without normals, vertices welded where position, UV and colour
+    are bit-identical (a triangle soup becomes an indexed mesh: each vertex is transformed once)."""
+    columns = [np.asarray(mesh.vertices, dtype=np.float32)]
+    columns += [] if uv is None else [uv.astype(np.float32)]
+    columns += [] if colors is None else [np.asarray(colors, dtype=np.float32)]
+    rows = np.ascontiguousarray(np.concatenate(columns, axis=1))
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    faces = inverse.reshape(-1)[np.asarray(mesh.faces)].astype(np.uint32)
+    return dict(
+        positions=columns[0][first],
+        indices=faces,
+        texcoord_0=None if uv is None else columns[1][first],
+        color_0=None if colors is None else np.asarray(colors)[first],
+    )
+
+
 class MeshScene:
     """A mesh uploaded once, rendered from many poses (one pyrender scene, reused).
 
     meshes: one trimesh mesh or several (a composite object), all in the object frame.
+    smooth: lit shading with interpolated vertex normals instead of faceted face normals.
+    welded: upload an indexed, normal-free mesh (vertices welded, see `_welded_attributes`) for
+    `albedo` and `geometry` passes only: fewer vertices to transform (llvmpipe does it on the
+    CPU, once per vertex per pass); `lit` renders of a welded scene have no usable normals.
     """
 
-    def __init__(self, meshes: trimesh.Trimesh | list[trimesh.Trimesh], smooth: bool = False) -> None:
+    def __init__(
+        self,
+        meshes: trimesh.Trimesh | list[trimesh.Trimesh],
+        smooth: bool = False,
+        welded: bool = False,
+    ) -> None:
         pyrender = self._pr = _pyrender()
         parts = [meshes] if isinstance(meshes, trimesh.Trimesh) else list(meshes)
-        prims = [_primitive(pyrender, m, smooth) for m in parts]
+        prims = [_primitive(pyrender, m, smooth, welded) for m in parts]
         self.scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[DEFAULT_AMBIENT] * 3)
         self.node = self.scene.add(pyrender.Mesh(prims), pose=np.eye(4))
         self.camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=0.01, zfar=100.0)
@@ -152,6 +252,55 @@ class MeshScene:
             self._light_nodes.append(self.scene.add(node, pose=pose))
         self._lights = lights
 
+    def _place(self, pose: np.ndarray, intrinsics: np.ndarray, width: int, height: int):
+        """Set camera intrinsics, a depth range hugging the object, the object's pose and the
+        viewport; returns the process's renderer."""
+        k = np.asarray(intrinsics, dtype=np.float64)
+        # pyrender puts pixel centres at +0.5; OpenCV at integers.
+        self.camera.fx, self.camera.fy = k[0, 0], k[1, 1]
+        self.camera.cx, self.camera.cy = k[0, 2] + 0.5, k[1, 2] + 0.5
+        dist = float(np.linalg.norm(pose[:3, :3] @ self.center + pose[:3, 3]))
+        self.camera.znear = max(dist - 1.05 * self.radius, 1e-3 * max(dist, 1e-3))
+        self.camera.zfar = dist + 1.05 * self.radius
+        self.scene.set_pose(self.node, CV_TO_GL @ np.asarray(pose, dtype=np.float64))
+        renderer = get_renderer()
+        renderer.viewport_width, renderer.viewport_height = int(width), int(height)
+        return renderer
+
+    def render_raw(
+        self,
+        pose: np.ndarray,
+        intrinsics: np.ndarray,
+        width: int,
+        height: int,
+        mode: Mode = "albedo",
+        single_sample: bool = True,
+        lights: tuple[Light, ...] = DEFAULT_LIGHTS,
+        ambient: float = DEFAULT_AMBIENT,
+    ) -> tuple[np.ndarray | None, np.ndarray, float, float]:
+        """One pass, read back raw: (rgba (H, W, 4) uint8 or None for `geometry`, window depth
+        (H, W) float32 in [0, 1] with 1 = empty, znear, zfar), rows bottom-up (OpenGL order).
+
+        single_sample: draw without multisampling, so depth and colour are sampled at pixel
+        centres (exact geometry, aliased colour edges); otherwise colour is 4x-MSAA resolved and
+        depth is one multisample (off the pixel centre). See `window_depth_to_z`. The arrays are
+        reused by the next raw pass: consume or copy them first."""
+        pr = self._pr
+        renderer = self._place(pose, intrinsics, width, height)
+        if mode == "geometry":
+            flags = pr.RenderFlags.DEPTH_ONLY
+        else:
+            self._set_lights(lights if mode == "lit" else (), ambient)
+            flags = pr.RenderFlags.RGBA | (pr.RenderFlags.FLAT if mode == "albedo" else pr.RenderFlags.NONE)
+        inner = renderer._renderer
+        inner.raw, inner.single_sample = True, single_sample
+        try:
+            out = renderer.render(self.scene, flags=flags)
+        finally:
+            inner.raw, inner.single_sample = False, False
+        rgba, depth = out
+        return rgba, depth, float(self.camera.znear), float(self.camera.zfar)
+
     def render(
         self,
         pose: np.ndarray,
@@ -171,16 +320,7 @@ class MeshScene:
         they come from the multisampled colour pass, whose depth is sampled off the pixel centre.
         """
         pr = self._pr
-        k = np.asarray(intrinsics, dtype=np.float64)
-        # pyrender puts pixel centres at +0.5; OpenCV at integers.
-        self.camera.fx, self.camera.fy = k[0, 0], k[1, 1]
-        self.camera.cx, self.camera.cy = k[0, 2] + 0.5, k[1, 2] + 0.5
-        dist = float(np.linalg.norm(pose[:3, :3] @ self.center + pose[:3, 3]))
-        self.camera.znear = max(dist - 1.05 * self.radius, 1e-3 * max(dist, 1e-3))
-        self.camera.zfar = dist + 1.05 * self.radius
-        self.scene.set_pose(self.node, CV_TO_GL @ np.asarray(pose, dtype=np.float64))
-        renderer = get_renderer()
-        renderer.viewport_width, renderer.viewport_height = int(width), int(height)
+        renderer = self._place(pose, intrinsics, width, height)
         if mode == "geometry" or exact:
             # SEG turns multisampling off: depth is sampled at pixel centres, like the ray caster.
             seg = {self.node: (255, 255, 255)}
@@ -193,6 +333,17 @@ class MeshScene:
         depth = depth if exact else ms_depth
         alpha = rgba[..., 3].astype(np.float32) / 255.0
         return Render(np.ascontiguousarray(rgba[..., :3]), depth, depth > 0, alpha)
+
+
+def window_depth_to_z(depth: np.ndarray, znear: float, zfar: float) -> np.ndarray:
+    """(H, W) float32 window depth in [0, 1] of a perspective pass with planes `znear`/`zfar` →
+    (H, W) float32 z-depth, 0 where empty (window depth 1)."""
+    d = np.asarray(depth, dtype=np.float32)
+    z = np.multiply(d, np.float32(znear - zfar))
+    z += np.float32(zfar)
+    np.divide(np.float32(znear * zfar), z, out=z)
+    z[d >= 1.0] = 0.0
+    return z
 
 
 def render(
