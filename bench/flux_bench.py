@@ -92,7 +92,31 @@ def _per_group_attention(layout: TokenLayout, text_agnostic: bool):
     return attend
 
 
-def attention_micro(layout: TokenLayout, heads: int, head_dim: int, device, dtype, reps: int) -> dict:
+def _flex_variant(layout: TokenLayout, device, options: dict):
+    """Compiled flex_attention with other kernel options / compile mode (block mask as the model's)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mode = options.pop("mode", None)
+    compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
+    block_mask = GroupAttention(layout, "flex", True, device)._block_mask
+
+    def attend(q, k, v):
+        out = compiled(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            block_mask=block_mask,
+            kernel_options=options,
+        )
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def attention_micro(
+    layout: TokenLayout, heads: int, head_dim: int, device, dtype, reps: int, extra_flex: dict | None = None
+) -> dict:
+    extra_flex = extra_flex or {}
     g = torch.Generator(device=device).manual_seed(0)
     shape = (1, layout.joint_len, heads, head_dim)
     q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(3))
@@ -111,17 +135,26 @@ def attention_micro(layout: TokenLayout, heads: int, head_dim: int, device, dtyp
     }
     if device.type == "cuda":
         variants["flex_compiled"] = GroupAttention(layout, "flex", True, device)
+        for label, options in extra_flex.items():
+            variants[label] = _flex_variant(layout, device, options)
     reference = variants["per_group_sdpa"](q, k, v).float()
     results = {"tokens": layout.joint_len, "heads": heads, "head_dim": head_dim, "dtype": str(dtype)}
     for name, fn in variants.items():
+        if name in results:
+            continue
 
         def step(fn=fn):
             q.grad = k.grad = v.grad = None
             fn(q, k, v).backward(grad)
 
-        times = _time(step, device, warmup=3, reps=reps)
-        with torch.no_grad():
-            out = fn(q, k, v).float()
+        try:
+            times = _time(step, device, warmup=3, reps=reps)
+            with torch.no_grad():
+                out = fn(q, k, v).float()
+        except Exception as err:  # an optional kernel option may not compile here
+            results[name] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            print(f"attention {name:20s} {results[name]}", flush=True)
+            continue
         err = ((out - reference).norm() / reference.norm()).item() if name != "dense_sdpa_no_mask" else None
         results[name] = {"ms_fwd_bwd": 1000 * statistics.median(times), "rel_err_vs_per_group": err}
         print(f"attention {name:20s} {1000 * statistics.median(times):8.2f} ms  err {err}", flush=True)
@@ -265,7 +298,8 @@ def main() -> None:
 
     layout = TokenLayout(text, target_hw[0] * target_hw[1], cond_hw[0] * cond_hw[1], 8, True)
     heads, head_dim = dims["num_attention_heads"], dims["attention_head_dim"]
-    results["attention_one_layer"] = attention_micro(layout, heads, head_dim, device, dtype, reps=10)
+    tma = {"flex_compiled_tma": {"USE_TMA": True}}
+    results["attention_one_layer"] = attention_micro(layout, heads, head_dim, device, dtype, 10, tma)
     save()
 
     from diffusers import FluxTransformer2DModel
@@ -282,14 +316,14 @@ def main() -> None:
     compact = _batch(text, target_hw, compact_hw, 8, dims, device, dtype)
 
     variants = {  # name: (batch, attention, checkpoint_saves_attention, compile_blocks)
-        "grouped_saveattn": (full, "grouped", True, False),
-        "dense_flux_baseline": None,
-        "flex": (full, "flex", False, False),
-        "grouped_saveattn_compact": (compact, "grouped", True, False),
-        "grouped_recompute": (full, "grouped", False, False),
-        "grouped_saveattn_compiled": (full, "grouped", True, True),
         "flex_compiled": (full, "flex", False, True),
+        "dense_flux_baseline": None,
         "flex_compiled_compact": (compact, "flex", False, True),
+        "flex": (full, "flex", False, False),
+        "grouped_saveattn_compiled": (full, "grouped", True, True),
+        "grouped_saveattn": (full, "grouped", True, False),
+        "grouped_recompute": (full, "grouped", False, False),
+        "grouped_saveattn_compact": (compact, "grouped", True, False),
     }
     chosen = [v for v in args.variants.split(",") if v] or list(variants)
     results["train_step"] = {}
@@ -322,6 +356,10 @@ def main() -> None:
             print(f"step {name:28s} {result}", flush=True)
         results["train_step"][name] = result
         save()
+    if device.type == "cuda" and time.perf_counter() - started < args.budget_s:
+        autotuned = {"flex_max_autotune": {"mode": "max-autotune-no-cudagraphs"}}
+        micro = attention_micro(layout, heads, head_dim, device, dtype, 10, autotuned)
+        results["attention_one_layer"]["flex_max_autotune"] = micro.get("flex_max_autotune")
     results["total_wall_s"] = time.perf_counter() - started
     save()
 

@@ -252,7 +252,7 @@ class ModelSettings(_Section):
     checkpoint_saves_attention: bool = _opt(
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
     )
-    compile_blocks: bool = _opt(False, "torch.compile the block functions on CUDA (fuses elementwise ops)")
+    compile_blocks: bool = _opt(True, "torch.compile the block functions on CUDA (fuses elementwise ops)")
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,7 @@ class RefAny3DTransformer(nn.Module):
         attention: AttentionKind = "flex",
         gradient_checkpointing: bool = False,
         checkpoint_saves_attention: bool = True,
-        compile_blocks: bool = False,
+        compile_blocks: bool = True,
     ):
         super().__init__()
         self.flux = flux
