@@ -94,7 +94,7 @@ def gl_renderer_name() -> str:
 def _raw_renderer_class():
     """pyrender's `Renderer` with a raw read-back mode (pyrender 0.1.45 internals, pinned).
 
-    With `raw` set, a pass returns (RGBA or None, depth) exactly as read: rows bottom-up, depth
+    With `raw` set, a pass returns (RGB or None, depth) exactly as read: rows bottom-up, depth
     the window depth in [0, 1] (1 = empty), no per-pass numpy linearisation; both arrays are
     read-back buffers reused by the next raw pass of the same size. With `single_sample`
     set, it draws into pyrender's single-sample framebuffer instead of the 4x multisampled one:
@@ -130,14 +130,15 @@ def _raw_renderer_class():
                 self._raw_buffers = (
                     (height, width),
                     np.empty((height, width), np.float32),
-                    np.empty((height, width, 4), np.uint8),
+                    np.empty((height, width, 3), np.uint8),
                 )
-            _, depth, rgba = self._raw_buffers
+            _, depth, rgb = self._raw_buffers
+            GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)  # tight rows for any width
             GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT, depth)
             if flags & depth_only:
                 return None, depth
-            GL.glReadPixels(0, 0, width, height, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, rgba)
-            return rgba, depth
+            GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE, rgb)
+            return rgb, depth
 
     return RawRenderer
 
@@ -168,11 +169,9 @@ def _material(pyrender, mesh: trimesh.Trimesh):
     return material, None, None
 
 
-def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool, welded: bool = False):
+def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool):
     material, uv, colors = _material(pyrender, mesh)
     face_colors = colors is not None and len(colors) == len(mesh.faces) and mesh.visual.kind == "face"
-    if welded and not face_colors:
-        return pyrender.Primitive(material=material, mode=4, **_welded_attributes(mesh, uv, colors))
     if smooth and not face_colors:
         attrs = dict(positions=mesh.vertices, normals=mesh.vertex_normals, indices=mesh.faces)
         attrs.update(texcoord_0=uv, color_0=colors)
@@ -186,43 +185,16 @@ def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool, welded: bool = Fal
     return pyrender.Primitive(material=material, mode=4, **attrs)
 
 
-def _welded_attributes(mesh: trimesh.Trimesh, uv: np.ndarray | None, colors: np.ndarray | None) -> dict:
-    """Indexed vertex attributes without normals, vertices welded where position, UV and colour
-    are bit-identical (a triangle soup becomes an indexed mesh: each vertex is transformed once)."""
-    columns = [np.asarray(mesh.vertices, dtype=np.float32)]
-    columns += [] if uv is None else [uv.astype(np.float32)]
-    columns += [] if colors is None else [np.asarray(colors, dtype=np.float32)]
-    rows = np.ascontiguousarray(np.concatenate(columns, axis=1))
-    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    faces = inverse.reshape(-1)[np.asarray(mesh.faces)].astype(np.uint32)
-    return dict(
-        positions=columns[0][first],
-        indices=faces,
-        texcoord_0=None if uv is None else columns[1][first],
-        color_0=None if colors is None else np.asarray(colors)[first],
-    )
-
-
 class MeshScene:
     """A mesh uploaded once, rendered from many poses (one pyrender scene, reused).
 
     meshes: one trimesh mesh or several (a composite object), all in the object frame.
-    smooth: lit shading with interpolated vertex normals instead of faceted face normals.
-    welded: upload an indexed, normal-free mesh (vertices welded, see `_welded_attributes`) for
-    `albedo` and `geometry` passes only: fewer vertices to transform (llvmpipe does it on the
-    CPU, once per vertex per pass); `lit` renders of a welded scene have no usable normals.
     """
 
-    def __init__(
-        self,
-        meshes: trimesh.Trimesh | list[trimesh.Trimesh],
-        smooth: bool = False,
-        welded: bool = False,
-    ) -> None:
+    def __init__(self, meshes: trimesh.Trimesh | list[trimesh.Trimesh], smooth: bool = False) -> None:
         pyrender = self._pr = _pyrender()
         parts = [meshes] if isinstance(meshes, trimesh.Trimesh) else list(meshes)
-        prims = [_primitive(pyrender, m, smooth, welded) for m in parts]
+        prims = [_primitive(pyrender, m, smooth) for m in parts]
         self.scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[DEFAULT_AMBIENT] * 3)
         self.node = self.scene.add(pyrender.Mesh(prims), pose=np.eye(4))
         self.camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=0.01, zfar=100.0)
@@ -275,11 +247,14 @@ class MeshScene:
         height: int,
         mode: Mode = "albedo",
         single_sample: bool = True,
+        background: tuple[float, float, float] = (0.0, 0.0, 0.0),
         lights: tuple[Light, ...] = DEFAULT_LIGHTS,
         ambient: float = DEFAULT_AMBIENT,
     ) -> tuple[np.ndarray | None, np.ndarray, float, float]:
-        """One pass, read back raw: (rgba (H, W, 4) uint8 or None for `geometry`, window depth
-        (H, W) float32 in [0, 1] with 1 = empty, znear, zfar), rows bottom-up (OpenGL order).
+        """One pass, read back raw: (rgb (H, W, 3) uint8 over `background` (RGB in [0, 1]) or
+        None for `geometry`, window depth (H, W) float32 in [0, 1] with 1 = empty, znear, zfar),
+        rows bottom-up (OpenGL order). Multisampled edges blend with the background: compositing
+        happens in GL, not on the host.
 
         single_sample: draw without multisampling, so depth and colour are sampled at pixel
         centres (exact geometry, aliased colour edges); otherwise colour is 4x-MSAA resolved and
@@ -291,15 +266,17 @@ class MeshScene:
             flags = pr.RenderFlags.DEPTH_ONLY
         else:
             self._set_lights(lights if mode == "lit" else (), ambient)
-            flags = pr.RenderFlags.RGBA | (pr.RenderFlags.FLAT if mode == "albedo" else pr.RenderFlags.NONE)
+            flags = pr.RenderFlags.FLAT if mode == "albedo" else pr.RenderFlags.NONE
         inner = renderer._renderer
         inner.raw, inner.single_sample = True, single_sample
+        self.scene.bg_color = np.array([*background, 0.0])
         try:
             out = renderer.render(self.scene, flags=flags)
         finally:
             inner.raw, inner.single_sample = False, False
-        rgba, depth = out
-        return rgba, depth, float(self.camera.znear), float(self.camera.zfar)
+            self.scene.bg_color = np.zeros(4)  # `render` reads coverage from a transparent black
+        rgb, depth = out
+        return rgb, depth, float(self.camera.znear), float(self.camera.zfar)
 
     def render(
         self,

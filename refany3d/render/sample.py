@@ -4,9 +4,11 @@ A sample needs: the scene point map and object mask at the estimated pose (verif
 object's RGB at that pose (verification LPIPS), and N orbit views of RGB + canonical point map.
 `render_sample` draws each view ONCE, without multisampling, so that colour and depth come from
 the same pass, sampled at pixel centres (the same geometry the ray caster gives); mask
-(depth > 0) and canonical point map are derived from that depth on the host (float32, rays
-precomputed per intrinsics, no per-pass linearisation in pyrender). With `antialias` set, colour
-comes from a 4x-multisampled pass and geometry from a second, depth-only pass (exact depth still).
+(depth > 0) and canonical point map are derived from that depth on the host (float32, on the
+object's pixels only, no per-pass linearisation in pyrender). Backgrounds are cleared in GL
+(white for orbit views), so no compositing on the host. With `antialias` set, colour comes from
+a 4x-multisampled pass (edges blended with the background in GL) and geometry from a second,
+depth-only single-sample pass (exact depth still).
 
 Camera convention: OpenCV (x right, y down, z forward), object-to-camera (4, 4) poses of the
 given mesh, intrinsics in pixels with pixel (i, j) centred at u=i, v=j (`refany3d.render.cameras`).
@@ -23,7 +25,7 @@ from refany3d.config import RenderSettings
 from refany3d.render.cameras import intrinsics_from_fov, invert_pose
 from refany3d.render.mesh import normalize_transform
 from refany3d.render.orbit import orbit_poses
-from refany3d.render.renderer import MeshScene, Mode, gl_renderer_name, window_depth_to_z
+from refany3d.render.renderer import MeshScene, Mode, window_depth_to_z
 
 
 @dataclass(frozen=True)
@@ -61,30 +63,28 @@ def render_sample(
     """All renders of one sample: `mesh` (its own frame, y up) at `pose` (4, 4 object-to-camera)
     with `intrinsics` (3, 3, px) in a `width`×`height` image, and `settings.views` orbit views
     (`settings.orbit_shading`: unlit albedo or lit). The mesh is uploaded once (or pass `scene`,
-    a `MeshScene` of it, welded only if the orbit shading is albedo).
+    a `MeshScene` of it).
 
     Passes: 1 + views (2 + 2 × views with `settings.antialias`)."""
     lit = settings.orbit_shading == "lit"
-    # Welding saves vertex work only where vertices are transformed on the CPU (llvmpipe); it
-    # costs a sort of the vertices per sample, which a GPU does not earn back.
-    scene = scene or MeshScene(mesh, welded=not lit and _software_gl())
+    scene = scene or MeshScene(mesh)
     aa = settings.antialias
-    z, rgb = _pass(scene, pose, intrinsics, width, height, "albedo", aa)
+    z, object_rgb = _pass(scene, pose, intrinsics, width, height, "albedo", aa, (0.0, 0.0, 0.0))
     mask = z > 0
-    object_rgb = np.ascontiguousarray(rgb[..., :3])
 
     to_unit = normalize_transform(mesh)  # orbit around the [-1, 1] box: a rigid orbit of 1/scale
     scale, center = to_unit[0, 0], -to_unit[:3, 3] / to_unit[0, 0]
     size = settings.resolution
     k_orbit = intrinsics_from_fov(settings.fov_deg, size, size)
     poses = orbit_poses(settings.views, settings.elevation_deg, settings.distance / scale, center)
+    mode: Mode = "lit" if lit else "albedo"
     rgbs, maps, masks = [], [], []
     for orbit_pose in poses:
-        z_view, rgba = _pass(scene, orbit_pose, k_orbit, size, size, "lit" if lit else "albedo", aa)
+        z_view, rgb = _pass(scene, orbit_pose, k_orbit, size, size, mode, aa, (1.0, 1.0, 1.0))
         view_mask = z_view > 0
         maps.append(canonical_point_map(z_view, view_mask, k_orbit, orbit_pose))
         masks.append(view_mask)
-        rgbs.append(_over_white(rgba))
+        rgbs.append(rgb)
     return SampleRenders(
         scene_point_map=canonical_point_map(z, mask, intrinsics, pose),
         scene_mask=mask,
@@ -104,52 +104,38 @@ def canonical_point_map(
 ) -> np.ndarray:
     """(H, W) z-depth and (H, W) bool mask at `pose` (object-to-camera) → (H, W, 3) float32
     canonical XYZ, 0 outside the mask. The object-frame ray through pixel (u, v) is
-    M [u, v, 1] with M = R_cam→obj K⁻¹, so each channel is depth × (a u + b v + c) + t: outer
-    sums of a row and a column, no (H, W, 3) ray array or 3×3 matmul per pixel."""
+    M [u, v, 1] with M = R_cam→obj K⁻¹, so each channel is depth × (a u + b v + c) + t,
+    evaluated on the mask's pixels only (host time scales with the object, not the image)."""
     height, width = depth.shape
     cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
     m = cam_to_obj[:3, :3] @ np.linalg.inv(np.asarray(intrinsics, dtype=np.float64))
-    by_col = (np.arange(width)[:, None] * m[:, 0]).astype(np.float32)  # (W, 3)
-    by_row = (np.arange(height)[:, None] * m[:, 1] + m[:, 2]).astype(np.float32)  # (H, 3)
-    z = np.asarray(depth, dtype=np.float32)
-    t = cam_to_obj[:3, 3].astype(np.float32)
-    out = np.empty((height, width, 3), dtype=np.float32)
-    ray = np.empty((height, width), dtype=np.float32)
-    # channel by channel on contiguous (H, W) planes: numpy is slow on a trailing axis of 3
+    flat = np.flatnonzero(mask)
+    rows, cols = np.divmod(flat, width)
+    z = np.asarray(depth, dtype=np.float32).reshape(-1)[flat]
+    out = np.zeros((height * width, 3), dtype=np.float32)
     for c in range(3):
-        np.add(by_row[:, c, None], by_col[None, :, c], out=ray)
-        ray *= z
-        ray += t[c]
-        ray *= mask
-        out[..., c] = ray
-    return out
+        ray = (m[c, 0] * cols + m[c, 1] * rows + m[c, 2]).astype(np.float32)
+        out[flat, c] = z * ray + np.float32(cam_to_obj[c, 3])
+    return out.reshape(height, width, 3)
 
 
 def _pass(
-    scene: MeshScene, pose: np.ndarray, k: np.ndarray, width: int, height: int, mode: Mode, aa: bool
+    scene: MeshScene,
+    pose: np.ndarray,
+    k: np.ndarray,
+    width: int,
+    height: int,
+    mode: Mode,
+    aa: bool,
+    background: tuple[float, float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(z-depth (H, W) float32 exact at pixel centres, RGBA (H, W, 4) uint8), rows top-down."""
+    """(z-depth (H, W) float32 exact at pixel centres, RGB (H, W, 3) uint8 over `background`),
+    rows top-down."""
     if aa:  # colour multisampled; geometry from a single-sample depth-only pass
-        rgba, _, _, _ = scene.render_raw(pose, k, width, height, mode, single_sample=False)
+        rgb, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
+        rgb = rgb[::-1].copy()  # the read-back buffers are reused by the next pass
         _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
     else:
-        rgba, depth, near, far = scene.render_raw(pose, k, width, height, mode)
-    return window_depth_to_z(depth[::-1], near, far), None if rgba is None else rgba[::-1]
-
-
-def _over_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: a premultiplied RGBA render (black, transparent background) over white."""
-    # premultiplied: colour <= alpha per channel, so colour + (255 - alpha) stays in its byte;
-    # on the pixel as one uint32 (R, G, B, A little-endian) this is one add of (255 - A) * 0x010101
-    height, width = rgba.shape[:2]
-    pixels = np.ascontiguousarray(rgba).view(np.uint32).reshape(height, width)
-    out = np.uint32(255) - (pixels >> np.uint32(24))
-    out *= np.uint32(0x010101)
-    out += pixels
-    return np.ascontiguousarray(out.view(np.uint8).reshape(height, width, 4)[..., :3])
-
-
-def _software_gl() -> bool:
-    """Whether the process's GL context is a CPU rasteriser (Mesa llvmpipe / softpipe)."""
-    name = gl_renderer_name().lower()
-    return any(s in name for s in ("llvmpipe", "softpipe", "swrast"))
+        rgb, depth, near, far = scene.render_raw(pose, k, width, height, mode, True, background)
+        rgb = rgb[::-1].copy()
+    return window_depth_to_z(depth[::-1], near, far), rgb
