@@ -94,7 +94,7 @@ def gl_renderer_name() -> str:
 def _raw_renderer_class():
     """pyrender's `Renderer` with a raw read-back mode (pyrender 0.1.45 internals, pinned).
 
-    With `raw` set, a pass returns (RGB or None, depth) exactly as read: rows bottom-up, depth
+    With `raw` set, a pass returns (RGBA or None, depth) exactly as read: rows bottom-up, depth
     the window depth in [0, 1] (1 = empty), no per-pass numpy linearisation; both arrays are
     read-back buffers reused by the next raw pass of the same size. With `single_sample`
     set, it draws into pyrender's single-sample framebuffer instead of the 4x multisampled one:
@@ -130,15 +130,16 @@ def _raw_renderer_class():
                 self._raw_buffers = (
                     (height, width),
                     np.empty((height, width), np.float32),
-                    np.empty((height, width, 3), np.uint8),
+                    np.empty((height, width, 4), np.uint8),
                 )
-            _, depth, rgb = self._raw_buffers
+            _, depth, rgba = self._raw_buffers
             GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)  # tight rows for any width
             GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT, depth)
             if flags & depth_only:
                 return None, depth
-            GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE, rgb)
-            return rgb, depth
+            # RGBA: the framebuffer's own format (GL_RGB would make the driver repack on the CPU)
+            GL.glReadPixels(0, 0, width, height, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, rgba)
+            return rgba, depth
 
     return RawRenderer
 
@@ -251,8 +252,8 @@ class MeshScene:
         lights: tuple[Light, ...] = DEFAULT_LIGHTS,
         ambient: float = DEFAULT_AMBIENT,
     ) -> tuple[np.ndarray | None, np.ndarray, float, float]:
-        """One pass, read back raw: (rgb (H, W, 3) uint8 over `background` (RGB in [0, 1]) or
-        None for `geometry`, window depth (H, W) float32 in [0, 1] with 1 = empty, znear, zfar),
+        """One pass, read back raw: (rgba (H, W, 4) uint8, colour over `background` (RGB in
+        [0, 1]), or None for `geometry`, window depth (H, W) float32 in [0, 1] with 1 = empty, znear, zfar),
         rows bottom-up (OpenGL order). Multisampled edges blend with the background: compositing
         happens in GL, not on the host.
 

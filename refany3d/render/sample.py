@@ -133,9 +133,9 @@ def _pass(
     rows top-down."""
     if aa:  # colour multisampled; geometry from a single-sample depth-only pass
         rgb, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
-        rgb = rgb[::-1].copy()  # the read-back buffers are reused by the next pass
+        rgb = rgb[::-1, :, :3].copy()  # the read-back buffers are reused by the next pass
         _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
     else:
         rgb, depth, near, far = scene.render_raw(pose, k, width, height, mode, True, background)
-        rgb = rgb[::-1].copy()
+        rgb = rgb[::-1, :, :3].copy()
     return window_depth_to_z(depth[::-1], near, far), rgb
