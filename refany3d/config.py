@@ -75,9 +75,14 @@ class DetectorSettings(_Section):
     weights: str = _opt("", "local directory or hub id of the detector weights")
     text_encoder: str = _opt("", "groundingdino-py: local BERT directory (no hub access needed)")
     config: str = _opt("", "groundingdino-py: model config .py; empty = the package's SwinT-OGC config")
-    image_size: int = _opt(800, "groundingdino-py: shorter image side fed to the model (its inference size)", ge=32)
+    image_size: int = _opt(
+        800, "groundingdino-py: shorter image side fed to the model (its inference size)", ge=32
+    )
     box_threshold: float = _opt(0.35, "minimum box score", ge=0.0, le=1.0)
     text_threshold: float = _opt(0.25, "minimum text-token score", ge=0.0, le=1.0)
+    max_boxes: int = _opt(
+        10, "highest-scoring candidate boxes per image given phrases (the rest are never kept)", ge=1
+    )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     truth_jitter: float = _opt(0.03, "truth backend: box corner jitter, fraction of box size", ge=0.0)
     truth_dilation: float = _opt(0.05, "truth backend: box dilation, fraction of box size", ge=0.0)
