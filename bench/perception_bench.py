@@ -27,6 +27,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from refany3d.config import BuildSettings, override
+from refany3d.models.depth import load_depth
+from refany3d.models.detector import load_detector
+from refany3d.models.segmenter import load_segmenter
 from refany3d.records import IMAGE, Sample
 from refany3d.stages.context import StageContext
 from refany3d.stages.depth import depth
@@ -160,12 +163,38 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class _ModelClock:
+    """Seconds spent inside a backend's network forward (CUDA-synchronised forward hooks)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *_):
+        _sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        _sync()
+        self.total += time.perf_counter() - self._start
+
+
 def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
-    """Median ms per image of each stage over `repeats` runs (after one warm-up run)."""
-    per_stage: dict[str, list[float]] = {"detect": [], "segment": [], "depth": []}
+    """Median ms per image of each stage over `repeats` runs (after one warm-up run), and the
+    part of it spent in the network forward (`<stage>_model`)."""
+    clocks = {
+        "detect": _ModelClock(load_detector(settings).model),
+        "segment": _ModelClock(load_segmenter(settings).model),
+        "depth": _ModelClock(load_depth(settings).model),
+    }
+    per_stage: dict[str, list[float]] = {k: [] for k in ("detect", "segment", "depth")}
+    per_model: dict[str, list[float]] = {k: [] for k in per_stage}
     for rep in range(repeats + 1):
         current = samples
         for name, fn in (("detect", detect), ("segment", segment), ("depth", depth)):
+            clocks[name].total = 0.0
             _sync()
             start = time.perf_counter()
             result = fn(current, settings, ctx)
@@ -175,9 +204,48 @@ def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
             current = result.kept
             if rep > 0:
                 per_stage[name].append(1000 * elapsed / len(samples))
+                per_model[name].append(1000 * clocks[name].total / len(samples))
     out = {k: round(statistics.median(v), 2) for k, v in per_stage.items()}
     out["total"] = round(sum(out.values()), 2)
+    out.update({f"{k}_model": round(statistics.median(v), 2) for k, v in per_model.items()})
     return out
+
+
+def _bare_ms(fn, repeats: int = 5) -> float:
+    fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def variants(settings, batch: int = 8) -> dict[str, float]:
+    """Bare-network ms per image for design choices: SAM encoder attention (segment-anything's eager
+    softmax vs our SDPA swap) and Depth Pro memory format (NCHW vs channels_last)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    out = {}
+    sam = load_segmenter(settings)
+    x = torch.randn(batch, 3, 1024, 1024, device=sam.device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=sam.dtype):
+        out["sam_encoder_sdpa"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
+        blocks = sam.model.image_encoder.blocks
+        swapped = [b.attn.__class__ for b in blocks]
+        for b in blocks:
+            b.attn.__class__ = Attention
+        out["sam_encoder_eager"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
+        for b, cls in zip(blocks, swapped, strict=True):
+            b.attn.__class__ = cls
+    est = load_depth(settings)
+    pix = torch.randn(batch, 3, 1536, 1536, device=est.device, dtype=est.dtype)
+    with torch.inference_mode():
+        out["depth_pro_nchw"] = _bare_ms(lambda: est.model(pixel_values=pix), 3) / batch
+        est.model.to(memory_format=torch.channels_last)
+        out["depth_pro_channels_last"] = _bare_ms(lambda: est.model(pixel_values=pix), 3) / batch
+        est.model.to(memory_format=torch.contiguous_format)
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def main() -> None:
@@ -224,9 +292,17 @@ def main() -> None:
         settings = override(base, **{f"{s}.batch_size": batch for s in ("detector", "segmenter", "depth")})
         results[f"batch_{batch}"] = time_stages(samples, settings, ctx, args.repeats)
         print(f"batch {batch}: {results[f'batch_{batch}']}", flush=True)
+    try:
+        variant_ms = variants(
+            override(base, **{f"{s}.batch_size": 8 for s in ("detector", "segmenter", "depth")})
+        )
+    except Exception as err:  # noqa: BLE001 - the stage numbers above must still be written
+        variant_ms = {"error": repr(err)[:300]}
+    print(f"variants (bare, batch 8): {variant_ms}", flush=True)
     report = {
         "bench": "perception stages (detect hf-grounding-dino Swin-T, segment sam vit_h, depth depth-pro DINOv2-L 1536)",
-        "unit": "ms per image, end to end through the stages, median of repeats",
+        "unit": "ms per image through the stages (PNG read, processors, model, post-processing, artifact writes), "
+        "median of repeats; <stage>_model = the network forward alone",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
@@ -241,6 +317,7 @@ def main() -> None:
         "repeats": args.repeats,
         "model_build_s": round(build_s, 1),
         "results": results,
+        "variants_bare_batch_8": variant_ms,
         "targets_ms": {"batch_8_total": 100, "batch_1_total": 150},
     }
     import transformers

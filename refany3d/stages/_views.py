@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from PIL import Image
@@ -12,6 +14,7 @@ from refany3d.records import IMAGE, Sample
 from refany3d.storage.store import ArtifactStore
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -29,3 +32,21 @@ def read_view(store: ArtifactStore, sample: Sample) -> Image.Image:
 def read_mask(store: ArtifactStore, uri: str) -> Image.Image:
     """A stored 8-bit mask PNG (255 = object)."""
     return Image.open(io.BytesIO(store.get(uri))).convert("L")
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`[fn(x) for x in items]` on a few threads, in order.
+
+    PNG/zlib coding and file I/O release the GIL, so a batch's images decode (and its outputs
+    encode) on several cores while the previous forward pass is still on the GPU's queue.
+    """
+    workers = min(len(items), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def read_views(store: ArtifactStore, samples: Sequence[Sample]) -> list[Image.Image]:
+    """The samples' views as RGB PIL images, decoded in parallel."""
+    return parallel_map(lambda s: read_view(store, s), samples)

@@ -12,9 +12,9 @@ import math
 import numpy as np
 
 from refany3d.config import BuildSettings
-from refany3d.models.depth import load_depth
+from refany3d.models.depth import DepthMap, load_depth
 from refany3d.records import DEPTH, MASK, Sample, StageResult
-from refany3d.stages._views import batched, read_mask, read_view
+from refany3d.stages._views import batched, parallel_map, read_mask, read_views
 from refany3d.stages.context import StageContext
 
 STAGE = "depth"
@@ -30,6 +30,23 @@ def _encode_depth(depth: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _finish(sample: Sample, width: int, dm: DepthMap, ctx: StageContext) -> Sample | tuple[str, float, str]:
+    """The kept sample with its stored depth and focal length, or (reason, metric, detail) of its drop."""
+    region = np.ones(dm.depth.shape, bool)
+    if MASK in sample.artifacts:
+        region = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
+    values = dm.depth[region]
+    valid = values[np.isfinite(values) & (values > 0)]
+    if valid.size == 0 or not math.isfinite(dm.focal_px) or dm.focal_px <= 0:
+        return INVALID_DEPTH, float(valid.size), f"focal {dm.focal_px}"
+    out = sample.replace(focal_px=float(dm.focal_px))
+    out.artifacts[DEPTH] = ctx.store.put_content("depth", _encode_depth(dm.depth), ".npz")
+    out.metrics["depth_median_m"] = float(np.median(valid))
+    out.metrics["depth_valid_ratio"] = float(valid.size / max(values.size, 1))
+    out.metrics["fov_deg"] = math.degrees(2 * math.atan(width / (2 * dm.focal_px)))
+    return out
+
+
 def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     if not samples:
@@ -37,24 +54,14 @@ def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
     opts = settings.depth
     estimator = load_depth(settings)
     for chunk in batched(samples, opts.batch_size):
-        images = [read_view(ctx.store, s) for s in chunk]
+        images = read_views(ctx.store, chunk)
         maps = estimator.estimate(images, chunk, opts, ctx.seed)
-        for sample, image, dm in zip(chunk, images, maps, strict=True):
-            region = np.ones(dm.depth.shape, bool)
-            if MASK in sample.artifacts:
-                region = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
-            values = dm.depth[region]
-            valid = values[np.isfinite(values) & (values > 0)]
-            if valid.size == 0 or not math.isfinite(dm.focal_px) or dm.focal_px <= 0:
-                result.drop(
-                    sample, STAGE, INVALID_DEPTH, metric=float(valid.size), detail=f"focal {dm.focal_px}"
-                )
+        jobs = list(zip(chunk, [im.width for im in images], maps, strict=True))
+        outcomes = parallel_map(lambda job: _finish(*job, ctx), jobs)
+        for sample, outcome in zip(chunk, outcomes, strict=True):
+            if isinstance(outcome, tuple):
+                result.drop(sample, STAGE, outcome[0], metric=outcome[1], detail=outcome[2])
                 continue
-            out = sample.replace(focal_px=float(dm.focal_px))
-            out.artifacts[DEPTH] = ctx.store.put_content("depth", _encode_depth(dm.depth), ".npz")
-            out.metrics["depth_median_m"] = float(np.median(valid))
-            out.metrics["depth_valid_ratio"] = float(valid.size / max(values.size, 1))
-            out.metrics["fov_deg"] = math.degrees(2 * math.atan(image.width / (2 * dm.focal_px)))
-            out.backends[STAGE] = estimator.name
-            result.kept.append(out)
+            outcome.backends[STAGE] = estimator.name
+            result.kept.append(outcome)
     return result

@@ -12,7 +12,7 @@ import numpy as np
 from refany3d.config import BuildSettings
 from refany3d.models.detector import Detection, load_detector
 from refany3d.records import Sample, StageResult
-from refany3d.stages._views import batched, read_view
+from refany3d.stages._views import batched, read_views
 from refany3d.stages.context import StageContext
 
 STAGE = "detect"
@@ -53,7 +53,7 @@ def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) ->
         return result
     detector = load_detector(settings)
     for chunk in batched(todo, opts.batch_size):
-        images = [read_view(ctx.store, s) for s in chunk]
+        images = read_views(ctx.store, chunk)
         prompts = [_prompt(s.item) for s in chunk]
         detections = detector.detect(images, prompts, chunk, opts, ctx.seed)
         for sample, image, prompt, det in zip(chunk, images, prompts, detections, strict=True):

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from refany3d.config import BuildSettings
-from refany3d.models.segmenter import load_segmenter
+from refany3d.config import BuildSettings, SegmenterSettings
+from refany3d.models.segmenter import Segmentation, load_segmenter
 from refany3d.records import MASK, Sample, StageResult
-from refany3d.stages._views import batched, read_view
+from refany3d.stages._views import batched, parallel_map, read_views
 from refany3d.stages.context import StageContext
 
 STAGE = "segment"
@@ -39,6 +39,24 @@ def _encode_mask(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _finish(
+    sample: Sample, seg: Segmentation, opts: SegmenterSettings, ctx: StageContext
+) -> Sample | tuple[str, float]:
+    """The kept sample with its stored mask, or (reason, metric) of its drop."""
+    ratio = float(seg.mask.mean())
+    if ratio > opts.max_area_ratio:
+        return MASK_TOO_LARGE, ratio
+    if ratio < opts.min_area_ratio:
+        return MASK_TOO_SMALL, ratio
+    parts = _components(seg.mask, opts.min_component_ratio)
+    if parts > opts.max_components:
+        return MASK_FRAGMENTED, float(parts)
+    out = sample.replace()
+    out.artifacts[MASK] = ctx.store.put_content("mask", _encode_mask(seg.mask), ".png")
+    out.metrics.update(mask_area_ratio=ratio, mask_components=float(parts), mask_score=seg.score)
+    return out
+
+
 def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     opts = settings.segmenter
@@ -52,23 +70,12 @@ def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -
         return result
     segmenter = load_segmenter(settings)
     for chunk in batched(todo, opts.batch_size):
-        images = [read_view(ctx.store, s) for s in chunk]
-        masks = segmenter.segment(images, [s.box for s in chunk], chunk, opts, ctx.seed)
-        for sample, seg in zip(chunk, masks, strict=True):
-            ratio = float(seg.mask.mean())
-            if ratio > opts.max_area_ratio:
-                result.drop(sample, STAGE, MASK_TOO_LARGE, metric=ratio)
+        masks = segmenter.segment(read_views(ctx.store, chunk), [s.box for s in chunk], chunk, opts, ctx.seed)
+        outcomes = parallel_map(lambda pair: _finish(*pair, opts, ctx), list(zip(chunk, masks, strict=True)))
+        for sample, outcome in zip(chunk, outcomes, strict=True):
+            if isinstance(outcome, tuple):
+                result.drop(sample, STAGE, outcome[0], metric=outcome[1])
                 continue
-            if ratio < opts.min_area_ratio:
-                result.drop(sample, STAGE, MASK_TOO_SMALL, metric=ratio)
-                continue
-            parts = _components(seg.mask, opts.min_component_ratio)
-            if parts > opts.max_components:
-                result.drop(sample, STAGE, MASK_FRAGMENTED, metric=float(parts))
-                continue
-            out = sample.replace()
-            out.artifacts[MASK] = ctx.store.put_content("mask", _encode_mask(seg.mask), ".png")
-            out.metrics.update(mask_area_ratio=ratio, mask_components=float(parts), mask_score=seg.score)
-            out.backends[STAGE] = segmenter.name
-            result.kept.append(out)
+            outcome.backends[STAGE] = segmenter.name
+            result.kept.append(outcome)
     return result

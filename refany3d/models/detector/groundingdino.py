@@ -158,7 +158,9 @@ class GroundingDinoDetector:
         results = []
         for i, (im, prompt) in enumerate(zip(images, prompts, strict=True)):
             scores = probs[i].max(dim=1).values
-            keep = scores > options.box_threshold
+            best = scores.topk(min(options.max_boxes, scores.numel())).indices  # phrase decoding is per box
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            keep[best] = scores[best] > options.box_threshold
             cx, cy, bw, bh = cxcywh[i][keep].unbind(-1)
             scale = torch.tensor([im.width, im.height, im.width, im.height], device=cxcywh.device)
             boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1) * scale

@@ -44,8 +44,14 @@ class HfGroundingDinoDetector:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        outputs.logits = outputs.logits.float()
-        outputs.pred_boxes = outputs.pred_boxes.float()
+        # Phrase decoding runs per kept query in Python: give it only the best `max_boxes` queries
+        # (of 900), which is all the detect stage can keep anyway.
+        logits = outputs.logits.float()
+        top = (
+            logits.sigmoid().amax(-1).topk(min(options.max_boxes, logits.shape[1]), dim=1).indices[..., None]
+        )
+        outputs.logits = logits.gather(1, top.expand(-1, -1, logits.shape[-1]))
+        outputs.pred_boxes = outputs.pred_boxes.float().gather(1, top.expand(-1, -1, 4))
         results = self.processor.post_process_grounded_object_detection(
             outputs,
             input_ids=inputs["input_ids"],

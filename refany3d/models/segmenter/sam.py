@@ -160,7 +160,9 @@ class SamSegmenter:
         model = build_sam(**shape)
         model.load_state_dict(state)
         _use_sdpa(model)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # fp32 weights under autocast: the prompt encoder casts its inputs to float32 itself,
+        # so a model converted with .half() fails on its first matmul
+        self.model = model.to(device=self.device).eval()
         self.resize = ResizeLongestSide(model.image_encoder.img_size)
 
     def segment(
@@ -179,14 +181,13 @@ class SamSegmenter:
             size = (im.height, im.width)
             batch.append(
                 {
-                    "image": self.resize.apply_image_torch(x)[0].to(self.dtype),
+                    "image": self.resize.apply_image_torch(x)[0],
                     "original_size": size,
-                    "boxes": self.resize.apply_boxes_torch(torch.tensor([box], device=self.device), size).to(
-                        self.dtype
-                    ),
+                    "boxes": self.resize.apply_boxes_torch(torch.tensor([box], device=self.device), size),
                 }
             )
-        with torch.inference_mode():
+        half = self.dtype != torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             outputs = self.model(batch, multimask_output=False)
         return [
             Segmentation(o["masks"][0, 0].cpu().numpy().astype(bool), float(o["iou_predictions"][0, 0]))
