@@ -226,6 +226,8 @@ def variants(settings, batch: int = 8) -> dict[str, float]:
     softmax vs our SDPA swap) and Depth Pro memory format (NCHW vs channels_last)."""
     from segment_anything.modeling.image_encoder import Attention
 
+    from refany3d.models.segmenter.sam import _augmented_attention_class
+
     out = {}
     sam = load_segmenter(settings)
     x = torch.randn(batch, 3, 1024, 1024, device=sam.device)
@@ -236,6 +238,10 @@ def variants(settings, batch: int = 8) -> dict[str, float]:
         for b in blocks:
             b.attn.__class__ = Attention
         out["sam_encoder_eager"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
+        augmented = _augmented_attention_class()
+        for b in blocks:
+            b.attn.__class__ = augmented
+        out["sam_encoder_flash_augmented"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
         for b, cls in zip(blocks, swapped, strict=True):
             b.attn.__class__ = cls
     est = load_depth(settings)

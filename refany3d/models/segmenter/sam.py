@@ -103,6 +103,48 @@ def _sdpa_attention_class():
     return _SdpaAttention
 
 
+def _augmented_attention_class():
+    """Encoder attention with the relative-position term folded into Q and K, so SDPA can use its
+    flash kernel (no additive mask): q' = [q·scale, rel_h, rel_w], k' = [k, onehot(row), onehot(col)]
+    gives q'·k' = scale·q·k + rel_h[row(k)] + rel_w[col(k)]. V is zero-padded to the same width."""
+    import torch
+    import torch.nn.functional as F
+    from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+    class _AugmentedAttention(Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, _ = x.shape
+            qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
+            head_dim = q.shape[-1]
+            r_q = q.reshape(b, self.num_heads, h, w, head_dim)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
+            extra = h + w
+            width = -(-(head_dim + extra) // 8) * 8
+            pad = width - head_dim - extra
+            q2 = torch.cat(
+                [
+                    q * self.scale,
+                    rel_h.reshape(b, self.num_heads, h * w, h),
+                    rel_w.reshape(b, self.num_heads, h * w, w),
+                    q.new_zeros(b, self.num_heads, h * w, pad),
+                ],
+                -1,
+            )
+            rows = torch.arange(h * w, device=x.device) // w
+            cols = torch.arange(h * w, device=x.device) % w
+            onehot = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w), rows.new_zeros(h * w, pad)], -1).to(
+                k.dtype
+            )
+            k2 = torch.cat([k, onehot.expand(b, self.num_heads, -1, -1)], -1)
+            v2 = F.pad(v, (0, width - head_dim))
+            out = F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :head_dim]
+            return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    return _AugmentedAttention
+
+
 def _use_sdpa(model) -> None:
     """Swap every encoder block's attention to the SDPA version (same parameters, same outputs)."""
     cls = _sdpa_attention_class()

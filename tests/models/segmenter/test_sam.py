@@ -76,8 +76,9 @@ def test_sam_segmenter_wrong_model_type_raises(tmp_path):
         SamSegmenter(str(tmp_path / "b.pth"), model_type="vit_h")
 
 
-def test_sdpa_attention_matches_segment_anything_attention(tmp_path):
-    from refany3d.models.segmenter.sam import _use_sdpa, build_sam
+@pytest.mark.parametrize("variant", ["sdpa", "augmented"])
+def test_sdpa_attention_matches_segment_anything_attention(variant):
+    from refany3d.models.segmenter.sam import _augmented_attention_class, _sdpa_attention_class, build_sam
 
     torch.manual_seed(0)
     sam = build_sam(32, 2, 2, [1], image_size=256)
@@ -87,6 +88,8 @@ def test_sdpa_attention_matches_segment_anything_attention(tmp_path):
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         expected = sam.image_encoder(x)
-        _use_sdpa(sam)
+        cls = _sdpa_attention_class() if variant == "sdpa" else _augmented_attention_class()
+        for block in sam.image_encoder.blocks:
+            block.attn.__class__ = cls
         got = sam.image_encoder(x)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
