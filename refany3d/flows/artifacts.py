@@ -94,7 +94,7 @@ class BuildReport:
                 "kept": self.counts[s]["kept"],
                 "dropped": self.counts[s]["dropped"],
                 "dropped by reason": ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons[s].items()))
-                or "-",
+                or "none",
             }
             for s in self.stages
         ]

@@ -1,0 +1,137 @@
+"""Deployments on a real Prefect server: `refany3d deploy`, a process worker, a run triggered with
+`prefect deployment run`, and the run as the UI shows it (headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.flows._runs import artifacts, shard_ids, wait_flow_run
+from tests.flows.conftest import BIN, stop
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "docs"
+
+
+@pytest.fixture(scope="module")
+def deployed_run(prefect_server, synthetic_source, tmp_path_factory):
+    """`refany3d deploy`, a `prefect worker` on the cpu pool, one triggered build, finished."""
+    work = tmp_path_factory.mktemp("worker")
+    out = work / "out"
+    deploy = subprocess.run(
+        [str(BIN / "refany3d"), "deploy"], env=prefect_server.env, capture_output=True, text=True, timeout=180
+    )
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    worker = prefect_server.start(
+        str(BIN / "prefect"),
+        "worker",
+        "start",
+        "--pool",
+        "cpu",
+        "--type",
+        "process",
+        log=work / "worker.log",
+        cwd=work,
+    )
+    try:
+        params = {
+            "settings": {
+                "name": "worker-demo",
+                "until": "depth",
+                "source": {"kind": "synthetic", "data_files": synthetic_source},
+                "storage": {"out": str(out)},
+                "runtime": {"batch_size": 2},
+            }
+        }
+        trigger = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "build-dataset/cpu", "--params", json.dumps(params)],
+            env=prefect_server.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+        with prefect_server.client() as client:
+            run = wait_flow_run(client, run_id, timeout=300)
+        yield {"deploy": deploy.stdout, "run": run, "out": out, "worker_log": work / "worker.log"}
+    finally:
+        stop(worker)
+
+
+def test_deploy_registers_build_dataset_on_both_pools(prefect_server, deployed_run):
+    assert "build-dataset/cpu" in deployed_run["deploy"] and "build-dataset/gpu" in deployed_run["deploy"]
+    assert "train/gpu" in deployed_run["deploy"] and "not available" in deployed_run["deploy"]
+    with prefect_server.client() as client:
+        cpu = client.read_deployment_by_name("build-dataset/cpu")
+        gpu = client.read_deployment_by_name("build-dataset/gpu")
+    assert (cpu.work_pool_name, gpu.work_pool_name) == ("cpu", "gpu")
+    assert cpu.entrypoint == "refany3d.flows.build_dataset.build_dataset"
+    assert gpu.parameters["settings"]["runtime"]["device"] == "cuda"
+
+
+def test_worker_runs_triggered_build_to_shards_and_card(prefect_server, deployed_run):
+    run, out = deployed_run["run"], deployed_run["out"]
+    assert run.state.is_completed(), deployed_run["worker_log"].read_text()[-4000:]
+    assert run.name == "worker-demo"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["until"] == "depth" and list(stats["stages"])[-1] == "shard"
+    ids = shard_ids(out)
+    assert len(ids) == len(set(ids)) == stats["stages"]["shard"]["kept"]
+    with prefect_server.client() as client:
+        keys = {a.key for a in artifacts(client, run.id)}
+    assert {"worker-demo-yield", "worker-demo-gallery", "worker-demo-shards"} <= keys
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (scripts/setup.sh)")
+def test_ui_flow_run_page_shows_yield_table(prefect_server, deployed_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    run = deployed_run["run"]
+    with prefect_server.client() as client:
+        arts = sorted(artifacts(client, run.id), key=lambda a: a.created)
+    final = [a for a in arts if a.key == "worker-demo-yield"][-1]
+    gallery = [a for a in arts if a.key == "worker-demo-gallery"][-1]
+    assert "(finished)" in final.description
+    shots = SCREENSHOT_DIR if os.environ.get("REFANY3D_UPDATE_SCREENSHOTS") else tmp_path
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{prefect_server.ui}/runs/flow-run/{run.id}", wait_until="domcontentloaded")
+            page.get_by_text("worker-demo").first.wait_for(timeout=60_000)
+            page.locator("li.p-tab", has_text="Artifacts").click()
+            page.get_by_text("worker-demo-yield").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots / "prefect-ui-flow-run-artifacts.png"), full_page=True)
+            page.goto(f"{prefect_server.ui}/artifacts/artifact/{final.id}", wait_until="domcontentloaded")
+            page.get_by_text("dropped by reason").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            body = page.inner_text("body")
+            page.screenshot(path=str(shots / "prefect-ui-yield-table.png"), full_page=True)
+            page.goto(f"{prefect_server.ui}/artifacts/artifact/{gallery.id}", wait_until="domcontentloaded")
+            page.get_by_text("sample gallery").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            widths = page.eval_on_selector_all(
+                "img[src^='data:image']", "els => els.map(e => e.naturalWidth)"
+            )
+            page.screenshot(path=str(shots / "prefect-ui-gallery.png"), full_page=True)
+        finally:
+            browser.close()
+    for stage in ("source", "quality", "split", "detect", "segment", "depth", "shard"):
+        assert stage in body
+    assert widths and min(widths) > 0  # thumbnails embedded as data URIs render in the UI
