@@ -150,6 +150,28 @@ REJECT_COLUMNS: list[tuple[str, pa.DataType]] = [
 ]
 
 
+def subjects200k_schema() -> pa.Schema:
+    """Arrow schema of a Subjects200K row, as the released Parquet files store it (DESIGN §4)."""
+    scores = ("compositeStructure", "objectConsistency", "imageQuality")
+    texts = ("item", "description_0", "description_1", "category")
+    features = {
+        "image": _IMAGE,
+        "collection": {"dtype": "string", "_type": "Value"},
+        "quality_assessment": {k: {"dtype": "int64", "_type": "Value"} for k in scores},
+        "description": {
+            **{k: {"dtype": "string", "_type": "Value"} for k in texts},
+            "description_valid": {"dtype": "bool", "_type": "Value"},
+        },
+    }
+    fields = [
+        ("image", _IMAGE_STRUCT),
+        ("collection", pa.string()),
+        ("quality_assessment", pa.struct([(k, pa.int64()) for k in scores])),
+        ("description", pa.struct([(k, pa.string()) for k in texts] + [("description_valid", pa.bool_())])),
+    ]
+    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
+
+
 def shard_schema(columns: list[str] | None = None) -> pa.Schema:
     """Arrow schema of a shard (all columns, or the named subset in canonical order).
 

@@ -10,34 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-SCHEMA = pa.schema(
-    [
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        ("collection", pa.string()),
-        (
-            "quality_assessment",
-            pa.struct(
-                [
-                    ("compositeStructure", pa.int64()),
-                    ("objectConsistency", pa.int64()),
-                    ("imageQuality", pa.int64()),
-                ]
-            ),
-        ),
-        (
-            "description",
-            pa.struct(
-                [
-                    ("item", pa.string()),
-                    ("description_0", pa.string()),
-                    ("description_1", pa.string()),
-                    ("category", pa.string()),
-                    ("description_valid", pa.bool_()),
-                ]
-            ),
-        ),
-    ]
-)
+from refany3d.records import subjects200k_schema
+
+SCHEMA = subjects200k_schema()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from refany3d.records import subjects200k_schema
 from refany3d.render.cameras import intrinsics_from_fov
 from refany3d.render.renderer import Light, MeshScene
 from refany3d.synthetic.objects import OBJECTS, ObjectSpec, build_object
@@ -27,59 +28,6 @@ MARKER = "_SYNTHETIC.json"
 COLLECTIONS = (("collection_1", 8), ("collection_2", 16))
 LOW_QUALITY_PROB = 0.15
 
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-DATA_SCHEMA = pa.schema(
-    [
-        ("image", IMAGE_TYPE),
-        ("collection", pa.string()),
-        (
-            "quality_assessment",
-            pa.struct(
-                [
-                    ("compositeStructure", pa.int64()),
-                    ("objectConsistency", pa.int64()),
-                    ("imageQuality", pa.int64()),
-                ]
-            ),
-        ),
-        (
-            "description",
-            pa.struct(
-                [
-                    ("item", pa.string()),
-                    ("description_0", pa.string()),
-                    ("description_1", pa.string()),
-                    ("category", pa.string()),
-                    ("description_valid", pa.bool_()),
-                ]
-            ),
-        ),
-    ],
-    # Hugging Face `datasets` reads `image` back as an Image feature.
-    metadata={
-        "huggingface": json.dumps(
-            {
-                "info": {
-                    "features": {
-                        "image": {"_type": "Image"},
-                        "collection": {"dtype": "string", "_type": "Value"},
-                        "quality_assessment": {
-                            k: {"dtype": "int64", "_type": "Value"}
-                            for k in ("compositeStructure", "objectConsistency", "imageQuality")
-                        },
-                        "description": {
-                            **{
-                                k: {"dtype": "string", "_type": "Value"}
-                                for k in ("item", "description_0", "description_1", "category")
-                            },
-                            "description_valid": {"dtype": "bool", "_type": "Value"},
-                        },
-                    }
-                }
-            }
-        )
-    },
-)
 TRUTH_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
@@ -243,7 +191,9 @@ def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> 
         _write_table(
             fs, posixpath.join(root, "truth", name), pa.Table.from_pylist(truths, schema=TRUTH_SCHEMA)
         )
-        _write_table(fs, posixpath.join(root, "data", name), pa.Table.from_pylist(rows, schema=DATA_SCHEMA))
+        _write_table(
+            fs, posixpath.join(root, "data", name), pa.Table.from_pylist(rows, schema=subjects200k_schema())
+        )
 
 
 def ensure_synthetic(root: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> str:
