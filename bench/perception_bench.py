@@ -223,27 +223,29 @@ def _bare_ms(fn, repeats: int = 5) -> float:
 
 def variants(settings, batch: int = 8) -> dict[str, float]:
     """Bare-network ms per image for design choices: SAM encoder attention (segment-anything's eager
-    softmax vs our SDPA swap) and Depth Pro memory format (NCHW vs channels_last)."""
+    softmax, SDPA with the rel-pos mask, SDPA with rel-pos folded into Q/K = our default) and
+    Depth Pro memory format (NCHW vs channels_last)."""
     from segment_anything.modeling.image_encoder import Attention
 
-    from refany3d.models.segmenter.sam import _augmented_attention_class
+    from refany3d.models.segmenter.sam import _augmented_attention_class, _sdpa_attention_class
 
     out = {}
     sam = load_segmenter(settings)
     x = torch.randn(batch, 3, 1024, 1024, device=sam.device)
+    blocks = sam.model.image_encoder.blocks
+    default = [b.attn.__class__ for b in blocks]
+    choices = {
+        "sam_encoder_eager": Attention,
+        "sam_encoder_sdpa": _sdpa_attention_class(),
+        "sam_encoder_flash_augmented": _augmented_attention_class(),
+    }
     with torch.inference_mode(), torch.autocast("cuda", dtype=sam.dtype):
-        out["sam_encoder_sdpa"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
-        blocks = sam.model.image_encoder.blocks
-        swapped = [b.attn.__class__ for b in blocks]
-        for b in blocks:
-            b.attn.__class__ = Attention
-        out["sam_encoder_eager"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
-        augmented = _augmented_attention_class()
-        for b in blocks:
-            b.attn.__class__ = augmented
-        out["sam_encoder_flash_augmented"] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
-        for b, cls in zip(blocks, swapped, strict=True):
-            b.attn.__class__ = cls
+        for name, cls in choices.items():
+            for b in blocks:
+                b.attn.__class__ = cls
+            out[name] = _bare_ms(lambda: sam.model.image_encoder(x)) / batch
+    for b, cls in zip(blocks, default, strict=True):
+        b.attn.__class__ = cls
     est = load_depth(settings)
     pix = torch.randn(batch, 3, 1536, 1536, device=est.device, dtype=est.dtype)
     with torch.inference_mode():
