@@ -56,6 +56,7 @@ class Render:
 
 def _pyrender():
     """Import pyrender headless (pyglet must not open a shadow window first)."""
+    _load_triton_first()
     import pyglet
 
     pyglet.options["shadow_window"] = False
@@ -63,6 +64,16 @@ def _pyrender():
     import pyrender
 
     return pyrender
+
+
+def _load_triton_first() -> None:
+    # Mesa's llvmpipe and Triton each bring an LLVM; importing Triton *after* Mesa has loaded its
+    # LLVM segfaults the process (seen on Debian 12: render, then load a transformers model or
+    # compile with inductor). Triton first is safe, so a process that renders loads it up front.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 
 @functools.lru_cache(maxsize=1)
