@@ -29,6 +29,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   # pyrender pins PyOpenGL==3.1.0, whose EGL path fails; its other needs are in pyproject.
   .venv/bin/python -m pip install -q --no-deps "pyrender==0.1.45"
+  # groundingdino-py's declared needs pull opencv-python and supervision, which it does not use
+  # for inference; install it and what it imports, nothing else.
+  .venv/bin/python -m pip install -q --no-deps "groundingdino-py==0.4.0" addict yapf matplotlib pycocotools
   echo "$want" > "$stamp"
 else
   echo "[setup] .venv is up to date"
