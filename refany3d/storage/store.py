@@ -8,6 +8,7 @@ same bytes written twice are one object.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,9 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/") or "."
+        root = root.rstrip("/") or "."
+        # Local roots become absolute so the URIs samples carry resolve from any working directory.
+        self.root = root if "://" in root else os.path.abspath(root)
         self.fs, self._root_path = url_to_fs(self.root)
         self.fs.makedirs(self._root_path, exist_ok=True)
 

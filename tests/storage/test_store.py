@@ -51,3 +51,12 @@ def test_store_pickles_by_url(tmp_path):
     store = ArtifactStore(str(tmp_path))
     again = pickle.loads(pickle.dumps(store))
     assert again.root == store.root
+
+
+def test_relative_root_gives_uris_that_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = ArtifactStore("out/artifacts")
+    uri = store.put_content("image", b"png", ".png")
+    assert uri.startswith(str(tmp_path)) and store.get(uri) == b"png"
+    monkeypatch.chdir("/")
+    assert ArtifactStore(str(tmp_path / "out/artifacts")).get(uri) == b"png"
