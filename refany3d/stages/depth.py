@@ -14,6 +14,7 @@ import numpy as np
 from refany3d.config import BuildSettings
 from refany3d.models.depth import DepthMap, load_depth
 from refany3d.records import DEPTH, MASK, Sample, StageResult
+from refany3d.render.cameras import intrinsics_from_focal
 from refany3d.stages._views import batched, parallel_map, read_mask, read_views
 from refany3d.stages.context import StageContext
 
@@ -39,7 +40,10 @@ def _finish(sample: Sample, width: int, dm: DepthMap, ctx: StageContext) -> Samp
     valid = values[np.isfinite(values) & (values > 0)]
     if valid.size == 0 or not math.isfinite(dm.focal_px) or dm.focal_px <= 0:
         return INVALID_DEPTH, float(valid.size), f"focal {dm.focal_px}"
-    out = sample.replace(focal_px=float(dm.focal_px))
+    height = dm.depth.shape[0]
+    # The depth model's focal length is the view's estimated camera; pose estimation starts from it.
+    k = intrinsics_from_focal(float(dm.focal_px), width, height)
+    out = sample.replace(focal_px=float(dm.focal_px), intrinsics=[float(v) for v in k.ravel()])
     out.artifacts[DEPTH] = ctx.store.put_content("depth", _encode_depth(dm.depth), ".npz")
     out.metrics["depth_median_m"] = float(np.median(valid))
     out.metrics["depth_valid_ratio"] = float(valid.size / max(values.size, 1))

@@ -33,6 +33,8 @@ def test_depth_truth_backend_stores_float16_npz_and_focal(segmented):
         assert np.all(d[truth.depth == 0] == 0) and s.metrics["depth_median_m"] > 0
         assert s.focal_px == pytest.approx(truth.intrinsics[0, 0], rel=0.3)
         assert s.backends["depth"] == "truth"
+        k = np.array(s.intrinsics).reshape(3, 3)
+        assert k[0, 0] == k[1, 1] == s.focal_px and k[0, 2] == (d.shape[1] - 1) / 2
     again = depth(views, settings, ctx)
     assert [s.artifacts[DEPTH] for s in again.kept] == [s.artifacts[DEPTH] for s in result.kept]
 
