@@ -14,6 +14,7 @@ import trimesh
 from fsspec.core import url_to_fs
 from PIL import Image
 from scipy.spatial.transform import Rotation
+from tqdm.auto import tqdm
 
 from refany3d.records import subjects200k_schema
 from refany3d.render.cameras import intrinsics_from_fov
@@ -174,19 +175,21 @@ def _write_table(fs, path: str, table: pa.Table) -> None:
     fs.mv(tmp, path)
 
 
-def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> None:
+def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE, progress: bool = True) -> None:
     """Write `n` Subjects200K-format pair rows to `out_dir/data/synthetic-XXXXX.parquet` and their
     ground truth (two rows per pair row: `row` is the index within the data file) to
     `out_dir/truth/<same name>`. Deterministic for (`n`, `seed`, `view_size`); any fsspec URL."""
     fs, root = url_to_fs(out_dir)
     for sub in ("data", "truth"):
         fs.makedirs(posixpath.join(root, sub), exist_ok=True)
+    bar = tqdm(total=n, desc="synthetic rows", unit="row", disable=not progress or None)
     for file_index, start in enumerate(range(0, n, ROWS_PER_FILE)):
         rows, truths = [], []
         for offset, index in enumerate(range(start, min(start + ROWS_PER_FILE, n))):
             row, views = _row(index, seed, view_size)
             rows.append(row)
             truths += [{"row": offset, **view} for view in views]
+            bar.update(1)
         name = f"synthetic-{file_index:05d}.parquet"
         _write_table(
             fs, posixpath.join(root, "truth", name), pa.Table.from_pylist(truths, schema=TRUTH_SCHEMA)
@@ -194,6 +197,7 @@ def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> 
         _write_table(
             fs, posixpath.join(root, "data", name), pa.Table.from_pylist(rows, schema=subjects200k_schema())
         )
+    bar.close()
 
 
 def ensure_synthetic(root: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> str:
