@@ -117,7 +117,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
 
 
-def _smaller_batch(settings: BuildSettings, stage: str) -> BuildSettings | None:
+def smaller_batch(settings: BuildSettings, stage: str) -> BuildSettings | None:
     """Settings with the stage's model batch halved, or None when it is already 1."""
     section = STAGES[stage].sections[0]
     size = getattr(getattr(settings, section), "batch_size", 1)
@@ -137,7 +137,7 @@ def _call_stage(stage: str, inputs: Any, settings: BuildSettings, ctx: StageCont
         try:
             return fn(inputs, settings, ctx)
         except Exception as err:
-            smaller = _smaller_batch(settings, stage) if is_out_of_memory(err) else None
+            smaller = smaller_batch(settings, stage) if is_out_of_memory(err) else None
             if smaller is None:
                 raise
             _free_accelerator_memory()
@@ -236,7 +236,7 @@ def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings, b
 @cache
 def stage_task(stage: str) -> Task:
     """The Prefect task of one stage: named after it, one run per batch, retried, cached."""
-    generic = task(
+    return task(
         run_stage,
         name=stage,
         task_run_name=f"{stage}-batch-{{batch_id}}",
@@ -247,7 +247,6 @@ def stage_task(stage: str) -> Task:
         persist_result=True,
         tags=["gpu"] if stage in GPU_STAGES else ["cpu"],
     )
-    return generic
 
 
 # --------------------------------------------------------------------------- flow plumbing

@@ -18,6 +18,7 @@ from refany3d.flows.build_dataset import (
     ensure_gpu_slots,
     is_out_of_memory,
     is_transient,
+    smaller_batch,
 )
 from refany3d.records import IMAGE
 from tests.flows._runs import artifacts, rejects, shard_bytes, shard_ids, task_runs
@@ -132,6 +133,13 @@ def test_failure_classification():
     assert not is_transient(FileNotFoundError(2, "gone")) and not is_transient(ValueError("bad"))
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_smaller_batch_halves_the_stage_model_batch_down_to_one():
+    settings = override(BuildSettings(), **{"detector.batch_size": 8})
+    assert smaller_batch(settings, "detect").detector.batch_size == 4
+    assert smaller_batch(settings, "detect").segmenter.batch_size == settings.segmenter.batch_size
+    assert smaller_batch(override(settings, **{"detector.batch_size": 1}), "detect") is None
 
 
 def test_artifact_key_is_lowercase_digits_dashes():

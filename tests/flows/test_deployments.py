@@ -7,9 +7,12 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from tests.flows._runs import artifacts, shard_ids, wait_flow_run
 from tests.flows.conftest import BIN, stop
@@ -135,3 +138,27 @@ def test_ui_flow_run_page_shows_yield_table(prefect_server, deployed_run, tmp_pa
     for stage in ("source", "quality", "split", "detect", "segment", "depth", "shard"):
         assert stage in body
     assert widths and min(widths) > 0  # thumbnails embedded as data URIs render in the UI
+
+
+def test_serve_runs_triggered_build_in_process(prefect_server, s200k_source, tmp_path):
+    served = prefect_server.start(str(BIN / "refany3d"), "serve", log=tmp_path / "serve.log", cwd=tmp_path)
+    try:
+        with prefect_server.client() as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    client.read_deployment_by_name("build-dataset/local")
+                    break
+                except ObjectNotFound:
+                    assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                    time.sleep(1)
+            settings = {"until": "split", "source": {"kind": "subjects200k", "data_files": s200k_source}}
+            settings["storage"] = {"out": str(tmp_path / "out")}
+            run = run_deployment(
+                "build-dataset/local", parameters={"settings": settings}, timeout=0, client=client
+            )
+            run = wait_flow_run(client, run.id, timeout=180)
+    finally:
+        stop(served)
+    assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+    assert len(shard_ids(tmp_path / "out")) == 12
