@@ -84,6 +84,7 @@ class DetectorSettings(_Section):
         10, "highest-scoring candidate boxes per image given phrases (the rest are never kept)", ge=1
     )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
+    compile: bool = _opt(True, "torch.compile the Swin/BERT/encoder/decoder layers on CUDA (ignored on CPU)")
     truth_jitter: float = _opt(0.03, "truth backend: box corner jitter, fraction of box size", ge=0.0)
     truth_dilation: float = _opt(0.05, "truth backend: box dilation, fraction of box size", ge=0.0)
 
@@ -104,6 +105,7 @@ class SegmenterSettings(_Section):
         0.002, "parts smaller than this fraction of the mask are not counted", ge=0.0, lt=1.0
     )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
+    compile: bool = _opt(True, "sam backend: torch.compile the image-encoder blocks on CUDA (ignored on CPU)")
     truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
 
 
@@ -112,6 +114,7 @@ class DepthSettings(_Section):
     backend: Literal["truth", "depth-pro"] = _opt("truth", "depth backend")
     weights: str = _opt("", "local directory or hub id (apple/DepthPro-hf)")
     batch_size: int = _opt(8, "images per forward pass", ge=1)
+    compile: bool = _opt(True, "torch.compile the DINOv2 layers and fusion decoder on CUDA (ignored on CPU)")
     truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
     truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
     truth_focal_error: float = _opt(0.05, "truth backend: std of the log focal-length error", ge=0.0)
@@ -170,7 +173,8 @@ class StorageSettings(_Section):
 class RuntimeSettings(_Section):
     device: str = _opt("cpu", "torch device for models: cpu, cuda, cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = _opt("float32", "model precision on the device")
-    batch_size: int = _opt(8, "source rows per flow batch (one task per stage and batch)", ge=1)
+    batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
+    batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)
     gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
     workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")

@@ -38,13 +38,21 @@ from prefect.tasks import Task, exponential_backoff
 
 from refany3d import __version__
 from refany3d.config import BuildSettings, override, settings_hash, to_dict
-from refany3d.flows.artifacts import BuildReport, reason_counts
+from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport, reason_counts
 from refany3d.records import Rejection, Sample, StageResult
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES, ancestors, stage_function
 from refany3d.stages.read_source import SourceBatch, plan_source
+from refany3d.stages.shard import shard_names
 from refany3d.storage.card import ensure_build_id, write_card
-from refany3d.storage.shards import list_tables, write_rejects
+from refany3d.storage.shards import (
+    DATA_DIR,
+    REJECTS_DIR,
+    list_tables,
+    prune_tables,
+    rejects_name,
+    write_rejects,
+)
 from refany3d.storage.store import ArtifactStore, join
 
 STAGE_ERROR = "stage_error"  # drop reason: the stage raised on this sample alone
@@ -294,30 +302,41 @@ def plan_inputs(stage: str, until: str) -> tuple[str, ...]:
     return STAGES[stage].parents
 
 
-def _submit_all(
-    runner: TaskRunner, settings: BuildSettings, batches: list[SourceBatch], build_id: str
-) -> dict[PrefectFuture, tuple[str, int]]:
-    """Every (stage, batch) task, wired to its parents' futures; future -> (stage, batch index)."""
-    storage = result_storage(settings)
-    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
-    by_stage: dict[str, list[PrefectFuture]] = {}
-    where: dict[PrefectFuture, tuple[str, int]] = {}
-    for stage in stages:
-        fn: Task = stage_task(stage).with_options(result_storage=storage)
-        by_stage[stage] = []
-        for i, b in enumerate(batches):
-            inputs = b if stage == "source" else [by_stage[p][i] for p in plan_inputs(stage, settings.until)]
-            params = {
-                "stage": stage,
-                "batch_id": b.batch_id,
-                "inputs": inputs,
-                "settings": settings,
-                "build_id": build_id,
-            }
-            future = runner.submit(fn, params)
-            by_stage[stage].append(future)
-            where[future] = (stage, i)
-    return where
+def _submit_batch(
+    runner: TaskRunner, tasks: dict[str, Task], settings: BuildSettings, batch: SourceBatch, build_id: str
+) -> dict[str, PrefectFuture]:
+    """Every stage task of one batch, each wired to its parents' futures; stage -> future."""
+    futures: dict[str, PrefectFuture] = {}
+    for stage, fn in tasks.items():
+        inputs = batch if stage == "source" else [futures[p] for p in plan_inputs(stage, settings.until)]
+        params = {
+            "stage": stage,
+            "batch_id": batch.batch_id,
+            "inputs": inputs,
+            "settings": settings,
+            "build_id": build_id,
+        }
+        futures[stage] = runner.submit(fn, params)
+    return futures
+
+
+class _Outputs:
+    """What the flow keeps of finished batches: file names of shards and reject tables, and a few
+    samples for the gallery. Stage results themselves are dropped once a batch is sharded, so the
+    flow's memory does not grow with the dataset."""
+
+    def __init__(self, shard_size: int) -> None:
+        self.shard_size = shard_size
+        self.shards: set[str] = set()
+        self.rejects: set[str] = set()
+        self.gallery: list[Sample] = []
+
+    def add(self, stage: str, result: StageResult) -> None:
+        if result.dropped:
+            self.rejects.add(rejects_name(result.dropped))
+        if stage == "shard":
+            self.shards.update(shard_names(result.kept, self.shard_size))
+            self.gallery += result.kept[: max(0, GALLERY_SAMPLES - len(self.gallery))]
 
 
 @flow(name="build-dataset", flow_run_name="{settings.dataset_name}", log_prints=True)
@@ -327,41 +346,63 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     build_id = ensure_build_id(settings.storage.out)
     ensure_gpu_slots(settings)
     batches = plan_source(settings)
+    storage = result_storage(settings)
     stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    tasks = {s: stage_task(s).with_options(result_storage=storage) for s in stages}
+    window = settings.runtime.batches_in_flight
     logger.info(
-        "building %r into %s: %d batch(es) of <= %d rows, stages %s, %s runner",
-        settings.dataset_name, settings.storage.out, len(batches), settings.runtime.batch_size,
+        "building %r into %s: %d batch(es) of <= %d rows, %d in flight, stages %s, %s runner",
+        settings.dataset_name, settings.storage.out, len(batches), settings.runtime.batch_size, window,
         " -> ".join(stages), settings.runtime.runner,
     )  # fmt: skip
     report = BuildReport(settings.dataset_name, stages, len(batches))
-    results: dict[str, list[StageResult | None]] = {s: [None] * len(batches) for s in stages}
+    outputs = _Outputs(settings.storage.shard_size)
+    todo = list(enumerate(batches))[::-1]
+    live: dict[int, dict[str, PrefectFuture]] = {}
     with task_runner(settings) as runner:
-        where = _submit_all(runner, settings, batches, build_id)
-        for future in as_completed(list(where)):
-            stage, i = where[future]
-            results[stage][i] = future.result()
-            parents = plan_inputs(stage, settings.until)
-            n_in = (
-                batches[i].stop - batches[i].start
-                if stage == "source"
-                else len(merge_parents([results[p][i] for p in parents]))
-            )
-            report.add(stage, n_in, results[stage][i])
-    shards = list_tables(settings.storage.out)
+        while todo or live:
+            while todo and len(live) < window:
+                i, batch = todo.pop()
+                live[i] = _submit_batch(runner, tasks, settings, batch, build_id)
+            i = _finish_one_batch(live, batches, settings.until, report, outputs)
+            del live[i]
+    out = settings.storage.out
+    for subdir, keep in ((DATA_DIR, outputs.shards), (REJECTS_DIR, outputs.rejects)):
+        for stale in prune_tables(out, subdir, keep):
+            logger.info("removed %s: not part of this build (an earlier build's output)", stale)
+    shards = list_tables(out)
     stats = report.stats()
     write_card(
-        settings.storage.out,
-        settings.dataset_name,
-        stats,
-        to_dict(settings),
-        settings.uses_truth,
-        settings.until,
-        shards,
+        out, settings.dataset_name, stats, to_dict(settings), settings.uses_truth, settings.until, shards
     )
-    store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
-    last = [s for s in stages if s != "shard"][-1]
-    report.finish(
-        settings.storage.out, shards, [s for r in results[last] for s in r.kept], store, settings.uses_truth
-    )
-    logger.info("wrote %d shard(s), card and stats to %s", len(shards), settings.storage.out)
-    return {"stats": stats, "shards": shards, "out": settings.storage.out, "flow_run_id": str(flow_run.id)}
+    store = ArtifactStore(settings.storage.artifacts or join(out, "artifacts"))
+    report.finish(out, shards, outputs.gallery, store, settings.uses_truth)
+    logger.info("wrote %d shard(s), card and stats to %s", len(shards), out)
+    return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
+
+
+def _finish_one_batch(
+    live: dict[int, dict[str, PrefectFuture]],
+    batches: list[SourceBatch],
+    until: str,
+    report: BuildReport,
+    outputs: _Outputs,
+) -> int:
+    """Wait until one in-flight batch is fully done, counting its stages; returns its index."""
+    where = {f: (i, stage) for i, futures in live.items() for stage, f in futures.items()}
+    for future in as_completed(list(where)):
+        i, stage = where[future]
+        if stage != "shard":
+            continue
+        results = {s: f.result() for s, f in live[i].items()}
+        for s, result in results.items():
+            parents = plan_inputs(s, until)
+            n_in = (
+                batches[i].stop - batches[i].start
+                if s == "source"
+                else len(merge_parents([results[p] for p in parents]))
+            )
+            report.add(s, n_in, result)
+            outputs.add(s, result)
+        return i
+    raise RuntimeError("no batch finished")  # unreachable: every batch has a shard task

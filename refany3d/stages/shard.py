@@ -25,7 +25,7 @@ from refany3d.records import (
 )
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import shard_columns
-from refany3d.storage.shards import write_shard
+from refany3d.storage.shards import content_name, write_shard
 from refany3d.storage.store import ArtifactStore
 
 STAGE = "shard"
@@ -56,11 +56,17 @@ def sample_row(sample: Sample, columns: list[str], store: ArtifactStore) -> dict
     return row
 
 
+def shard_names(kept: list[Sample], shard_size: int) -> list[str]:
+    """File names of the shards that `shard` writes for these kept samples (sample-id order)."""
+    ids = sorted(s.sample_id for s in kept)
+    return [content_name("shard", ids[i : i + shard_size]) for i in range(0, len(ids), shard_size)]
+
+
 def shard(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
-    """Write `samples` as shards of `storage.shard_size`, in sample-id order."""
+    """Write `samples` as shards of `storage.shard_size`, in sample-id order, one shard in memory."""
     result = StageResult()
     columns = shard_columns(settings.until)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for sample in sorted(samples, key=lambda s: s.sample_id):
         try:
             rows.append(sample_row(sample, columns, ctx.store))
@@ -68,7 +74,8 @@ def shard(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
             result.drop(sample, STAGE, ARTIFACT_MISSING, detail=str(err)[:200])
             continue
         result.kept.append(sample)
-    size = settings.storage.shard_size
-    for i in range(0, len(rows), size):
-        write_shard(settings.storage.out, rows[i : i + size], columns)
+        if len(rows) == settings.storage.shard_size:
+            write_shard(settings.storage.out, rows, columns)
+            rows = []
+    write_shard(settings.storage.out, rows, columns)
     return result

@@ -8,6 +8,7 @@ an atomic rename, so a crash mid-write leaves no partial shard visible.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -49,6 +50,10 @@ def write_shard(out: str, rows: Sequence[dict[str, Any]], columns: list[str]) ->
     return _write_table(out, DATA_DIR, content_name("shard", (r["sample_id"] for r in rows)), table)
 
 
+def rejects_name(rejections: Sequence[Rejection]) -> str:
+    return content_name("rejects", (f"{r.stage}/{r.sample_id}" for r in rejections))
+
+
 def write_rejects(out: str, rejections: Sequence[Rejection]) -> str | None:
     """Write one reject table under `out/rejects/`, named by its (stage, sample id) pairs."""
     if not rejections:
@@ -56,8 +61,18 @@ def write_rejects(out: str, rejections: Sequence[Rejection]) -> str | None:
     schema = reject_schema()
     rows = [{name: getattr(r, name) for name in schema.names} for r in rejections]
     table = pa.Table.from_pylist(rows, schema=schema)
-    name = content_name("rejects", (f"{r.stage}/{r.sample_id}" for r in rejections))
-    return _write_table(out, REJECTS_DIR, name, table)
+    return _write_table(out, REJECTS_DIR, rejects_name(rejections), table)
+
+
+def prune_tables(out: str, subdir: str, keep: set[str]) -> list[str]:
+    """Remove the tables under `out/subdir` whose file name is not in `keep` (an earlier build's
+    leftovers, e.g. shards of another `--until`); returns the removed URLs."""
+    stale = [p for p in list_tables(out, subdir) if posixpath.basename(p) not in keep]
+    if stale:
+        fs, _ = url_to_fs(out)
+        for path in stale:
+            fs.rm(url_to_fs(path)[1])
+    return stale
 
 
 def list_tables(out: str, subdir: str = DATA_DIR) -> list[str]:

@@ -145,3 +145,21 @@ def test_smaller_batch_halves_the_stage_model_batch_down_to_one():
 def test_artifact_key_is_lowercase_digits_dashes():
     assert artifact_key("My Dataset_v2 (test)", "yield") == "my-dataset-v2-test-yield"
     assert artifact_key("___", "progress") == "refany3d-progress"
+
+
+def test_build_dataset_other_until_replaces_earlier_shards(tmp_path, s200k_source):
+    out = tmp_path / "out"
+    build_dataset(_settings(out, s200k_source))
+    split_shards = set(shard_bytes(out))
+    build_dataset(_settings(out, s200k_source, until="quality"))
+    # Only this build's shards remain: no mix of `--until split` and `--until quality` rows.
+    assert set(shard_bytes(out)).isdisjoint(split_shards)
+    assert len(shard_ids(out)) == 7  # rows that passed the quality filter, no views
+    assert sorted(r["stage"] for r in rejects(out)) == ["quality"]
+
+
+def test_build_dataset_batches_in_flight_does_not_change_output(tmp_path, s200k_source):
+    one = build_dataset(_settings(tmp_path / "one", s200k_source, **{"runtime.batches_in_flight": 1}))
+    many = build_dataset(_settings(tmp_path / "many", s200k_source, **{"runtime.batches_in_flight": 8}))
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "many")
+    assert one["stats"] == many["stats"]
