@@ -13,10 +13,13 @@ model, post-processing, artifact writes) on 512 px views. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import io
 import json
+import os
 import platform
+import pstats
 import statistics
 import tempfile
 import time
@@ -181,9 +184,11 @@ class _ModelClock:
         self.total += time.perf_counter() - self._start
 
 
-def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
-    """Median ms per image of each stage over `repeats` runs (after one warm-up run), and the
-    part of it spent in the network forward (`<stage>_model`)."""
+def time_stages(samples, settings, ctx, repeats: int, profile_dir: Path | None = None) -> dict[str, float]:
+    """Median ms per image of each stage over `repeats` runs (after one warm-up run), the part of
+    it spent in the network forward (`<stage>_model`) and the warm-up run's seconds (`<stage>_warmup_s`:
+    with compiled layers, mostly compile time). With `profile_dir`, the last run of each stage is
+    also profiled with cProfile (top functions by own time, in `<stage>.txt`)."""
     clocks = {
         "detect": _ModelClock(load_detector(settings).model),
         "segment": _ModelClock(load_segmenter(settings).model),
@@ -191,15 +196,26 @@ def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
     }
     per_stage: dict[str, list[float]] = {k: [] for k in ("detect", "segment", "depth")}
     per_model: dict[str, list[float]] = {k: [] for k in per_stage}
+    warmup: dict[str, float] = {}
     for rep in range(repeats + 1):
         current = samples
         for name, fn in (("detect", detect), ("segment", segment), ("depth", depth)):
             clocks[name].total = 0.0
+            prof = cProfile.Profile() if profile_dir is not None and rep == repeats else None
             _sync()
             start = time.perf_counter()
+            if prof is not None:
+                prof.enable()
             result = fn(current, settings, ctx)
             _sync()
             elapsed = time.perf_counter() - start
+            if prof is not None:
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+                (profile_dir / f"{name}.txt").write_text(text.getvalue())
+            if rep == 0:
+                warmup[f"{name}_warmup_s"] = round(elapsed, 1)
             assert len(result.kept) == len(current), (name, result.dropped[:2])
             current = result.kept
             if rep > 0:
@@ -208,6 +224,7 @@ def time_stages(samples, settings, ctx, repeats: int) -> dict[str, float]:
     out = {k: round(statistics.median(v), 2) for k, v in per_stage.items()}
     out["total"] = round(sum(out.values()), 2)
     out.update({f"{k}_model": round(statistics.median(v), 2) for k, v in per_model.items()})
+    out.update(warmup)
     return out
 
 
@@ -256,6 +273,11 @@ def variants(settings, batch: int = 8) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/perception.json")
@@ -263,17 +285,45 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="eager,compiled", help="eager = *.compile off, compiled = on")
+    parser.add_argument("--profile-dir", default="", help="cProfile the compiled batch-1 stages here")
+    parser.add_argument("--variants", action="store_true", help="also time the bare-network design choices")
     args = parser.parse_args()
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # batch 8 / batch 1 / per-prompt text lengths: more input shapes per layer than dynamo's default 8
+    torch._dynamo.config.recompile_limit = 64
+    import transformers
+
+    out = Path(args.out)
+    report = {
+        "bench": "perception stages (detect hf-grounding-dino Swin-T, segment sam vit_h, depth depth-pro DINOv2-L 1536)",
+        "unit": "ms per image through the stages (PNG read, processors, model, post-processing, artifact writes), "
+        "median of repeats; <stage>_model = the network forward alone; <stage>_warmup_s = the first "
+        "(untimed) run in seconds, compile included",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "transformers": transformers.__version__,
+        },
+        "device": args.device,
+        "dtype": args.dtype,
+        "images": args.images,
+        "view_px": 512,
+        "repeats": args.repeats,
+        "targets_ms": {"batch_8_total": 100, "batch_1_total": 150},
+    }
     work = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     build_grounding_dino(work / "gdino")
     build_sam_vit_h(work / "sam_vit_h.pth")
     build_depth_pro(work / "depth_pro")
-    build_s = time.perf_counter() - t0
+    report["model_build_s"] = round(time.perf_counter() - t0, 1)
     ctx = StageContext(store=ArtifactStore(str(work / "artifacts")), seed=0)
     samples = views(ctx.store, args.images)
     base = override(
@@ -295,44 +345,35 @@ def main() -> None:
             "depth.weights": str(work / "depth_pro"),
         },
     )
-    results = {}
-    for batch in (8, 1):
-        settings = override(base, **{f"{s}.batch_size": batch for s in ("detector", "segmenter", "depth")})
-        results[f"batch_{batch}"] = time_stages(samples, settings, ctx, args.repeats)
-        print(f"batch {batch}: {results[f'batch_{batch}']}", flush=True)
-    try:
-        variant_ms = variants(
-            override(base, **{f"{s}.batch_size": 8 for s in ("detector", "segmenter", "depth")})
-        )
-    except Exception as err:  # noqa: BLE001 - the stage numbers above must still be written
-        variant_ms = {"error": repr(err)[:300]}
-    print(f"variants (bare, batch 8): {variant_ms}", flush=True)
-    report = {
-        "bench": "perception stages (detect hf-grounding-dino Swin-T, segment sam vit_h, depth depth-pro DINOv2-L 1536)",
-        "unit": "ms per image through the stages (PNG read, processors, model, post-processing, artifact writes), "
-        "median of repeats; <stage>_model = the network forward alone",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": __import__("os").cpu_count(),
-        },
-        "device": args.device,
-        "dtype": args.dtype,
-        "images": args.images,
-        "view_px": 512,
-        "repeats": args.repeats,
-        "model_build_s": round(build_s, 1),
-        "results": results,
-        "variants_bare_batch_8": variant_ms,
-        "targets_ms": {"batch_8_total": 100, "batch_1_total": 150},
-    }
-    import transformers
-
-    report["machine"]["transformers"] = transformers.__version__
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    sections = ("detector", "segmenter", "depth")
+    for mode in args.modes.split(","):
+        key = "results" if mode == "eager" else f"results_{mode}"
+        report[key] = {}
+        for batch in (8, 1):
+            settings = override(
+                base,
+                **{f"{s}.batch_size": batch for s in sections},
+                **{f"{s}.compile": mode == "compiled" for s in sections},
+            )
+            profile = (
+                Path(args.profile_dir) if args.profile_dir and mode == "compiled" and batch == 1 else None
+            )
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+            try:
+                report[key][f"batch_{batch}"] = time_stages(samples, settings, ctx, args.repeats, profile)
+            except Exception as err:  # noqa: BLE001 - the other numbers must still be written
+                report[key][f"batch_{batch}"] = {"error": repr(err)[:500]}
+            print(f"{mode} batch {batch}: {report[key][f'batch_{batch}']}", flush=True)
+            _write(out, report)
+    if args.variants:
+        try:
+            report["variants_bare_batch_8"] = variants(
+                override(base, **{f"{s}.batch_size": 8 for s in sections})
+            )
+        except Exception as err:  # noqa: BLE001 - the stage numbers above must still be written
+            report["variants_bare_batch_8"] = {"error": repr(err)[:300]}
+    _write(out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from refany3d.config import BuildSettings
+from refany3d.models._torch import maybe_compile
 from refany3d.models.depth.base import DepthEstimator, DepthMap
 from refany3d.models.depth.depth_pro import DepthProEstimator
 from refany3d.models.depth.truth import TruthDepthEstimator
@@ -18,11 +19,11 @@ __all__ = ["BACKENDS", "DepthEstimator", "DepthMap", "load_depth"]
 
 
 def load_depth(settings: BuildSettings) -> DepthEstimator:
-    """The depth backend of `settings`, built once per process per (backend, weights, device, dtype)."""
+    """The depth backend of `settings`, built once per process per (backend, weights, device, dtype, compile)."""
     d, rt = settings.depth, settings.runtime
-    return _load(d.backend, d.weights, rt.device, rt.dtype)
+    return _load(d.backend, d.weights, rt.device, rt.dtype, d.compile)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(backend: str, weights: str, device: str, dtype: str) -> DepthEstimator:
-    return BACKENDS[backend](weights, device, dtype)
+def _load(backend: str, weights: str, device: str, dtype: str, compile: bool) -> DepthEstimator:
+    return maybe_compile(BACKENDS[backend](weights, device, dtype), compile)

@@ -20,6 +20,8 @@ from refany3d.records import Sample
 
 class DepthProEstimator:
     name = "depth-pro"
+    # compiled on CUDA with `depth.compile` (refany3d.models._torch.maybe_compile)
+    compile_layers = frozenset({"Dinov2Layer", "DepthProFeatureFusionLayer", "DepthProDepthEstimationHead"})
 
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
         import torch

@@ -16,6 +16,10 @@ from refany3d.records import Sample
 
 class HfGroundingDinoDetector:
     name = "hf-grounding-dino"
+    # compiled on CUDA with `detector.compile` (refany3d.models._torch.maybe_compile)
+    compile_layers = frozenset(
+        {"SwinLayer", "BertLayer", "GroundingDinoEncoderLayer", "GroundingDinoDecoderLayer"}
+    )
 
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
         import torch

@@ -44,3 +44,22 @@ def test_depth_depth_pro_batch_of_one_equals_batch_of_five(setup):
         np.testing.assert_allclose(
             _load(ctx, a).astype(np.float32), _load(ctx, b).astype(np.float32), rtol=1e-2
         )
+
+
+def test_estimate_compiled_layers_equal_plain(setup):
+    """The `depth.compile` fast path (compiled DINOv2/fusion/head layers) gives the plain results;
+    aot_eager traces the layers as inductor would, without its minutes of CPU code generation."""
+    from refany3d.models._torch import compile_layers
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    est = DepthProEstimator(settings.depth.weights)
+    images = read_views(ctx.store, views[:3])
+    plain = est.estimate(images, views[:3], settings.depth, 0)
+    assert (
+        compile_layers(est.model, est.compile_layers, backend="aot_eager") == 11
+    )  # 3 × 2 DINOv2 layers, 4 fusion, head
+    fast = est.estimate(images, views[:3], settings.depth, 0)
+    for a, b in zip(plain, fast, strict=True):
+        np.testing.assert_allclose(a.depth, b.depth, rtol=1e-4, atol=1e-4)
+        assert a.focal_px == pytest.approx(b.focal_px, rel=1e-5)

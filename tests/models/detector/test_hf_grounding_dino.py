@@ -65,3 +65,21 @@ def test_detect_batch_of_one_equals_batch_of_five(setup):
     five = run_batched(detect, views, settings, ctx, "detector", 5)
     assert [s.sample_id for s in one.kept] == [s.sample_id for s in five.kept]
     np.testing.assert_allclose([s.box for s in one.kept], [s.box for s in five.kept], atol=1e-3)
+
+
+@pytest.mark.slow  # ~2 min of dynamo tracing on 2 cores; `detector.compile` is off by default
+def test_detect_compiled_layers_equal_plain(setup):
+    """The `detector.compile` fast path (compiled Swin/BERT/encoder/decoder layers) gives the plain boxes."""
+    from refany3d.models._torch import compile_layers
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    det = HfGroundingDinoDetector(settings.detector.weights)
+    images, prompts = read_views(ctx.store, views[:2]), ["red mug.", "wooden chair."]
+    plain = det.detect(images, prompts, views[:2], settings.detector, 0)
+    assert compile_layers(det.model, det.compile_layers, backend="aot_eager") > 0
+    fast = det.detect(images, prompts, views[:2], settings.detector, 0)
+    for a, b in zip(plain, fast, strict=True):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        assert a.phrases == b.phrases

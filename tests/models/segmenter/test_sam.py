@@ -93,3 +93,19 @@ def test_sdpa_attention_matches_segment_anything_attention(variant):
             block.attn.__class__ = cls
         got = sam.image_encoder(x)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_segment_compiled_encoder_equals_plain(setup):
+    """The `segmenter.compile` fast path (compiled encoder blocks) gives the plain masks and scores."""
+    from refany3d.models._torch import compile_layers
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    sam = SamSegmenter(settings.segmenter.weights, model_type="vit_h")
+    images, boxes = read_views(ctx.store, views[:3]), [s.box for s in views[:3]]
+    plain = sam.segment(images, boxes, views[:3], settings.segmenter, 0)
+    assert compile_layers(sam.model, sam.compile_layers, backend="aot_eager") == 2
+    fast = sam.segment(images, boxes, views[:3], settings.segmenter, 0)
+    for a, b in zip(plain, fast, strict=True):
+        assert (a.mask != b.mask).mean() < 1e-3
+        assert a.score == pytest.approx(b.score, abs=1e-5)

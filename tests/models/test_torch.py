@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from refany3d.models._torch import compile_layers, maybe_compile
+
+
+class _Backend:
+    compile_layers = frozenset({"Linear"})
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+def _compiled(model: torch.nn.Module) -> list[bool]:
+    return [m._compiled_call_impl is not None for m in model]
+
+
+def test_maybe_compile_cpu_backend_stays_eager():
+    backend = maybe_compile(_Backend("cpu"), enabled=True)
+    assert _compiled(backend.model) == [False, False, False]
+
+
+def test_compile_layers_compiles_named_classes_only():
+    model = _Backend("cpu").model
+    x = torch.randn(3, 4)
+    plain = model(x)
+    assert compile_layers(model, frozenset({"Linear"}), backend="aot_eager") == 2
+    assert _compiled(model) == [True, False, True]
+    torch.testing.assert_close(model(x), plain)
+
+
+def test_compile_layers_no_matching_layer_raises():
+    with pytest.raises(ValueError, match="no \\['Dinov2Layer'\\] layer"):
+        compile_layers(_Backend("cpu").model, frozenset({"Dinov2Layer"}))
