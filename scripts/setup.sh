@@ -31,7 +31,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps "pyrender==0.1.45"
   # groundingdino-py's declared needs pull opencv-python and supervision, which it does not use
   # for inference; install it and what it imports, nothing else.
-  .venv/bin/python -m pip install -q --no-deps "groundingdino-py==0.4.0" addict yapf matplotlib pycocotools
+  .venv/bin/python -m pip install -q addict yapf matplotlib pycocotools
+  .venv/bin/python -m pip install -q --no-deps "groundingdino-py==0.4.0"
   echo "$want" > "$stamp"
 else
   echo "[setup] .venv is up to date"
