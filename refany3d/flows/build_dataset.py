@@ -302,22 +302,44 @@ def plan_inputs(stage: str, until: str) -> tuple[str, ...]:
     return STAGES[stage].parents
 
 
-def _submit_batch(
-    runner: TaskRunner, tasks: dict[str, Task], settings: BuildSettings, batch: SourceBatch, build_id: str
-) -> dict[str, PrefectFuture]:
-    """Every stage task of one batch, each wired to its parents' futures; stage -> future."""
-    futures: dict[str, PrefectFuture] = {}
-    for stage, fn in tasks.items():
-        inputs = batch if stage == "source" else [futures[p] for p in plan_inputs(stage, settings.until)]
+class _Scheduler:
+    """Submits a (stage, batch) task only once its parents have finished, so no task-runner worker
+    ever sits blocked on an upstream future (with 2 workers that serialised the whole build), and
+    keeps at most `window` batches in flight."""
+
+    def __init__(self, runner: TaskRunner, tasks: dict[str, Task], settings: BuildSettings, build_id: str):
+        self.runner, self.tasks, self.settings, self.build_id = runner, tasks, settings, build_id
+        self.children = {s: [c for c in tasks if s in plan_inputs(c, settings.until)] for s in tasks}
+        self.pending: dict[PrefectFuture, tuple[int, str]] = {}
+        self.finished: dict[int, dict[str, PrefectFuture]] = {}
+
+    def start(self, i: int, batch: SourceBatch) -> None:
+        self.finished[i] = {}
+        self._submit(i, batch, "source", batch)
+
+    def _submit(self, i: int, batch: SourceBatch, stage: str, inputs: Any) -> None:
         params = {
             "stage": stage,
             "batch_id": batch.batch_id,
             "inputs": inputs,
-            "settings": settings,
-            "build_id": build_id,
+            "settings": self.settings,
+            "build_id": self.build_id,
         }
-        futures[stage] = runner.submit(fn, params)
-    return futures
+        self.pending[self.runner.submit(self.tasks[stage], params)] = (i, stage)
+
+    def next_finished_batch(self, batches: list[SourceBatch]) -> tuple[int, dict[str, PrefectFuture]]:
+        """Run tasks as their parents finish until one batch is sharded; its (index, futures)."""
+        while True:
+            future = next(as_completed(list(self.pending)))
+            i, stage = self.pending.pop(future)
+            done = self.finished[i]
+            done[stage] = future
+            if stage == "shard":
+                return i, self.finished.pop(i)
+            for child in self.children[stage]:
+                parents = plan_inputs(child, self.settings.until)
+                if all(p in done for p in parents):
+                    self._submit(i, batches[i], child, [done[p] for p in parents])
 
 
 class _Outputs:
@@ -358,14 +380,15 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     report = BuildReport(settings.dataset_name, stages, len(batches))
     outputs = _Outputs(settings.storage.shard_size)
     todo = list(enumerate(batches))[::-1]
-    live: dict[int, dict[str, PrefectFuture]] = {}
     with task_runner(settings) as runner:
-        while todo or live:
-            while todo and len(live) < window:
-                i, batch = todo.pop()
-                live[i] = _submit_batch(runner, tasks, settings, batch, build_id)
-            i = _finish_one_batch(live, batches, settings.until, report, outputs)
-            del live[i]
+        scheduler = _Scheduler(runner, tasks, settings, build_id)
+        for _ in range(min(window, len(todo))):
+            scheduler.start(*todo.pop())
+        for _ in batches:
+            i, futures = scheduler.next_finished_batch(batches)
+            _count_batch(i, futures, batches, settings.until, report, outputs)
+            if todo:
+                scheduler.start(*todo.pop())
     out = settings.storage.out
     for subdir, keep in ((DATA_DIR, outputs.shards), (REJECTS_DIR, outputs.rejects)):
         for stale in prune_tables(out, subdir, keep):
@@ -381,28 +404,20 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
 
 
-def _finish_one_batch(
-    live: dict[int, dict[str, PrefectFuture]],
+def _count_batch(
+    i: int,
+    futures: dict[str, PrefectFuture],
     batches: list[SourceBatch],
     until: str,
     report: BuildReport,
     outputs: _Outputs,
-) -> int:
-    """Wait until one in-flight batch is fully done, counting its stages; returns its index."""
-    where = {f: (i, stage) for i, futures in live.items() for stage, f in futures.items()}
-    for future in as_completed(list(where)):
-        i, stage = where[future]
-        if stage != "shard":
-            continue
-        results = {s: f.result() for s, f in live[i].items()}
-        for s, result in results.items():
-            parents = plan_inputs(s, until)
-            n_in = (
-                batches[i].stop - batches[i].start
-                if s == "source"
-                else len(merge_parents([results[p] for p in parents]))
-            )
-            report.add(s, n_in, result)
-            outputs.add(s, result)
-        return i
-    raise RuntimeError("no batch finished")  # unreachable: every batch has a shard task
+) -> None:
+    """Feed one finished batch's stage results to the report and the kept outputs."""
+    results = {s: f.result() for s, f in futures.items()}
+    for stage, result in results.items():
+        if stage == "source":
+            n_in = batches[i].stop - batches[i].start
+        else:
+            n_in = len(merge_parents([results[p] for p in plan_inputs(stage, until)]))
+        report.add(stage, n_in, result)
+        outputs.add(stage, result)
