@@ -121,10 +121,8 @@ def _preflight(settings: BuildSettings) -> None:
         from refany3d.stages.read_source import resolve_files
 
         resolve_files(settings.source.data_files)
-    try:
-        from refany3d.models.weights import check_weights
-    except ModuleNotFoundError:
-        return
+    from refany3d.models.weights import check_weights
+
     check_weights(settings)
 
 
