@@ -5,16 +5,21 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from PIL import Image
 
-from refany3d.records import IMAGE, Sample
+from refany3d.records import IMAGE, Sample, StageResult
 from refany3d.storage.store import ArtifactStore
 
 T = TypeVar("T")
 R = TypeVar("R")
+L = TypeVar("L")
+Out = TypeVar("Out")
+
+# What a stage decides for one sample: the kept sample, or (reason, metric, detail) of its drop.
+Outcome = Sample | tuple[str, float | None, str]
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -50,3 +55,45 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
 def read_views(store: ArtifactStore, samples: Sequence[Sample]) -> list[Image.Image]:
     """The samples' views as RGB PIL images, decoded in parallel."""
     return parallel_map(lambda s: read_view(store, s), samples)
+
+
+def pipelined(
+    chunks: Sequence[Sequence[T]],
+    load: Callable[[Sequence[T]], L],
+    infer: Callable[[Sequence[T], L], Out],
+    finish: Callable[[Sequence[T], L, Out], R],
+) -> Iterator[tuple[Sequence[T], R]]:
+    """(chunk, finish(chunk, loaded, infer(chunk, loaded))) for each chunk, in order, where
+    loaded = load(chunk).
+
+    `infer` (the forward pass) runs on the calling thread, one chunk at a time; the next chunk's
+    `load` (decode, read) and the previous chunks' `finish` (checks, encode, write) run on a worker
+    thread meanwhile, so a stage's host work hides behind the GPU instead of adding to it.
+    """
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io") as pool:
+        upcoming: Future = pool.submit(load, chunks[0])
+        finishing: list[Future] = []
+        for index, chunk in enumerate(chunks):
+            loaded = upcoming.result()
+            if index + 1 < len(chunks):
+                upcoming = pool.submit(load, chunks[index + 1])
+            outputs = infer(chunk, loaded)
+            finishing.append(pool.submit(finish, chunk, loaded, outputs))
+        for chunk, done in zip(chunks, finishing, strict=True):
+            yield chunk, done.result()
+
+
+def record(
+    result: StageResult, stage: str, backend: str, chunk: Sequence[Sample], outcomes: Sequence[Outcome]
+) -> None:
+    """Add a chunk's outcomes to `result` in sample order: kept samples tagged with the backend
+    that made them, drops with their reason."""
+    for sample, outcome in zip(chunk, outcomes, strict=True):
+        if isinstance(outcome, tuple):
+            reason, metric, detail = outcome
+            result.drop(sample, stage, reason, metric=metric, detail=detail)
+        else:
+            outcome.backends[stage] = backend
+            result.kept.append(outcome)

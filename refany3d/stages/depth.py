@@ -15,7 +15,7 @@ from refany3d.config import BuildSettings
 from refany3d.models.depth import DepthMap, load_depth
 from refany3d.records import DEPTH, MASK, Sample, StageResult
 from refany3d.render.cameras import intrinsics_from_focal
-from refany3d.stages._views import batched, parallel_map, read_mask, read_views
+from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_mask, read_views, record
 from refany3d.stages.context import StageContext
 
 STAGE = "depth"
@@ -31,7 +31,7 @@ def _encode_depth(depth: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _finish(sample: Sample, width: int, dm: DepthMap, ctx: StageContext) -> Sample | tuple[str, float, str]:
+def _finish(sample: Sample, width: int, dm: DepthMap, ctx: StageContext) -> Outcome:
     """The kept sample with its stored depth and focal length, or (reason, metric, detail) of its drop."""
     region = np.ones(dm.depth.shape, bool)
     if MASK in sample.artifacts:
@@ -57,15 +57,16 @@ def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
         return result
     opts = settings.depth
     estimator = load_depth(settings)
-    for chunk in batched(samples, opts.batch_size):
-        images = read_views(ctx.store, chunk)
-        maps = estimator.estimate(images, chunk, opts, ctx.seed)
+
+    def finish(chunk, images, maps) -> list[Outcome]:
         jobs = list(zip(chunk, [im.width for im in images], maps, strict=True))
-        outcomes = parallel_map(lambda job: _finish(*job, ctx), jobs)
-        for sample, outcome in zip(chunk, outcomes, strict=True):
-            if isinstance(outcome, tuple):
-                result.drop(sample, STAGE, outcome[0], metric=outcome[1], detail=outcome[2])
-                continue
-            outcome.backends[STAGE] = estimator.name
-            result.kept.append(outcome)
+        return parallel_map(lambda job: _finish(*job, ctx), jobs)
+
+    for chunk, outcomes in pipelined(
+        list(batched(samples, opts.batch_size)),
+        lambda chunk: read_views(ctx.store, chunk),
+        lambda chunk, images: estimator.estimate(images, chunk, opts, ctx.seed),
+        finish,
+    ):
+        record(result, STAGE, estimator.name, chunk, outcomes)
     return result

@@ -12,7 +12,7 @@ import numpy as np
 from refany3d.config import BuildSettings
 from refany3d.models.detector import Detection, load_detector
 from refany3d.records import Sample, StageResult
-from refany3d.stages._views import batched, read_views
+from refany3d.stages._views import Outcome, batched, pipelined, read_views, record
 from refany3d.stages.context import StageContext
 
 STAGE = "detect"
@@ -40,6 +40,21 @@ def _best_box(det: Detection, box_threshold: float, size: tuple[int, int]) -> tu
     return best
 
 
+def _outcome(sample: Sample, image_size: tuple[int, int], det: Detection, box_threshold: float) -> Outcome:
+    """The kept sample with its box, or (reason, metric, detail) of its drop."""
+    best = _best_box(det, box_threshold, image_size)
+    if best is None:
+        top = float(det.scores.max()) if len(det.scores) else 0.0
+        return NO_DETECTION, top, f"prompt {_prompt(sample.item)!r}: {len(det.scores)} box(es)"
+    box, score = best
+    out = sample.replace(box=[float(v) for v in box])
+    out.metrics["box_score"] = score
+    out.metrics["box_area_ratio"] = float(
+        (box[2] - box[0]) * (box[3] - box[1]) / (image_size[0] * image_size[1])
+    )
+    return out
+
+
 def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     opts = settings.detector
@@ -52,28 +67,16 @@ def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) ->
     if not todo:
         return result
     detector = load_detector(settings)
-    for chunk in batched(todo, opts.batch_size):
-        images = read_views(ctx.store, chunk)
-        prompts = [_prompt(s.item) for s in chunk]
-        detections = detector.detect(images, prompts, chunk, opts, ctx.seed)
-        for sample, image, prompt, det in zip(chunk, images, prompts, detections, strict=True):
-            best = _best_box(det, opts.box_threshold, image.size)
-            if best is None:
-                top = float(det.scores.max()) if len(det.scores) else 0.0
-                result.drop(
-                    sample,
-                    STAGE,
-                    NO_DETECTION,
-                    metric=top,
-                    detail=f"prompt {prompt!r}: {len(det.scores)} box(es)",
-                )
-                continue
-            box, score = best
-            out = sample.replace(box=[float(v) for v in box])
-            out.metrics["box_score"] = score
-            out.metrics["box_area_ratio"] = float(
-                (box[2] - box[0]) * (box[3] - box[1]) / (image.width * image.height)
-            )
-            out.backends[STAGE] = detector.name
-            result.kept.append(out)
+    for chunk, outcomes in pipelined(
+        list(batched(todo, opts.batch_size)),
+        lambda chunk: read_views(ctx.store, chunk),
+        lambda chunk, images: detector.detect(
+            images, [_prompt(s.item) for s in chunk], chunk, opts, ctx.seed
+        ),
+        lambda chunk, images, detections: [
+            _outcome(s, im.size, det, opts.box_threshold)
+            for s, im, det in zip(chunk, images, detections, strict=True)
+        ],
+    ):
+        record(result, STAGE, detector.name, chunk, outcomes)
     return result

@@ -16,7 +16,7 @@ from PIL import Image
 from refany3d.config import BuildSettings, SegmenterSettings
 from refany3d.models.segmenter import Segmentation, load_segmenter
 from refany3d.records import MASK, Sample, StageResult
-from refany3d.stages._views import batched, parallel_map, read_views
+from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_views, record
 from refany3d.stages.context import StageContext
 
 STAGE = "segment"
@@ -39,18 +39,16 @@ def _encode_mask(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _finish(
-    sample: Sample, seg: Segmentation, opts: SegmenterSettings, ctx: StageContext
-) -> Sample | tuple[str, float]:
-    """The kept sample with its stored mask, or (reason, metric) of its drop."""
+def _finish(sample: Sample, seg: Segmentation, opts: SegmenterSettings, ctx: StageContext) -> Outcome:
+    """The kept sample with its stored mask, or (reason, metric, detail) of its drop."""
     ratio = float(seg.mask.mean())
     if ratio > opts.max_area_ratio:
-        return MASK_TOO_LARGE, ratio
+        return MASK_TOO_LARGE, ratio, ""
     if ratio < opts.min_area_ratio:
-        return MASK_TOO_SMALL, ratio
+        return MASK_TOO_SMALL, ratio, ""
     parts = _components(seg.mask, opts.min_component_ratio)
     if parts > opts.max_components:
-        return MASK_FRAGMENTED, float(parts)
+        return MASK_FRAGMENTED, float(parts), ""
     out = sample.replace()
     out.artifacts[MASK] = ctx.store.put_content("mask", _encode_mask(seg.mask), ".png")
     out.metrics.update(mask_area_ratio=ratio, mask_components=float(parts), mask_score=seg.score)
@@ -69,13 +67,13 @@ def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -
     if not todo:
         return result
     segmenter = load_segmenter(settings)
-    for chunk in batched(todo, opts.batch_size):
-        masks = segmenter.segment(read_views(ctx.store, chunk), [s.box for s in chunk], chunk, opts, ctx.seed)
-        outcomes = parallel_map(lambda pair: _finish(*pair, opts, ctx), list(zip(chunk, masks, strict=True)))
-        for sample, outcome in zip(chunk, outcomes, strict=True):
-            if isinstance(outcome, tuple):
-                result.drop(sample, STAGE, outcome[0], metric=outcome[1])
-                continue
-            outcome.backends[STAGE] = segmenter.name
-            result.kept.append(outcome)
+    for chunk, outcomes in pipelined(
+        list(batched(todo, opts.batch_size)),
+        lambda chunk: read_views(ctx.store, chunk),
+        lambda chunk, images: segmenter.segment(images, [s.box for s in chunk], chunk, opts, ctx.seed),
+        lambda chunk, images, masks: parallel_map(
+            lambda pair: _finish(*pair, opts, ctx), list(zip(chunk, masks, strict=True))
+        ),
+    ):
+        record(result, STAGE, segmenter.name, chunk, outcomes)
     return result

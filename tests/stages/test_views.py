@@ -1,0 +1,65 @@
+import threading
+
+import pytest
+
+from refany3d.records import Sample, StageResult
+from refany3d.stages._views import pipelined, record
+
+
+def test_pipelined_keeps_chunk_order_and_passes_loaded_values():
+    chunks = [[1, 2], [3], [4, 5, 6]]
+    out = list(
+        pipelined(
+            chunks,
+            load=lambda c: [x * 10 for x in c],
+            infer=lambda c, loaded: sum(loaded),
+            finish=lambda c, loaded, total: (list(c), loaded, total),
+        )
+    )
+    assert [c for c, _ in out] == chunks
+    assert [r for _, r in out] == [([1, 2], [10, 20], 30), ([3], [30], 30), ([4, 5, 6], [40, 50, 60], 150)]
+
+
+def test_pipelined_loads_next_chunk_while_inferring():
+    # infer(chunk 0) only returns once load(chunk 1) has started: a sequential loop would time out.
+    second_load = threading.Event()
+
+    def load(chunk):
+        if chunk == [1]:
+            second_load.set()
+        return chunk
+
+    def infer(chunk, loaded):
+        if chunk == [0]:
+            assert second_load.wait(timeout=10), "the next chunk was not loaded during the forward pass"
+        return loaded
+
+    assert [r for _, r in pipelined([[0], [1]], load, infer, lambda c, loaded, out: out)] == [[0], [1]]
+
+
+def test_pipelined_raises_the_failure_of_a_worker():
+    def finish(chunk, loaded, out):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(pipelined([[1]], lambda c: c, lambda c, loaded: loaded, finish))
+
+
+def test_pipelined_with_no_chunks_yields_nothing():
+    assert list(pipelined([], lambda c: c, lambda c, loaded: loaded, lambda c, loaded, out: out)) == []
+
+
+def test_record_tags_kept_samples_and_drops_with_reasons():
+    samples = [Sample(f"s{i}", f"r{i}", "synthetic", f"#{i}") for i in range(2)]
+    result = StageResult()
+    record(result, "detect", "truth", samples, [samples[0].replace(), ("no_detection", 0.1, "why")])
+    assert [s.sample_id for s in result.kept] == ["s0"]
+    assert result.kept[0].backends["detect"] == "truth"
+    drop = result.dropped[0]
+    assert (drop.sample_id, drop.stage, drop.reason, drop.metric, drop.detail) == (
+        "s1",
+        "detect",
+        "no_detection",
+        0.1,
+        "why",
+    )
