@@ -11,10 +11,13 @@ Runs wherever pyrender has an EGL context: Mesa llvmpipe on CPU machines, NVIDIA
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 
@@ -108,7 +111,9 @@ def bench_full_sample(mesh: trimesh.Trimesh, size: int, views: int, repeat: int)
     }
 
 
-def bench_full_sample_fast(mesh: trimesh.Trimesh, size: int, views: int, repeat: int) -> dict:
+def bench_full_sample_fast(
+    mesh: trimesh.Trimesh, size: int, views: int, repeat: int, profile: bool = False
+) -> dict:
     """Fast path: `render_sample` (upload included) per orbit shading / antialiasing; for the
     default also the time with the mesh already uploaded (passes + host post-processing)."""
     pose, k = sample_camera(size)
@@ -123,7 +128,7 @@ def bench_full_sample_fast(mesh: trimesh.Trimesh, size: int, views: int, repeat:
         passes = (1 + views) * (2 if settings.antialias else 1)
         out[name] = {"ms": ms, "gl_passes": passes}
     settings = RenderSettings(resolution=size, views=views)
-    scene = MeshScene(mesh)
+    scene = MeshScene(mesh, smooth=True)  # as render_sample uploads it for unlit orbit views
     # agreement with the old exact path on this GL (pixel-centre geometry pass)
     fast = render_sample(mesh, pose, k, size, size, settings, scene=scene)
     old = MeshScene(mesh).render(pose, k, size, size, "geometry")
@@ -144,6 +149,18 @@ def bench_full_sample_fast(mesh: trimesh.Trimesh, size: int, views: int, repeat:
     out["albedo"]["uploaded_ms"] = timed(
         lambda: render_sample(mesh, pose, k, size, size, settings, scene=scene), repeat
     )
+    out["albedo"]["upload_ms"] = timed(
+        lambda: MeshScene(mesh, smooth=True).render_raw(pose, k, 64, 64, "geometry"), repeat
+    )
+    if profile:  # where a sample's time goes (upload included), by own time
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(repeat):
+            render_sample(mesh, pose, k, size, size, settings)
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        out["albedo"]["profile_top"] = text.getvalue().splitlines()[:45]
     return out
 
 
@@ -181,6 +198,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--machine", default="", help="free-text machine label")
     ap.add_argument("--skip-uvatlas", action="store_true")
+    ap.add_argument("--skip-renders", action="store_true", help="skip the single-render timings")
+    ap.add_argument("--profile", action="store_true", help="cProfile the fast full sample")
     ap.add_argument("--skip-raycast", action="store_true")
     ap.add_argument("--skip-old-sample", action="store_true", help="skip the old full-sample path")
     args = ap.parse_args()
@@ -193,8 +212,8 @@ def main() -> None:
         "gl_renderer": gl_renderer_name(),
         "size": args.size,
         "mesh_faces": len(mesh.faces),
-        "renders": bench_renders(mesh, args.size, args.repeat),
-        "full_sample_fast": bench_full_sample_fast(mesh, args.size, args.views, args.repeat),
+        "renders": {} if args.skip_renders else bench_renders(mesh, args.size, args.repeat),
+        "full_sample_fast": bench_full_sample_fast(mesh, args.size, args.views, args.repeat, args.profile),
     }
     if not args.skip_old_sample:
         result["full_sample"] = bench_full_sample(mesh, args.size, args.views, max(2, args.repeat // 2))

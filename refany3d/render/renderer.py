@@ -120,13 +120,36 @@ def _raw_renderer_class():
     class RawRenderer(pyrender.renderer.Renderer):
         raw = False
         single_sample = False
+        # Atlas mode (`MeshScene.draw_tile`): the framebuffer is `atlas` = (width, height) and a pass
+        # draws into the viewport-sized tile at `tile` = (x, y) (lower left, GL pixels), clearing
+        # that tile only and reading nothing back; `read_atlas` reads many tiles at once.
+        atlas: tuple[int, int] | None = None
+        tile = (0, 0)
+
+        def _configure_main_framebuffer(self):
+            if self.atlas is None:
+                return super()._configure_main_framebuffer()
+            view = self.viewport_width, self.viewport_height
+            self.viewport_width, self.viewport_height = self.atlas
+            try:  # allocated at the atlas size, kept while that size stays
+                super()._configure_main_framebuffer()
+            finally:
+                self.viewport_width, self.viewport_height = view
 
         def _configure_forward_pass_viewport(self, flags):
             super()._configure_forward_pass_viewport(flags)
             if self.single_sample and flags & offscreen_flag:
                 GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._main_fb)
+            if self.atlas is not None:
+                x, y = self.tile
+                GL.glViewport(x, y, self.viewport_width, self.viewport_height)
+                GL.glEnable(GL.GL_SCISSOR_TEST)  # the pass's clear then touches its own tile only
+                GL.glScissor(x, y, self.viewport_width, self.viewport_height)
 
         def _read_main_framebuffer(self, scene, flags):
+            if self.atlas is not None:
+                GL.glDisable(GL.GL_SCISSOR_TEST)
+                return None, None
             if not self.raw:
                 return super()._read_main_framebuffer(scene, flags)
             width, height = self._main_fb_dims
@@ -135,21 +158,28 @@ def _raw_renderer_class():
                 GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._main_fb)
                 bits = GL.GL_COLOR_BUFFER_BIT | GL.GL_DEPTH_BUFFER_BIT
                 GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, bits, GL.GL_NEAREST)
+            return self.read_region(0, 0, width, height, color=not flags & depth_only)
+
+        def read_region(self, x: int, y: int, width: int, height: int, color: bool = True):
+            """(RGBA (H, W, 4) uint8 or None, window depth (H, W) float32) of a region of the
+            single-sample framebuffer, rows bottom-up, into reused buffers (one pair per size)."""
             GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self._main_fb)
-            if getattr(self, "_raw_buffers", (None,))[0] != (height, width):
+            buffers = self.__dict__.setdefault("_raw_buffers", {})
+            if (height, width) not in buffers:
+                if len(buffers) >= 4:  # sizes change with the images: keep a few, not all
+                    buffers.clear()
                 # reused read-back buffers: fresh pages cost more than the copy on some VMs
-                self._raw_buffers = (
-                    (height, width),
+                buffers[height, width] = (
                     np.empty((height, width), np.float32),
                     np.empty((height, width, 4), np.uint8),
                 )
-            _, depth, rgba = self._raw_buffers
+            depth, rgba = buffers[height, width]
             GL.glPixelStorei(GL.GL_PACK_ALIGNMENT, 1)  # tight rows for any width
-            GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT, depth)
-            if flags & depth_only:
+            GL.glReadPixels(x, y, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT, depth)
+            if not color:
                 return None, depth
             # RGBA: the framebuffer's own format (GL_RGB would make the driver repack on the CPU)
-            GL.glReadPixels(0, 0, width, height, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, rgba)
+            GL.glReadPixels(x, y, width, height, GL.GL_RGBA, GL.GL_UNSIGNED_BYTE, rgba)
             return rgba, depth
 
     return RawRenderer
@@ -289,6 +319,41 @@ class MeshScene:
             self.scene.bg_color = np.zeros(4)  # `render` reads coverage from a transparent black
         rgb, depth = out
         return rgb, depth, float(self.camera.znear), float(self.camera.zfar)
+
+    def draw_tile(
+        self,
+        pose: np.ndarray,
+        intrinsics: np.ndarray,
+        width: int,
+        height: int,
+        atlas: tuple[int, int],
+        tile: tuple[int, int],
+        mode: Mode = "albedo",
+        background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        lights: tuple[Light, ...] = DEFAULT_LIGHTS,
+        ambient: float = DEFAULT_AMBIENT,
+    ) -> tuple[float, float]:
+        """Queue one single-sample pass (as `render_raw`) into the `width`×`height` tile whose lower
+        left corner is `tile` = (x, y), in GL pixels, of a framebuffer of size `atlas` = (width,
+        height); nothing is read back. Draw many views, then `read_atlas` once: one GPU sync and
+        one transfer instead of one per view. Returns the pass's (znear, zfar)."""
+        inner = get_renderer()._renderer
+        inner.atlas, inner.tile = (int(atlas[0]), int(atlas[1])), (int(tile[0]), int(tile[1]))
+        try:
+            _, _, near, far = self.render_raw(
+                pose, intrinsics, width, height, mode, True, background, lights, ambient
+            )
+        finally:
+            inner.atlas = None
+        return near, far
+
+    def read_atlas(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """(RGBA (H, W, 4) uint8, window depth (H, W) float32, 1 = empty) of the lower-left
+        `width`×`height` of the framebuffer the `draw_tile` passes drew into, rows bottom-up. The
+        arrays are reused by the next read of the same size: consume or copy them first."""
+        renderer = get_renderer()
+        renderer._platform.make_current()
+        return renderer._renderer.read_region(0, 0, int(width), int(height))
 
     def render(
         self,

@@ -3,12 +3,14 @@
 A sample needs: the scene point map and object mask at the estimated pose (verification IoU), the
 object's RGB at that pose (verification LPIPS), and N orbit views of RGB + canonical point map.
 `render_sample` draws each view ONCE, without multisampling, so that colour and depth come from
-the same pass, sampled at pixel centres (the same geometry the ray caster gives); mask
-(depth > 0) and canonical point map are derived from that depth on the host (float32, on the
-object's pixels only, no per-pass linearisation in pyrender). Backgrounds are cleared in GL
-(white for orbit views), so no compositing on the host. With `antialias` set, colour comes from
-a 4x-multisampled pass (edges blended with the background in GL) and geometry from a second,
-depth-only single-sample pass (exact depth still).
+the same pass, sampled at pixel centres (the same geometry the ray caster gives). All views go
+into tiles of one framebuffer (an atlas) that is read back once, so the GPU runs the passes back
+to back and the host waits once per sample, not once per view. Mask (depth > 0) and canonical
+point map are derived from that depth on the host (float32, on the object's pixels only), one
+view per worker thread. Backgrounds are cleared in GL (white for orbit views), so no compositing
+on the host. With `antialias` set, colour comes from a 4x-multisampled pass (edges blended with
+the background in GL) and geometry from a second, depth-only single-sample pass (exact depth
+still), one read-back per pass.
 
 Camera convention: OpenCV (x right, y down, z forward), object-to-camera (4, 4) poses of the
 given mesh, intrinsics in pixels with pixel (i, j) centred at u=i, v=j (`refany3d.render.cameras`).
@@ -16,6 +18,9 @@ given mesh, intrinsics in pixels with pixel (i, j) centred at u=i, v=j (`refany3
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,36 +72,89 @@ def render_sample(
 
     Passes: 1 + views (2 + 2 × views with `settings.antialias`)."""
     lit = settings.orbit_shading == "lit"
-    scene = scene or MeshScene(mesh)
-    aa = settings.antialias
-    z, object_rgb = _pass(scene, pose, intrinsics, width, height, "albedo", aa, (0.0, 0.0, 0.0))
-    mask = z > 0
-
+    # Unlit passes need no normals: indexed vertices upload ~6x less than per-corner ones.
+    scene = scene or MeshScene(mesh, smooth=not lit)
     to_unit = normalize_transform(mesh)  # orbit around the [-1, 1] box: a rigid orbit of 1/scale
     scale, center = to_unit[0, 0], -to_unit[:3, 3] / to_unit[0, 0]
     size = settings.resolution
     k_orbit = intrinsics_from_fov(settings.fov_deg, size, size)
     poses = orbit_poses(settings.views, settings.elevation_deg, settings.distance / scale, center)
-    mode: Mode = "lit" if lit else "albedo"
-    rgbs, maps, masks = [], [], []
-    for orbit_pose in poses:
-        z_view, rgb = _pass(scene, orbit_pose, k_orbit, size, size, mode, aa, (1.0, 1.0, 1.0))
-        view_mask = z_view > 0
-        maps.append(canonical_point_map(z_view, view_mask, k_orbit, orbit_pose))
-        masks.append(view_mask)
-        rgbs.append(rgb)
+    views = [(pose, intrinsics, width, height, "albedo", (0.0, 0.0, 0.0))]
+    views += [(p, k_orbit, size, size, "lit" if lit else "albedo", (1.0, 1.0, 1.0)) for p in poses]
+    if settings.antialias:
+        drawn = [_views_one_by_one(scene, *view) for view in views]
+    else:
+        drawn = _views_in_atlas(scene, views)
+    (z, object_rgb, mask, scene_map), *orbit = drawn
     return SampleRenders(
-        scene_point_map=canonical_point_map(z, mask, intrinsics, pose),
+        scene_point_map=scene_map,
         scene_mask=mask,
         scene_depth=z,
         object_rgb=object_rgb,
         object_mask=mask,
-        orbit_rgb=rgbs,
-        orbit_point_maps=maps,
-        orbit_masks=masks,
+        orbit_rgb=[view[1] for view in orbit],
+        orbit_point_maps=[view[3] for view in orbit],
+        orbit_masks=[view[2] for view in orbit],
         orbit_poses=poses,
         orbit_intrinsics=k_orbit,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _host_pool() -> ThreadPoolExecutor:
+    # numpy releases the GIL on whole-array work, so views post-process side by side
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="render-host")
+
+
+def _finish_view(
+    rgba: np.ndarray, depth: np.ndarray, near: float, far: float, k: np.ndarray, pose: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw read-back (rows bottom-up) → (z-depth, RGB, mask, canonical point map), rows top-down."""
+    z = window_depth_to_z(depth[::-1], near, far)
+    mask = z > 0
+    return z, rgba[::-1, :, :3].copy(), mask, canonical_point_map(z, mask, k, pose)
+
+
+def _views_in_atlas(scene: MeshScene, views: list[tuple]) -> list[tuple]:
+    """Draw the first view (any size) at the atlas origin and the others (all S×S) in a grid of
+    up to 4 columns to its right, read everything back once, finish the views on worker threads."""
+    width, height = views[0][2], views[0][3]
+    size = views[1][2] if len(views) > 1 else 0
+    cols = min(len(views) - 1, 4)
+    rows = -(-(len(views) - 1) // max(cols, 1))
+    atlas = (width + cols * size, max(height, rows * size))
+    tiles = [(0, 0)] + [(width + (i % cols) * size, (i // cols) * size) for i in range(len(views) - 1)]
+    planes = [
+        scene.draw_tile(p, k, w, h, atlas, tile, mode, bg)
+        for (p, k, w, h, mode, bg), tile in zip(views, tiles)
+    ]
+    rgba, depth = scene.read_atlas(*atlas)
+    jobs = [
+        _host_pool().submit(
+            _finish_view, rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w], near, far, k, p
+        )
+        for (p, k, w, h, _, _), (x, y), (near, far) in zip(views, tiles, planes, strict=True)
+    ]
+    return [job.result() for job in jobs]
+
+
+def _views_one_by_one(
+    scene: MeshScene,
+    pose: np.ndarray,
+    k: np.ndarray,
+    width: int,
+    height: int,
+    mode: Mode,
+    background: tuple[float, float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Antialiased view: colour from a 4x-multisampled pass, exact geometry from a single-sample
+    depth-only pass; (z-depth, RGB, mask, canonical point map), rows top-down."""
+    rgba, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
+    rgb = rgba[::-1, :, :3].copy()  # the read-back buffers are reused by the next pass
+    _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
+    z = window_depth_to_z(depth[::-1], near, far)
+    mask = z > 0
+    return z, rgb, mask, canonical_point_map(z, mask, k, pose)
 
 
 def canonical_point_map(
@@ -117,25 +175,3 @@ def canonical_point_map(
         ray = (m[c, 0] * cols + m[c, 1] * rows + m[c, 2]).astype(np.float32)
         out[flat, c] = z * ray + np.float32(cam_to_obj[c, 3])
     return out.reshape(height, width, 3)
-
-
-def _pass(
-    scene: MeshScene,
-    pose: np.ndarray,
-    k: np.ndarray,
-    width: int,
-    height: int,
-    mode: Mode,
-    aa: bool,
-    background: tuple[float, float, float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(z-depth (H, W) float32 exact at pixel centres, RGB (H, W, 3) uint8 over `background`),
-    rows top-down."""
-    if aa:  # colour multisampled; geometry from a single-sample depth-only pass
-        rgb, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
-        rgb = rgb[::-1, :, :3].copy()  # the read-back buffers are reused by the next pass
-        _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
-    else:
-        rgb, depth, near, far = scene.render_raw(pose, k, width, height, mode, True, background)
-        rgb = rgb[::-1, :, :3].copy()
-    return window_depth_to_z(depth[::-1], near, far), rgb
