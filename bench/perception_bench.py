@@ -228,6 +228,28 @@ def time_stages(samples, settings, ctx, repeats: int, profile_dir: Path | None =
     return out
 
 
+def torch_profile(samples, settings, ctx, out_dir: Path, prefix: str = "") -> None:
+    """One run of each stage under `torch.profiler` (CPU + CUDA): op tables by own GPU time and by
+    CPU time in `<out_dir>/<prefix><stage>_torch.txt`, to see where a stage's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    current = samples
+    for name, fn in (("detect", detect), ("segment", segment), ("depth", depth)):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = fn(current, settings, ctx)
+            _sync()
+        table = prof.key_averages()
+        text = []
+        for key in ("self_device_time_total", "cpu_time_total"):
+            try:
+                text.append(table.table(sort_by=key, row_limit=30, max_name_column_width=70))
+            except Exception as err:  # noqa: BLE001 - sort keys differ between torch versions
+                text.append(f"{key}: {err!r}")
+        (out_dir / f"{prefix}{name}_torch.txt").write_text("\n\n".join(text))
+        current = result.kept
+
+
 def _bare_ms(fn, repeats: int = 5) -> float:
     fn()
     _sync()
@@ -285,9 +307,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="eager,compiled", help="eager = *.compile off, compiled = on")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help="eager = *.compile off, compiled = on, defaults = as configured",
+    )
     parser.add_argument("--profile-dir", default="", help="cProfile the compiled batch-1 stages here")
     parser.add_argument("--variants", action="store_true", help="also time the bare-network design choices")
+    parser.add_argument(
+        "--torch-profile", default="", help="torch.profiler tables of each stage at batch 8 here"
+    )
+    parser.add_argument("--batches", default="8,1", help="model batch sizes to time")
     args = parser.parse_args()
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
@@ -349,11 +379,12 @@ def main() -> None:
     for mode in args.modes.split(","):
         key = "results" if mode == "eager" else f"results_{mode}"
         report[key] = {}
-        for batch in (8, 1):
+        for batch in [int(b) for b in args.batches.split(",")]:
             settings = override(
                 base,
                 **{f"{s}.batch_size": batch for s in sections},
-                **{f"{s}.compile": mode == "compiled" for s in sections},
+                # "defaults" keeps each section's own `compile` setting
+                **({} if mode == "defaults" else {f"{s}.compile": mode == "compiled" for s in sections}),
             )
             profile = (
                 Path(args.profile_dir) if args.profile_dir and mode == "compiled" and batch == 1 else None
@@ -366,6 +397,8 @@ def main() -> None:
                 report[key][f"batch_{batch}"] = {"error": repr(err)[:500]}
             print(f"{mode} batch {batch}: {report[key][f'batch_{batch}']}", flush=True)
             _write(out, report)
+            if args.torch_profile and batch == 8:
+                torch_profile(samples[:16], settings, ctx, Path(args.torch_profile), f"{mode}_")
     if args.variants:
         try:
             report["variants_bare_batch_8"] = variants(
