@@ -128,7 +128,7 @@ def bench_full_sample_fast(
         passes = (1 + views) * (2 if settings.antialias else 1)
         out[name] = {"ms": ms, "gl_passes": passes}
     settings = RenderSettings(resolution=size, views=views)
-    scene = MeshScene(mesh, smooth=True)  # as render_sample uploads it for unlit orbit views
+    scene = MeshScene(mesh, normals="none")  # as render_sample uploads it for unlit orbit views
     # agreement with the old exact path on this GL (pixel-centre geometry pass)
     fast = render_sample(mesh, pose, k, size, size, settings, scene=scene)
     old = MeshScene(mesh).render(pose, k, size, size, "geometry")
@@ -150,7 +150,7 @@ def bench_full_sample_fast(
         lambda: render_sample(mesh, pose, k, size, size, settings, scene=scene), repeat
     )
     out["albedo"]["upload_ms"] = timed(
-        lambda: MeshScene(mesh, smooth=True).render_raw(pose, k, 64, 64, "geometry"), repeat
+        lambda: MeshScene(mesh, normals="none").render_raw(pose, k, 64, 64, "geometry"), repeat
     )
     if profile:  # where a sample's time goes (upload included), by own time
         prof = cProfile.Profile()

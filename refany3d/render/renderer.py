@@ -211,16 +211,19 @@ def _material(pyrender, mesh: trimesh.Trimesh):
     return material, None, None
 
 
-def _primitive(pyrender, mesh: trimesh.Trimesh, smooth: bool):
+Normals = Literal["face", "vertex", "none"]
+
+
+def _primitive(pyrender, mesh: trimesh.Trimesh, normals: Normals):
     material, uv, colors = _material(pyrender, mesh)
     face_colors = colors is not None and len(colors) == len(mesh.faces) and mesh.visual.kind == "face"
-    if smooth and not face_colors:
-        attrs = dict(positions=mesh.vertices, normals=mesh.vertex_normals, indices=mesh.faces)
-        attrs.update(texcoord_0=uv, color_0=colors)
-    else:  # faceted: one vertex per face corner, face normals
+    if normals != "face" and not face_colors:  # indexed vertices, as stored
+        attrs = dict(positions=mesh.vertices, indices=mesh.faces, texcoord_0=uv, color_0=colors)
+        attrs["normals"] = mesh.vertex_normals if normals == "vertex" else None
+    else:  # one vertex per face corner
         corners = mesh.faces.reshape(-1)
-        attrs = dict(positions=mesh.vertices[corners], normals=np.repeat(mesh.face_normals, 3, axis=0))
-        attrs["texcoord_0"] = None if uv is None else uv[corners]
+        attrs = dict(positions=mesh.vertices[corners], texcoord_0=None if uv is None else uv[corners])
+        attrs["normals"] = None if normals == "none" else np.repeat(mesh.face_normals, 3, axis=0)
         attrs["color_0"] = (
             None if colors is None else (np.repeat(colors, 3, 0) if face_colors else colors[corners])
         )
@@ -231,21 +234,26 @@ class MeshScene:
     """A mesh uploaded once, rendered from many poses (one pyrender scene, reused).
 
     meshes: one trimesh mesh or several (a composite object), all in the object frame.
+    normals: what `lit` passes shade with: `face` (faceted), `vertex` (smooth) or `none` (no
+    normals uploaded, unlit `albedo`/`geometry` passes only: the cheapest upload).
     """
 
-    def __init__(self, meshes: trimesh.Trimesh | list[trimesh.Trimesh], smooth: bool = False) -> None:
+    def __init__(self, meshes: trimesh.Trimesh | list[trimesh.Trimesh], normals: Normals = "face") -> None:
         pyrender = self._pr = _pyrender()
         parts = [meshes] if isinstance(meshes, trimesh.Trimesh) else list(meshes)
-        prims = [_primitive(pyrender, m, smooth) for m in parts]
+        prims = [_primitive(pyrender, m, normals) for m in parts]
+        self.normals = normals
         self.scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[DEFAULT_AMBIENT] * 3)
         self.node = self.scene.add(pyrender.Mesh(prims), pose=np.eye(4))
         self.camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=0.01, zfar=100.0)
         self.scene.add(self.camera, pose=np.eye(4))
         self._light_nodes: list = []
         self._lights: tuple[Light, ...] | None = None
-        vertices = np.concatenate([m.vertices for m in parts])
-        self.center = vertices.mean(axis=0)
-        self.radius = float(np.linalg.norm(vertices - self.center, axis=1).max())
+        # a sphere around the bounding box: it bounds the depth range of any view
+        low = np.min([m.bounds[0] for m in parts], axis=0)
+        high = np.max([m.bounds[1] for m in parts], axis=0)
+        self.center = (low + high) / 2.0
+        self.radius = float(np.linalg.norm(high - low) / 2.0)
 
     def _set_lights(self, lights: tuple[Light, ...], ambient: float) -> None:
         self.scene.ambient_light = np.array([ambient] * 3)
@@ -265,6 +273,10 @@ class MeshScene:
             node = self._pr.DirectionalLight(color=np.asarray(light.color), intensity=light.intensity)
             self._light_nodes.append(self.scene.add(node, pose=pose))
         self._lights = lights
+
+    def _check_mode(self, mode: Mode) -> None:
+        if mode == "lit" and self.normals == "none":
+            raise ValueError("a `lit` pass needs normals: make the MeshScene with normals='face' or 'vertex'")
 
     def _place(self, pose: np.ndarray, intrinsics: np.ndarray, width: int, height: int):
         """Set camera intrinsics, a depth range hugging the object, the object's pose and the
@@ -303,6 +315,7 @@ class MeshScene:
         depth is one multisample (off the pixel centre). See `window_depth_to_z`. The arrays are
         reused by the next raw pass: consume or copy them first."""
         pr = self._pr
+        self._check_mode(mode)
         renderer = self._place(pose, intrinsics, width, height)
         if mode == "geometry":
             flags = pr.RenderFlags.DEPTH_ONLY
@@ -374,6 +387,7 @@ class MeshScene:
         they come from the multisampled colour pass, whose depth is sampled off the pixel centre.
         """
         pr = self._pr
+        self._check_mode(mode)
         renderer = self._place(pose, intrinsics, width, height)
         if mode == "geometry" or exact:
             # SEG turns multisampling off: depth is sampled at pixel centres, like the ray caster.

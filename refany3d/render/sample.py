@@ -72,8 +72,8 @@ def render_sample(
 
     Passes: 1 + views (2 + 2 × views with `settings.antialias`)."""
     lit = settings.orbit_shading == "lit"
-    # Unlit passes need no normals: indexed vertices upload ~6x less than per-corner ones.
-    scene = scene or MeshScene(mesh, smooth=not lit)
+    # Unlit passes need no normals: indexed vertices, nothing to compute, less to upload.
+    scene = scene or MeshScene(mesh, normals="face" if lit else "none")
     to_unit = normalize_transform(mesh)  # orbit around the [-1, 1] box: a rigid orbit of 1/scale
     scale, center = to_unit[0, 0], -to_unit[:3, 3] / to_unit[0, 0]
     size = settings.resolution
