@@ -63,3 +63,46 @@ def test_estimate_compiled_layers_equal_plain(setup):
     for a, b in zip(plain, fast, strict=True):
         np.testing.assert_allclose(a.depth, b.depth, rtol=1e-4, atol=1e-4)
         assert a.focal_px == pytest.approx(b.focal_px, rel=1e-5)
+
+
+@pytest.mark.parametrize(("side", "patch", "overlap"), [(96, 24, 0.25), (48, 24, 0.5), (24, 24, 0.0)])
+def test_split_to_patches_equals_transformers_unfold(side, patch, overlap):
+    import torch
+
+    from refany3d.models.depth.depth_pro import split_to_patches
+
+    x = torch.randn(2, 3, side, side)
+    ours = split_to_patches(x, patch, overlap)
+    stride = int(patch * (1 - overlap))
+    ref = torch.nn.functional.unfold(x, kernel_size=patch, stride=stride).permute(2, 0, 1)
+    ref = ref.reshape(-1, 3, patch, patch) if side != patch else x
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_estimate_matches_the_transformers_processor_path(setup):
+    """Our batched device-side pre/post-processing gives what DepthProImageProcessor + the model give."""
+    import torch
+    from transformers import DepthProImageProcessor
+
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    from transformers.models.depth_pro import modeling_depth_pro
+
+    from refany3d.models.depth.depth_pro import split_to_patches
+
+    est = DepthProEstimator(settings.depth.weights)
+    assert modeling_depth_pro.split_to_patches is split_to_patches  # the model runs our patching
+    images = read_views(ctx.store, views[:3])
+    processor = DepthProImageProcessor.from_pretrained(settings.depth.weights)
+    with torch.inference_mode():
+        outputs = est.model(**processor(images=images, return_tensors="pt"))
+    ref = processor.post_process_depth_estimation(
+        outputs, target_sizes=[(im.height, im.width) for im in images]
+    )
+    ours = est.estimate(images, views[:3], settings.depth, 0)
+    for a, r in zip(ours, ref, strict=True):
+        # compared as inverse depth (what the network predicts): far pixels amplify float noise
+        inverse = 1 / r["predicted_depth"].numpy()
+        np.testing.assert_allclose(1 / a.depth, inverse, rtol=1e-3, atol=1e-5 * inverse.max())
+        assert a.focal_px == pytest.approx(float(r["focal_length"]), rel=1e-5)
