@@ -30,7 +30,7 @@ from refany3d.config import RenderSettings
 from refany3d.render.cameras import intrinsics_from_fov, invert_pose
 from refany3d.render.mesh import normalize_transform
 from refany3d.render.orbit import orbit_poses
-from refany3d.render.renderer import MeshScene, Mode, window_depth_to_z
+from refany3d.render.renderer import MeshScene, Mode
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,26 @@ def render_sample(
 
 @functools.lru_cache(maxsize=1)
 def _host_pool() -> ThreadPoolExecutor:
-    # numpy releases the GIL on whole-array work, so views post-process side by side
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="render-host")
+    # numpy releases the GIL on whole-array work, so a sample's views post-process side by side
+    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="render-host")
 
 
 def _finish_view(
     rgba: np.ndarray, depth: np.ndarray, near: float, far: float, k: np.ndarray, pose: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw read-back (rows bottom-up) → (z-depth, RGB, mask, canonical point map), rows top-down."""
-    z = window_depth_to_z(depth[::-1], near, far)
-    mask = z > 0
-    return z, rgba[::-1, :, :3].copy(), mask, canonical_point_map(z, mask, k, pose)
+    """Raw read-back (rows bottom-up; window depth, 1 = empty) → (z-depth, RGB, mask, canonical
+    point map), rows top-down; depth is linearised on the object's pixels only."""
+    height, width = depth.shape
+    window = np.ascontiguousarray(depth[::-1]).reshape(-1)
+    flat = np.flatnonzero(window < 1.0)
+    # window depth d → z = n f / (f − d (f − n)) for a perspective pass with planes n, f
+    z_obj = np.float32(near * far) / (np.float32(far) - window[flat] * np.float32(far - near))
+    z = np.zeros(height * width, np.float32)
+    z[flat] = z_obj
+    points = np.zeros((height * width, 3), np.float32)
+    points[flat] = _canonical_points(flat, z_obj, width, k, pose)
+    z = z.reshape(height, width)
+    return z, rgba[::-1, :, :3].copy(), z > 0, points.reshape(height, width, 3)
 
 
 def _views_in_atlas(scene: MeshScene, views: list[tuple]) -> list[tuple]:
@@ -150,28 +159,29 @@ def _views_one_by_one(
     """Antialiased view: colour from a 4x-multisampled pass, exact geometry from a single-sample
     depth-only pass; (z-depth, RGB, mask, canonical point map), rows top-down."""
     rgba, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
-    rgb = rgba[::-1, :, :3].copy()  # the read-back buffers are reused by the next pass
+    rgba = rgba.copy()  # the read-back buffers are reused by the next pass
     _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
-    z = window_depth_to_z(depth[::-1], near, far)
-    mask = z > 0
-    return z, rgb, mask, canonical_point_map(z, mask, k, pose)
+    return _finish_view(rgba, depth, near, far, k, pose)
 
 
-def canonical_point_map(
-    depth: np.ndarray, mask: np.ndarray, intrinsics: np.ndarray, pose: np.ndarray
+def _canonical_points(
+    flat: np.ndarray, z: np.ndarray, width: int, intrinsics: np.ndarray, pose: np.ndarray
 ) -> np.ndarray:
-    """(H, W) z-depth and (H, W) bool mask at `pose` (object-to-camera) → (H, W, 3) float32
-    canonical XYZ, 0 outside the mask. The object-frame ray through pixel (u, v) is
-    M [u, v, 1] with M = R_cam→obj K⁻¹, so each channel is depth × (a u + b v + c) + t,
-    evaluated on the mask's pixels only (host time scales with the object, not the image)."""
-    height, width = depth.shape
+    """(N, 3) float32 object-frame points of the pixels with flat (row-major) indices `flat` and
+    z-depths `z` in a view `width` pixels wide at `pose` (object-to-camera). The object-frame ray
+    through pixel (u, v) is M [u, v, 1] with M = R_cam→obj K⁻¹, so each coordinate is
+    z × (a u + b v + c) + t."""
     cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
     m = cam_to_obj[:3, :3] @ np.linalg.inv(np.asarray(intrinsics, dtype=np.float64))
-    flat = np.flatnonzero(mask)
     rows, cols = np.divmod(flat, width)
-    z = np.asarray(depth, dtype=np.float32).reshape(-1)[flat]
-    out = np.zeros((height * width, 3), dtype=np.float32)
+    rows, cols = rows.astype(np.float32), cols.astype(np.float32)
+    out = np.empty((len(flat), 3), dtype=np.float32)
     for c in range(3):
-        ray = (m[c, 0] * cols + m[c, 1] * rows + m[c, 2]).astype(np.float32)
-        out[flat, c] = z * ray + np.float32(cam_to_obj[c, 3])
-    return out.reshape(height, width, 3)
+        ray = cols * np.float32(m[c, 0])
+        ray += rows * np.float32(m[c, 1])
+        ray += np.float32(m[c, 2])
+        ray *= z
+        ray += np.float32(cam_to_obj[c, 3])
+        out[:, c] = ray
+    return out
+
