@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -387,6 +388,7 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
         for _ in batches:
             i, futures = scheduler.next_finished_batch(batches)
             _count_batch(i, futures, batches, settings.until, report, outputs)
+            _collect_garbage()
             if todo:
                 scheduler.start(*todo.pop())
     out = settings.storage.out
@@ -402,6 +404,17 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     report.finish(out, shards, outputs.gallery, store, settings.uses_truth)
     logger.info("wrote %d shard(s), card and stats to %s", len(shards), out)
     return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
+
+
+def _collect_garbage() -> None:
+    """Free the reference cycles the stages left behind (trimesh meshes with their textures, ...).
+
+    CPython runs a full collection only once the objects that survived earlier ones have grown by
+    a quarter; with Prefect and the stage libraries loaded that took many batches, and their cyclic
+    garbage (hundreds of MB) piled up until then, so the flow's peak RSS grew with the dataset.
+    Once per finished batch bounds it to about a batch's worth (≈ 0.2 s, against seconds of work).
+    """
+    gc.collect()
 
 
 def _count_batch(
