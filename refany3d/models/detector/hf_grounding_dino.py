@@ -14,6 +14,54 @@ from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
 from refany3d.records import Sample
 
 
+def _summed_deformable_attention_class():
+    """transformers' `MultiScaleDeformableAttention` (its PyTorch path) with the levels' weighted
+    samples summed level by level instead of stacked first: the same sum without the stacked copy.
+    On an H100 at batch 8 that stack's concatenation and the sum over it were ~28 % of the
+    detector's GPU time (bench/results/perception.md)."""
+    import torch.nn.functional as F
+    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+    class _SummedDeformableAttention(MultiScaleDeformableAttention):
+        def forward(
+            self,
+            value,
+            value_spatial_shapes,
+            value_spatial_shapes_list,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            im2col_step,
+        ):
+            batch, _, heads, dim = value.shape
+            _, queries, _, levels, points, _ = sampling_locations.shape
+            values = value.split([h * w for h, w in value_spatial_shapes_list], dim=1)
+            # (B, Q, heads, levels, points, 2) → (B·heads, Q, levels, points, 2), grids in [-1, 1]
+            grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
+            weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+            output = None
+            for level, (height, width) in enumerate(value_spatial_shapes_list):
+                v = values[level].flatten(2).transpose(1, 2).reshape(batch * heads, dim, height, width)
+                sampled = F.grid_sample(
+                    v, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False
+                )  # (B·heads, dim, Q, points)
+                term = (sampled * weights[..., level, :]).sum(-1)
+                output = term if output is None else output + term
+            return output.view(batch, heads * dim, queries).transpose(1, 2).contiguous()
+
+    return _SummedDeformableAttention
+
+
+def _use_summed_deformable_attention(model) -> int:
+    """Swap every deformable-attention core of `model` for the level-by-level sum (same
+    parameters: it has none); returns how many."""
+    cls = _summed_deformable_attention_class()
+    cores = [m for m in model.modules() if isinstance(m, cls.__mro__[1])]
+    for core in cores:
+        core.__class__ = cls
+    return len(cores)
+
+
 class HfGroundingDinoDetector:
     name = "hf-grounding-dino"
     # compiled on CUDA with `detector.compile` (refany3d.models._torch.maybe_compile)
@@ -30,6 +78,7 @@ class HfGroundingDinoDetector:
         self.processor = AutoProcessor.from_pretrained(path)
         # Built on the CPU, then moved: the model creates `level_embed` on the CPU whatever the device context.
         model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=torch.float32)
+        _use_summed_deformable_attention(model)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
     def detect(

@@ -83,3 +83,34 @@ def test_detect_compiled_layers_equal_plain(setup):
         np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
         assert a.phrases == b.phrases
+
+
+def test_summed_deformable_attention_equals_transformers_core():
+    import torch
+    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+    from refany3d.models.detector.hf_grounding_dino import _summed_deformable_attention_class
+
+    torch.manual_seed(0)
+    shapes = [(12, 10), (6, 5), (3, 3), (2, 1)]
+    batch, heads, dim, queries, points = 2, 4, 8, 7, 3
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, dim)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2) * 1.2 - 0.1  # some outside
+    weights = torch.softmax(torch.randn(batch, queries, heads, len(shapes) * points), -1)
+    weights = weights.view(batch, queries, heads, len(shapes), points)
+    spatial = torch.tensor(shapes)
+    start = torch.cat([spatial.new_zeros(1), (spatial[:, 0] * spatial[:, 1]).cumsum(0)[:-1]])
+    args = (value, spatial, shapes, start, locations, weights, 64)
+    ref = MultiScaleDeformableAttention()(*args)
+    ours = _summed_deformable_attention_class()()(*args)
+    assert ours.shape == ref.shape == (batch, queries, heads * dim)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_uses_summed_deformable_attention(setup):
+    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+    settings, _, _ = setup
+    model = load_detector(settings).model
+    cores = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert cores and all(type(m).__name__ == "_SummedDeformableAttention" for m in cores)
