@@ -312,7 +312,7 @@ def main() -> None:
         default="eager,compiled",
         help="eager = *.compile off, compiled = on, defaults = as configured",
     )
-    parser.add_argument("--profile-dir", default="", help="cProfile the compiled batch-1 stages here")
+    parser.add_argument("--profile-dir", default="", help="cProfile the batch-8 stages (not eager) here")
     parser.add_argument("--variants", action="store_true", help="also time the bare-network design choices")
     parser.add_argument(
         "--torch-profile", default="", help="torch.profiler tables of each stage at batch 8 here"
@@ -386,9 +386,7 @@ def main() -> None:
                 # "defaults" keeps each section's own `compile` setting
                 **({} if mode == "defaults" else {f"{s}.compile": mode == "compiled" for s in sections}),
             )
-            profile = (
-                Path(args.profile_dir) if args.profile_dir and mode == "compiled" and batch == 1 else None
-            )
+            profile = Path(args.profile_dir) if args.profile_dir and mode != "eager" and batch == 8 else None
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
             try:

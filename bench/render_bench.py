@@ -152,6 +152,7 @@ def bench_full_sample_fast(
     out["albedo"]["upload_ms"] = timed(
         lambda: MeshScene(mesh, normals="none").render_raw(pose, k, 64, 64, "geometry"), repeat
     )
+    out["albedo"]["breakdown_ms"] = atlas_breakdown(scene, mesh, pose, k, size, settings, repeat)
     if profile:  # where a sample's time goes (upload included), by own time
         prof = cProfile.Profile()
         prof.enable()
@@ -162,6 +163,37 @@ def bench_full_sample_fast(
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
         out["albedo"]["profile_top"] = text.getvalue().splitlines()[:45]
     return out
+
+
+def atlas_breakdown(scene, mesh, pose, k, size: int, settings: RenderSettings, repeat: int) -> dict:
+    """Median ms of the three parts of `render_sample`'s atlas path on an uploaded mesh: queueing the
+    passes, the one read-back (it waits for the GPU), and finishing the views on the host."""
+    from refany3d.render import sample as fast
+
+    out = {}
+    for _ in range(repeat + 1):
+        captured: dict = {}
+        real_read, real_pool = scene.read_atlas, fast._host_pool
+
+        def read(*args, real_read=real_read, captured=captured):
+            captured["drawn"] = time.perf_counter()
+            result = real_read(*args)
+            captured["read"] = time.perf_counter()
+            return result
+
+        scene.read_atlas = read
+        start = time.perf_counter()
+        render_sample(mesh, pose, k, size, size, settings, scene=scene)
+        end = time.perf_counter()
+        del scene.read_atlas  # back to the method
+        assert fast._host_pool is real_pool
+        for name, a, b in (
+            ("draw", start, captured["drawn"]),
+            ("read", captured["drawn"], captured["read"]),
+            ("finish", captured["read"], end),
+        ):
+            out.setdefault(name, []).append((b - a) * 1000.0)
+    return {name: round(statistics.median(v[1:]), 2) for name, v in out.items()}
 
 
 def bench_raycast(mesh: trimesh.Trimesh, size: int, repeat: int) -> dict:

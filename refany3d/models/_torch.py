@@ -15,6 +15,10 @@ def torch_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     dev = torch.device(device)
     if dev.type != "cuda":
         return dev, torch.float32
+    # The perception networks see a few fixed input sizes (SAM 1024², Depth Pro 1536², views of
+    # one size): cuDNN's per-shape algorithm search pays off (Depth Pro's head picked an 8 ms/call
+    # kernel without it, bench/results/perception.md).
+    torch.backends.cudnn.benchmark = True
     return dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
