@@ -6,8 +6,8 @@ object's RGB at that pose (verification LPIPS), and N orbit views of RGB + canon
 the same pass, sampled at pixel centres (the same geometry the ray caster gives). All views go
 into tiles of one framebuffer (an atlas) that is read back once, so the GPU runs the passes back
 to back and the host waits once per sample, not once per view. Mask (depth > 0) and canonical
-point map are derived from that depth on the host (float32, on the object's pixels only), one
-view per worker thread. Backgrounds are cleared in GL (white for orbit views), so no compositing
+point map are derived from that depth on the host (whole-array float32 arithmetic, which runs
+without the GIL), one view per worker thread. Backgrounds are cleared in GL (white for orbit views), so no compositing
 on the host. With `antialias` set, colour comes from a 4x-multisampled pass (edges blended with
 the background in GL) and geometry from a second, depth-only single-sample pass (exact depth
 still), one read-back per pass.
@@ -111,19 +111,26 @@ def _finish_view(
     rgba: np.ndarray, depth: np.ndarray, near: float, far: float, k: np.ndarray, pose: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw read-back (rows bottom-up; window depth, 1 = empty) → (z-depth, RGB, mask, canonical
-    point map), rows top-down; depth is linearised on the object's pixels only."""
+    point map), rows top-down. Whole-array float32 arithmetic: numpy drops the GIL for it, so the
+    views of a sample finish side by side on the host pool (masked fancy indexing would not)."""
     height, width = depth.shape
-    window = np.ascontiguousarray(depth[::-1]).reshape(-1)
-    flat = np.flatnonzero(window < 1.0)
+    window = depth[::-1]
+    mask = window < 1.0
     # window depth d → z = n f / (f − d (f − n)) for a perspective pass with planes n, f
-    z_obj = np.float32(near * far) / (np.float32(far) - window[flat] * np.float32(far - near))
-    z = np.zeros(height * width, np.float32)
-    z[flat] = z_obj
-    points = np.zeros((height * width, 3), np.float32)
-    points[flat] = _canonical_points(flat, z_obj, width, k, pose)
-    z = z.reshape(height, width)
+    z = np.float32(near * far) / (np.float32(far) - window * np.float32(far - near))
+    z *= mask
+    cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
+    # the object-frame ray through pixel (u, v) is M [u, v, 1], M = R_cam→obj K⁻¹
+    m = cam_to_obj[:3, :3] @ np.linalg.inv(np.asarray(k, dtype=np.float64))
+    u, v = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
+    points = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        coord = (np.float32(m[c, 1]) * v + np.float32(m[c, 2]))[:, None] + np.float32(m[c, 0]) * u
+        coord *= z
+        coord += np.float32(cam_to_obj[c, 3]) * mask
+        points[..., c] = coord
     rgb = cv2.flip(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), 0)  # 10x numpy's strided copy
-    return z, rgb, z > 0, points.reshape(height, width, 3)
+    return z, rgb, mask, points
 
 
 def _views_in_atlas(scene: MeshScene, views: list[tuple]) -> list[tuple]:
@@ -164,25 +171,3 @@ def _views_one_by_one(
     rgba = rgba.copy()  # the read-back buffers are reused by the next pass
     _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
     return _finish_view(rgba, depth, near, far, k, pose)
-
-
-def _canonical_points(
-    flat: np.ndarray, z: np.ndarray, width: int, intrinsics: np.ndarray, pose: np.ndarray
-) -> np.ndarray:
-    """(N, 3) float32 object-frame points of the pixels with flat (row-major) indices `flat` and
-    z-depths `z` in a view `width` pixels wide at `pose` (object-to-camera). The object-frame ray
-    through pixel (u, v) is M [u, v, 1] with M = R_cam→obj K⁻¹, so each coordinate is
-    z × (a u + b v + c) + t."""
-    cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
-    m = cam_to_obj[:3, :3] @ np.linalg.inv(np.asarray(intrinsics, dtype=np.float64))
-    rows, cols = np.divmod(flat, width)
-    rows, cols = rows.astype(np.float32), cols.astype(np.float32)
-    out = np.empty((len(flat), 3), dtype=np.float32)
-    for c in range(3):
-        ray = cols * np.float32(m[c, 0])
-        ray += rows * np.float32(m[c, 1])
-        ray += np.float32(m[c, 2])
-        ray *= z
-        ray += np.float32(cam_to_obj[c, 3])
-        out[:, c] = ray
-    return out
