@@ -172,11 +172,8 @@ class _ModelClock:
     def __init__(self, module: torch.nn.Module) -> None:
         self.total = 0.0
         self._start = 0.0
-        self._hooks = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
 
     def _pre(self, *_):
         _sync()
@@ -189,31 +186,21 @@ class _ModelClock:
 
 def time_stages(samples, settings, ctx, repeats: int, profile_dir: Path | None = None) -> dict[str, float]:
     """Median ms per image of each stage over `repeats` runs (after one warm-up run), the part of
-    it spent in the network forward (`<stage>_model`, measured in extra runs with one forward in
-    flight: its CUDA-synchronising hooks would serialise `runtime.forward_threads`) and the warm-up
-    run's seconds (`<stage>_warmup_s`: with compiled layers, mostly compile time). With
-    `profile_dir`, the last run of each stage is also profiled with cProfile (top functions by own
-    time, in `<stage>.txt`)."""
-    out, warmup = _run_stages(samples, settings, ctx, repeats, profile_dir, clocks=False)
-    one_forward = override(settings, **{"runtime.forward_threads": 1})
-    model, _ = _run_stages(samples, one_forward, ctx, max(1, repeats - 1), None, clocks=True)
-    out["total"] = round(sum(out.values()), 2)
-    out.update({f"{k}_model": v for k, v in model.items()})
-    out.update(warmup)
-    return out
-
-
-def _run_stages(samples, settings, ctx, repeats, profile_dir, clocks: bool):
-    models = {"detect": load_detector, "segment": load_segmenter, "depth": load_depth}
-    timers = {k: _ModelClock(load(settings).model) for k, load in models.items()} if clocks else {}
-    per_stage: dict[str, list[float]] = {k: [] for k in models}
-    per_model: dict[str, list[float]] = {k: [] for k in models}
+    it spent in the network forward (`<stage>_model`) and the warm-up run's seconds (`<stage>_warmup_s`:
+    with compiled layers, mostly compile time). With `profile_dir`, the last run of each stage is
+    also profiled with cProfile (top functions by own time, in `<stage>.txt`)."""
+    clocks = {
+        "detect": _ModelClock(load_detector(settings).model),
+        "segment": _ModelClock(load_segmenter(settings).model),
+        "depth": _ModelClock(load_depth(settings).model),
+    }
+    per_stage: dict[str, list[float]] = {k: [] for k in ("detect", "segment", "depth")}
+    per_model: dict[str, list[float]] = {k: [] for k in per_stage}
     warmup: dict[str, float] = {}
     for rep in range(repeats + 1):
         current = samples
         for name, fn in (("detect", detect), ("segment", segment), ("depth", depth)):
-            if clocks:
-                timers[name].total = 0.0
+            clocks[name].total = 0.0
             prof = cProfile.Profile() if profile_dir is not None and rep == repeats else None
             _sync()
             start = time.perf_counter()
@@ -233,13 +220,12 @@ def _run_stages(samples, settings, ctx, repeats, profile_dir, clocks: bool):
             current = result.kept
             if rep > 0:
                 per_stage[name].append(1000 * elapsed / len(samples))
-                if clocks:
-                    per_model[name].append(1000 * timers[name].total / len(samples))
-    for timer in timers.values():
-        timer.remove()
-    # with clocks: the forward passes' share (ms per image) instead of the whole stage's
-    times = per_model if clocks else per_stage
-    return {k: round(statistics.median(v), 2) for k, v in times.items()}, warmup
+                per_model[name].append(1000 * clocks[name].total / len(samples))
+    out = {k: round(statistics.median(v), 2) for k, v in per_stage.items()}
+    out["total"] = round(sum(out.values()), 2)
+    out.update({f"{k}_model": round(statistics.median(v), 2) for k, v in per_model.items()})
+    out.update(warmup)
+    return out
 
 
 def torch_profile(samples, settings, ctx, out_dir: Path, prefix: str = "") -> None:
