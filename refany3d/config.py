@@ -179,11 +179,6 @@ class RuntimeSettings(_Section):
     batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
     batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)
     gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
-    forward_threads: int = _opt(
-        2,
-        "model batches in flight per perception stage (2: one's host work overlaps another's GPU work)",
-        ge=1,
-    )
     workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
     dask_address: str = _opt("", "dask scheduler address; empty = local cluster")

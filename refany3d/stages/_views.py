@@ -62,32 +62,27 @@ def pipelined(
     load: Callable[[Sequence[T]], L],
     infer: Callable[[Sequence[T], L], Out],
     finish: Callable[[Sequence[T], L, Out], R],
-    concurrency: int = 1,
 ) -> Iterator[tuple[Sequence[T], R]]:
     """(chunk, finish(chunk, loaded, infer(chunk, loaded))) for each chunk, in order, where
     loaded = load(chunk).
 
-    Chunks are loaded (decode, read) and finished (checks, encode, write) on two I/O threads while
-    `infer` (the forward pass) runs on `concurrency` threads of its own, so a stage's host work
-    hides behind the GPU instead of adding to it; with `concurrency` 2, one batch's pre- and
-    post-processing also overlaps another's forward pass. `infer` must then be thread-safe.
+    `infer` (the forward pass) runs on the calling thread, one chunk at a time; the next chunk's
+    `load` (decode, read) and the previous chunks' `finish` (checks, encode, write) run on a worker
+    thread meanwhile, so a stage's host work hides behind the GPU instead of adding to it.
     """
     if not chunks:
         return
-    with (
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io") as io,
-        ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="stage-infer") as gpu,
-    ):
-        loads = [io.submit(load, chunk) for chunk in chunks]
-
-        def run(index: int) -> Future:
-            # waits on a load only (loads wait on nothing), so the pools cannot deadlock
-            loaded = loads[index].result()
-            return io.submit(finish, chunks[index], loaded, infer(chunks[index], loaded))
-
-        runs = [gpu.submit(run, index) for index in range(len(chunks))]
-        for chunk, done in zip(chunks, runs, strict=True):
-            yield chunk, done.result().result()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io") as pool:
+        upcoming: Future = pool.submit(load, chunks[0])
+        finishing: list[Future] = []
+        for index, chunk in enumerate(chunks):
+            loaded = upcoming.result()
+            if index + 1 < len(chunks):
+                upcoming = pool.submit(load, chunks[index + 1])
+            outputs = infer(chunk, loaded)
+            finishing.append(pool.submit(finish, chunk, loaded, outputs))
+        for chunk, done in zip(chunks, finishing, strict=True):
+            yield chunk, done.result()
 
 
 def record(

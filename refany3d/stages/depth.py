@@ -67,7 +67,6 @@ def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
         lambda chunk: read_views(ctx.store, chunk),
         lambda chunk, images: estimator.estimate(images, chunk, opts, ctx.seed),
         finish,
-        settings.runtime.forward_threads,
     ):
         record(result, STAGE, estimator.name, chunk, outcomes)
     return result

@@ -77,7 +77,6 @@ def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) ->
             _outcome(s, im.size, det, opts.box_threshold)
             for s, im, det in zip(chunk, images, detections, strict=True)
         ],
-        settings.runtime.forward_threads,
     ):
         record(result, STAGE, detector.name, chunk, outcomes)
     return result

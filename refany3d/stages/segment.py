@@ -74,7 +74,6 @@ def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -
         lambda chunk, images, masks: parallel_map(
             lambda pair: _finish(*pair, opts, ctx), list(zip(chunk, masks, strict=True))
         ),
-        settings.runtime.forward_threads,
     ):
         record(result, STAGE, segmenter.name, chunk, outcomes)
     return result

@@ -63,18 +63,3 @@ def test_record_tags_kept_samples_and_drops_with_reasons():
         0.1,
         "why",
     )
-
-
-def test_pipelined_with_concurrency_two_overlaps_forward_passes():
-    # infer(chunk 0) returns only once infer(chunk 1) has started: one infer thread would time out.
-    second_infer = threading.Event()
-
-    def infer(chunk, loaded):
-        if chunk == [1]:
-            second_infer.set()
-        else:
-            assert second_infer.wait(timeout=10), "the second forward pass did not start alongside the first"
-        return loaded
-
-    out = list(pipelined([[0], [1], [2]], lambda c: c, infer, lambda c, loaded, out: out, concurrency=2))
-    assert [r for _, r in out] == [[0], [1], [2]]

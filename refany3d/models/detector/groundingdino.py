@@ -8,7 +8,6 @@ the per-phrase self-attention mask to the BERT encoder directly.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,7 +107,6 @@ class GroundingDinoDetector:
             else Path(gd_module.__file__).parents[2] / "config" / "GroundingDINO_SwinT_OGC.py"
         )
         self.device, self.dtype = torch_device_dtype(device, dtype)
-        self._lock = threading.Lock()
         args = SLConfig.fromfile(str(config_path))
         args.text_encoder_type = str(bert_dir)
         args.device = str(self.device)
@@ -148,14 +146,6 @@ class GroundingDinoDetector:
         samples: Sequence[Sample],
         options: DetectorSettings,
         seed: int,
-    ) -> list[Detection]:
-        # The model tokenizes its captions inside forward, and a HF tokenizer is not safe to use
-        # from two threads at once: one call at a time (runtime.forward_threads).
-        with self._lock:
-            return self._detect(images, prompts, options)
-
-    def _detect(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], options: DetectorSettings
     ) -> list[Detection]:
         import torch
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,9 +75,6 @@ class HfGroundingDinoDetector:
 
         path = resolve_pretrained(weights, HF_GROUNDING_DINO)
         self.device, self.dtype = torch_device_dtype(device, dtype)
-        # HF tokenizers are not safe to use from two threads at once (runtime.forward_threads):
-        # tokenizing and phrase decoding take this lock, the forward pass does not.
-        self._tokenizer_lock = threading.Lock()
         self.processor = AutoProcessor.from_pretrained(path)
         # Built on the CPU, then moved: the model creates `level_embed` on the CPU whatever the device context.
         model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=torch.float32)
@@ -95,10 +91,9 @@ class HfGroundingDinoDetector:
     ) -> list[Detection]:
         import torch
 
-        with self._tokenizer_lock:
-            inputs = self.processor(
-                images=list(images), text=list(prompts), return_tensors="pt", padding=True, device=self.device
-            ).to(self.device)
+        inputs = self.processor(
+            images=list(images), text=list(prompts), return_tensors="pt", padding=True, device=self.device
+        ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             outputs = self.model(**inputs)
@@ -110,14 +105,13 @@ class HfGroundingDinoDetector:
         )
         outputs.logits = logits.gather(1, top.expand(-1, -1, logits.shape[-1]))
         outputs.pred_boxes = outputs.pred_boxes.float().gather(1, top.expand(-1, -1, 4))
-        with self._tokenizer_lock:
-            results = self.processor.post_process_grounded_object_detection(
-                outputs,
-                input_ids=inputs["input_ids"],
-                threshold=options.box_threshold,
-                text_threshold=options.text_threshold,
-                target_sizes=[(im.height, im.width) for im in images],
-            )
+        results = self.processor.post_process_grounded_object_detection(
+            outputs,
+            input_ids=inputs["input_ids"],
+            threshold=options.box_threshold,
+            text_threshold=options.text_threshold,
+            target_sizes=[(im.height, im.width) for im in images],
+        )
         return [
             Detection(
                 r["boxes"].cpu().numpy().astype(np.float32).reshape(-1, 4),
