@@ -97,26 +97,42 @@ class HfGroundingDinoDetector:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        # Phrase decoding runs per kept query in Python: give it only the best `max_boxes` queries
-        # (of 900), which is all the detect stage can keep anyway.
+        # Only the best `max_boxes` queries (of 900) can be kept by the detect stage: post-process
+        # those, on the host after one copy per batch.
         logits = outputs.logits.float()
         top = (
             logits.sigmoid().amax(-1).topk(min(options.max_boxes, logits.shape[1]), dim=1).indices[..., None]
         )
-        outputs.logits = logits.gather(1, top.expand(-1, -1, logits.shape[-1]))
-        outputs.pred_boxes = outputs.pred_boxes.float().gather(1, top.expand(-1, -1, 4))
-        results = self.processor.post_process_grounded_object_detection(
-            outputs,
-            input_ids=inputs["input_ids"],
-            threshold=options.box_threshold,
-            text_threshold=options.text_threshold,
-            target_sizes=[(im.height, im.width) for im in images],
-        )
+        probs = logits.gather(1, top.expand(-1, -1, logits.shape[-1])).sigmoid().cpu().numpy()
+        cxcywh = outputs.pred_boxes.float().gather(1, top.expand(-1, -1, 4)).cpu().numpy()
+        input_ids = inputs["input_ids"].cpu().numpy()
         return [
-            Detection(
-                r["boxes"].cpu().numpy().astype(np.float32).reshape(-1, 4),
-                r["scores"].cpu().numpy().astype(np.float32),
-                [str(t) for t in r["text_labels"]],
-            )
-            for r in results
+            self._detection(p, b, ids, im.size, options)
+            for p, b, ids, im in zip(probs, cxcywh, input_ids, images, strict=True)
         ]
+
+    def _detection(
+        self,
+        probs: np.ndarray,
+        cxcywh: np.ndarray,
+        input_ids: np.ndarray,
+        size: tuple[int, int],
+        options: DetectorSettings,
+    ) -> Detection:
+        """transformers' `post_process_grounded_object_detection` for one image, in numpy: boxes
+        whose best token probability exceeds `box_threshold`, in view pixels (x0, y0, x1, y1), and as
+        phrase the prompt tokens above `text_threshold` (first and last text positions excluded)."""
+        scores = probs.max(-1)
+        keep = scores > options.box_threshold
+        cx, cy, w, h = cxcywh[keep].T
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * np.tile(size, 2)
+        tokens = probs[keep] > options.text_threshold
+        tokens[:, 0] = tokens[:, -1] = False
+        phrases = self.processor.batch_decode(
+            [input_ids[np.flatnonzero(t[: len(input_ids)])].tolist() for t in tokens]
+        )
+        return Detection(
+            boxes.astype(np.float32).reshape(-1, 4),
+            scores[keep].astype(np.float32),
+            [str(t) for t in phrases],
+        )

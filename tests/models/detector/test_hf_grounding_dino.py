@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from refany3d.config import override
 from refany3d.models.detector import HfGroundingDinoDetector, load_detector
 from refany3d.stages.context import StageContext
 from refany3d.stages.detect import detect
@@ -114,3 +115,36 @@ def test_backend_uses_summed_deformable_attention(setup):
     model = load_detector(settings).model
     cores = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
     assert cores and all(type(m).__name__ == "_SummedDeformableAttention" for m in cores)
+
+
+def test_detect_post_processing_matches_transformers(setup):
+    """Our numpy post-processing of the best queries gives what the processor's
+    `post_process_grounded_object_detection` gives for the same queries."""
+    import torch
+
+    from refany3d.stages._views import read_view
+
+    settings, ctx, views = setup
+    det = load_detector(settings)
+    options = override(settings, **{"detector.box_threshold": 0.05, "detector.text_threshold": 0.02}).detector
+    images = [read_view(ctx.store, s) for s in views[:3]]
+    prompts = ["red mug.", "wooden chair.", "toy car."]
+    ours = det.detect(images, prompts, views[:3], options, 0)
+    inputs = det.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        outputs = det.model(**inputs)
+    top = outputs.logits.sigmoid().amax(-1).topk(options.max_boxes, dim=1).indices[..., None]
+    outputs.logits = outputs.logits.gather(1, top.expand(-1, -1, outputs.logits.shape[-1]))
+    outputs.pred_boxes = outputs.pred_boxes.gather(1, top.expand(-1, -1, 4))
+    ref = det.processor.post_process_grounded_object_detection(
+        outputs,
+        input_ids=inputs["input_ids"],
+        threshold=options.box_threshold,
+        text_threshold=options.text_threshold,
+        target_sizes=[(im.height, im.width) for im in images],
+    )
+    assert sum(len(d.scores) for d in ours) > 0
+    for d, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(d.scores, r["scores"].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(d.boxes, r["boxes"].numpy(), rtol=1e-5, atol=1e-4)
+        assert d.phrases == list(r["text_labels"])
