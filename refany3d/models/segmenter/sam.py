@@ -221,21 +221,29 @@ class SamSegmenter:
     ) -> list[Segmentation]:
         import torch
 
-        batch = []
-        for im, box in zip(images, boxes, strict=True):
-            x = torch.from_numpy(np.array(im.convert("RGB"))).to(self.device).permute(2, 0, 1)[None].float()
-            size = (im.height, im.width)
-            batch.append(
-                {
-                    "image": self.resize.apply_image_torch(x)[0],
-                    "original_size": size,
-                    "boxes": self.resize.apply_boxes_torch(torch.tensor([box], device=self.device), size),
-                }
-            )
+        sizes = {(im.height, im.width) for im in images}
+        if len(sizes) != 1:  # views of one batch share a size; mixed sizes go one by one
+            return [
+                seg
+                for im, box, s in zip(images, boxes, samples, strict=True)
+                for seg in self.segment([im], [box], [s], options, seed)
+            ]
+        size = sizes.pop()
+        # one host-to-device copy for the batch; resized view by view, so a view's input does not
+        # depend on its batch (a batched antialiased resize differs in the last bits)
+        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        pixels = pixels.to(self.device).permute(0, 3, 1, 2).float()
+        resized = [self.resize.apply_image_torch(pixels[i : i + 1])[0] for i in range(len(images))]
+        prompts = self.resize.apply_boxes_torch(
+            torch.tensor(np.asarray(boxes, np.float32), device=self.device), size
+        )
+        batch = [
+            {"image": image, "original_size": size, "boxes": box[None]}
+            for image, box in zip(resized, prompts, strict=True)
+        ]
         half = self.dtype != torch.float32
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             outputs = self.model(batch, multimask_output=False)
-        return [
-            Segmentation(o["masks"][0, 0].cpu().numpy().astype(bool), float(o["iou_predictions"][0, 0]))
-            for o in outputs
-        ]
+        masks = torch.stack([o["masks"][0, 0] for o in outputs]).cpu().numpy().astype(bool)
+        scores = torch.stack([o["iou_predictions"][0, 0] for o in outputs]).float().cpu().numpy()
+        return [Segmentation(m, float(s)) for m, s in zip(masks, scores, strict=True)]
