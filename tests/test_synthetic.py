@@ -133,6 +133,18 @@ def test_read_truth_geometry_is_consistent(source):
         assert np.all((uv > -0.5 * SIZE) & (uv < 1.5 * SIZE))
 
 
+def test_read_truth_loads_mesh_on_first_use(source):
+    """Readers of the mask or depth do not decode the textured mesh (cost, cyclic garbage)."""
+    from refany3d.synthetic import truth as truth_module
+
+    url = resolve_files(source[1])[0]
+    truth_module._load_mesh.cache_clear()
+    truth = read_truth(f"{url}#1", "left")
+    assert truth_module._load_mesh.cache_info().misses == 0
+    assert len(truth.mesh.faces) > 0
+    assert truth_module._load_mesh.cache_info().misses == 1
+
+
 def test_read_truth_rejects_bad_refs(source):
     url = resolve_files(source[1])[0]
     with pytest.raises(ValueError):

@@ -20,17 +20,22 @@ SIDES = ("left", "right")
 class TruthView:
     """Ground truth of one S×S view.
 
-    mesh: the object in its own (canonical) frame, metres. pose: (4, 4) float64 object-to-camera,
-    OpenCV (x right, y down, z forward). intrinsics: (3, 3) float64, pixels of the view (pixel
-    (i, j) centre at u=i, v=j). mask: (S, S) bool. depth: (S, S) float32 z-depth in metres, 0 where
-    empty.
+    mesh: the object in its own (canonical) frame, metres, loaded on first use (most readers need
+    only the mask or depth, and a textured mesh is costly to decode and leaves reference cycles).
+    pose: (4, 4) float64 object-to-camera, OpenCV (x right, y down, z forward). intrinsics: (3, 3)
+    float64, pixels of the view (pixel (i, j) centre at u=i, v=j). mask: (S, S) bool. depth: (S, S)
+    float32 z-depth in metres, 0 where empty.
     """
 
-    mesh: trimesh.Trimesh
     pose: np.ndarray
     intrinsics: np.ndarray
     mask: np.ndarray
     depth: np.ndarray
+    mesh_at: tuple[str, int, int]  # (truth file url, row group, offset) of the mesh cell
+
+    @property
+    def mesh(self) -> trimesh.Trimesh:
+        return _load_mesh(*self.mesh_at)
 
 
 def truth_url(data_url: str) -> str:
@@ -68,7 +73,8 @@ def read_truth(source_ref: str, side: str) -> TruthView:
     """Ground truth of `side` ('left'/'right') of the pair row `source_ref` (`<data url>#<row>`).
 
     Reads one row group of the truth file beside the data file; the file's key index and recent
-    meshes are cached per process, pixel arrays are not (memory stays flat over a build).
+    meshes (read on first use of `.mesh`) are cached per process, pixel arrays are not (memory
+    stays flat over a build).
     """
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
@@ -87,9 +93,9 @@ def read_truth(source_ref: str, side: str) -> TruthView:
     mask = np.asarray(Image.open(io.BytesIO(rec["mask"]))) > 127
     depth = np.load(io.BytesIO(rec["depth"]), allow_pickle=False).astype(np.float32)
     return TruthView(
-        mesh=_load_mesh(url, group, offset),
         pose=np.asarray(rec["pose"], dtype=np.float64).reshape(4, 4),
         intrinsics=np.asarray(rec["intrinsics"], dtype=np.float64).reshape(3, 3),
         mask=mask,
         depth=depth,
+        mesh_at=(url, group, offset),
     )
