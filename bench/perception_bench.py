@@ -391,16 +391,6 @@ def main() -> None:
                     else {}
                 ),
                 **({"runtime.compile_mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}),
-                # "graphs": every stage compiled into CUDA graphs, prompts padded to fixed length
-                **(
-                    {
-                        "runtime.compile_mode": "reduce-overhead",
-                        "detector.text_tokens": 32,
-                        **{f"{s}.compile": True for s in sections},
-                    }
-                    if mode == "graphs"
-                    else {}
-                ),
             )
             profile = Path(args.profile_dir) if args.profile_dir and mode != "eager" and batch == 8 else None
             if profile is not None:

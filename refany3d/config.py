@@ -84,11 +84,6 @@ class DetectorSettings(_Section):
         10, "highest-scoring candidate boxes per image given phrases (the rest are never kept)", ge=1
     )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
-    text_tokens: int = _opt(
-        0,
-        "hf-grounding-dino: pad prompts to this many tokens (fixed shapes for compiled layers); 0 = longest",
-        ge=0,
-    )
     compile: bool = _opt(
         False,
         "hf-grounding-dino: torch.compile its layers on CUDA (-3.7 ms/image at batch 8, ~6 min compile)",
@@ -184,7 +179,7 @@ class RuntimeSettings(_Section):
     batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
     batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)
     gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = _opt(
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = _opt(
         "default", "torch.compile mode of the perception layers that `*.compile` turns on (CUDA only)"
     )
     workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)

@@ -91,19 +91,8 @@ class HfGroundingDinoDetector:
     ) -> list[Detection]:
         import torch
 
-        if options.text_tokens > self.model.config.max_text_len:
-            raise ValueError(
-                f"detector.text_tokens={options.text_tokens} exceeds the model's max_text_len "
-                f"{self.model.config.max_text_len}"
-            )
-        # fixed-length prompts keep the text shapes of compiled layers from changing per batch
-        pad = (
-            {"padding": "max_length", "max_length": options.text_tokens}
-            if options.text_tokens
-            else {"padding": True}
-        )
         inputs = self.processor(
-            images=list(images), text=list(prompts), return_tensors="pt", device=self.device, **pad
+            images=list(images), text=list(prompts), return_tensors="pt", padding=True, device=self.device
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():

@@ -148,19 +148,3 @@ def test_detect_post_processing_matches_transformers(setup):
         np.testing.assert_allclose(d.scores, r["scores"].numpy(), rtol=1e-5)
         np.testing.assert_allclose(d.boxes, r["boxes"].numpy(), rtol=1e-5, atol=1e-4)
         assert d.phrases == list(r["text_labels"])
-
-
-def test_detect_with_fixed_text_length_equals_longest_padding(setup):
-    settings, ctx, views = setup
-    from refany3d.stages._views import read_view
-
-    det = load_detector(settings)
-    images = [read_view(ctx.store, s) for s in views[:2]]
-    prompts = ["red mug.", "wooden chair."]
-    fixed = override(settings, **{"detector.text_tokens": 12}).detector
-    a = det.detect(images, prompts, views[:2], settings.detector, 0)
-    b = det.detect(images, prompts, views[:2], fixed, 0)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x.scores, y.scores, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(x.boxes, y.boxes, rtol=1e-4, atol=1e-3)
-        assert x.phrases == y.phrases
