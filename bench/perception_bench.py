@@ -383,14 +383,8 @@ def main() -> None:
             settings = override(
                 base,
                 **{f"{s}.batch_size": batch for s in sections},
-                # "defaults" keeps each section's own `compile` setting; "autotune" too, in inductor's
-                # max-autotune mode
-                **(
-                    {f"{s}.compile": mode == "compiled" for s in sections}
-                    if mode in ("eager", "compiled")
-                    else {}
-                ),
-                **({"runtime.compile_mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}),
+                # "defaults" keeps each section's own `compile` setting
+                **({} if mode == "defaults" else {f"{s}.compile": mode == "compiled" for s in sections}),
             )
             profile = Path(args.profile_dir) if args.profile_dir and mode != "eager" and batch == 8 else None
             if profile is not None:

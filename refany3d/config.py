@@ -179,9 +179,6 @@ class RuntimeSettings(_Section):
     batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
     batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)
     gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = _opt(
-        "default", "torch.compile mode of the perception layers that `*.compile` turns on (CUDA only)"
-    )
     workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
     dask_address: str = _opt("", "dask scheduler address; empty = local cluster")

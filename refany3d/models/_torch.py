@@ -37,7 +37,7 @@ def compile_layers(model: Any, layer_classes: frozenset[str], **options: Any) ->
     return count
 
 
-def maybe_compile(backend: Any, enabled: bool, mode: str = "default") -> Any:
+def maybe_compile(backend: Any, enabled: bool) -> Any:
     """`backend` with its `compile_layers` compiled when `enabled` and it runs on CUDA.
 
     Off on CPU whatever the setting: inductor's CPU code would cost minutes of compile per test
@@ -46,5 +46,5 @@ def maybe_compile(backend: Any, enabled: bool, mode: str = "default") -> Any:
     layers = getattr(backend, "compile_layers", None)
     device = getattr(backend, "device", None)
     if enabled and layers and getattr(device, "type", None) == "cuda":
-        compile_layers(backend.model, layers, mode=mode)
+        compile_layers(backend.model, layers)
     return backend

@@ -21,9 +21,9 @@ __all__ = ["BACKENDS", "DepthEstimator", "DepthMap", "load_depth"]
 def load_depth(settings: BuildSettings) -> DepthEstimator:
     """The depth backend of `settings`, built once per process per (backend, weights, device, dtype, compile)."""
     d, rt = settings.depth, settings.runtime
-    return _load(d.backend, d.weights, rt.device, rt.dtype, d.compile, rt.compile_mode)
+    return _load(d.backend, d.weights, rt.device, rt.dtype, d.compile)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(backend: str, weights: str, device: str, dtype: str, compile: bool, mode: str) -> DepthEstimator:
-    return maybe_compile(BACKENDS[backend](weights, device, dtype), compile, mode)
+def _load(backend: str, weights: str, device: str, dtype: str, compile: bool) -> DepthEstimator:
+    return maybe_compile(BACKENDS[backend](weights, device, dtype), compile)

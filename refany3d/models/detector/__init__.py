@@ -23,22 +23,13 @@ __all__ = ["BACKENDS", "Detection", "Detector", "load_detector"]
 def load_detector(settings: BuildSettings) -> Detector:
     """The detector of `settings`, built once per process per (backend, weights, device, dtype, compile)."""
     d, rt = settings.detector, settings.runtime
-    return _load(
-        d.backend, d.weights, rt.device, rt.dtype, d.text_encoder, d.config, d.compile, rt.compile_mode
-    )
+    return _load(d.backend, d.weights, rt.device, rt.dtype, d.text_encoder, d.config, d.compile)
 
 
 @functools.lru_cache(maxsize=2)
 def _load(
-    backend: str,
-    weights: str,
-    device: str,
-    dtype: str,
-    text_encoder: str,
-    config: str,
-    compile: bool,
-    mode: str,
+    backend: str, weights: str, device: str, dtype: str, text_encoder: str, config: str, compile: bool
 ) -> Detector:
     if backend == "groundingdino":  # the only backend with more than one weights location
         return GroundingDinoDetector(weights, device, dtype, text_encoder=text_encoder, config=config)
-    return maybe_compile(BACKENDS[backend](weights, device, dtype), compile, mode)
+    return maybe_compile(BACKENDS[backend](weights, device, dtype), compile)

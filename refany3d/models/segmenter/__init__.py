@@ -23,11 +23,9 @@ __all__ = ["BACKENDS", "Segmentation", "Segmenter", "load_segmenter"]
 def load_segmenter(settings: BuildSettings) -> Segmenter:
     """The segmenter of `settings`, built once per process per (backend, weights, device, dtype, compile)."""
     s, rt = settings.segmenter, settings.runtime
-    return _load(s.backend, s.weights, rt.device, rt.dtype, s.model_type, s.compile, rt.compile_mode)
+    return _load(s.backend, s.weights, rt.device, rt.dtype, s.model_type, s.compile)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(
-    backend: str, weights: str, device: str, dtype: str, model_type: str, compile: bool, mode: str
-) -> Segmenter:
-    return maybe_compile(BACKENDS[backend](weights, device, dtype, model_type=model_type), compile, mode)
+def _load(backend: str, weights: str, device: str, dtype: str, model_type: str, compile: bool) -> Segmenter:
+    return maybe_compile(BACKENDS[backend](weights, device, dtype, model_type=model_type), compile)
