@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,51 @@ def _load_triton_first() -> None:
         pass
 
 
+class _GlLock:
+    """The process's one GL context (and its reused read-back buffers) serves one thread at a
+    time: every pass takes this lock, and a caller of `render_raw`/`read_atlas` holds it until it
+    has consumed the arrays. Re-entrant; leaving the outermost hold releases the EGL context from
+    the thread, since a context can be current in one thread only and the next holder may be
+    another thread (the flow's thread runner)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._held = threading.local()
+
+    def __enter__(self) -> _GlLock:
+        self._lock.acquire()
+        self._held.depth = getattr(self._held, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held.depth -= 1
+        try:
+            if self._held.depth == 0 and get_renderer.cache_info().currsize:
+                _release_context(get_renderer()._platform)
+        finally:
+            self._lock.release()
+
+
+def _release_context(platform) -> None:
+    display = getattr(platform, "_egl_display", None)
+    if display is not None:
+        from OpenGL.EGL import EGL_NO_CONTEXT, EGL_NO_SURFACE, eglMakeCurrent
+
+        eglMakeCurrent(display, EGL_NO_SURFACE, EGL_NO_SURFACE, EGL_NO_CONTEXT)
+
+
+GL_LOCK = _GlLock()
+
+
+def _holding_gl_lock(method):
+    @functools.wraps(method)
+    def locked(*args, **kwargs):
+        with GL_LOCK:
+            return method(*args, **kwargs)
+
+    return locked
+
+
 @functools.lru_cache(maxsize=1)
 def get_renderer():
     """The process's one `pyrender.OffscreenRenderer` (the viewport is resized per call).
@@ -92,12 +138,10 @@ def gl_renderer_name() -> str:
     """GL_RENDERER of the process's context, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"."""
     from OpenGL import GL
 
-    offscreen = get_renderer()
-    offscreen._platform.make_current()
-    try:
+    with GL_LOCK:
+        offscreen = get_renderer()
+        offscreen._platform.make_current()
         name = GL.glGetString(GL.GL_RENDERER)
-    finally:
-        offscreen._platform.make_uncurrent()
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
@@ -293,6 +337,7 @@ class MeshScene:
         renderer.viewport_width, renderer.viewport_height = int(width), int(height)
         return renderer
 
+    @_holding_gl_lock
     def render_raw(
         self,
         pose: np.ndarray,
@@ -333,6 +378,7 @@ class MeshScene:
         rgb, depth = out
         return rgb, depth, float(self.camera.znear), float(self.camera.zfar)
 
+    @_holding_gl_lock
     def draw_tile(
         self,
         pose: np.ndarray,
@@ -360,6 +406,7 @@ class MeshScene:
             inner.atlas = None
         return near, far
 
+    @_holding_gl_lock
     def read_atlas(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """(RGBA (H, W, 4) uint8, window depth (H, W) float32, 1 = empty) of the lower-left
         `width`×`height` of the framebuffer the `draw_tile` passes drew into, rows bottom-up. The
@@ -368,6 +415,7 @@ class MeshScene:
         renderer._platform.make_current()
         return renderer._renderer.read_region(0, 0, int(width), int(height))
 
+    @_holding_gl_lock
     def render(
         self,
         pose: np.ndarray,

@@ -31,7 +31,7 @@ from refany3d.config import RenderSettings
 from refany3d.render.cameras import intrinsics_from_fov, invert_pose
 from refany3d.render.mesh import normalize_transform
 from refany3d.render.orbit import orbit_poses
-from refany3d.render.renderer import MeshScene, Mode
+from refany3d.render.renderer import GL_LOCK, MeshScene, Mode
 
 
 @dataclass(frozen=True)
@@ -142,18 +142,19 @@ def _views_in_atlas(scene: MeshScene, views: list[tuple]) -> list[tuple]:
     rows = -(-(len(views) - 1) // max(cols, 1))
     atlas = (width + cols * size, max(height, rows * size))
     tiles = [(0, 0)] + [(width + (i % cols) * size, (i // cols) * size) for i in range(len(views) - 1)]
-    planes = [
-        scene.draw_tile(p, k, w, h, atlas, tile, mode, bg)
-        for (p, k, w, h, mode, bg), tile in zip(views, tiles)
-    ]
-    rgba, depth = scene.read_atlas(*atlas)
-    jobs = [
-        _host_pool().submit(
-            _finish_view, rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w], near, far, k, p
-        )
-        for (p, k, w, h, _, _), (x, y), (near, far) in zip(views, tiles, planes, strict=True)
-    ]
-    return [job.result() for job in jobs]
+    with GL_LOCK:  # the atlas and its read-back buffers are the process's: no other pass in between
+        planes = [
+            scene.draw_tile(p, k, w, h, atlas, tile, mode, bg)
+            for (p, k, w, h, mode, bg), tile in zip(views, tiles)
+        ]
+        rgba, depth = scene.read_atlas(*atlas)
+        jobs = [
+            _host_pool().submit(
+                _finish_view, rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w], near, far, k, p
+            )
+            for (p, k, w, h, _, _), (x, y), (near, far) in zip(views, tiles, planes, strict=True)
+        ]
+        return [job.result() for job in jobs]
 
 
 def _views_one_by_one(
@@ -167,7 +168,8 @@ def _views_one_by_one(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Antialiased view: colour from a 4x-multisampled pass, exact geometry from a single-sample
     depth-only pass; (z-depth, RGB, mask, canonical point map), rows top-down."""
-    rgba, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
-    rgba = rgba.copy()  # the read-back buffers are reused by the next pass
-    _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
-    return _finish_view(rgba, depth, near, far, k, pose)
+    with GL_LOCK:  # the read-back buffers are reused by the next pass, whichever thread makes it
+        rgba, _, _, _ = scene.render_raw(pose, k, width, height, mode, False, background)
+        rgba = rgba.copy()
+        _, depth, near, far = scene.render_raw(pose, k, width, height, "geometry")
+        return _finish_view(rgba, depth, near, far, k, pose)

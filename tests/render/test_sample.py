@@ -115,3 +115,21 @@ def test_render_settings_orbit_shading_is_validated():
     assert RenderSettings().orbit_shading == "albedo" and RenderSettings().antialias is False
     with pytest.raises(SettingsError, match="orbit_shading"):
         RenderSettings(orbit_shading="phong")
+
+
+def test_render_sample_from_two_threads_matches_sequential(textured_object):
+    """The process's one GL context and its read-back buffers are shared: concurrent samples (the
+    flow's thread runner) must not see each other's passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = intrinsics_from_fov(45, SIZE, SIZE)
+    poses = [make_pose([25 * i, -40 + 15 * i, 10], [0.02 * i, -0.03, 1.0 + 0.1 * i]) for i in range(4)]
+    settings = RenderSettings(**{**vars(ORBIT), "views": 2})
+    expected = [render_sample(textured_object, p, k, SIZE, SIZE, settings) for p in poses]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda p: render_sample(textured_object, p, k, SIZE, SIZE, settings), poses * 2))
+    for a, b in zip(got, expected * 2, strict=True):
+        assert (a.scene_mask == b.scene_mask).all()
+        np.testing.assert_array_equal(a.scene_point_map, b.scene_point_map)
+        for x, y in zip(a.orbit_rgb, b.orbit_rgb, strict=True):
+            np.testing.assert_array_equal(x, y)
