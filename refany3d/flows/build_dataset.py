@@ -16,6 +16,7 @@ failed run.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import gc
 import hashlib
@@ -29,6 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
@@ -60,6 +62,9 @@ STAGE_ERROR = "stage_error"  # drop reason: the stage raised on this sample alon
 GPU_STAGES = frozenset({"detect", "segment", "depth", "mesh", "pose"})
 GPU_LIMIT = "gpu"  # Prefect global concurrency limit the GPU stages take slots from
 RETRIES = 2
+# Stages whose tasks run one at a time: a shard task holds a whole shard in memory (its rows and
+# their Arrow table, ≈ 2 MB a sample), and two at once were the flow's largest peak.
+SERIAL_STAGES = frozenset({"shard"})
 _TRANSIENT_ERRNOS = {
     errno.EIO,
     errno.EAGAIN,
@@ -197,6 +202,55 @@ def _last_attempt() -> bool:
     return ctx is None or ctx.task_run.run_count > ctx.task.retries
 
 
+# --------------------------------------------------------------------------- memory
+# A build's resident memory must not grow with the dataset (issue 5). Stage work is transient
+# (images, depth maps, Parquet pages of a batch), but the allocators keep what was freed for reuse:
+# glibc in an arena per thread (up to 8 per core; Prefect alone starts ~10 threads), Arrow's
+# mimalloc pool per thread too. Their high-water marks only rise, and a long build with two tasks
+# side by side sees more and higher overlaps than a short one. So the process uses few arenas and
+# hands freed memory back after each task; cyclic garbage is collected after each batch.
+
+_M_ARENA_MAX = -8  # glibc mallopt parameter: the most malloc arenas the process creates
+MALLOC_ARENAS = 2
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc (has mallopt and malloc_trim); None elsewhere (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+@cache
+def _limit_malloc_arenas() -> None:
+    """At most `MALLOC_ARENAS` glibc arenas from now on in this process (once per process)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def _release_free_memory() -> None:
+    """Return the memory Arrow's pool and glibc's heaps keep for reuse to the OS (a few ms)."""
+    pa.default_memory_pool().release_unused()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _collect_garbage() -> None:
+    """Free the reference cycles the stages left behind (trimesh meshes with their textures, ...).
+
+    CPython runs a full collection only once the objects that survived earlier ones have grown by
+    a quarter; with Prefect and the stage libraries loaded that took many batches, and their cyclic
+    garbage (hundreds of MB) piled up until then, so the flow's peak RSS grew with the dataset.
+    Once per finished batch bounds it to about a batch's worth (≈ 0.2 s, against seconds of work).
+    """
+    gc.collect()
+
+
 def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContextManager:
     """A slot of the `gpu` limit for GPU stages on a CUDA device; no throttling on CPU."""
     if stage in GPU_STAGES and settings.runtime.device.startswith("cuda"):
@@ -209,6 +263,7 @@ def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContext
 def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings, build_id: str) -> StageResult:
     """Run one stage on one batch; its rejects are written before the result is returned."""
     logger = get_run_logger()
+    _limit_malloc_arenas()  # in a Dask worker process, too
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
     ctx = StageContext(store=store, seed=settings.source.seed)
     samples_in = inputs if isinstance(inputs, SourceBatch) else merge_parents(inputs)
@@ -230,6 +285,7 @@ def run_stage(stage: str, batch_id: str, inputs: Any, settings: BuildSettings, b
             )
             result = _per_sample(stage, samples_in, settings, ctx)
     write_rejects(settings.storage.out, result.dropped)
+    _release_free_memory()
     reasons = reason_counts(result.dropped)
     logger.info(
         "%s: %d kept, %d dropped%s in %.2f s",
@@ -306,19 +362,23 @@ def plan_inputs(stage: str, until: str) -> tuple[str, ...]:
 class _Scheduler:
     """Submits a (stage, batch) task only once its parents have finished, so no task-runner worker
     ever sits blocked on an upstream future (with 2 workers that serialised the whole build), and
-    keeps at most `window` batches in flight."""
+    keeps at most `window` batches in flight. Tasks of `SERIAL_STAGES` wait for the one running."""
 
     def __init__(self, runner: TaskRunner, tasks: dict[str, Task], settings: BuildSettings, build_id: str):
         self.runner, self.tasks, self.settings, self.build_id = runner, tasks, settings, build_id
         self.children = {s: [c for c in tasks if s in plan_inputs(c, settings.until)] for s in tasks}
         self.pending: dict[PrefectFuture, tuple[int, str]] = {}
         self.finished: dict[int, dict[str, PrefectFuture]] = {}
+        self.waiting: list[tuple[int, SourceBatch, str, Any]] = []  # serial-stage tasks not submitted yet
 
     def start(self, i: int, batch: SourceBatch) -> None:
         self.finished[i] = {}
         self._submit(i, batch, "source", batch)
 
     def _submit(self, i: int, batch: SourceBatch, stage: str, inputs: Any) -> None:
+        if stage in SERIAL_STAGES and any(s == stage for _, s in self.pending.values()):
+            self.waiting.append((i, batch, stage, inputs))
+            return
         params = {
             "stage": stage,
             "batch_id": batch.batch_id,
@@ -333,6 +393,10 @@ class _Scheduler:
         while True:
             future = next(as_completed(list(self.pending)))
             i, stage = self.pending.pop(future)
+            waiting = next((w for w in self.waiting if w[2] == stage), None)
+            if waiting is not None:
+                self.waiting.remove(waiting)
+                self._submit(*waiting)
             done = self.finished[i]
             done[stage] = future
             if stage == "shard":
@@ -366,6 +430,7 @@ class _Outputs:
 def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
     logger = get_run_logger()
+    _limit_malloc_arenas()  # before the task runner starts its threads
     build_id = ensure_build_id(settings.storage.out)
     ensure_gpu_slots(settings)
     batches = plan_source(settings)
@@ -404,17 +469,6 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     report.finish(out, shards, outputs.gallery, store, settings.uses_truth)
     logger.info("wrote %d shard(s), card and stats to %s", len(shards), out)
     return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
-
-
-def _collect_garbage() -> None:
-    """Free the reference cycles the stages left behind (trimesh meshes with their textures, ...).
-
-    CPython runs a full collection only once the objects that survived earlier ones have grown by
-    a quarter; with Prefect and the stage libraries loaded that took many batches, and their cyclic
-    garbage (hundreds of MB) piled up until then, so the flow's peak RSS grew with the dataset.
-    Once per finished batch bounds it to about a batch's worth (≈ 0.2 s, against seconds of work).
-    """
-    gc.collect()
 
 
 def _count_batch(

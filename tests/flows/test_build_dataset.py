@@ -4,23 +4,31 @@ GPU slots, artifacts and the Dask runner."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from prefect import task
 from prefect.client.orchestration import get_client
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from refany3d.config import BuildSettings, override
 from refany3d.flows.artifacts import artifact_key
 from refany3d.flows.build_dataset import (
     GPU_LIMIT,
+    SERIAL_STAGES,
     STAGE_ERROR,
+    _Scheduler,
     build_dataset,
     ensure_gpu_slots,
     is_out_of_memory,
     is_transient,
     smaller_batch,
 )
-from refany3d.records import IMAGE
+from refany3d.records import IMAGE, StageResult
+from refany3d.stages.dag import ancestors
+from refany3d.stages.read_source import plan_source
 from tests.flows._runs import artifacts, rejects, shard_bytes, shard_ids, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -163,3 +171,32 @@ def test_build_dataset_batches_in_flight_does_not_change_output(tmp_path, s200k_
     many = build_dataset(_settings(tmp_path / "many", s200k_source, **{"runtime.batches_in_flight": 8}))
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "many")
     assert one["stats"] == many["stats"]
+
+
+def test_scheduler_runs_serial_stage_tasks_one_at_a_time(tmp_path, s200k_source):
+    """Shard tasks hold a whole shard in memory: never two at once, even with free workers."""
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    @task(name="fake-stage")
+    def fake_stage(stage, batch_id, inputs, settings, build_id) -> StageResult:
+        start = time.monotonic()
+        time.sleep(0.3 if stage in SERIAL_STAGES else 0.01)
+        with lock:
+            spans.append((stage, start, time.monotonic()))
+        return StageResult()
+
+    settings = _settings(tmp_path / "out", s200k_source, **{"runtime.batch_size": 2})
+    batches = plan_source(settings)
+    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    with ThreadPoolTaskRunner(max_workers=2) as runner:
+        scheduler = _Scheduler(runner, {s: fake_stage for s in stages}, settings, "build-id")
+        for i, batch in enumerate(batches):
+            scheduler.start(i, batch)
+        finished = sorted(scheduler.next_finished_batch(batches)[0] for _ in batches)
+
+    assert SERIAL_STAGES == {"shard"} and len(batches) == 4
+    assert finished == list(range(len(batches)))
+    shards = sorted((start, end) for stage, start, end in spans if stage == "shard")
+    assert len(shards) == len(batches)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(shards, shards[1:]))
