@@ -310,6 +310,9 @@ def stage_task(stage: str) -> Task:
         retry_jitter_factor=0.5,
         cache_key_fn=_stage_cache_key,
         persist_result=True,
+        # The result store would also keep each record in an in-memory LRU (1,000 records, ≈ 0.1 MB
+        # each at 64 samples): the flow's memory grew with the build. Futures hold what is in flight.
+        cache_result_in_memory=False,
         tags=["gpu"] if stage in GPU_STAGES else ["cpu"],
     )
 
