@@ -458,7 +458,7 @@ def window_depth_to_z(depth: np.ndarray, znear: float, zfar: float) -> np.ndarra
     z = np.multiply(d, np.float32(znear - zfar))
     z += np.float32(zfar)
     np.divide(np.float32(znear * zfar), z, out=z)
-    z[d >= 1.0] = 0.0
+    z *= d < 1.0  # a whole-array product, not masked indexing: numpy keeps it free of the GIL
     return z
 
 

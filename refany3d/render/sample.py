@@ -31,7 +31,7 @@ from refany3d.config import RenderSettings
 from refany3d.render.cameras import intrinsics_from_fov, invert_pose
 from refany3d.render.mesh import normalize_transform
 from refany3d.render.orbit import orbit_poses
-from refany3d.render.renderer import GL_LOCK, MeshScene, Mode
+from refany3d.render.renderer import GL_LOCK, MeshScene, Mode, window_depth_to_z
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,8 @@ def _finish_view(
     point map), rows top-down. Whole-array float32 arithmetic: numpy drops the GIL for it, so the
     views of a sample finish side by side on the host pool (masked fancy indexing would not)."""
     height, width = depth.shape
-    window = depth[::-1]
-    mask = window < 1.0
-    # window depth d → z = n f / (f − d (f − n)) for a perspective pass with planes n, f
-    z = np.float32(near * far) / (np.float32(far) - window * np.float32(far - near))
-    z *= mask
+    z = window_depth_to_z(depth[::-1], near, far)
+    mask = z > 0
     cam_to_obj = invert_pose(np.asarray(pose, dtype=np.float64))
     # the object-frame ray through pixel (u, v) is M [u, v, 1], M = R_cam→obj K⁻¹
     m = cam_to_obj[:3, :3] @ np.linalg.inv(np.asarray(k, dtype=np.float64))
