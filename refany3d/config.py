@@ -88,6 +88,10 @@ class DetectorSettings(_Section):
         False,
         "hf-grounding-dino: torch.compile its layers on CUDA (-3.7 ms/image at batch 8, ~6 min compile)",
     )
+    cuda_graphs: bool = _opt(
+        True,
+        "hf-grounding-dino: replay the text encoder, backbone, encoder and decoder from CUDA graphs, one per input shape (CUDA only)",
+    )
     truth_jitter: float = _opt(0.03, "truth backend: box corner jitter, fraction of box size", ge=0.0)
     truth_dilation: float = _opt(0.05, "truth backend: box dilation, fraction of box size", ge=0.0)
 
@@ -109,6 +113,9 @@ class SegmenterSettings(_Section):
     )
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     compile: bool = _opt(True, "sam backend: torch.compile the image-encoder blocks on CUDA (ignored on CPU)")
+    cuda_graphs: bool = _opt(
+        True, "sam backend: replay the image encoder from CUDA graphs, one per input shape (CUDA only)"
+    )
     truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
 
 
@@ -118,6 +125,9 @@ class DepthSettings(_Section):
     weights: str = _opt("", "local directory or hub id (apple/DepthPro-hf)")
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     compile: bool = _opt(True, "torch.compile the DINOv2 layers and fusion decoder on CUDA (ignored on CPU)")
+    cuda_graphs: bool = _opt(
+        True, "depth-pro: replay the whole network from CUDA graphs, one per input shape (CUDA only)"
+    )
     truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
     truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
     truth_focal_error: float = _opt(0.05, "truth backend: std of the log focal-length error", ge=0.0)

@@ -37,14 +37,22 @@ def compile_layers(model: Any, layer_classes: frozenset[str], **options: Any) ->
     return count
 
 
-def maybe_compile(backend: Any, enabled: bool) -> Any:
-    """`backend` with its `compile_layers` compiled when `enabled` and it runs on CUDA.
+def accelerate(backend: Any, compile: bool, cuda_graphs: bool) -> Any:
+    """`backend` with its `compile_layers` compiled and its `graph_modules` replayed from CUDA graphs
+    (refany3d.models._cuda_graphs), each when enabled and the backend runs on CUDA.
 
-    Off on CPU whatever the setting: inductor's CPU code would cost minutes of compile per test
-    process for little gain. Backends without `compile_layers` (truth, ...) are returned as they are.
+    Both are off on CPU whatever the settings: inductor's CPU code would cost minutes of compile per
+    test process for little gain, and CUDA graphs exist only on CUDA. Backends without these
+    attributes (truth, ...) are returned as they are.
     """
+    from refany3d.models._cuda_graphs import graph_modules
+
+    if getattr(getattr(backend, "device", None), "type", None) != "cuda":
+        return backend
     layers = getattr(backend, "compile_layers", None)
-    device = getattr(backend, "device", None)
-    if enabled and layers and getattr(device, "type", None) == "cuda":
+    if compile and layers:
         compile_layers(backend.model, layers)
+    regions = getattr(backend, "graph_modules", None)
+    if cuda_graphs and regions:
+        graph_modules(backend.model, regions)
     return backend

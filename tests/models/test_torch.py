@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from refany3d.models._torch import compile_layers, maybe_compile
+from refany3d.models._torch import accelerate, compile_layers
 
 
 class _Backend:
     compile_layers = frozenset({"Linear"})
+    graph_modules = frozenset({"0"})
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
@@ -16,9 +17,10 @@ def _compiled(model: torch.nn.Module) -> list[bool]:
     return [m._compiled_call_impl is not None for m in model]
 
 
-def test_maybe_compile_cpu_backend_stays_eager():
-    backend = maybe_compile(_Backend("cpu"), enabled=True)
+def test_accelerate_cpu_backend_stays_eager():
+    backend = accelerate(_Backend("cpu"), compile=True, cuda_graphs=True)
     assert _compiled(backend.model) == [False, False, False]
+    assert "forward" not in vars(backend.model[0])  # not graphed
 
 
 def test_compile_layers_compiles_named_classes_only():

@@ -34,8 +34,10 @@ def split_to_patches(pixel_values, patch_size: int, overlap_ratio: float):
 
 class DepthProEstimator:
     name = "depth-pro"
-    # compiled on CUDA with `depth.compile` (refany3d.models._torch.maybe_compile)
+    # compiled on CUDA with `depth.compile`, graphed with `depth.cuda_graphs`
+    # (refany3d.models._torch.accelerate); the whole network: nothing in it waits for the device
     compile_layers = frozenset({"Dinov2Layer", "DepthProFeatureFusionLayer", "DepthProDepthEstimationHead"})
+    graph_modules = frozenset({""})
 
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
         import torch

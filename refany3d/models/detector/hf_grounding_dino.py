@@ -64,10 +64,16 @@ def _use_summed_deformable_attention(model) -> int:
 
 class HfGroundingDinoDetector:
     name = "hf-grounding-dino"
-    # compiled on CUDA with `detector.compile` (refany3d.models._torch.maybe_compile)
+    # compiled on CUDA with `detector.compile`, graphed with `detector.cuda_graphs`
+    # (refany3d.models._torch.accelerate); the glue between the graphed regions creates device
+    # constants from host lists (spatial shapes, text length), which a graph cannot capture
     compile_layers = frozenset(
         {"SwinLayer", "BertLayer", "GroundingDinoEncoderLayer", "GroundingDinoDecoderLayer"}
     )
+    graph_modules = frozenset({"model.text_backbone", "model.backbone", "model.encoder", "model.decoder"})
+    # Prompts are padded to a multiple of this many tokens: padded tokens are masked everywhere, and
+    # few distinct text lengths mean few CUDA graphs (one per input shape).
+    text_pad_multiple = 16
 
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
@@ -92,7 +98,12 @@ class HfGroundingDinoDetector:
         import torch
 
         inputs = self.processor(
-            images=list(images), text=list(prompts), return_tensors="pt", padding=True, device=self.device
+            images=list(images),
+            text=list(prompts),
+            return_tensors="pt",
+            padding=True,
+            pad_to_multiple_of=self.text_pad_multiple,
+            device=self.device,
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():

@@ -41,9 +41,10 @@ def test_depth_depth_pro_batch_of_one_equals_batch_of_five(setup):
     five = run_batched(depth, views, settings, ctx, "depth", 5)
     np.testing.assert_allclose([s.focal_px for s in one.kept], [s.focal_px for s in five.kept], rtol=1e-4)
     for a, b in zip(one.kept, five.kept, strict=True):
-        np.testing.assert_allclose(
-            _load(ctx, a).astype(np.float32), _load(ctx, b).astype(np.float32), rtol=1e-2
-        )
+        # compared as the network's output, inverse depth: with random weights some pixels' inverse
+        # is near 0, where depth magnifies the batch-dependent float rounding of the convolutions
+        inv_a, inv_b = 1 / _load(ctx, a).astype(np.float32), 1 / _load(ctx, b).astype(np.float32)
+        np.testing.assert_allclose(inv_a, inv_b, rtol=1e-2, atol=1e-3 * np.abs(inv_b).max())
 
 
 def test_estimate_compiled_layers_equal_plain(setup):
