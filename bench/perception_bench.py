@@ -33,7 +33,7 @@ from refany3d.config import BuildSettings, override
 from refany3d.models.depth import load_depth
 from refany3d.models.detector import load_detector
 from refany3d.models.segmenter import load_segmenter
-from refany3d.records import IMAGE, Sample
+from refany3d.records import DEPTH, IMAGE, MASK, Sample
 from refany3d.stages.context import StageContext
 from refany3d.stages.depth import depth
 from refany3d.stages.detect import detect
@@ -250,6 +250,34 @@ def torch_profile(samples, settings, ctx, out_dir: Path, prefix: str = "") -> No
         current = result.kept
 
 
+def _stage_outputs(samples, settings, ctx) -> list[tuple]:
+    """(box, mask, depth, focal) of each view after detect → segment → depth under `settings`."""
+    current = samples
+    for fn in (detect, segment, depth):
+        current = fn(current, settings, ctx).kept
+    out = []
+    for s in current:
+        mask = np.asarray(Image.open(io.BytesIO(ctx.store.get(s.artifacts[MASK])))) > 0
+        d = np.load(io.BytesIO(ctx.store.get(s.artifacts[DEPTH])))["depth"].astype(np.float32)
+        out.append((np.asarray(s.box, np.float64), mask, d, s.focal_px))
+    return out
+
+
+def compare_outputs(samples, settings, reference, ctx) -> dict[str, float]:
+    """How far the stages' outputs under `settings` are from those under `reference` (same views):
+    largest box corner difference (px), smallest mask IoU, largest relative depth and focal differences."""
+    a, b = _stage_outputs(samples, settings, ctx), _stage_outputs(samples, reference, ctx)
+    assert len(a) == len(b) == len(samples)
+    iou = [(m1 & m2).sum() / max((m1 | m2).sum(), 1) for (_, m1, _, _), (_, m2, _, _) in zip(a, b)]
+    return {
+        "views": len(a),
+        "box_max_abs_px": float(max(np.abs(x[0] - y[0]).max() for x, y in zip(a, b))),
+        "mask_min_iou": round(float(min(iou)), 6),
+        "depth_max_rel": float(max((np.abs(x[2] - y[2]) / y[2]).max() for x, y in zip(a, b))),
+        "focal_max_rel": float(max(abs(x[3] - y[3]) / y[3] for x, y in zip(a, b))),
+    }
+
+
 def _bare_ms(fn, repeats: int = 5) -> float:
     fn()
     _sync()
@@ -309,8 +337,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--modes",
-        default="eager,compiled",
-        help="eager = *.compile off, compiled = on, defaults = as configured",
+        default="defaults,no_graphs",
+        help="defaults = as configured; no_graphs = defaults without CUDA graphs; "
+        "eager = no compile, no graphs; compiled = compiled layers, no graphs",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="compare the outputs of defaults and no_graphs (batch 1 and 8)"
     )
     parser.add_argument("--profile-dir", default="", help="cProfile the batch-8 stages (not eager) here")
     parser.add_argument("--variants", action="store_true", help="also time the bare-network design choices")
@@ -376,16 +408,20 @@ def main() -> None:
         },
     )
     sections = ("detector", "segmenter", "depth")
+    modes = {
+        "defaults": {},
+        "no_graphs": {f"{s}.cuda_graphs": False for s in sections},
+        "eager": {f"{s}.{o}": False for s in sections for o in ("compile", "cuda_graphs")},
+        "compiled": {
+            **{f"{s}.compile": True for s in sections},
+            **{f"{s}.cuda_graphs": False for s in sections},
+        },
+    }
     for mode in args.modes.split(","):
         key = "results" if mode == "eager" else f"results_{mode}"
         report[key] = {}
         for batch in [int(b) for b in args.batches.split(",")]:
-            settings = override(
-                base,
-                **{f"{s}.batch_size": batch for s in sections},
-                # "defaults" keeps each section's own `compile` setting
-                **({} if mode == "defaults" else {f"{s}.compile": mode == "compiled" for s in sections}),
-            )
+            settings = override(base, **{f"{s}.batch_size": batch for s in sections}, **modes[mode])
             profile = Path(args.profile_dir) if args.profile_dir and mode != "eager" and batch == 8 else None
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
@@ -397,6 +433,15 @@ def main() -> None:
             _write(out, report)
             if args.torch_profile and batch == 8:
                 torch_profile(samples[:16], settings, ctx, Path(args.torch_profile), f"{mode}_")
+    if args.compare:
+        report["graphs_vs_no_graphs"] = {}
+        for batch in (1, 8):
+            sized = {f"{s}.batch_size": batch for s in sections}
+            report["graphs_vs_no_graphs"][f"batch_{batch}"] = compare_outputs(
+                samples[:8], override(base, **sized), override(base, **sized, **modes["no_graphs"]), ctx
+            )
+        print("graphs vs no graphs:", report["graphs_vs_no_graphs"], flush=True)
+        _write(out, report)
     if args.variants:
         try:
             report["variants_bare_batch_8"] = variants(

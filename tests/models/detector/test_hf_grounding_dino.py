@@ -68,6 +68,24 @@ def test_detect_batch_of_one_equals_batch_of_five(setup):
     np.testing.assert_allclose([s.box for s in one.kept], [s.box for s in five.kept], atol=1e-3)
 
 
+def test_detect_prompts_padded_to_a_multiple_of_16_tokens_give_the_unpadded_results(setup):
+    """Padding prompts (few text lengths, so few CUDA graphs) changes nothing: padded tokens are
+    masked in the text encoder, the fusion layers, the decoder and the logits."""
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    det = HfGroundingDinoDetector(settings.detector.weights)
+    assert det.text_pad_multiple == 16
+    images, prompts = read_views(ctx.store, views[:2]), ["red mug.", "a wooden chair."]
+    padded = det.detect(images, prompts, views[:2], settings.detector, 0)
+    det.text_pad_multiple = 1
+    plain = det.detect(images, prompts, views[:2], settings.detector, 0)
+    for a, b in zip(plain, padded, strict=True):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        assert a.phrases == b.phrases
+
+
 @pytest.mark.slow  # ~2 min of dynamo tracing on 2 cores; `detector.compile` is off by default
 def test_detect_compiled_layers_equal_plain(setup):
     """The `detector.compile` fast path (compiled Swin/BERT/encoder/decoder layers) gives the plain boxes."""
