@@ -11,13 +11,14 @@ see fresh tensors exactly as from the eager forward.
 A region can only be captured when it never waits for the device (no `.item()`, no data-dependent
 shapes, no host-to-device copies of new constants); such steps stay in the eager glue between the
 graphed regions, which is why backends name regions (`graph_modules`) rather than graphing the
-whole network. A region whose capture fails runs eagerly from then on, with a warning.
+whole network. A region that waits for the device, found in its warm-up, runs eagerly from then on, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -63,23 +64,50 @@ class GraphedForward:
         # The graph reads its inputs from these tensors (outside the pool, alive as long as the graph).
         static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = tree_unflatten(static, spec)
-        # Warm-up on a side stream (cuDNN autotuning, lazy initialisation, compiled-layer guards), as
-        # torch.cuda.graph requires.
+        # Warm-up on a side stream (cuDNN autotuning, lazy initialisation, compiling compiled
+        # layers), as torch.cuda.graph requires; the last run with synchronisation as an error, so a
+        # region that waits for the device is found before a capture fails (a failed capture can
+        # leave the CUDA random generator unusable).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(self.warmup - 1):
                 self.forward(*args, **kwargs)
+            reason = _synchronises(self.forward, args, kwargs)
         torch.cuda.current_stream().wait_stream(side)
+        if reason:
+            log.warning("%s: not captured in a CUDA graph, runs eagerly: %s", self.name, reason)
+            return None
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 outputs = self.forward(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any capture failure means: run this region eagerly
             torch.cuda.synchronize()
-            log.warning("%s: CUDA graph capture failed, running eagerly: %s", self.name, err)
+            log.warning("%s: CUDA graph capture failed, runs eagerly: %s", self.name, err)
             return None
         return _Graph(graph, static, outputs)
+
+
+def _synchronises(forward: Any, args: tuple, kwargs: dict) -> str:
+    """Where `forward(*args, **kwargs)` waits for the device ('' if it never does): `.item()`,
+    data-dependent shapes, copies of new host values to the device. None of these can be captured."""
+    import traceback
+
+    import torch
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward(*args, **kwargs)
+    except RuntimeError as err:
+        frames = traceback.extract_tb(err.__traceback__)[-3:]
+        return f"{str(err).splitlines()[0]} at " + " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in reversed(frames)
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return ""
 
 
 class _Graph:
