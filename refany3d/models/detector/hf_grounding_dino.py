@@ -62,6 +62,29 @@ def _use_summed_deformable_attention(model) -> int:
     return len(cores)
 
 
+def _checks_without_device_reads():
+    """transformers' `torch_compilable_check` for `modeling_grounding_dino`, except for conditions
+    held in device tensors, which it reads back with a device synchronisation: that read keeps the
+    encoder and decoder out of CUDA graphs. The only such check there (each deformable attention's
+    spatial shapes against the encoder's sequence length) is made on the host by
+    `_SummedDeformableAttention`, whose split by the shapes fails unless they add up."""
+    import torch
+    from transformers.models.grounding_dino import modeling_grounding_dino
+
+    check = modeling_grounding_dino.torch_compilable_check
+    if getattr(check, "host_only", False):
+        return check
+
+    def torch_compilable_check(cond, msg, error_type=ValueError):
+        if isinstance(cond, torch.Tensor) and cond.device.type != "cpu":
+            return
+        check(cond, msg, error_type)
+
+    torch_compilable_check.host_only = True
+    modeling_grounding_dino.torch_compilable_check = torch_compilable_check
+    return torch_compilable_check
+
+
 class HfGroundingDinoDetector:
     name = "hf-grounding-dino"
     # compiled on CUDA with `detector.compile`, graphed with `detector.cuda_graphs`
@@ -85,6 +108,7 @@ class HfGroundingDinoDetector:
         # Built on the CPU, then moved: the model creates `level_embed` on the CPU whatever the device context.
         model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=torch.float32)
         _use_summed_deformable_attention(model)
+        _checks_without_device_reads()
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
     def detect(

@@ -166,3 +166,33 @@ def test_detect_post_processing_matches_transformers(setup):
         np.testing.assert_allclose(d.scores, r["scores"].numpy(), rtol=1e-5)
         np.testing.assert_allclose(d.boxes, r["boxes"].numpy(), rtol=1e-5, atol=1e-4)
         assert d.phrases == list(r["text_labels"])
+
+
+def test_value_checks_skip_device_reads_only(setup):
+    """Loading the backend leaves transformers' checks on host values in place; conditions held
+    in device tensors (a device read each) are left to the host-side split of the deformable
+    attention, which still refuses spatial shapes that do not add up to the sequence."""
+    import torch
+    from transformers.models.grounding_dino import modeling_grounding_dino
+
+    from refany3d.models.detector.hf_grounding_dino import _summed_deformable_attention_class
+
+    settings, _, _ = setup
+    load_detector(settings)
+    check = modeling_grounding_dino.torch_compilable_check
+    assert check.host_only
+    with pytest.raises(ValueError, match="shapes"):
+        check(torch.tensor(False), "shapes")
+    check(torch.tensor(True), "shapes")
+    shapes = [(4, 4), (2, 2)]
+    value = torch.randn(1, 21, 2, 8)  # one position more than the shapes hold
+    with pytest.raises(RuntimeError, match="split"):
+        _summed_deformable_attention_class()()(
+            value,
+            torch.tensor(shapes),
+            shapes,
+            None,
+            torch.rand(1, 3, 2, 2, 4, 2),
+            torch.rand(1, 3, 2, 2, 4),
+            64,
+        )
