@@ -21,13 +21,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from refany3d.models._torch import DEVICE_LOCK
+
 log = logging.getLogger(__name__)
 
 
 class GraphedForward:
     """Callable replacing `module.forward`: eager when autograd is on, an input is not a CUDA
     tensor or an argument is unhashable; otherwise replayed from the graph of the call's signature,
-    keeping the `max_graphs` most recently used (one memory pool shared by them)."""
+    keeping the `max_graphs` most recently used (one memory pool shared by them). Captures and
+    replays hold `DEVICE_LOCK`: a graph's input and output tensors serve one call at a time."""
 
     def __init__(self, forward: Any, name: str, max_graphs: int = 8, warmup: int = 2) -> None:
         self.forward = forward
@@ -45,6 +48,10 @@ class GraphedForward:
         key = _signature(leaves, spec)
         if key is None or torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
+        with DEVICE_LOCK:
+            return self._replay(key, leaves, spec, args, kwargs)
+
+    def _replay(self, key: tuple, leaves: list, spec: Any, args: tuple, kwargs: dict) -> Any:
         if key not in self.graphs:
             self.graphs[key] = self._capture(leaves, spec)
             while len(self.graphs) > self.max_graphs:

@@ -116,3 +116,23 @@ def test_autograd_calls_run_eagerly():
     net(torch.randn(2, 8, device="cuda")).sum().backward()
     assert not net.first.forward.graphs
     assert net.first.weight.grad is not None
+
+
+@cuda
+def test_replays_from_two_threads_give_each_call_its_own_result():
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = _Net().cuda().eval()
+    inputs = [torch.randn(4, 8, device="cuda") for _ in range(64)]
+    with torch.inference_mode():
+        expected = [net(x) for x in inputs]
+    graph_modules(net, frozenset({"first", "second"}))
+
+    def run(x):
+        with torch.inference_mode():
+            return net(x)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, inputs))
+    for got, want in zip(results, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from refany3d.models._torch import accelerate, compile_layers
+from refany3d.models._torch import DEVICE_LOCK, accelerate, compile_layers, holds_device_lock
 
 
 class _Backend:
@@ -35,3 +35,38 @@ def test_compile_layers_compiles_named_classes_only():
 def test_compile_layers_no_matching_layer_raises():
     with pytest.raises(ValueError, match="no \\['Dinov2Layer'\\] layer"):
         compile_layers(_Backend("cpu").model, frozenset({"Dinov2Layer"}))
+
+
+class _Locking:
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+    @holds_device_lock
+    def run(self) -> bool:
+        return DEVICE_LOCK._is_owned()
+
+
+def test_cuda_backend_methods_hold_the_device_lock_cpu_ones_do_not():
+    """A CUDA backend's call waits while another thread holds the lock; a CPU backend's does not."""
+    import threading
+
+    assert _Locking("cuda").run() and not _Locking("cpu").run()
+    held, release, done = threading.Event(), threading.Event(), []
+
+    def hold():
+        with DEVICE_LOCK:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    cuda_call = threading.Thread(target=lambda: done.append(_Locking("cuda").run()))
+    cuda_call.start()
+    cuda_call.join(0.3)
+    assert cuda_call.is_alive() and not done  # waiting for the lock
+    assert _Locking("cpu").run() is False  # not waiting
+    release.set()
+    cuda_call.join(5)
+    holder.join(5)
+    assert done == [True]

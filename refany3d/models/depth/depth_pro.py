@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import DepthSettings
-from refany3d.models._torch import torch_device_dtype
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.depth.base import DepthMap
 from refany3d.models.weights import DEPTH_PRO, WeightsError, resolve_pretrained
 from refany3d.records import Sample
@@ -72,6 +72,7 @@ class DepthProEstimator:
         x = x * self._gain + self._offset
         return F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False).to(self.dtype)
 
+    @holds_device_lock
     def estimate(
         self, images: Sequence[Image.Image], samples: Sequence[Sample], options: DepthSettings, seed: int
     ) -> list[DepthMap]:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import DetectorSettings
-from refany3d.models._torch import torch_device_dtype
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.detector.base import Detection
 from refany3d.models.weights import (
     BERT,
@@ -139,6 +139,7 @@ class GroundingDinoDetector:
             out.append((x - mean) / std)
         return out
 
+    @holds_device_lock
     def detect(
         self,
         images: Sequence[Image.Image],

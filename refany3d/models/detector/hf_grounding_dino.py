@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import DetectorSettings
-from refany3d.models._torch import torch_device_dtype
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.detector.base import Detection
 from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
 from refany3d.records import Sample
@@ -111,6 +111,7 @@ class HfGroundingDinoDetector:
         _checks_without_device_reads()
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
+    @holds_device_lock
     def detect(
         self,
         images: Sequence[Image.Image],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from refany3d.config import SegmenterSettings
-from refany3d.models._torch import torch_device_dtype
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.segmenter.base import Segmentation
 from refany3d.models.weights import HF_SAM, resolve_pretrained
 from refany3d.records import Sample
@@ -29,6 +29,7 @@ class HfSamSegmenter:
         model = SamModel.from_pretrained(path, dtype=torch.float32)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
+    @holds_device_lock
     def segment(
         self,
         images: Sequence[Image.Image],

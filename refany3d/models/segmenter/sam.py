@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import SegmenterSettings
-from refany3d.models._torch import torch_device_dtype
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.segmenter.base import Segmentation
 from refany3d.models.weights import SAM_CKPT_HOW, WeightsError, require_file
 from refany3d.records import Sample
@@ -213,6 +213,7 @@ class SamSegmenter:
         self.model = model.to(device=self.device).eval()
         self.resize = ResizeLongestSide(model.image_encoder.img_size)
 
+    @holds_device_lock
     def segment(
         self,
         images: Sequence[Image.Image],
