@@ -433,6 +433,9 @@ def main() -> None:
             _write(out, report)
             if args.torch_profile and batch == 8:
                 torch_profile(samples[:16], settings, ctx, Path(args.torch_profile), f"{mode}_")
+        if torch.cuda.is_available():  # weights, activations and graph pools of this process so far
+            report[key]["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            _write(out, report)
     if args.compare:
         report["graphs_vs_no_graphs"] = {}
         for batch in (1, 8):
