@@ -90,7 +90,7 @@ class DetectorSettings(_Section):
     )
     cuda_graphs: bool = _opt(
         True,
-        "hf-grounding-dino: replay the text encoder, backbone, encoder and decoder from CUDA graphs, one per input shape (CUDA only)",
+        "hf-grounding-dino: replay the text encoder, backbone, encoder and decoder from CUDA graphs, one per input shape (CUDA only; keeps GPU memory)",
     )
     truth_jitter: float = _opt(0.03, "truth backend: box corner jitter, fraction of box size", ge=0.0)
     truth_dilation: float = _opt(0.05, "truth backend: box dilation, fraction of box size", ge=0.0)
@@ -114,7 +114,8 @@ class SegmenterSettings(_Section):
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     compile: bool = _opt(True, "sam backend: torch.compile the image-encoder blocks on CUDA (ignored on CPU)")
     cuda_graphs: bool = _opt(
-        True, "sam backend: replay the image encoder from CUDA graphs, one per input shape (CUDA only)"
+        True,
+        "sam backend: replay the image encoder from CUDA graphs, one per input shape (CUDA only; keeps GPU memory)",
     )
     truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
 
@@ -126,7 +127,8 @@ class DepthSettings(_Section):
     batch_size: int = _opt(8, "images per forward pass", ge=1)
     compile: bool = _opt(True, "torch.compile the DINOv2 layers and fusion decoder on CUDA (ignored on CPU)")
     cuda_graphs: bool = _opt(
-        True, "depth-pro: replay the whole network from CUDA graphs, one per input shape (CUDA only)"
+        True,
+        "depth-pro: replay the whole network from CUDA graphs, one per input shape (CUDA only; keeps GPU memory)",
     )
     truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
     truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
