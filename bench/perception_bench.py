@@ -34,6 +34,7 @@ from refany3d.models.depth import load_depth
 from refany3d.models.detector import load_detector
 from refany3d.models.segmenter import load_segmenter
 from refany3d.records import DEPTH, IMAGE, MASK, Sample
+from refany3d.stages._views import read_mask
 from refany3d.stages.context import StageContext
 from refany3d.stages.depth import depth
 from refany3d.stages.detect import detect
@@ -257,7 +258,7 @@ def _stage_outputs(samples, settings, ctx) -> list[tuple]:
         current = fn(current, settings, ctx).kept
     out = []
     for s in current:
-        mask = np.asarray(Image.open(io.BytesIO(ctx.store.get(s.artifacts[MASK])))) > 0
+        mask = np.asarray(read_mask(ctx.store, s.artifacts[MASK])) > 0
         d = np.load(io.BytesIO(ctx.store.get(s.artifacts[DEPTH])))["depth"].astype(np.float32)
         out.append((np.asarray(s.box, np.float64), mask, d, s.focal_px))
     return out

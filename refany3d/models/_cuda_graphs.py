@@ -11,7 +11,8 @@ see fresh tensors exactly as from the eager forward.
 A region can only be captured when it never waits for the device (no `.item()`, no data-dependent
 shapes, no host-to-device copies of new constants); such steps stay in the eager glue between the
 graphed regions, which is why backends name regions (`graph_modules`) rather than graphing the
-whole network. A region that waits for the device, found in its warm-up, runs eagerly from then on, with a warning.
+whole network. A region that waits for the device, found in its warm-up, runs eagerly from then
+on, with a warning.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class GraphedForward:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         graph = self.graphs[key]
-        if graph is None:  # capture failed for this signature
+        if graph is None:  # not capturable with this signature
             return self.forward(*args, **kwargs)
         return graph.replay(leaves)
 
@@ -89,7 +90,7 @@ class GraphedForward:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 outputs = self.forward(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run this region eagerly
+        except Exception as err:  # noqa: BLE001 - last resort; the warm-up check catches device reads
             torch.cuda.synchronize()
             log.warning("%s: CUDA graph capture failed, runs eagerly: %s", self.name, err)
             return None

@@ -62,7 +62,7 @@ def _use_summed_deformable_attention(model) -> int:
     return len(cores)
 
 
-def _checks_without_device_reads():
+def _checks_without_device_reads() -> None:
     """transformers' `torch_compilable_check` for `modeling_grounding_dino`, except for conditions
     held in device tensors, which it reads back with a device synchronisation: that read keeps the
     encoder and decoder out of CUDA graphs. The only such check there (each deformable attention's
@@ -73,7 +73,7 @@ def _checks_without_device_reads():
 
     check = modeling_grounding_dino.torch_compilable_check
     if getattr(check, "host_only", False):
-        return check
+        return
 
     def torch_compilable_check(cond, msg, error_type=ValueError):
         if isinstance(cond, torch.Tensor) and cond.device.type != "cpu":
@@ -82,7 +82,6 @@ def _checks_without_device_reads():
 
     torch_compilable_check.host_only = True
     modeling_grounding_dino.torch_compilable_check = torch_compilable_check
-    return torch_compilable_check
 
 
 class HfGroundingDinoDetector:
