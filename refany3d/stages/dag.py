@@ -33,7 +33,7 @@ STAGES: dict[str, StageSpec] = {
     "segment": StageSpec(("detect",), ("segmenter", "runtime"), ("mask",), "segment"),
     "mesh": StageSpec(("segment",), ("mesher", "runtime"), ("mesh_glb",), "mesh"),
     "depth": StageSpec(("segment",), ("depth", "runtime"), ("depth", "intrinsics"), "depth"),
-    "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose",), "estimate_pose"),
+    "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose", "intrinsics", "mesh_scale"), "pose"),
     "verify": StageSpec(("pose",), ("verify", "render"), (), "verify"),
     "render": StageSpec(
         ("verify",), ("render",), ("point_map", "point_map_raw", "views_rgb", "views_point_map"), "render"
