@@ -138,10 +138,46 @@ class DepthSettings(_Section):
 @dataclass(frozen=True)
 class MesherSettings(_Section):
     backend: Literal["truth", "hunyuan3d"] = _opt("truth", "image-to-mesh backend")
-    weights: str = _opt("", "local directory or hub id of Hunyuan3D-2")
+    weights: str = _opt(
+        "", "hunyuan3d: local directory (or cached hub id) laid out as the tencent/Hunyuan3D-2 snapshot"
+    )
+    dit: Literal["standard", "turbo"] = _opt(
+        "standard", "hunyuan3d: DiT variant (hunyuan3d-dit-v2-0 or hunyuan3d-dit-v2-0-turbo subfolder)"
+    )
+    steps: int = _opt(0, "hunyuan3d: denoising steps; 0 = the variant's (standard 50, turbo 5)", ge=0)
+    guidance: float = _opt(5.0, "hunyuan3d: guidance scale (CFG, or the turbo DiT's guidance embedding)")
+    octree_resolution: int = _opt(384, "hunyuan3d: volume grid cells per side (<= 64 on the CPU)", ge=16)
+    num_chunks: int = _opt(200000, "hunyuan3d: volume queries per decoder call", ge=1000)
+    flashvdm: bool = _opt(False, "hunyuan3d: hierarchical FlashVDM volume decoding (one object at a time)")
+    mc_algo: Literal["auto", "mc", "dmc"] = _opt(
+        "auto", "hunyuan3d: surface extraction; auto = dmc (diso) on CUDA when importable, else mc (CPU)"
+    )
+    batch_size: int = _opt(4, "objects per DiT batch (FlashVDM decodes them one at a time)", ge=1)
+    timeout_s: float = _opt(
+        600.0, "per-sample budget in seconds; over it the sample drops (mesh_timeout)", gt=0.0
+    )
     target_faces: int = _opt(40000, "face count after reduction, before UV unwrapping", ge=100)
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
     uv_partitions: int = _opt(4, "Open3D compute_uvatlas parallel_partitions", ge=1)
+    truth_rotation_deg: float = _opt(
+        3.0, "truth backend: std of the canonical frame's rotation error per axis, degrees", ge=0.0
+    )
+    truth_resolution: int = _opt(
+        64, "truth backend: grid cells per side of the re-meshed surface (marching cubes)", ge=16
+    )
+
+
+@dataclass(frozen=True)
+class TexturerSettings(_Section):
+    backend: Literal["projection"] = _opt("projection", "texturing of the reduced, unwrapped mesh")
+    fov_deg: float = _opt(
+        45.0, "vertical field of view of the front camera fitted to the mask, degrees", gt=0.0, lt=180.0
+    )
+    fit_resolution: int = _opt(128, "side in px of the silhouettes compared while fitting the camera", ge=32)
+    fit_iterations: int = _opt(30, "silhouette-contour alignment iterations of the camera fit", ge=0)
+    fill_neighbours: int = _opt(
+        8, "unseen texels take the mean colour of this many nearest seen texels (3D)", ge=1
+    )
 
 
 @dataclass(frozen=True)
@@ -209,6 +245,7 @@ class BuildSettings(_Section):
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     depth: DepthSettings = field(default_factory=DepthSettings)
     mesher: MesherSettings = field(default_factory=MesherSettings)
+    texturer: TexturerSettings = field(default_factory=TexturerSettings)
     pose: PoseSettings = field(default_factory=PoseSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     render: RenderSettings = field(default_factory=RenderSettings)

@@ -58,6 +58,8 @@ class Sample:
     intrinsics: list[float] | None = None  # 9 floats, row-major, pixels of the S×S view
     focal_px: float | None = None
     mesh_scale: float | None = None  # metres per canonical unit, from calibration
+    front_pose: list[float] | None = None  # 16 floats, canonical mesh -> front camera, OpenCV (mesh stage)
+    front_intrinsics: list[float] | None = None  # 9 floats, that camera's K in px of the view
     backends: dict[str, str] = field(default_factory=dict)  # stage -> backend that produced it
 
     def replace(self, **changes: Any) -> Sample:

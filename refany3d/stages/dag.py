@@ -31,7 +31,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "detect": StageSpec(("split",), ("detector", "runtime"), ("box",), "detect"),
     "segment": StageSpec(("detect",), ("segmenter", "runtime"), ("mask",), "segment"),
-    "mesh": StageSpec(("segment",), ("mesher", "runtime"), ("mesh_glb",), "mesh"),
+    "mesh": StageSpec(("segment",), ("mesher", "texturer", "runtime"), ("mesh_glb",), "mesh"),
     "depth": StageSpec(("segment",), ("depth", "runtime"), ("depth", "intrinsics"), "depth"),
     "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose", "intrinsics", "mesh_scale"), "pose"),
     "verify": StageSpec(("pose",), ("verify", "render"), (), "verify"),
