@@ -173,11 +173,8 @@ class TexturerSettings(_Section):
     fov_deg: float = _opt(
         45.0, "vertical field of view of the front camera fitted to the mask, degrees", gt=0.0, lt=180.0
     )
-    fit_resolution: int = _opt(128, "side in px of the silhouettes compared while fitting the camera", ge=32)
+    fit_resolution: int = _opt(256, "side in px of the silhouettes compared while fitting the camera", ge=32)
     fit_iterations: int = _opt(30, "silhouette-contour alignment iterations of the camera fit", ge=0)
-    fill_neighbours: int = _opt(
-        8, "unseen texels take the mean colour of this many nearest seen texels (3D)", ge=1
-    )
 
 
 @dataclass(frozen=True)

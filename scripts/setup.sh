@@ -33,6 +33,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # for inference; install it and what it imports, nothing else.
   .venv/bin/python -m pip install -q addict yapf matplotlib pycocotools
   .venv/bin/python -m pip install -q --no-deps "groundingdino-py==0.4.0"
+  # hy3dgen declares gradio, rembg, onnxruntime, xatlas, ... for its apps; the shape pipeline needs
+  # only what pyproject lists (torch, diffusers, transformers, einops, pymeshlab, scikit-image, ...).
+  .venv/bin/python -m pip install -q --no-deps "hy3dgen==2.0.2"
   echo "$want" > "$stamp"
 else
   echo "[setup] .venv is up to date"

@@ -5,8 +5,8 @@ view is the input photo: y up, the camera on +z looking down -z. `fit_front_came
 camera exactly: a pinhole of a fixed field of view whose pose is aligned so the mesh's silhouette
 matches the photo's mask (contour ICP: rendered and observed contours paired by nearest distance,
 pose re-solved with PnP, best IoU kept). `project_texture` then paints every atlas texel the camera
-sees with the photo and gives the rest the mean of the nearest seen texels on the surface (a
-function of 3D position only, so charts that meet on the surface meet in colour: no seams).
+sees with the photo; the rest take colours spread along the surface's edges from the nearest seen
+vertices (one colour per surface point, vertices welded across chart seams: no seams).
 
 Convention: OpenCV camera (x right, y down, z forward), (4, 4) canonical-to-camera poses,
 intrinsics in px with pixel (i, j) centred at u=i, v=j (`refany3d.render.cameras`).
@@ -124,7 +124,7 @@ def fit_front_camera(
     mesh: trimesh.Trimesh,
     mask: np.ndarray,
     fov_deg: float = 45.0,
-    resolution: int = 128,
+    resolution: int = 256,
     iterations: int = 30,
 ) -> FrontCamera:
     """The camera of the photo whose (H, W) bool object `mask` shows the canonical `mesh` from the
@@ -172,28 +172,45 @@ def _sample_pixels(image: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return out.reshape(-1, 3)[:n].astype(np.float32)
 
 
-def _seen_texels(mesh, faces, points, mask, camera: FrontCamera) -> tuple[np.ndarray, np.ndarray]:
-    """(seen (n,) bool, pixels (n, 2) float u, v) of texel `points`: in front of the camera, not
-    occluded (z within 0.5 % of the ray-cast depth), facing it, and inside the eroded mask."""
-    import cv2
-
+def _seen(points, normals, mask, depth, camera: FrontCamera) -> tuple[np.ndarray, np.ndarray]:
+    """(seen (n,) bool, pixels (n, 2) float u, v) of surface `points` with (n, 3) `normals`: in
+    front of the camera, not occluded (z within 0.5 % of the ray-cast `depth`), facing it, and
+    inside `mask`."""
     height, width = mask.shape
-    depth = raycast_maps(mesh, camera.pose, camera.intrinsics, width, height)["depth"]
     cam = points @ camera.pose[:3, :3].T + camera.pose[:3, 3]
     z = cam[:, 2]
     pixels = project(np.where(z[:, None] > 1e-6, cam, [0.0, 0.0, 1.0]), camera.intrinsics)
     col, row = np.rint(pixels[:, 0]).astype(int), np.rint(pixels[:, 1]).astype(int)
     inside = (z > 1e-6) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
     col, row = np.clip(col, 0, width - 1), np.clip(row, 0, height - 1)
-    # one pixel of erosion: mask-border pixels mix object and background colours
-    eroded = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
     hit = depth[row, col]
-    visible = inside & (hit > 0) & (z <= hit * 1.005) & eroded[row, col]
-    centre = invert_pose(camera.pose)[:3, 3]
-    view = points - centre
+    visible = inside & (hit > 0) & (z <= hit * 1.005) & mask[row, col]
+    view = points - invert_pose(camera.pose)[:3, 3]
     view /= np.maximum(np.linalg.norm(view, axis=1, keepdims=True), 1e-12)
-    facing = np.abs((np.asarray(mesh.face_normals)[faces] * view).sum(axis=1)) > _MIN_COS
+    facing = np.abs((normals * view).sum(axis=1)) > _MIN_COS  # either winding: repair may flip parts
     return visible & facing, pixels
+
+
+def _spread(colours: np.ndarray, known: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(n, 3) vertex colours with every unknown vertex given the mean of its known neighbours,
+    front by front outwards from the known ones (nearest seen colour along the surface's edges)."""
+    import scipy.sparse as sp
+
+    n = len(colours)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    adjacency = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)).tocsr()
+    adjacency = ((adjacency + adjacency.T) > 0).astype(np.float64)
+    colours, known = colours.astype(np.float64), known.copy()
+    while not known.all():
+        weight = adjacency @ known.astype(np.float64)
+        grow = ~known & (weight > 0)
+        if not grow.any():  # parts the camera never saw: the mean of what it saw
+            colours[~known] = colours[known].mean(axis=0)
+            break
+        total = adjacency @ (colours * known[:, None])
+        colours[grow] = total[grow] / weight[grow, None]
+        known |= grow
+    return colours
 
 
 def project_texture(
@@ -202,26 +219,62 @@ def project_texture(
     mask: np.ndarray,
     camera: FrontCamera,
     size: int = 1024,
-    neighbours: int = 8,
 ) -> tuple[trimesh.Trimesh, float]:
     """(copy of `mesh` (with UVs) textured with a size×size atlas from the (H, W, 3) uint8 photo
-    `image`, fraction of atlas texels the camera saw). `mask`: (H, W) bool object pixels; texels
-    the camera does not see take the mean colour of the `neighbours` nearest seen texels (3D)."""
-    from scipy.spatial import cKDTree
+    `image`, fraction of atlas texels the camera saw). `mask`: (H, W) bool object pixels.
 
+    Texels the camera sees take the photo's colour; the others interpolate vertex colours spread
+    along the surface from the seen vertices. Vertices are welded by position first: the atlas
+    splits them at chart seams, and one colour per surface point is what leaves no seam."""
+    height, width = mask.shape
+    depth = raycast_maps(mesh, camera.pose, camera.intrinsics, width, height)["depth"]
     covered, faces, points = texel_points(mesh, size)
-    seen, pixels = _seen_texels(mesh, faces, points, mask, camera)
+    normals = np.asarray(mesh.face_normals)[faces]
+    seen, pixels = _seen(points, normals, mask, depth, camera)
     colours = np.zeros((len(points), 3), dtype=np.float32)
-    if seen.any():
-        colours[seen] = _sample_pixels(image, pixels[seen])
-        if not seen.all():
-            k = min(neighbours, int(seen.sum()))
-            _, idx = cKDTree(points[seen]).query(points[~seen], k=k, workers=-1)
-            colours[~seen] = colours[seen][idx.reshape(len(idx), -1)].mean(axis=1)
-    else:  # the camera sees nothing of the mesh: the object's mean colour everywhere
-        colours[:] = image[mask].reshape(-1, 3).mean(axis=0) if mask.any() else 127.0
+    colours[seen] = _sample_pixels(image, pixels[seen])
+    if not seen.all():
+        colours[~seen] = _unseen_colours(mesh, faces[~seen], points[~seen], image, mask, depth, camera)
     atlas = np.zeros((size, size, 3), dtype=np.float32)
     atlas[covered] = colours
-    return with_texture(mesh, dilate_texels(atlas, covered, steps=4)), float(seen.mean()) if len(
-        seen
-    ) else 0.0
+    textured = with_texture(mesh, dilate_texels(atlas, covered, steps=4))
+    return textured, float(seen.mean()) if len(seen) else 0.0
+
+
+def _unseen_colours(mesh, faces, points, image, mask, depth, camera: FrontCamera) -> np.ndarray:
+    """(n, 3) colours of unseen texels on `faces` at `points`: barycentric mix of their welded
+    corners' colours, each seen corner from the photo, the rest spread along the surface."""
+    welded_vertices, weld = np.unique(np.asarray(mesh.vertices), axis=0, return_inverse=True)
+    weld = weld.reshape(-1)
+    welded = trimesh.Trimesh(welded_vertices, weld[np.asarray(mesh.faces)], process=False)
+    known, pixels = _seen(welded_vertices, np.asarray(welded.vertex_normals), mask, depth, camera)
+    vertex_colours = np.zeros((len(welded_vertices), 3))
+    if known.any():
+        vertex_colours[known] = _sample_pixels(image, pixels[known])
+        vertex_colours = _spread(vertex_colours, known, np.asarray(welded.faces))
+    else:  # the camera sees nothing of the mesh: the object's mean colour everywhere
+        vertex_colours[:] = image[mask].reshape(-1, 3).mean(axis=0) if mask.any() else 127.0
+    corners = np.asarray(welded.faces)[faces]  # (n, 3)
+    bary = np.clip(trimesh.triangles.points_to_barycentric(welded_vertices[corners], points), 0.0, 1.0)
+    bary /= np.maximum(bary.sum(axis=1, keepdims=True), 1e-12)
+    return (vertex_colours[corners] * bary[..., None]).sum(axis=1).astype(np.float32)
+
+
+def raycast_colours(
+    mesh: trimesh.Trimesh, pose: np.ndarray, intrinsics: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb (H, W, 3) float32, mask (H, W) bool) of the textured `mesh` seen at `pose` with
+    `intrinsics`: one ray per pixel centre, the base-colour atlas sampled bilinearly at the hit's
+    UV (no mipmaps or multisampling: the texture's own colours, as projected)."""
+    maps = raycast_maps(mesh, pose, intrinsics, width, height)
+    hit = maps["mask"]
+    faces = np.asarray(mesh.faces)[maps["face"][hit]]
+    vertices = np.asarray(mesh.vertices)
+    bary = trimesh.triangles.points_to_barycentric(vertices[faces], maps["xyz_canonical"][hit])
+    uv = (np.asarray(mesh.visual.uv)[faces] * bary[..., None]).sum(axis=1)
+    atlas = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
+    size_v, size_u = atlas.shape[:2]
+    pixels = np.stack([uv[:, 0] * size_u - 0.5, (1.0 - uv[:, 1]) * size_v - 0.5], axis=1)
+    rgb = np.zeros((height, width, 3), dtype=np.float32)
+    rgb[hit] = _sample_pixels(atlas, pixels)
+    return rgb, hit

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import pymeshlab  # noqa: F401  (see below)
 import trimesh
 from PIL import Image
 
@@ -36,6 +37,10 @@ from refany3d.render.mesh import (
 from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_mask, read_view, record
 from refany3d.stages.context import StageContext
 
+# pymeshlab is imported here, with this module, on purpose: loaded for the first time from a worker
+# thread together with torch (as hy3dgen's post-processors would), the process corrupts its heap
+# at exit (glibc "malloc_consolidate(): unaligned fastbin chunk", exit code 134). Stage modules are
+# imported on the main thread (CLI preflight, test collection).
 STAGE = "mesh"
 MESH_EMPTY = "mesh_empty"  # no surface, or nothing left after clean-up
 MESH_NOT_MANIFOLD = "mesh_not_manifold"  # still non-manifold after repair (the UV atlas needs manifold)

@@ -22,5 +22,5 @@ class ProjectionTexturer:
         options: TexturerSettings,
     ) -> Texturing:
         camera = fit_front_camera(mesh, mask, options.fov_deg, options.fit_resolution, options.fit_iterations)
-        textured, seen = project_texture(mesh, image, mask, camera, atlas_size, options.fill_neighbours)
+        textured, seen = project_texture(mesh, image, mask, camera, atlas_size)
         return Texturing(textured, camera.pose, camera.intrinsics, camera.iou, seen)
