@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from refany3d.models.weights import HUNYUAN3D_SUBFOLDERS
@@ -161,8 +160,9 @@ class ShapeField(_module_base()):
     """Wraps one VAE instance's geometry decoder: the decoder still runs on every query (same
     compute), but its output becomes the occupancy logits of a shape, `scale * sdf_inside(x)`.
 
-    `sdf_inside`: (n, 3) float numpy points in hy3dgen's box -> (n,) signed distance, positive
-    inside. Install with `ShapeField.install(vae, fn)`; only that instance changes.
+    `sdf_inside`: (..., 3) float torch points in hy3dgen's box -> (...) signed distance, positive
+    inside, computed on the queries' device. Install with `ShapeField.install(vae, fn)`; only that
+    instance changes.
     """
 
     def __init__(self, decoder, sdf_inside, scale: float = 50.0) -> None:
@@ -181,21 +181,18 @@ class ShapeField(_module_base()):
         self.decoder.set_cross_attention_processor(processor)
 
     def forward(self, queries=None, latents=None, **kwargs):
-        import torch
-
         out = self.decoder(queries=queries, latents=latents, **kwargs)
-        points = queries.detach().float().cpu().numpy().reshape(-1, 3)
-        sdf = self.sdf_inside(points).reshape(out.shape[:-1] + (1,))
-        return out * 0 + torch.as_tensor(self.scale * sdf, dtype=out.dtype, device=out.device)
+        sdf = self.sdf_inside(queries.float()).reshape(out.shape)
+        return out * 0 + (self.scale * sdf).to(out.dtype)
 
 
 def sphere_sdf(radius: float = 0.6):
-    return lambda p: radius - np.linalg.norm(p, axis=-1)
+    return lambda p: radius - p.norm(dim=-1)
 
 
 def torus_sdf(major: float = 0.6, minor: float = 0.25):
-    def sdf(p: np.ndarray) -> np.ndarray:
-        ring = np.sqrt(p[..., 0] ** 2 + p[..., 2] ** 2) - major
-        return minor - np.sqrt(ring**2 + p[..., 1] ** 2)
+    def sdf(p):
+        ring = (p[..., 0] ** 2 + p[..., 2] ** 2).sqrt() - major
+        return minor - (ring**2 + p[..., 1] ** 2).sqrt()
 
     return sdf

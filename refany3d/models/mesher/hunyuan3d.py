@@ -61,7 +61,6 @@ class Hunyuan3DMesher:
         mc_algo: str = "auto",
     ) -> None:
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
-        from hy3dgen.shapegen.models.autoencoders import SurfaceExtractors
 
         root = resolve_hunyuan3d(weights, dit)
         self.device, self.dtype = torch_device_dtype(device, dtype)
@@ -75,7 +74,14 @@ class Hunyuan3DMesher:
             variant="fp16",
         )
         self.dit = dit
-        vae = self.pipe.vae  # decoder choice lives on the VAE instance this backend owns
+        self.configure_decoder(flashvdm, algorithm)
+
+    def configure_decoder(self, flashvdm: bool, algorithm: str) -> None:
+        """Dense or FlashVDM volume decoding, `mc` or `dmc` surface extraction, on the VAE
+        instance this backend owns (hy3dgen keeps that choice on the VAE)."""
+        from hy3dgen.shapegen.models.autoencoders import SurfaceExtractors
+
+        vae = self.pipe.vae
         if flashvdm:
             vae.enable_flashvdm_decoder(
                 enabled=True, adaptive_kv_selection=True, topk_mode="mean", mc_algo=algorithm
