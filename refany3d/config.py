@@ -156,7 +156,9 @@ class MesherSettings(_Section):
     timeout_s: float = _opt(
         600.0, "per-sample budget in seconds; over it the sample drops (mesh_timeout)", gt=0.0
     )
-    target_faces: int = _opt(40000, "face count after reduction, before UV unwrapping", ge=100)
+    target_faces: int = _opt(
+        10000, "face count after reduction, before UV unwrapping (bench/results/mesh.md)", ge=100
+    )
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
     uv_partitions: int = _opt(4, "Open3D compute_uvatlas parallel_partitions", ge=1)
     truth_rotation_deg: float = _opt(
