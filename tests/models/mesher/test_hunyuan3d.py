@@ -129,3 +129,19 @@ def test_check_mesher_weights_rejects_a_downloading_config(tmp_path, weights):
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(WeightsError, match="download"):
         resolve_hunyuan3d(str(copy), "standard")
+
+
+@pytest.mark.slow
+def test_hunyuan3d_flashvdm_refines_near_the_surface(weights):
+    # octree 128: FlashVDM decodes a 64³ grid, then only the band around its surface at 128³
+    settings = _settings(
+        weights,
+        **{"mesher.dit": "turbo", "mesher.steps": 0, "mesher.flashvdm": True, "mesher.octree_resolution": 128},
+    )
+    mesher = _mesher(settings)
+    decoder = ShapeField.install(mesher.pipe.vae, sphere_sdf(0.6)).decoder
+    counted = decoder.count
+    (mesh,) = mesher.generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic() + 300)
+    assert mesh is not None and mesh.is_watertight
+    assert np.abs(np.linalg.norm(mesh.vertices, axis=1) - 0.6).max() < 4 * 2.02 / 128
+    assert decoder.count - counted < 0.25 * 129**3  # far fewer queries than the dense grid
