@@ -136,7 +136,12 @@ def test_hunyuan3d_flashvdm_refines_near_the_surface(weights):
     # octree 128: FlashVDM decodes a 64³ grid, then only the band around its surface at 128³
     settings = _settings(
         weights,
-        **{"mesher.dit": "turbo", "mesher.steps": 0, "mesher.flashvdm": True, "mesher.octree_resolution": 128},
+        **{
+            "mesher.dit": "turbo",
+            "mesher.steps": 0,
+            "mesher.flashvdm": True,
+            "mesher.octree_resolution": 128,
+        },
     )
     mesher = _mesher(settings)
     decoder = ShapeField.install(mesher.pipe.vae, sphere_sdf(0.6)).decoder
