@@ -95,3 +95,11 @@ def test_help_lists_build_options():
     proc = subprocess.run(CLI + ["build", "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--source", "--data-files", "--limit", "--out", "--config", "--until", "--set"):
         assert flag in proc.stdout
+
+
+def test_build_missing_mesher_weights_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    args = ["build", "--until", "mesh", "--out", str(out), "--set", "mesher.backend=hunyuan3d"]
+    proc = _run(args + ["--set", f"mesher.weights={tmp_path / 'none'}"], tmp_path)
+    assert proc.returncode == 2 and "mesher.weights=" in proc.stderr
+    assert "hunyuan3d-dit-v2-0/config.yaml" in proc.stderr and not out.exists()
