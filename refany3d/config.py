@@ -160,7 +160,14 @@ class VerifySettings(_Section):
     )
     max_lpips: float = _opt(0.3, "keep samples whose LPIPS to the image crop is below this", ge=0.0)
     lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")
-    lpips_weights: str = _opt("", "local file of the LPIPS backbone weights (offline)")
+    lpips_weights: str = _opt(
+        "",
+        "LPIPS weights file (scripts/convert_lpips.py output); empty = <python prefix>/share/refany3d/lpips_<net>.safetensors, made by scripts/setup.sh",
+    )
+    lpips_size: int = _opt(224, "side in px that both object crops are resized to for LPIPS", ge=32)
+    crop_margin: float = _opt(
+        0.1, "margin around the union of both masks in the LPIPS crops, fraction of its side", ge=0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,10 @@ class RenderSettings(_Section):
     elevation_deg: float = _opt(20.0, "orbit camera elevation in degrees", ge=-89.0, le=89.0)
     distance: float = _opt(2.8, "orbit camera distance, object normalised to [-1, 1]", gt=0.0)
     fov_deg: float = _opt(40.0, "orbit camera vertical field of view in degrees", gt=0.0, lt=180.0)
-    turntable: bool = _opt(False, "also write a turntable video")
+    turntable: bool = _opt(False, "also write a turntable video (mp4: RGB | point map)")
+    turntable_frames: int = _opt(36, "turntable video frames (one full turn)", ge=2)
+    turntable_resolution: int = _opt(256, "side of each half of a turntable frame in px", ge=16)
+    turntable_fps: int = _opt(12, "turntable video frame rate", ge=1)
     orbit_shading: Literal["albedo", "lit"] = _opt(
         "albedo", "orbit-view shading: unlit base colour (fast on CPU GL) or lit PBR"
     )

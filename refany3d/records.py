@@ -25,9 +25,11 @@ MASK = "mask"  # PNG, 8-bit, 255 = object
 DEPTH = "depth"  # npz, float16 metres, key "depth"
 MESH = "mesh"  # GLB of the object in its canonical frame
 POINT_MAP = "point_map"  # PNG, 8-bit: scene point map in canonical coordinates, white background
-POINT_MAP_RAW = "point_map_raw"  # PNG, 16-bit: the same, lossless
+POINT_MAP_RAW = "point_map_raw"  # npz, key "xyz": (H, W, 3) float32 camera-frame metres, 0 = off the object
+OVERLAY = "overlay"  # PNG: the scene point map blended over the view where the posed mesh is
 VIEWS_RGB = "views_rgb"  # JSON list of PNG URIs, one per orbit view
 VIEWS_POINT_MAP = "views_point_map"  # JSON list of PNG URIs, one per orbit view
+TURNTABLE = "turntable"  # mp4: orbit RGB | point map side by side (render.turntable only)
 TRUTH = "truth"  # npz of the synthetic ground truth of this view (synthetic source only)
 
 
@@ -58,6 +60,7 @@ class Sample:
     intrinsics: list[float] | None = None  # 9 floats, row-major, pixels of the S×S view
     focal_px: float | None = None
     mesh_scale: float | None = None  # metres per canonical unit, from calibration
+    view_azimuths_deg: list[float] | None = None  # azimuth of each orbit view (render stage)
     backends: dict[str, str] = field(default_factory=dict)  # stage -> backend that produced it
 
     def replace(self, **changes: Any) -> Sample:
