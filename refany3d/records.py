@@ -4,8 +4,10 @@ This module is the single source of truth for what a sample carries and what a s
 Between stages a sample carries small values and URIs into the artifact store (`artifacts`),
 never big arrays; the shard writer inlines the bytes at the end.
 
-Shard schema version history:
+Shard schema version history (columns documented in docs/shard-schema.md):
     1 — first release: Subjects200K fields, mask, depth, pose, intrinsics, mesh, point maps, orbit views.
+    2 — the final training row: adds `truth`, `mesh_scale`, `view_azimuths_deg`, `mask_iou`,
+        `lpips`; `point_map_raw` is an npz of camera-frame XYZ in metres (was a 16-bit PNG).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SHARD_SCHEMA_VERSION = 1
+SHARD_SCHEMA_VERSION = 2
 
 # Artifact roles a sample may reference (keys of `Sample.artifacts`).
 IMAGE = "image"  # PNG of the S×S view
@@ -115,6 +117,8 @@ def _image_list() -> dict[str, Any]:
 
 # (name, arrow type, Hugging Face feature). Images are HF `Image` structs {bytes, path}.
 _IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_FLOAT32 = {"dtype": "float32", "_type": "Value"}
+_FLOAT64 = {"dtype": "float64", "_type": "Value"}
 SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
     ("sample_id", pa.string(), {"dtype": "string", "_type": "Value"}),
     ("source", pa.string(), {"dtype": "string", "_type": "Value"}),
@@ -134,13 +138,18 @@ SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
         pa.list_(pa.float32()),
         {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}},
     ),
+    ("mesh_scale", pa.float64(), _FLOAT64),  # metres per canonical mesh unit
     ("mesh_glb", pa.binary(), {"dtype": "binary", "_type": "Value"}),
     ("point_map", _IMAGE_STRUCT, _IMAGE),
-    ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),
+    ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),  # npz, key "xyz"
     ("views_rgb", pa.list_(_IMAGE_STRUCT), _image_list()),
     ("views_point_map", pa.list_(_IMAGE_STRUCT), _image_list()),
+    ("view_azimuths_deg", pa.list_(pa.float32()), {"_type": "List", "feature": _FLOAT32}),
+    ("mask_iou", pa.float32(), _FLOAT32),
+    ("lpips", pa.float32(), _FLOAT32),
     ("metrics", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
     ("backends", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
+    ("truth", pa.bool_(), {"dtype": "bool", "_type": "Value"}),  # a ground-truth backend made it
 ]
 
 REJECT_COLUMNS: list[tuple[str, pa.DataType]] = [

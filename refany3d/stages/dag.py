@@ -22,7 +22,7 @@ STAGES: dict[str, StageSpec] = {
     "source": StageSpec(
         (),
         ("source",),
-        ("sample_id", "source", "source_id", "collection", "metrics", "backends"),
+        ("sample_id", "source", "source_id", "collection", "metrics", "backends", "truth"),
         "read_source",
     ),
     "quality": StageSpec(("source",), ("quality",), (), "filter_quality"),
@@ -34,9 +34,12 @@ STAGES: dict[str, StageSpec] = {
     "mesh": StageSpec(("segment",), ("mesher", "runtime"), ("mesh_glb",), "mesh"),
     "depth": StageSpec(("segment",), ("depth", "runtime"), ("depth", "intrinsics"), "depth"),
     "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose", "intrinsics", "mesh_scale"), "pose"),
-    "verify": StageSpec(("pose",), ("verify", "render"), (), "verify"),
+    "verify": StageSpec(("pose",), ("verify",), ("mask_iou", "lpips"), "verify"),
     "render": StageSpec(
-        ("verify",), ("render",), ("point_map", "point_map_raw", "views_rgb", "views_point_map"), "render"
+        ("verify",),
+        ("render",),
+        ("point_map", "point_map_raw", "views_rgb", "views_point_map", "view_azimuths_deg"),
+        "render",
     ),
     "shard": StageSpec(("render",), ("storage",), (), "shard"),
 }

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from refany3d.config import BuildSettings
+from refany3d.models._truth import TRUTH_LABEL
 from refany3d.records import (
     DEPTH,
     IMAGE,
@@ -34,6 +35,7 @@ ARTIFACT_MISSING = "artifact_missing"
 _IMAGE_COLUMNS = {"image": IMAGE, "mask": MASK, "point_map": POINT_MAP}
 _BYTES_COLUMNS = {"depth": DEPTH, "mesh_glb": MESH, "point_map_raw": POINT_MAP_RAW}
 _VIEW_COLUMNS = {"views_rgb": VIEWS_RGB, "views_point_map": VIEWS_POINT_MAP}
+_METRIC_COLUMNS = ("mask_iou", "lpips")  # verification metrics, kept on the record
 
 
 def sample_row(sample: Sample, columns: list[str], store: ArtifactStore) -> dict[str, Any]:
@@ -49,6 +51,10 @@ def sample_row(sample: Sample, columns: list[str], store: ArtifactStore) -> dict
         elif col in _VIEW_COLUMNS:
             uris = json.loads(sample.artifacts.get(_VIEW_COLUMNS[col], "[]"))
             row[col] = [image_cell(store.get(u)) for u in uris] if uris else None
+        elif col in _METRIC_COLUMNS:
+            row[col] = sample.metrics.get(col)
+        elif col == "truth":
+            row[col] = TRUTH_LABEL in sample.backends.values()
         elif col in ("metrics", "backends"):
             row[col] = json.dumps(getattr(sample, col), sort_keys=True)
         else:

@@ -62,7 +62,7 @@ def test_list_tables_ignores_partial_temporary_files(tmp_path):
 def test_shard_schema_is_versioned(tmp_path):
     path = write_shard(str(tmp_path), _rows(["a-l"]), COLUMNS)
     meta = pq.read_schema(path).metadata
-    assert json.loads(meta[b"refany3d"])["shard_schema_version"] == 1
+    assert json.loads(meta[b"refany3d"])["shard_schema_version"] == 2
 
 
 def test_datasets_load_dataset_returns_pil_images(tmp_path):
