@@ -175,7 +175,11 @@ class RenderSettings(_Section):
     resolution: int = _opt(512, "side of every rendered view in px", ge=16)
     views: int = _opt(8, "orbit views per asset (equal azimuth steps)", ge=1)
     elevation_deg: float = _opt(20.0, "orbit camera elevation in degrees", ge=-89.0, le=89.0)
-    distance: float = _opt(2.8, "orbit camera distance, object normalised to [-1, 1]", gt=0.0)
+    distance: float = _opt(
+        4.0,
+        "orbit camera distance, object normalised to [-1, 1] (at fov 40: 2.8 cut the object in 46 of 48 synthetic views, 4.0 in none)",
+        gt=0.0,
+    )
     fov_deg: float = _opt(40.0, "orbit camera vertical field of view in degrees", gt=0.0, lt=180.0)
     turntable: bool = _opt(False, "also write a turntable video (mp4: RGB | point map)")
     turntable_frames: int = _opt(36, "turntable video frames (one full turn)", ge=2)

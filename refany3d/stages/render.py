@@ -69,6 +69,10 @@ def _overlay(image: np.ndarray, unit: np.ndarray, mask: np.ndarray) -> np.ndarra
     return np.where(mask[..., None], np.round(blend), image).astype(np.uint8)
 
 
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
 def _turntable(view: PosedView, scene: MeshScene, opts: RenderSettings) -> bytes:
     """mp4 bytes (H.264, bit-exact): `turntable_frames` orbit frames, RGB | 8-bit point map."""
     import imageio_ffmpeg
@@ -134,6 +138,8 @@ def _render_one(sample: Sample, settings: BuildSettings, ctx: StageContext) -> S
     if opts.turntable:
         out.artifacts[TURNTABLE] = store.put_content("turntable", _turntable(view, scene, opts), ".mp4")
     out.metrics["point_map_coverage"] = float(renders.scene_mask.mean())
+    # views where the object reaches the image border, i.e. is cut off (render.distance too small)
+    out.metrics["orbit_clipped_views"] = float(sum(_touches_border(m) for m in renders.orbit_masks))
     return out
 
 

@@ -55,6 +55,7 @@ def test_render_orbit_views_are_512_px_at_equal_azimuth_steps(rendered):
         rgb, pm = json.loads(s.artifacts[VIEWS_RGB]), json.loads(s.artifacts[VIEWS_POINT_MAP])
         assert len(rgb) == len(pm) == settings.render.views == 8
         assert s.view_azimuths_deg == [45.0 * i for i in range(8)]
+        assert s.metrics["orbit_clipped_views"] == 0  # the whole object is in every view
         for a, b in zip(rgb, pm):
             image, points = _png(ctx.store, a), _png(ctx.store, b)
             assert image.shape == points.shape == (512, 512, 3)
