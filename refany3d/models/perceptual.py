@@ -17,6 +17,7 @@ import functools
 import io
 import pickle
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -197,16 +198,21 @@ class LpipsMetric:
         return float(values.mean()) if values.size else 0.0
 
 
+_ONE_THREAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_thread(torch):
     """Run a few small convolutions on one intra-op thread: measured on the 2-core CPU machine
-    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one. The
+    setting is the process's: calls are serialised so each restores what it found."""
+    with _ONE_THREAD_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=2)
