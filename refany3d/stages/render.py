@@ -144,6 +144,7 @@ def _render_one(sample: Sample, settings: BuildSettings, ctx: StageContext) -> S
 
 
 def render(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
+    """Point maps, overlay, orbit views (and turntable) of each verified sample, into the store."""
     result = StageResult()
     for sample in samples:
         outcome = _render_one(sample, settings, ctx)

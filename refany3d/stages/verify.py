@@ -98,6 +98,8 @@ def _verify_one(sample: Sample, settings: BuildSettings, ctx: StageContext, metr
 
 
 def verify(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
+    """Keep the posed samples whose rendered mesh matches the photo (silhouette, then appearance);
+    the LPIPS weights are loaded (or their absence reported) before any sample is read."""
     result = StageResult()
     if not samples:
         return result
