@@ -51,8 +51,15 @@ def _module_path(name: str) -> Path | None:
 
 @functools.cache
 def _parsed(name: str) -> tuple[str, tuple[str, ...]]:
-    """(digest of the module's code without docstrings, package modules it refers to)."""
-    tree = ast.parse(_module_path(name).read_text())
+    """(digest of module `name`'s code, package modules it imports other than itself)."""
+    digest, refs = code_digest(_module_path(name).read_text())
+    return digest, tuple(m for m in refs if _module_path(m) is not None and m != name)
+
+
+def code_digest(source: str) -> tuple[str, tuple[str, ...]]:
+    """(hash of the syntax tree of Python `source` without docstrings and comments, sorted
+    names of the package modules it refers to and their parent packages)."""
+    tree = ast.parse(source)
     refs: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -60,7 +67,9 @@ def _parsed(name: str) -> tuple[str, tuple[str, ...]]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             refs.add(node.module)
             refs.update(f"{node.module}.{alias.name}" for alias in node.names)  # submodules
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(PACKAGE):
+        elif (
+            isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(PACKAGE)
+        ):
             refs.add(node.value)  # importlib.import_module("refany3d....")
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
             body = node.body
@@ -72,7 +81,7 @@ def _parsed(name: str) -> tuple[str, tuple[str, ...]]:
         parts = ref.split(".")
         modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-    return digest, tuple(sorted(m for m in modules if _module_path(m) is not None and m != name))
+    return digest, tuple(sorted(m for m in modules if m.split(".")[0] == PACKAGE))
 
 
 @functools.cache
