@@ -96,7 +96,9 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
 
 
-def _count_batch(futures: dict[str, PrefectFuture], batch: SourceBatch, until: str, report: BuildReport) -> None:
+def _count_batch(
+    futures: dict[str, PrefectFuture], batch: SourceBatch, until: str, report: BuildReport
+) -> None:
     """Feed one finished batch's stage results to the report."""
     results = {s: f.result() for s, f in futures.items()}
     for stage, result in results.items():

@@ -126,6 +126,9 @@ def run_with_policy(stage: str, inputs: Any, settings: BuildSettings, ctx: Stage
         if stage == "shard":  # its rows are handled one by one already: what is left is the run's
             raise
         logger.warning(
-            "%s failed on the whole batch (%s: %s); running it sample by sample", stage, type(err).__name__, err
+            "%s failed on the whole batch (%s: %s); running it sample by sample",
+            stage,
+            type(err).__name__,
+            err,
         )
         return per_sample(stage, inputs, settings, ctx)

@@ -56,8 +56,10 @@ class Scheduler:
 
     def _inputs(self, stage: str, done: dict[str, PrefectFuture]) -> list[PrefectFuture] | None:
         """The futures `stage` takes, once all are finished (shard: every earlier stage's)."""
-        needed = [s for s in self.stages if s != "shard"] if stage == "shard" else list(
-            plan_inputs(stage, self.settings.until)
+        needed = (
+            [s for s in self.stages if s != "shard"]
+            if stage == "shard"
+            else list(plan_inputs(stage, self.settings.until))
         )
         return [done[p] for p in needed] if all(p in done for p in needed) else None
 
