@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from refany3d.config import BuildSettings
-from refany3d.models._truth import TRUTH_LABEL
+from refany3d.models import _truth
 from refany3d.records import (
     DEPTH,
     IMAGE,
@@ -61,7 +61,7 @@ def sample_row(sample: Sample, columns: list[str], store: ArtifactStore) -> dict
         elif col in _METRIC_COLUMNS:
             row[col] = sample.metrics.get(col)
         elif col == "truth":
-            row[col] = TRUTH_LABEL in sample.backends.values()
+            row[col] = _truth.TRUTH_LABEL in sample.backends.values()
         elif col in ("metrics", "backends"):
             row[col] = json.dumps(getattr(sample, col), sort_keys=True)
         else:
