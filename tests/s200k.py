@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,3 +71,20 @@ def write_subjects200k(path, rows: list[Row], row_group_size: int = 3) -> list[R
         )
     pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), str(path), row_group_size=row_group_size)
     return rows
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says `width` x `height` RGB but whose pixel data is a few bytes: what a
+    decompression bomb looks like to a reader of headers (decoding it would fail, or allocate
+    width·height·3 bytes first)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

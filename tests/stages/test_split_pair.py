@@ -1,10 +1,11 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from refany3d.config import BuildSettings
+from refany3d.config import BuildSettings, override
 from refany3d.records import IMAGE
 from refany3d.stages.context import StageContext
 from refany3d.stages.filter_quality import filter_quality
@@ -12,6 +13,7 @@ from refany3d.stages.read_source import plan_batches, read_source
 from refany3d.stages.split_pair import (
     BAD_LAYOUT,
     EMPTY_CAPTION,
+    IMAGE_TOO_LARGE,
     IMAGE_UNDECODABLE,
     MISSING_IMAGE,
     VIEW_TOO_SMALL,
@@ -19,14 +21,14 @@ from refany3d.stages.split_pair import (
     split_pair,
 )
 from refany3d.storage.store import ArtifactStore
-from tests.s200k import Row, write_subjects200k
+from tests.s200k import Row, png_header, write_subjects200k
 
 
-def _split(tmp_path, rows):
+def _split(tmp_path, rows, **changes):
     path = tmp_path / "pairs.parquet"
     write_subjects200k(path, rows)
     ctx = StageContext(store=ArtifactStore(str(tmp_path / "store")))
-    settings = BuildSettings()
+    settings = override(BuildSettings(), **changes)
     (batch,) = plan_batches([str(path)], batch_size=64)
     return split_pair(read_source(batch, settings, ctx).kept, settings, ctx), ctx
 
@@ -92,13 +94,49 @@ def test_split_pair_bad_layout_and_missing_image(tmp_path):
 
 
 def test_split_pair_reason_strings():
-    assert (IMAGE_UNDECODABLE, MISSING_IMAGE, BAD_LAYOUT, VIEW_TOO_SMALL, EMPTY_CAPTION) == (
+    assert (IMAGE_UNDECODABLE, IMAGE_TOO_LARGE, MISSING_IMAGE, BAD_LAYOUT, VIEW_TOO_SMALL, EMPTY_CAPTION) == (
         "image_undecodable",
+        "image_too_large",
         "missing_image",
         "bad_layout",
         "view_too_small",
         "empty_caption",
     )
+
+
+def test_split_pair_view_over_max_view_size_rejected_from_header(tmp_path):
+    # 2·3000 + 3·0 by 3000: a valid pair layout, view side 3000 > the default 2048. Its pixel data
+    # is a few bytes, so decoding it would fail as undecodable: the reason shows it never was.
+    result, _ = _split(tmp_path, [Row(raw=png_header(6000, 3000)), Row(seed=1)])
+    assert [(r.source_id, r.stage, r.reason, r.metric) for r in result.dropped] == [
+        ("pairs-000000", "split", IMAGE_TOO_LARGE, 3000.0)
+    ]
+    assert "split.max_view_size 2048" in result.dropped[0].detail
+    assert len(result.kept) == 2
+
+
+def test_split_pair_max_view_size_from_settings(tmp_path):
+    result, _ = _split(tmp_path, [Row(side=96, pad=16)], **{"split.max_view_size": 80})
+    assert [(r.reason, r.metric) for r in result.dropped] == [(IMAGE_TOO_LARGE, 96.0)]
+
+
+@pytest.mark.parametrize("width,height", [(16000, 8000), (24000, 12000)])
+def test_split_pair_decompression_bomb_is_too_large_without_warning(tmp_path, width, height):
+    # Above PIL's MAX_IMAGE_PIXELS (it would warn) and above twice it (it would raise), with
+    # max_view_size out of the way: PIL's own limit still holds, as this reason.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, _ = _split(tmp_path, [Row(raw=png_header(width, height))], **{"split.max_view_size": 10**6})
+    assert [r.reason for r in result.dropped] == [IMAGE_TOO_LARGE]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_split_pair_reject_details_have_no_memory_addresses(tmp_path):
+    result, _ = _split(tmp_path, [Row(raw=b"GIF89a not an image at all"), Row(corrupt=True)])
+    assert [r.reason for r in result.dropped] == [IMAGE_UNDECODABLE, IMAGE_UNDECODABLE]
+    again, _ = _split(tmp_path, [Row(raw=b"GIF89a not an image at all"), Row(corrupt=True)])
+    assert [r.detail for r in result.dropped] == [r.detail for r in again.dropped]
+    assert all(r.detail and "0x" not in r.detail for r in result.dropped)
 
 
 def test_quality_then_split_keeps_only_good_rows(tmp_path):
