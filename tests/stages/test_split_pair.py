@@ -1,4 +1,7 @@
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -21,7 +24,7 @@ from refany3d.stages.split_pair import (
     split_pair,
 )
 from refany3d.storage.store import ArtifactStore
-from tests.s200k import Row, png_header, write_subjects200k
+from tests.s200k import Row, flat_png, png_header, write_subjects200k
 
 
 def _split(tmp_path, rows, **changes):
@@ -147,3 +150,53 @@ def test_quality_then_split_keeps_only_good_rows(tmp_path):
     (batch,) = plan_batches([str(path)], batch_size=64)
     kept = filter_quality(read_source(batch, settings, ctx).kept, settings, ctx).kept
     assert [s.source_id for s in split_pair(kept, settings, ctx).kept] == ["pairs-000000"] * 2
+
+
+# A `--until split` build (source -> quality -> split, the stage functions the flow runs) in a
+# fresh process, which reports its peak resident memory.
+_BUILD_UNTIL_SPLIT = """
+import resource, sys
+from refany3d.config import BuildSettings, override
+from refany3d.stages.context import StageContext
+from refany3d.stages.dag import stage_function
+from refany3d.stages.read_source import plan_source
+from refany3d.storage.store import ArtifactStore
+
+data, out = sys.argv[1:]
+settings = override(BuildSettings(), **{"source.kind": "subjects200k", "source.data_files": data,
+                                        "until": "split", "storage.out": out})
+ctx = StageContext(store=ArtifactStore(out + "/artifacts"), seed=0)
+dropped = []
+for batch in plan_source(settings):
+    result = stage_function("source")(batch, settings, ctx)
+    for stage in ("quality", "split"):
+        result = stage_function(stage)(result.kept, settings, ctx)
+        dropped += [r.reason for r in result.dropped]
+print(",".join(dropped), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(tmp_path, name, rows):
+    write_subjects200k(tmp_path / f"{name}.parquet", rows)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUILD_UNTIL_SPLIT, str(tmp_path / f"{name}.parquet"), str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DecompressionBomb" not in proc.stderr
+    reasons, peak = proc.stdout.split()[-2:] if " " in proc.stdout.strip() else ("", proc.stdout)
+    return reasons, int(peak)
+
+
+@pytest.mark.slow
+def test_split_pair_huge_pair_memory_within_twice_a_normal_file(tmp_path):
+    # A 16000 x 8000 pair (two 8000 px views, 384 MB decoded, 1.7 MB as PNG) among normal rows.
+    normal = [Row(side=512, pad=8, seed=i) for i in range(4)]
+    huge = [*normal[:2], Row(raw=flat_png(16000, 8000)), *normal[2:]]
+    _, budget = _peak_rss_kib(tmp_path, "normal", normal)
+    reasons, peak = _peak_rss_kib(tmp_path, "huge", huge)
+    assert reasons == IMAGE_TOO_LARGE
+    assert peak <= 2 * budget, f"peak {peak / 1024:.0f} MiB > 2 x {budget / 1024:.0f} MiB"
