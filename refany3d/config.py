@@ -225,34 +225,9 @@ class BuildSettings(_Section):
     storage: StorageSettings = field(default_factory=StorageSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from refany3d.stages.dag import STAGES  # late: stages import config
-
-        if self.until not in STAGES:
-            raise SettingsError(f"until: {self.until!r} is not one of {', '.join(STAGES)}")
-
     @property
     def dataset_name(self) -> str:
         return self.name or f"refany3d-{self.source.kind}"
-
-    @property
-    def truth_stages(self) -> list[str]:
-        """Stages up to `until` whose network is replaced by its ground-truth backend."""
-        from refany3d.stages.dag import ancestors
-
-        backends = {
-            "detect": self.detector,
-            "segment": self.segmenter,
-            "depth": self.depth,
-            "mesh": self.mesher,
-        }
-        return [s for s in ancestors(self.until) if s in backends and backends[s].backend == "truth"]
-
-    @property
-    def uses_truth(self) -> bool:
-        """True when the output of this build depends on ground-truth backends (outputs must say so)."""
-        return bool(self.truth_stages)
 
 
 # --------------------------------------------------------------------------- train sections

@@ -1,7 +1,7 @@
 """Run-level checks of a build, made before any work: each failure is one SettingsError whose
 message names the setting or file at fault (the CLI prints it as one line and exits 2).
 
-`preflight(settings)` checks, cheapest first, that every stage up to `until` exists, that each
+`preflight(settings)` checks, cheapest first, that `until` and every stage up to it exist, that each
 backend finds its weights, that every data file is Subjects200K-format Parquet (its footer read,
 no data pages), and that `storage.out` (and `storage.artifacts`) can be written. No Prefect
 import: the CLI calls it before starting Prefect, and the flow calls it again for runs that do not
@@ -27,12 +27,14 @@ def preflight(settings: BuildSettings) -> list[Rejection]:
     Raises SettingsError (or FileNotFoundError when no data file matches) naming the cause.
     """
     from refany3d.models.weights import check_weights
-    from refany3d.stages.dag import ancestors, stage_function
+    from refany3d.stages.dag import ancestors, check_until, stage_function
     from refany3d.stages.read_source import check_source
 
-    for stage in ancestors(settings.until):
+    check_until(settings)
+    stages = ancestors(settings.until)
+    for stage in stages:
         stage_function(stage)
-    check_weights(settings)
+    check_weights(settings, stages)
     rejects = check_source(settings)
     # Last: it creates the output directory, which a build that fails above must not leave behind.
     check_writable(settings.storage.out, "storage.out")

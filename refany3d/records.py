@@ -67,16 +67,12 @@ class Sample:
         base.update(changes)
         return Sample(**base)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Sample:
-        return cls(**data)
-
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+
+
+STAGE_ERROR = "stage_error"  # drop reason of any stage: it raised on this sample alone
 
 
 @dataclass(frozen=True)
@@ -104,13 +100,45 @@ def error_detail(err: BaseException, limit: int = 200) -> str:
 
 @dataclass
 class StageResult:
+    """What one stage call did to its samples. `files` names the tables a stage that writes them
+    (`shard`) committed, so the build knows its own output and prunes only what it did not write."""
+
     kept: list[Sample] = field(default_factory=list)
     dropped: list[Rejection] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     def drop(
         self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = ""
     ) -> None:
         self.dropped.append(Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail))
+
+
+# Fields a stage of one DAG branch may fill that a join keeps from whichever parent has them.
+_JOINED_FIELDS = ("box", "pose", "intrinsics", "focal_px", "mesh_scale")
+
+
+def merge_samples(results: list[StageResult]) -> list[Sample]:
+    """Samples kept by every one of `results` (a DAG join: all parents of a stage), their
+    artifacts, metrics, backends and fields merged, in sample-id order."""
+    if len(results) == 1:
+        return results[0].kept
+    common = set.intersection(*({s.sample_id for s in r.kept} for r in results))
+    merged: dict[str, Sample] = {}
+    for r in results:
+        for s in r.kept:
+            if s.sample_id not in common:
+                continue
+            if s.sample_id not in merged:
+                merged[s.sample_id] = s.replace()
+                continue
+            base = merged[s.sample_id]
+            base.artifacts.update(s.artifacts)
+            base.metrics.update(s.metrics)
+            base.backends.update(s.backends)
+            for name in _JOINED_FIELDS:
+                if getattr(base, name) is None:
+                    setattr(base, name, getattr(s, name))
+    return [merged[k] for k in sorted(merged)]
 
 
 # --------------------------------------------------------------------------- shard schema

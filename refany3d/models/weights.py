@@ -163,13 +163,9 @@ _CHECKS = {
 }
 
 
-def check_weights(settings: BuildSettings, stages: Iterable[str] | None = None) -> None:
-    """Raise WeightsError if a backend of `stages` (default: every stage up to `settings.until`)
-    cannot find its weights, or a `truth` backend is asked to read a non-synthetic source."""
-    if stages is None:
-        from refany3d.stages.dag import ancestors
-
-        stages = ancestors(settings.until)
+def check_weights(settings: BuildSettings, stages: Iterable[str]) -> None:
+    """Raise WeightsError if a backend of `stages` (the stages a build runs) cannot find its
+    weights, or a `truth` backend is asked to read a non-synthetic source."""
     for stage in stages:
         if stage not in _CHECKS:
             continue

@@ -43,8 +43,25 @@ class SourceBatch:
 
     @property
     def batch_id(self) -> str:
-        stem = posixpath.basename(self.url).removesuffix(".parquet")
-        return f"{stem}-{self.start:07d}-{self.stop:07d}"
+        return f"{_stem(self.url)}-{self.start:07d}-{self.stop:07d}"
+
+    @property
+    def batch_ref(self) -> str:
+        """The file and row range, as content keys name the batch."""
+        return f"{self.url}#{self.start}:{self.stop}"
+
+    def row_sample(self, row: int) -> Sample:
+        """The row-level sample of row `row` of this batch's file, before its fields are read."""
+        sid = f"{_stem(self.url)}-{row:06d}"
+        return Sample(sample_id=sid, source_id=sid, source=self.source, source_ref=f"{self.url}#{row}")
+
+    def rows(self) -> list[SourceBatch]:
+        """One single-row batch per row (a failing batch is retried row by row)."""
+        return [SourceBatch(self.url, r, r + 1, self.source) for r in range(self.start, self.stop)]
+
+
+def _stem(url: str) -> str:
+    return posixpath.basename(url).removesuffix(".parquet")
 
 
 def resolve_files(pattern: str) -> list[str]:
@@ -161,16 +178,9 @@ def iter_rows(url: str, start: int, stop: int, columns: list[str] | None) -> Ite
 def read_source(batch: SourceBatch, settings: BuildSettings, ctx: StageContext) -> StageResult:
     """Row-level samples of one batch, with quality scores and descriptions (no image bytes)."""
     result = StageResult()
-    stem = posixpath.basename(batch.url).removesuffix(".parquet")
     for index, row in iter_rows(batch.url, batch.start, batch.stop, list(_META_COLUMNS)):
-        source_id = f"{stem}-{index:06d}"
-        sample = Sample(
-            sample_id=source_id,
-            source_id=source_id,
-            source=batch.source,
-            source_ref=f"{batch.url}#{index}",
-            collection=str(row.get("collection") or ""),
-        )
+        sample = batch.row_sample(index)
+        sample.collection = str(row.get("collection") or "")
         quality, description = row.get("quality_assessment"), row.get("description")
         if not isinstance(quality, dict) or not isinstance(description, dict):
             missing = "quality_assessment" if not isinstance(quality, dict) else "description"
