@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from refany3d.config import BuildSettings, SettingsError
-from refany3d.records import Rejection, Sample, StageResult, subjects200k_schema
+from refany3d.records import Rejection, Sample, StageResult, error_detail, subjects200k_schema
 from refany3d.stages.context import StageContext
 
 STAGE = "source"
@@ -90,9 +90,14 @@ def check_file(url: str) -> int:
             schema, rows = footer.schema_arrow, footer.metadata.num_rows
     except FileNotFoundError:
         raise SourceFileError(f"source.data_files: {url}: no such file") from None
-    except (pa.ArrowException, OSError) as err:
-        cause = " ".join(str(err).split()) or type(err).__name__
-        raise SourceFileError(f"source.data_files: {url}: not a Parquet file ({cause})") from None
+    except pa.ArrowInvalid as err:  # pyarrow's word for "no Parquet footer here"
+        raise SourceFileError(
+            f"source.data_files: {url}: not a Parquet file ({error_detail(err, 300)})"
+        ) from None
+    except (pa.ArrowException, OSError) as err:  # permissions, network, a directory
+        raise SourceFileError(
+            f"source.data_files: {url}: cannot be read ({error_detail(err, 300)})"
+        ) from None
     expected = subjects200k_schema()
     for name in expected.names:
         if name not in schema.names:
@@ -228,5 +233,12 @@ def check_source(settings: BuildSettings) -> list[Rejection]:
     """
     if settings.source.kind == "synthetic" and not settings.source.data_files:
         return []
-    _, rejects = scan_files(source_files(settings), settings.source.limit, settings.source.skip_bad_files)
+    try:
+        files = source_files(settings)
+    except (SettingsError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - listing a remote source fails in many ways (offline, auth, bad id)
+        setting = "source.data_files" if settings.source.data_files else "source.hub_id"
+        raise SourceFileError(f"{setting}: cannot list the source files ({error_detail(err, 300)})") from None
+    _, rejects = scan_files(files, settings.source.limit, settings.source.skip_bad_files)
     return rejects
