@@ -98,4 +98,3 @@ def backproject(depth: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
     height, width = depth.shape
     rays = pixel_rays(intrinsics, width, height)
     return (rays * depth[..., None]).astype(np.float32)
-
