@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 import sys
@@ -119,7 +120,6 @@ def test_build_skip_bad_files_builds_the_good_files(skipped_bad_file_build):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the flow does not write preflight's file-level rejects yet")
 def test_build_skip_bad_files_records_a_file_level_reject(skipped_bad_file_build):
     tmp_path, out, proc = skipped_bad_file_build
     rejects = pq.read_table(list((out / "rejects").glob("*.parquet"))).to_pylist()
@@ -128,3 +128,5 @@ def test_build_skip_bad_files_records_a_file_level_reject(skipped_bad_file_build
     ]
     (reject,) = [r for r in rejects if r["reason"] == "bad_file"]
     assert reject["detail"].startswith(f"{tmp_path / 'junk.parquet'}: not a Parquet file")
+    stats = json.loads((out / "stats.json").read_text())["stages"]
+    assert stats["source"]["dropped_bad_file"] == 1
