@@ -28,6 +28,15 @@ def _distinct(candidates: list[tuple[float, Similarity]], count: int, min_deg: f
     return chosen
 
 
+def _half_turns(pose: Similarity) -> list[Similarity]:
+    """`pose` turned by 180° about each of the mesh's axes, through the mesh origin."""
+    out = []
+    for axis in np.eye(3):
+        turn = 2.0 * np.outer(axis, axis) - np.eye(3)  # rotation by π about `axis`
+        out.append(Similarity(pose.rotation @ turn, pose.scale, pose.translation))
+    return out
+
+
 class BuiltinPoseEstimator:
     name = "builtin"
     needs_rgb = False
@@ -68,9 +77,14 @@ class BuiltinPoseEstimator:
         if not screened:
             raise PoseNotFound("no pose hypothesis survived")
         screened.sort(key=lambda f: -f.score)
+        finalists = [f.pose for f in screened[: opts.finish_candidates]]
+        # A handle or a drawer front is a small part of the surface: the mirror basin of the body
+        # (the best pose turned half a turn about a mesh axis) screens about as well as the true
+        # one and only a full refinement tells them apart.
+        finalists += _half_turns(screened[0].pose)
         fits = [
-            refine(model, obs, f.pose, opts.refine_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
-            for f in screened[: opts.finish_candidates]
+            refine(model, obs, start, opts.refine_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
+            for start in finalists
         ]
         best = max(fits, key=lambda f: f.score)
         if best.score < opts.min_score:

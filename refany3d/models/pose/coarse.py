@@ -42,20 +42,27 @@ def rotation_hypotheses(directions: int, in_plane: int) -> tuple[np.ndarray, np.
     return np.asarray(rots), np.asarray(index)
 
 
-def _rms_radius(points: np.ndarray) -> float:
-    return float(np.sqrt(((points - points.mean(axis=0)) ** 2).sum(axis=1).mean()))
+def _lateral_rms_radius(points: np.ndarray, axis: np.ndarray) -> float:
+    """RMS distance of (n, 3) points from their centroid across unit `axis` (the viewing
+    direction): the projected extent. Extent along the view is left out: how deep a grazing
+    surface reaches changes fast with the direction, its image does not."""
+    rel = points - points.mean(axis=0)
+    rel = rel - np.outer(rel @ axis, axis)
+    return float(np.sqrt((rel**2).sum(axis=1).mean()))
 
 
 def initial_poses(model: PoseModel, cloud: np.ndarray, directions: int, in_plane: int) -> list[Similarity]:
-    """One similarity per rotation hypothesis: scale = RMS radius of the observed cloud over that
-    of the model's surface visible from the hypothesis' direction, centroids matched."""
+    """One similarity per rotation hypothesis: scale = lateral RMS radius of the observed cloud
+    over that of the model's surface visible from the hypothesis' direction, centroids matched."""
     rots, index = rotation_hypotheses(directions, in_plane)
-    centre, radius = cloud.mean(axis=0), _rms_radius(cloud)
-    visible = [model.cast_orthographic(d, VISIBLE_CELLS) for d in fibonacci_sphere(directions)]
+    centre = cloud.mean(axis=0)
+    radius = _lateral_rms_radius(cloud, centre / np.linalg.norm(centre))
+    views = fibonacci_sphere(directions)
+    visible = [model.cast_orthographic(d, VISIBLE_CELLS) for d in views]
     out = []
     for rot, k in zip(rots, index, strict=True):
         seen = visible[k] if len(visible[k]) >= 8 else model.surface
-        scale = radius / max(_rms_radius(seen), 1e-9)
+        scale = radius / max(_lateral_rms_radius(seen, views[k]), 1e-9)
         out.append(Similarity(rot, scale, centre - scale * rot @ seen.mean(axis=0)))
     return out
 

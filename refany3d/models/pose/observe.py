@@ -76,7 +76,7 @@ def observe(
         raise ValueError(f"mask {mask.shape} and depth {depth.shape} differ in shape")
     if mask.sum() < 16:
         raise NoObservation(f"mask has {int(mask.sum())} pixels")
-    interior = _interior(mask, depth, erosion_px)
+    interior = _interior(mask, depth, erosion_px, float(k[0, 0]))
     vs, us = np.nonzero(interior)
     if us.size < 16:
         raise NoObservation(f"{us.size} mask pixels with valid depth")
@@ -109,9 +109,11 @@ def observe(
     )
 
 
-def _interior(mask: np.ndarray, depth: np.ndarray, erosion_px: int) -> np.ndarray:
-    """(H, W) bool: eroded mask with valid depth, depth outliers (background seen through a
-    too-large mask, flying pixels) removed by a robust range around the median."""
+def _interior(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: float = 0.0) -> np.ndarray:
+    """(H, W) bool: eroded mask with valid depth, minus depth far outside the object's range
+    (background seen through a too-large mask, flying pixels). The range allowed around the
+    median reaches as deep as the mask is wide in metres (`focal` px; 0 = no size bound), since
+    an object seen end-on is deeper than it is wide."""
     radius = int(erosion_px)
     eroded = mask
     while radius > 0:  # small objects keep what they have rather than vanish
@@ -125,8 +127,10 @@ def _interior(mask: np.ndarray, depth: np.ndarray, erosion_px: int) -> np.ndarra
     if values.size == 0:
         return eroded
     lo, med, hi = np.percentile(values, [10, 50, 90])
-    spread = max(hi - lo, 0.01 * med)
-    return eroded & (np.abs(depth - med) < 2.0 * spread)
+    ys, xs = np.nonzero(mask)
+    width = max(np.ptp(xs), np.ptp(ys)) * med / focal if focal > 0 else 0.0
+    reach = max(hi - lo, width, 0.01 * med)
+    return eroded & (depth > lo - reach) & (depth < hi + reach)
 
 
 def _depth_noise(depth: np.ndarray, interior: np.ndarray) -> float:

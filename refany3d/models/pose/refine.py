@@ -23,6 +23,7 @@ from refany3d.models.pose.observe import Observation, pixel_rays, sample_bilinea
 
 MAX_ROTATION_STEP = np.radians(8.0)
 MAX_SCALE_STEP = 0.08  # log scale
+DAMPING = 1e-2  # Marquardt damping (fraction of the diagonal)
 
 
 @dataclass(frozen=True)
@@ -176,32 +177,27 @@ def refine(
     depth_sigma: float = 0.01,
     sil_sigma_px: float = 1.0,
 ) -> Fit:
-    """Levenberg-Marquardt from `start`; returns the best-scoring iterate. `depth_sigma`: depth
-    residual scale as a fraction of the object's size; `sil_sigma_px`: silhouette scale in px."""
+    """Damped Gauss-Newton (IRLS: Huber weights re-computed every step) from `start`; returns
+    the best-scoring iterate. Every step is taken — the score is flat far from the answer, so
+    it ranks iterates but cannot gate steps; steps are clamped instead (`_step`). `depth_sigma`:
+    depth residual scale as a fraction of the object's size; `sil_sigma_px`: silhouette scale in px."""
     casts = _Casts(model, obs)
-    pose, damping = start, 1e-3
+    pose = start
     hits = casts.at(pose)
     best = evaluate(casts, pose, hits)
     for _ in range(iterations):
         h_mat, g_vec = _normal_equations(casts, pose, hits, depth_sigma, sil_sigma_px)
-        lm = h_mat + damping * np.diag(np.diag(h_mat) + 1e-9)
+        damped = h_mat + DAMPING * np.diag(np.diag(h_mat) + 1e-9)
         try:
-            delta = -np.linalg.solve(lm, g_vec)
+            delta = -np.linalg.solve(damped, g_vec)
         except np.linalg.LinAlgError:
             break
         size = pose.scale * model.radius
-        candidate = _step(pose, delta, size)
-        cand_hits = casts.at(candidate)
-        fit = evaluate(casts, candidate, cand_hits)
-        if fit.score >= best.score - 1e-4:
-            pose, hits = candidate, cand_hits
-            damping = max(damping / 3.0, 1e-6)
-            if fit.score > best.score:
-                best = fit
-            if _converged(delta, size):
-                break
-        else:
-            damping *= 10.0
-            if damping > 1e3:
-                break
+        pose = _step(pose, delta, size)
+        hits = casts.at(pose)
+        fit = evaluate(casts, pose, hits)
+        if fit.score > best.score:
+            best = fit
+        if _converged(delta, size):
+            break
     return best
