@@ -9,7 +9,7 @@ import numpy as np
 import trimesh
 
 from refany3d.models.pose.model import PoseModel, Similarity
-from refany3d.models.pose.observe import _depth_noise, _interior, pixel_rays
+from refany3d.models.pose.observe import depth_noise_std, interior_mask, pixel_rays
 
 
 def similarity(pose: np.ndarray, scale: float) -> Similarity:
@@ -42,7 +42,7 @@ def depth_outlier_ratio(
     if not hits.hit.any():
         return 1.0
     observed = depth[vs, us]
-    noise = _depth_noise(depth, _interior(mask, depth, 2))
+    noise = depth_noise_std(depth, interior_mask(mask, depth, 2))
     limit = tolerance * scale * model.radius + 3.0 * noise
     bad = (observed <= 1e-3) | (np.abs(observed - hits.depth) > limit)
     return float(np.count_nonzero(bad & hits.hit) / np.count_nonzero(hits.hit))

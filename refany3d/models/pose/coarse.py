@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refany3d.models.pose.model import PoseModel, Similarity, _perpendicular_basis
+from refany3d.models.pose.model import PoseModel, Similarity, perpendicular_basis
 from refany3d.models.pose.observe import Observation, pixel_rays
 
 RANK_DEPTH_TOLERANCE = 0.1  # depth residual (object sizes) at which a coarse pose's agreement is 0
@@ -33,7 +33,7 @@ def rotation_hypotheses(directions: int, in_plane: int) -> tuple[np.ndarray, np.
     (camera -z), then rolled about the optical axis in `in_plane` equal steps."""
     rots, index = [], []
     for k, d in enumerate(fibonacci_sphere(directions)):
-        a, b = _perpendicular_basis(d)
+        a, b = perpendicular_basis(d)
         base = np.stack([a, -b, -d])  # rows: camera x, y, z in object coordinates; det = +1
         for angle in np.arange(in_plane) * 2 * np.pi / in_plane:
             c, s = np.cos(angle), np.sin(angle)

@@ -19,7 +19,7 @@ from refany3d.models.pose.builtin import BuiltinPoseEstimator
 from refany3d.models.pose.calibrate import similarity
 from refany3d.models.pose.model import PoseModel
 from refany3d.models.pose.observe import observe
-from refany3d.models.pose.refine import _Casts, evaluate
+from refany3d.models.pose.refine import score_pose
 
 
 def _import_foundationpose():
@@ -81,5 +81,6 @@ class FoundationPoseEstimator:
         if not np.isfinite(pose).all():
             raise PoseNotFound("foundationpose returned a non-finite pose")
         model = PoseModel(mesh)
-        fit = evaluate(_Casts(model, observe(depth, mask, intrinsics)), similarity(pose, scale))
+        obs = observe(depth, mask, intrinsics)
+        fit = score_pose(model, obs, similarity(pose, scale))
         return PoseResult(pose, float(scale), float(fit.score))

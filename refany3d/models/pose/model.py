@@ -103,7 +103,7 @@ class PoseModel:
         import open3d as o3d
 
         d = np.asarray(direction, dtype=np.float64)
-        a, b = _perpendicular_basis(d)
+        a, b = perpendicular_basis(d)
         span = np.linspace(-self.radius, self.radius, cells)
         gu, gv = np.meshgrid(span, span)
         origins = self.center + 2.0 * self.radius * d + gu.reshape(-1, 1) * a + gv.reshape(-1, 1) * b
@@ -113,7 +113,7 @@ class PoseModel:
         return origins[hit] - d * t_hit[hit, None]
 
 
-def _perpendicular_basis(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def perpendicular_basis(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two unit vectors that complete unit `d` to a right-handed orthonormal basis (a, b, d)."""
     helper = np.array([1.0, 0.0, 0.0]) if abs(d[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
     a = np.cross(helper, d)

@@ -76,7 +76,7 @@ def observe(
         raise ValueError(f"mask {mask.shape} and depth {depth.shape} differ in shape")
     if mask.sum() < 16:
         raise NoObservation(f"mask has {int(mask.sum())} pixels")
-    interior = _interior(mask, depth, erosion_px, float(k[0, 0]))
+    interior = interior_mask(mask, depth, erosion_px, float(k[0, 0]))
     vs, us = np.nonzero(interior)
     if us.size < 16:
         raise NoObservation(f"{us.size} mask pixels with valid depth")
@@ -105,11 +105,11 @@ def observe(
         grid_depth=np.where(interior[gv, gu], depth[gv, gu], 0.0),
         band_uv=np.stack([bu, bv], axis=1).astype(np.float64),
         step=step,
-        depth_noise=_depth_noise(depth, interior),
+        depth_noise=depth_noise_std(depth, interior),
     )
 
 
-def _interior(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: float = 0.0) -> np.ndarray:
+def interior_mask(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: float = 0.0) -> np.ndarray:
     """(H, W) bool: eroded mask with valid depth, minus depth far outside the object's range
     (background seen through a too-large mask, flying pixels). The range allowed around the
     median reaches as deep as the mask is wide in metres (`focal` px; 0 = no size bound), since
@@ -133,7 +133,7 @@ def _interior(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: float
     return eroded & (depth > lo - reach) & (depth < hi + reach)
 
 
-def _depth_noise(depth: np.ndarray, interior: np.ndarray) -> float:
+def depth_noise_std(depth: np.ndarray, interior: np.ndarray) -> float:
     """Robust per-pixel depth noise std (metres): MAD of horizontal neighbour differences, which
     surface slope barely inflates at one pixel's distance."""
     both = interior[:, 1:] & interior[:, :-1]

@@ -116,6 +116,11 @@ def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02
     return Fit(pose, float(iou), agreement)
 
 
+def score_pose(model: PoseModel, obs: Observation, pose: Similarity) -> Fit:
+    """How well `pose` explains the view (the same measure `refine` ranks its iterates by)."""
+    return evaluate(_Casts(model, obs), pose)
+
+
 def _normal_equations(casts: _Casts, pose: Similarity, hits, depth_sigma: float, sil_sigma: float):
     """(7, 7) JᵀWJ and (7,) JᵀWr of both residuals at `pose` (each term normalised by its σ)."""
     grid, band = hits
