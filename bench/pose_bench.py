@@ -90,8 +90,9 @@ def _markdown(result: dict) -> str:
     lines += [
         "",
         "Rotation error counts symmetric objects' equivalent poses as errors (a bottle turned about",
-        "its axis); ADD-S does not. CPU seconds are this process's (all threads), so they do not",
-        "depend on what else the machine runs; wall seconds do.",
+        "its axis); ADD-S does not. CPU seconds are this process's (all threads): other work on",
+        "the machine inflates them far less than wall seconds. This run shared the machine's cores",
+        "with other jobs (see the load average), so both are upper bounds for an idle machine.",
         "",
         "Per sample (failures):",
         "",
