@@ -16,14 +16,14 @@ import trimesh
 from refany3d.config import BuildSettings, PoseSettings
 from refany3d.models.pose import PoseResult, load_pose_estimator
 from refany3d.models.pose.calibrate import depth_outlier_ratio
-from refany3d.records import DEPTH, MASK, MESH, Sample, StageResult
+from refany3d.records import DEPTH, IMAGE, MASK, MESH, Sample, StageResult
 from refany3d.render.mesh import load_mesh
 from refany3d.stages._views import Outcome, read_mask, read_view, record
 from refany3d.stages.context import StageContext
 
 STAGE = "pose"
 POSE_FAILED = "pose_failed"  # the estimator raised or found nothing
-MISSING_INPUT = "missing_input"  # no mesh, depth, mask or intrinsics to pose from
+MISSING_INPUT = "missing_input"  # no mesh, depth, mask, intrinsics (or image, for RGB backends)
 
 __all__ = ["POSE_FAILED", "MISSING_INPUT", "PoseResult", "estimate_pose", "pose"]
 
@@ -54,7 +54,8 @@ def _read_depth(ctx: StageContext, uri: str) -> np.ndarray:
 
 def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) -> Outcome:
     """The kept sample with its pose and scale, or (reason, metric, detail) of its drop."""
-    missing = [role for role in (MESH, DEPTH, MASK) if role not in sample.artifacts]
+    needed = (MESH, DEPTH, MASK, IMAGE) if estimator.needs_rgb else (MESH, DEPTH, MASK)
+    missing = [role for role in needed if role not in sample.artifacts]
     if missing or sample.intrinsics is None:
         return MISSING_INPUT, None, ", ".join(missing or ["intrinsics"])
     mesh = load_mesh(ctx.store.get(sample.artifacts[MESH]), file_type="glb")

@@ -25,10 +25,13 @@ SCALE_MAX = 0.03
 
 def synthetic_source_cases(root: str, rows: int, seed: int) -> list[PoseCase]:
     """Both views of `rows` rows of the synthetic source, perturbed like its `truth` backends."""
+    import pyarrow.parquet as pq
+
     from refany3d.synthetic import generate, read_truth
 
     generate(root, rows, seed, view_size=SIZE, progress=False)
     url = f"{root}/data/synthetic-00000.parquet"
+    items = [d["item"] for d in pq.read_table(url, columns=["description"]).column(0).to_pylist()]
     cases = []
     for row in range(rows):
         for side in ("left", "right"):
@@ -36,7 +39,7 @@ def synthetic_source_cases(root: str, rows: int, seed: int) -> list[PoseCase]:
             rng = np.random.default_rng([seed, row, side == "left"])
             cases.append(
                 perturb_view(
-                    f"row{row}-{side}", truth.mesh, truth.pose, truth.intrinsics, truth.mask,
+                    f"{items[row]}-{row}{side[0]}", truth.mesh, truth.pose, truth.intrinsics, truth.mask,
                     truth.depth, Perturbation(), rng,
                 )
             )  # fmt: skip

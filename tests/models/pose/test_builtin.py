@@ -21,6 +21,9 @@ def test_estimate_synthetic_source_meets_accuracy_target(tmp_path):
     errors = report(cases, [estimate_pose(c.mesh, c.depth, c.mask, c.intrinsics) for c in cases])
     rate = np.mean([passes(e) for e in errors])
     assert rate >= TARGET, f"{rate:.0%} of {len(cases)} synthetic-source samples within target"
+    # A mug with its handle hidden and a bottle look the same turned; nothing else may flip.
+    turned = [c.name for c, e in zip(cases, errors, strict=True) if e.rotation_deg > 5.0]
+    assert all(name.startswith(("ceramic mug", "water bottle")) for name in turned), turned
 
 
 @pytest.fixture(scope="module")
