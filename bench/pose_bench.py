@@ -1,6 +1,7 @@
 """Pose benchmark on this machine: per-sample CPU seconds and accuracy of the built-in estimator.
 
-Two sets, each sample timed alone (CPU seconds of this process, all threads, and wall seconds):
+Two sets, each sample timed alone (calibrate + pose: `estimate_pose` and the depth-outlier report,
+as the `pose` stage runs them; CPU seconds of this process, all threads, and wall seconds):
   * the synthetic source (both views of N rows, rendered by its generator), perturbed like its
     `truth` backends (depth scale / noise / focal errors, a wobbling mask boundary, the mesh
     turned and normalised into a canonical frame);
@@ -31,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from refany3d.models.pose.calibrate import depth_outlier_ratio  # noqa: E402
 from refany3d.stages.pose import estimate_pose  # noqa: E402
 from refany3d.synthetic.pose_cases import pose_errors  # noqa: E402
 from tests.models.pose._cases import passes, primitive_cases, synthetic_source_cases  # noqa: E402
@@ -41,6 +43,8 @@ def _run(cases) -> list[dict]:
     for case in cases:
         cpu, wall = time.process_time(), time.perf_counter()
         result = estimate_pose(case.mesh, case.depth, case.mask, case.intrinsics)
+        # What the stage adds: the calibration's depth-outlier report.
+        depth_outlier_ratio(case.mesh, result.pose, result.scale, case.depth, case.mask, case.intrinsics)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         e = pose_errors(case, result.pose, result.scale)
         rows.append(
@@ -70,7 +74,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def _markdown(result: dict) -> str:
     lines = [
-        "# Pose benchmark (built-in estimator, default `PoseSettings`)",
+        "# Pose benchmark: calibrate + pose (built-in estimator, default `PoseSettings`)",
         "",
         f"Machine: {result['machine']}; {result['date']}; load average at start {result['load_average']}.",
         "Target (issue 13): ADD-S < 2 % of the diameter and scale error < 3 % on >= 95 % of samples.",

@@ -8,6 +8,7 @@ at the origin), t is where the box centre sits in the camera frame.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,11 @@ class PoseModel:
         self.radius = float(np.linalg.norm(hi - lo) / 2.0)  # half the box diagonal
         self.surface = _surface_samples(self.vertices, self.faces, SURFACE_SAMPLES, seed)
         self.tree = cKDTree(self.surface)
-        self._closest = _ClosestGrid(self.surface, self.tree, self.center, 1.6 * self.radius, CLOSEST_CELLS)
+
+    @functools.cached_property
+    def _closest(self) -> _ClosestGrid:
+        """Built on first use: only the coarse search needs it, scoring and calibration do not."""
+        return _ClosestGrid(self.surface, self.tree, self.center, 1.6 * self.radius, CLOSEST_CELLS)
 
     def closest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """((n, 3) surface sample nearest each (n, 3) mesh-frame point — to within a grid cell —,
