@@ -157,10 +157,32 @@ class MesherSettings(_Section):
 @dataclass(frozen=True)
 class PoseSettings(_Section):
     backend: Literal["builtin", "foundationpose"] = _opt("builtin", "6D pose estimator")
-    weights: str = _opt("", "FoundationPose weights directory")
-    voxel_fraction: float = _opt(0.03, "registration voxel size as a fraction of object size", gt=0.0)
-    ransac_iterations: int = _opt(100000, "RANSAC iterations of the global registration", ge=1)
-    silhouette_refine_steps: int = _opt(30, "silhouette-IoU refinement iterations", ge=0)
+    weights: str = _opt("", "foundationpose: directory of its refiner and scorer weights")
+    erosion_px: int = _opt(3, "mask erosion before back-projecting depth (edge pixels fly)", ge=0)
+    cloud_points: int = _opt(800, "observed points kept for the coarse registration", ge=16)
+    view_directions: int = _opt(42, "rotation hypotheses: view directions over the sphere", ge=1)
+    in_plane_steps: int = _opt(6, "rotation hypotheses: rolls about the optical axis per direction", ge=1)
+    icp_keep: int = _opt(24, "ICP-registered hypotheses ranked by ray-cast IoU and depth", ge=1)
+    refine_candidates: int = _opt(6, "distinct coarse poses screened by a short render-and-compare", ge=1)
+    screen_iterations: int = _opt(5, "render-and-compare iterations of the screening pass", ge=0)
+    finish_candidates: int = _opt(2, "best screened poses refined to the end", ge=1)
+    refine_iterations: int = _opt(15, "render-and-compare Levenberg-Marquardt iterations to finish", ge=0)
+    grid_cells: int = _opt(48, "depth-comparison grid samples along the mask box's longer side", ge=4)
+    band_px: float = _opt(
+        10.0, "half-width in px of the mask-boundary band compared at full resolution", gt=0.0
+    )
+    depth_sigma: float = _opt(
+        0.01, "depth residual scale, fraction of the object's size (robust loss)", gt=0.0
+    )
+    silhouette_sigma_px: float = _opt(1.0, "silhouette residual scale in px (robust loss)", gt=0.0)
+    outlier_tolerance: float = _opt(
+        0.03,
+        "in-mask depth farther than this fraction of the object's size from the fit is an outlier",
+        gt=0.0,
+    )
+    min_score: float = _opt(
+        0.3, "estimates scoring below this (IoU x depth inliers) count as not found", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True)
