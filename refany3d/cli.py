@@ -19,6 +19,7 @@ from refany3d.config import (
     load_settings,
     parse_overrides,
 )
+from refany3d.preflight import preflight
 from refany3d.stages.dag import STAGES
 
 
@@ -111,22 +112,6 @@ def _build_settings(args: argparse.Namespace) -> BuildSettings:
     return load_settings(BuildSettings, args.config, overrides)
 
 
-def _preflight(settings: BuildSettings) -> None:
-    """Fail before any work: every stage to run exists, and its weights are where settings say."""
-    from refany3d.stages.dag import ancestors, check_until, stage_function
-
-    check_until(settings)
-    for stage in ancestors(settings.until):
-        stage_function(stage)
-    if settings.source.data_files:
-        from refany3d.stages.read_source import resolve_files
-
-        resolve_files(settings.source.data_files)
-    from refany3d.models.weights import check_weights
-
-    check_weights(settings, ancestors(settings.until))
-
-
 def _print_summary(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -155,7 +140,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     settings = _build_settings(args)
-    _preflight(settings)
+    # Before Prefect starts: a bad file, setting or output fails here, in one line (exit 2).
+    for reject in preflight(settings):
+        print(f"refany3d build: skipping {reject.detail} (source.skip_bad_files)", file=sys.stderr)
     _prefect_defaults()
     from refany3d.flows.build_dataset import build_dataset
 
@@ -221,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = commands[args.command](args)
     except (SettingsError, FileNotFoundError, NotImplementedError) as err:
-        print(f"refany3d {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the cause's own formatting
+        print(f"refany3d {args.command}: error: {message}", file=sys.stderr)
         code = 2
     return code
 

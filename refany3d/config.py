@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,10 @@ class SourceSettings(_Section):
     limit: int = _opt(0, "stop after this many source rows (0 = all)", ge=0)
     synthetic_rows: int = _opt(8, "rows the synthetic source generates when no data_files are given", ge=1)
     seed: int = _opt(0, "seed of the synthetic source", ge=0)
+    skip_bad_files: bool = _opt(
+        False,
+        "skip data files that are not Subjects200K Parquet (each a `bad_file` reject) instead of failing",
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class QualitySettings(_Section):
 @dataclass(frozen=True)
 class SplitSettings(_Section):
     min_view_size: int = _opt(64, "reject pairs whose derived view side S is smaller than this (px)", ge=1)
+    max_view_size: int = _opt(
+        2048,
+        "reject pairs whose view side S is larger than this (px), read from the header before decoding",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -147,10 +157,32 @@ class MesherSettings(_Section):
 @dataclass(frozen=True)
 class PoseSettings(_Section):
     backend: Literal["builtin", "foundationpose"] = _opt("builtin", "6D pose estimator")
-    weights: str = _opt("", "FoundationPose weights directory")
-    voxel_fraction: float = _opt(0.03, "registration voxel size as a fraction of object size", gt=0.0)
-    ransac_iterations: int = _opt(100000, "RANSAC iterations of the global registration", ge=1)
-    silhouette_refine_steps: int = _opt(30, "silhouette-IoU refinement iterations", ge=0)
+    weights: str = _opt("", "foundationpose: directory of its refiner and scorer weights")
+    erosion_px: int = _opt(3, "mask erosion before back-projecting depth (edge pixels fly)", ge=0)
+    cloud_points: int = _opt(800, "observed points kept for the coarse registration", ge=16)
+    view_directions: int = _opt(42, "rotation hypotheses: view directions over the sphere", ge=1)
+    in_plane_steps: int = _opt(6, "rotation hypotheses: rolls about the optical axis per direction", ge=1)
+    icp_keep: int = _opt(24, "ICP-registered hypotheses ranked by ray-cast IoU and depth", ge=1)
+    refine_candidates: int = _opt(6, "distinct coarse poses screened by a short render-and-compare", ge=1)
+    screen_iterations: int = _opt(5, "render-and-compare iterations of the screening pass", ge=0)
+    finish_candidates: int = _opt(2, "best screened poses refined to the end", ge=1)
+    refine_iterations: int = _opt(15, "render-and-compare Levenberg-Marquardt iterations to finish", ge=0)
+    grid_cells: int = _opt(48, "depth-comparison grid samples along the mask box's longer side", ge=4)
+    band_px: float = _opt(
+        10.0, "half-width in px of the mask-boundary band compared at full resolution", gt=0.0
+    )
+    depth_sigma: float = _opt(
+        0.01, "depth residual scale, fraction of the object's size (robust loss)", gt=0.0
+    )
+    silhouette_sigma_px: float = _opt(1.0, "silhouette residual scale in px (robust loss)", gt=0.0)
+    outlier_tolerance: float = _opt(
+        0.03,
+        "in-mask depth farther than this fraction of the object's size from the fit is an outlier",
+        gt=0.0,
+    )
+    min_score: float = _opt(
+        0.3, "estimates scoring below this (IoU x depth inliers) count as not found", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True)
@@ -407,13 +439,36 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        # Python 3.11's message ends "(at line L, column C)"; later versions also set err.lineno.
+        match = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(err))
+        where, what = (f" at line {match[2]}, column {match[3]}", match[1]) if match else ("", str(err))
+        raise SettingsError(f"config file {str(path)!r}: TOML syntax error{where}: {what}") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SettingsError(f"config file {str(path)!r}: YAML syntax error{where}: {what}") from None
+
+
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a nested dict."""
     p = Path(path)
     if not p.is_file():
         raise SettingsError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
-    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SettingsError(f"config file {str(p)!r}: not UTF-8 text (byte {err.start})") from None
+    data = _parse_toml(p, text) if p.suffix == ".toml" else _parse_yaml(p, text)
     if data is None:
         return {}
     if not isinstance(data, dict):

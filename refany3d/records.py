@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,17 @@ class Rejection:
     reason: str
     metric: float | None = None
     detail: str = ""
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_detail(err: BaseException, limit: int = 200) -> str:
+    """`"<Type>: <message>"` of an exception for a reject's `detail`, without the memory addresses
+    that object reprs put in messages (`<_io.BytesIO object at 0x7f...>`), so reruns write equal
+    rejects; one line, at most `limit` characters."""
+    text = " ".join(_ADDRESS.sub("", f"{type(err).__name__}: {err}").split())
+    return text[:limit]
 
 
 @dataclass

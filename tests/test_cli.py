@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from tests.s200k import Row, write_subjects200k
@@ -95,3 +97,36 @@ def test_help_lists_build_options():
     proc = subprocess.run(CLI + ["build", "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--source", "--data-files", "--limit", "--out", "--config", "--until", "--set"):
         assert flag in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def skipped_bad_file_build(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("skip-bad")
+    write_subjects200k(tmp_path / "good.parquet", [Row(seed=1)])
+    (tmp_path / "junk.parquet").write_text("not Parquet")
+    out = tmp_path / "out"
+    args = ["build", "--data-files", str(tmp_path / "*.parquet"), "--until", "split", "--out", str(out)]
+    proc = _run([*args, "--set", "source.skip_bad_files=true"], tmp_path)
+    return tmp_path, out, proc
+
+
+@pytest.mark.slow
+def test_build_skip_bad_files_builds_the_good_files(skipped_bad_file_build):
+    tmp_path, out, proc = skipped_bad_file_build
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping {tmp_path / 'junk.parquet'}: not a Parquet file" in proc.stderr
+    table = pq.read_table(list((out / "data").glob("*.parquet")))
+    assert sorted(table.column("sample_id").to_pylist()) == ["good-000000-left", "good-000000-right"]
+
+
+@pytest.mark.slow
+def test_build_skip_bad_files_records_a_file_level_reject(skipped_bad_file_build):
+    tmp_path, out, proc = skipped_bad_file_build
+    rejects = pq.read_table(list((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert [(r["sample_id"], r["stage"], r["reason"]) for r in rejects if r["stage"] == "source"] == [
+        ("junk", "source", "bad_file")
+    ]
+    (reject,) = [r for r in rejects if r["reason"] == "bad_file"]
+    assert reject["detail"].startswith(f"{tmp_path / 'junk.parquet'}: not a Parquet file")
+    stats = json.loads((out / "stats.json").read_text())["stages"]
+    assert stats["source"]["dropped_bad_file"] == 1

@@ -87,6 +87,12 @@ class BuildReport:
         if c["batches"] == self.n_batches or now - self._last_table > self.table_every_s:
             self._publish_table(f"{self._done}/{self._total} tasks")
 
+    def add_file_rejects(self, stage: str, rejections: list[Rejection]) -> None:
+        """Count rejects that belong to no batch (whole source files skipped before planning)."""
+        self.counts[stage]["dropped"] += len(rejections)
+        for reason, n in reason_counts(rejections).items():
+            self.reasons[stage][reason] = self.reasons[stage].get(reason, 0) + n
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters in the card's format: in, kept, dropped, dropped_<reason> per stage."""
         out = {}

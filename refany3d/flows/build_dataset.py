@@ -22,12 +22,13 @@ from refany3d.flows.memory import collect_garbage, limit_malloc_arenas
 from refany3d.flows.runtime import ensure_gpu_slots, result_storage, task_runner
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
+from refany3d.preflight import preflight
 from refany3d.records import Sample, StageResult, merge_samples
-from refany3d.stages.dag import build_stages, check_until, plan_inputs, uses_truth
+from refany3d.stages.dag import build_stages, plan_inputs, uses_truth
 from refany3d.stages.keys import batch_keys, file_fingerprint
 from refany3d.stages.read_source import SourceBatch, plan_source
 from refany3d.storage.card import ensure_build_id, write_card
-from refany3d.storage.shards import DATA_DIR, list_tables, prune_outputs
+from refany3d.storage.shards import DATA_DIR, list_tables, prune_outputs, write_rejects
 from refany3d.storage.store import ArtifactStore, join
 
 
@@ -51,7 +52,7 @@ class _Outputs:
 def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
     logger = get_run_logger()
-    check_until(settings)
+    file_rejects = preflight(settings)  # again: deployment runs do not come through the CLI
     limit_malloc_arenas()  # before the task runner starts its threads
     build_id = ensure_build_id(settings.storage.out)
     ensure_gpu_slots(settings)
@@ -66,7 +67,10 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
         " -> ".join(stages), settings.runtime.runner,
     )  # fmt: skip
     report = BuildReport(settings.dataset_name, stages, len(batches))
+    report.add_file_rejects("source", file_rejects)
     outputs = _Outputs()
+    if file_rejects:
+        outputs.files.add(write_rejects(settings.storage.out, "source-files", file_rejects))
     file_hashes = {url: file_fingerprint(url) for url in {b.url for b in batches}}
     keys = [batch_keys(settings, b.batch_ref, file_hashes[b.url]) for b in batches]
     todo = list(enumerate(batches))[::-1]

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 from prefect.context import TaskRunContext
 
 from refany3d.config import BuildSettings, override
-from refany3d.records import STAGE_ERROR, Rejection, StageResult
+from refany3d.records import STAGE_ERROR, Rejection, StageResult, error_detail
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES, stage_function
 from refany3d.stages.read_source import SourceBatch
@@ -97,7 +97,7 @@ def per_sample(stage: str, inputs: Any, settings: BuildSettings, ctx: StageConte
         try:
             part = call_stage(stage, single, settings, ctx)
         except Exception as err:
-            detail = f"{type(err).__name__}: {err}"[:500]
+            detail = error_detail(err, 500)
             get_run_logger().warning("%s rejected %s: %s", stage, sample.sample_id, detail)
             result.dropped.append(
                 Rejection(sample.sample_id, sample.source_id, stage, STAGE_ERROR, None, detail)

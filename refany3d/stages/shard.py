@@ -28,6 +28,7 @@ from refany3d.records import (
     VIEWS_RGB,
     Sample,
     StageResult,
+    error_detail,
     image_cell,
     shard_schema,
 )
@@ -97,7 +98,7 @@ def shard(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
             result.drop(sample, STAGE, ARTIFACT_MISSING, detail=str(err)[:200])
             continue
         except Exception as err:  # one bad sample must not cost the shard (or the build) the others
-            result.drop(sample, STAGE, STAGE_ERROR, detail=f"{type(err).__name__}: {err}"[:500])
+            result.drop(sample, STAGE, STAGE_ERROR, detail=error_detail(err, 500))
             continue
         result.kept.append(sample)
         if len(rows) == settings.storage.shard_size:
