@@ -74,3 +74,30 @@ def test_verify_missing_lpips_weights_fails_before_any_sample(posed, tmp_path):
     settings = override(settings, **{"verify.lpips_weights": str(tmp_path / "absent.safetensors")})
     with pytest.raises(SettingsError, match=r"^verify\.lpips_weights="):
         verify([samples[0].replace(artifacts={})], settings, ctx)  # no sample is read first
+
+
+@pytest.mark.slow
+def test_verify_keeps_samples_posed_by_the_pose_stage(posed):
+    """The real chain: the pose stage estimates pose and scale from depth (with a 7 % scale error,
+    as a depth network errs), then verify and render run on its output."""
+    import io
+
+    from refany3d.records import DEPTH
+    from refany3d.stages.pose import pose
+    from refany3d.stages.render import render
+    from refany3d.synthetic import read_truth
+
+    samples, ctx, settings = posed
+    unposed = []
+    for s in samples:
+        buf = io.BytesIO()
+        np.savez(buf, depth=(read_truth(s.source_ref, s.side).depth * 1.07).astype(np.float16))
+        out = s.replace(pose=None, mesh_scale=None)
+        out.artifacts[DEPTH] = ctx.store.put_content("depth", buf.getvalue(), ".npz")
+        unposed.append(out)
+    posed_by_stage = pose(unposed, settings, ctx).kept
+    assert len(posed_by_stage) == len(samples)
+    result = verify(posed_by_stage, settings, ctx)
+    assert not result.dropped, [(r.reason, r.metric) for r in result.dropped]
+    assert all(s.metrics["mask_iou"] > 0.9 and s.metrics["lpips"] < 0.2 for s in result.kept)
+    assert len(render(result.kept, settings, ctx).kept) == len(samples)
