@@ -5,7 +5,8 @@ Inputs are posed the way the pose stage hands them on (textured canonical mesh +
 scale, tests/stages/_posed.py), on two kinds of meshes:
 - `synthetic`: the synthetic source's own objects at 512² views (what the demo build sees);
 - `mesh_stage_like`: a 40,000-face textured torus with a 1024² atlas (what the mesh stage outputs:
-  `mesher.target_faces`, `mesher.uv_atlas_size`), posed to fill a third of a 512² view.
+  `mesher.target_faces`, `mesher.uv_atlas_size`), posed to fill a third of a 512² view;
+and the whole chain calibrate + pose (the pose stage) + verify + render on the synthetic samples.
 
     python bench/verify_render_bench.py --out bench/results/verify_render_cpu.json [--rows 4]
 
@@ -111,6 +112,33 @@ def bench(samples, ctx, settings) -> dict:
     }
 
 
+def chain(samples, ctx, settings) -> dict:
+    """calibrate + pose (the pose stage, from depth with a 7 % scale error) + verify + render,
+    per sample, as the build runs them."""
+    import io
+
+    from refany3d.records import DEPTH
+    from refany3d.stages.pose import pose
+    from refany3d.stages.render import render
+    from refany3d.stages.verify import verify
+    from refany3d.synthetic import read_truth
+
+    rows: dict[str, list[float]] = {"pose": [], "verify": [], "render": [], "total": []}
+    kept = 0
+    for s in samples:
+        buf = io.BytesIO()
+        np.savez(buf, depth=(read_truth(s.source_ref, s.side).depth * 1.07).astype(np.float16))
+        unposed = s.replace(pose=None, mesh_scale=None)
+        unposed.artifacts[DEPTH] = ctx.store.put_content("depth", buf.getvalue(), ".npz")
+        _, p, posed = timed(lambda u=unposed: pose([u], settings, ctx).kept)
+        _, v, verified = timed(lambda p=posed: verify(p, settings, ctx).kept)
+        _, r, _ = timed(lambda v=verified: render(v, settings, ctx))
+        kept += len(verified)
+        for name, value in (("pose", p), ("verify", v), ("render", r), ("total", p + v + r)):
+            rows[name].append(value)
+    return {"samples": len(samples), "verified": kept, **{f"{k}_cpu_s": summary(v) for k, v in rows.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="")
@@ -129,6 +157,7 @@ def main() -> None:
     tsamples, tctx, tsettings = torus_samples(root, args.torus)
     results["mesh_stage_like"] = bench(tsamples, tctx, tsettings)
     results["mesh_stage_like"]["faces"] = 40000
+    results["calibrate_pose_verify_render_synthetic"] = chain(samples, ctx, settings)
     tt = override(settings, **{"render.turntable": True})
     from refany3d.stages.render import render
 
