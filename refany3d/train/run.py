@@ -50,10 +50,12 @@ def configure_logging() -> None:
     import os
 
     rank = int(os.environ.get("RANK", "0"))
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
     train_logger = logging.getLogger("refany3d")
-    train_logger.addHandler(handler)
+    if not any(getattr(h, "refany3d_train", False) for h in train_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.refany3d_train = True
+        handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
+        train_logger.addHandler(handler)
     train_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
