@@ -141,9 +141,10 @@ def run_training(
             )  # fmt: skip
             tick, tick_step = now, tr.step
         if _due(tr.step, cfg.every, last):
+            if main:  # metrics first: a listed checkpoint always has its history on disk
+                write_metrics(tr.out, result.metrics)
             saved = save_checkpoint(tr)
             if main:
-                write_metrics(tr.out, result.metrics)
                 result.checkpoints.append(saved.url)
         if main and previews is not None and _due(tr.step, cfg.sample_every, last):
             result.previews.append(write_preview(tr, previews))
