@@ -126,7 +126,11 @@ def run_training(
     bar = tqdm(total=last, initial=tr.step, disable=not main, desc=settings.name, unit="step")
     tick, tick_step = time.perf_counter(), tr.step
     while tr.step < last:
+        started = time.perf_counter()
         row = train_step(tr, [next(stream) for _ in range(settings.optim.gradient_accumulation)])
+        seconds = time.perf_counter() - started
+        per_step = tr.samples_per_micro_step * settings.optim.gradient_accumulation
+        row = {**row, "step_s": seconds, "samples_per_s": per_step / max(seconds, 1e-9)}
         result.metrics.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")

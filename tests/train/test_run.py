@@ -111,3 +111,27 @@ def test_run_training_writes_checkpoints_previews_and_labels_the_tiny_base(datas
     assert [p.rsplit("/", 1)[-1] for p in result.previews] == ["step-00000002.png", "step-00000004.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tiny"] and "tiny random-weight" in summary["base"]
+
+
+def test_run_training_reads_and_writes_fsspec_urls(dataset, tmp_path):
+    import uuid
+
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/train-{uuid.uuid4().hex}"
+    for p in (dataset / "data").glob("*.parquet"):
+        fs.pipe(f"{root}/ds/data/{p.name}", p.read_bytes())
+    urls = {"data.cache": f"memory://{root}/cache", "checkpoint.every": 1}
+    first = run_training(
+        tiny_settings(f"memory://{root}/ds", f"memory://{root}/run", **urls, **{"optim.steps": 2})
+    )
+    assert first.checkpoints == [f"memory://{root}/run/checkpoints/step-0000000{i}" for i in (1, 2)]
+    resumed = run_training(
+        tiny_settings(f"memory://{root}/ds", f"memory://{root}/run", **urls, **{"optim.steps": 3}),
+        resume=True,
+    )
+    assert resumed.resumed_from == 2 and fs.exists(
+        f"{root}/run/checkpoints/step-00000003/adapters/domain_switcher.safetensors"
+    )
+    assert fs.exists(f"{root}/run/summary.json") and fs.glob(f"{root}/cache/*/*.safetensors")
+    fs.rm(root, recursive=True)
