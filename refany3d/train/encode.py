@@ -141,10 +141,10 @@ def flow_batch(
     no_drop = [False] * len(items)
     text_drop = [i.drop_text for i in items]
     ref_drop = [i.drop_references for i in items]
-    lt = encodings[0]["target_rgb"].shape[0]
-    side = _grid(lt, settings.data.resolution)
+    side = _grid(encodings[0]["target_rgb"].shape[0], settings.data.resolution)
     point_map = settings.model.point_map_branch
     views = settings.model.num_views
+    cond_size = _grid(drops["cond_rgb"].shape[1], settings.data.condition_resolution) if views else None
     return FlowBatch(
         target_rgb=stack("target_rgb", no_drop),
         text=stack("text", text_drop),
@@ -153,9 +153,7 @@ def flow_batch(
         target_point_map=stack("target_point_map", no_drop) if point_map else None,
         cond_rgb=stack("cond_rgb", ref_drop) if views else None,
         cond_point_map=stack("cond_point_map", ref_drop) if views and point_map else None,
-        cond_size=_grid(encodings[0]["cond_rgb"].shape[1], settings.data.condition_resolution)
-        if views
-        else None,
+        cond_size=cond_size,
     )
 
 

@@ -199,9 +199,7 @@ def prepare_micro_batch(tr: Trainer, mb: data_mod.MicroBatch) -> tuple[FlowBatch
         tr.counts[f"skipped_{reason}"] += 1
         logger.info("skipped %s (%s) %s", sample_id, reason, detail)
     if not mb.items:
-        if tr.last_batch is None:
-            raise RuntimeError("the first micro-batch has no readable sample; see the skip log")
-        return (*tr.last_batch, 0.0)
+        return (*(tr.last_batch or _placeholder_batch(tr)), 0.0)
     encodings = []
     for item in mb.items:
         enc, fresh = item_encodings(item, tr.components, tr.cache)
@@ -211,6 +209,24 @@ def prepare_micro_batch(tr: Trainer, mb: data_mod.MicroBatch) -> tuple[FlowBatch
     batch = flow_batch(encodings, mb.items, tr.drops, tr.settings, device, tr.dtype)
     tr.last_batch = (batch, sample_noise(mb.items, batch, tr.settings.optim.seed))
     return (*tr.last_batch, 1.0)
+
+
+def _placeholder_batch(tr: Trainer) -> tuple[FlowBatch, tuple]:
+    """A batch of the run's shapes (zero targets, dropped text and references) for a weight-0
+    backward when no sample has been read yet."""
+    side = tr.settings.data.resolution // (2 * tr.components.vae_scale_factor)
+    channels = tr.accelerator.unwrap_model(tr.model).flux.config.in_channels
+    zeros = torch.zeros(side * side, channels)
+    item = data_mod.Item(0, "", "", drop_text=True, drop_references=True)
+    batch = flow_batch(
+        [{"target_rgb": zeros, "target_point_map": zeros}],
+        [item],
+        tr.drops,
+        tr.settings,
+        tr.accelerator.device,
+        tr.dtype,
+    )
+    return batch, sample_noise([item], batch, tr.settings.optim.seed)
 
 
 def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[str, float]:

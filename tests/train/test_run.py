@@ -135,3 +135,11 @@ def test_run_training_reads_and_writes_fsspec_urls(dataset, tmp_path):
     )
     assert fs.exists(f"{root}/run/summary.json") and fs.glob(f"{root}/cache/*/*.safetensors")
     fs.rm(root, recursive=True)
+
+
+def test_run_training_with_only_unreadable_rows_still_finishes(rows, tmp_path):
+    bad = [dict(r, sample_id=f"broken-{i}", point_map=None) for i, r in enumerate(rows[:2])]
+    root = write_dataset(tmp_path / "data", bad)
+    result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 3}))
+    assert result.steps == 3 and result.summary["counts"]["skipped_image_missing"] == 3
+    assert all(r["loss"] == 0 for r in result.metrics)  # weight-0 steps keep ranks in step
