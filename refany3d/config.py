@@ -277,6 +277,10 @@ class ModelSettings(_Section):
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
     )
     compile_blocks: bool = _opt(True, "torch.compile the block functions on CUDA (fuses elementwise ops)")
+    independent_conditions: bool = _opt(
+        False,
+        "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
+    )
 
 
 @dataclass(frozen=True)

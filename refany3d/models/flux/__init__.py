@@ -11,9 +11,15 @@ import torch
 from refany3d.config import ModelSettings
 from refany3d.models.flux.io import load_adapters, save_adapters
 from refany3d.models.flux.loss import FlowBatch, flow_matching_loss
-from refany3d.models.flux.transformer import TINY_FLUX_CONFIG, RefAny3DOutput, RefAny3DTransformer
+from refany3d.models.flux.transformer import (
+    TINY_FLUX_CONFIG,
+    ConditionCache,
+    RefAny3DOutput,
+    RefAny3DTransformer,
+)
 
 __all__ = [
+    "ConditionCache",
     "FlowBatch",
     "RefAny3DOutput",
     "RefAny3DTransformer",
@@ -49,4 +55,5 @@ def build_model(
         gradient_checkpointing=settings.gradient_checkpointing,
         checkpoint_saves_attention=settings.checkpoint_saves_attention,
         compile_blocks=settings.compile_blocks,
+        independent_conditions=settings.independent_conditions,
     )
