@@ -390,7 +390,9 @@ class RefAny3DTransformer(nn.Module):
         device = target_rgb.device
         routes = lora_routes(layout, self.domain_lora)
         kind = self.attention if self.attention != "flex" or device.type == "cuda" else "grouped"
-        attention = GroupAttention(layout, kind, self.text_agnostic, device, self.independent_conditions)
+        attention = GroupAttention(
+            layout, kind, self.text_agnostic, device, self.independent_conditions, conditions is not None
+        )
         txt_ids, img_ids = token_ids(layout, target_size, cond_size, self.shared_positions)
         rotary = self.flux.pos_embed(torch.cat([txt_ids, img_ids]).to(device))
         emb = self.group_embeddings(timestep, guidance, pooled_projections)
