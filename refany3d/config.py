@@ -262,8 +262,10 @@ class DataSettings(_Section):
 class ModelSettings(_Section):
     """The RefAny3D network; each ablation switch of the paper's §4.3 is one flag."""
 
-    pretrained: str = _opt("", "local directory or hub id of FLUX.1-dev; empty = `tiny` random config")
-    tiny: bool = _opt(True, "build a tiny random-weight Flux-architecture model (offline, tests)")
+    pretrained: str = _opt(
+        "", "FLUX.1-dev snapshot directory (or hub id in the local HF cache); empty = tiny random model"
+    )
+    text_tokens: int = _opt(0, "T5 tokens per prompt; 0 = 512 for FLUX.1-dev, 16 for the tiny model", ge=0)
     lora_rank: int = _opt(16, "rank of both LoRA adapters", ge=1)
     lora_alpha: float = _opt(16.0, "alpha of both LoRA adapters", gt=0.0)
     num_views: int = _opt(8, "condition views (RGB + point map each)", ge=0)

@@ -184,10 +184,11 @@ def test_double_block_forward_modulates_each_group_with_its_embedding(monkeypatc
 
 
 def test_build_model_loads_pretrained_flux_directory(tmp_path):
-    torch.manual_seed(3)
-    flux = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
-    flux.save_pretrained(tmp_path / "transformer")
-    model = build_model(ModelSettings(tiny=False, pretrained=str(tmp_path)))
+    from refany3d.models.flux.components import save_tiny_flux_snapshot, tiny_flux
+
+    save_tiny_flux_snapshot(tmp_path)
+    flux = tiny_flux()
+    model = build_model(ModelSettings(pretrained=str(tmp_path)))
     loaded = model.flux.state_dict()
     for name, value in flux.state_dict().items():
         peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
