@@ -25,10 +25,11 @@ CLIP_METRICS = ("clip_i_mean", "clip_i_max", "clip_t")
 DINO_METRICS = ("dino_mean", "dino_max")
 
 
-def resolve_weights(setting: str, value: str) -> tuple[Path | None, str | None]:
-    """(local directory, None) of a weights setting, or (None, note saying why it is skipped)."""
+def resolve_weights(setting: str, value: str, metrics: tuple[str, ...]) -> tuple[Path | None, str | None]:
+    """(local directory, None) of a weights setting, or (None, a note: which metrics are skipped, why)."""
+    skipped = f"{', '.join(metrics)} skipped"
     if not value:
-        return None, f"{setting} is empty: its metrics are skipped (set it to a local directory)"
+        return None, f"{setting} is empty: {skipped} (set it to a local weights directory)"
     path = Path(value).expanduser()
     if path.is_dir():
         return path, None
@@ -37,10 +38,7 @@ def resolve_weights(setting: str, value: str) -> tuple[Path | None, str | None]:
 
         return Path(snapshot_download(value, local_files_only=True)), None
     except Exception:  # noqa: BLE001 - anything but a local snapshot means "not here"
-        return (
-            None,
-            f"{setting}: {value!r} is not a directory or a hub id in the local cache: its metrics are skipped",
-        )
+        return None, f"{setting}: {value!r} is not a directory or a hub id in the local cache: {skipped}"
 
 
 class ClipScorer:

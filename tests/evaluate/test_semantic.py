@@ -11,61 +11,6 @@ from refany3d.evaluate.semantic import (
     remove_background,
     resolve_weights,
 )
-from refany3d.models.flux.components import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    directory = tmp_path_factory.mktemp("clip")
-    tokenizer = tiny_tokenizer(bos=True)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "pad_token_id": 0,
-            "bos_token_id": 2,
-            "eos_token_id": 3,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        directory
-    )
-    return directory
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    directory = tmp_path_factory.mktemp("dino")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14
-    )
-    Dinov2Model(config).save_pretrained(directory)
-    BitImageProcessor(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(directory)
-    return directory
 
 
 def _images(n, seed=0):
@@ -94,11 +39,14 @@ def test_dino_metrics_image_equal_to_a_view_scores_max_one(dino_dir):
 
 
 def test_resolve_weights_missing_directory_gives_a_note(tmp_path):
-    path, note = resolve_weights("evaluate.clip_weights", str(tmp_path / "nope"))
-    assert path is None and "evaluate.clip_weights" in note and "skipped" in note
-    path, note = resolve_weights("evaluate.dino_weights", "")
+    path, note = resolve_weights("evaluate.clip_weights", str(tmp_path / "nope"), ("clip_t",))
     assert path is None and note == (
-        "evaluate.dino_weights is empty: its metrics are skipped (set it to a local directory)"
+        f"evaluate.clip_weights: {str(tmp_path / 'nope')!r} is not a directory or a hub id in the local cache: "
+        "clip_t skipped"
+    )
+    path, note = resolve_weights("evaluate.dino_weights", "", ("dino_mean", "dino_max"))
+    assert path is None and note == (
+        "evaluate.dino_weights is empty: dino_mean, dino_max skipped (set it to a local weights directory)"
     )
 
 
