@@ -1,39 +1,20 @@
-"""A rendered asset and a 'perfect' generated sample of it: RGB + point map from one render."""
+"""Fixtures of the evaluate tests: an asset, a perfect sample of it, tiny CLIP / DINOv2 directories."""
 
-import numpy as np
 import pytest
-import trimesh
-from scipy.spatial.transform import Rotation
 
-from refany3d.config import RenderSettings
 from refany3d.models.flux.components import tiny_tokenizer
-from refany3d.render.cameras import intrinsics_from_fov
-from refany3d.render.point_maps import normalize_point_map
-from refany3d.render.sample import render_sample
-from refany3d.synthetic.objects import OBJECTS, build_object
 
-SIZE = 96
+from ._samples import make_asset, make_perfect
 
 
 @pytest.fixture(scope="session")
-def asset() -> trimesh.Trimesh:
-    spec = next(s for s in OBJECTS if s.item == "toy robot")
-    return build_object(spec, np.random.default_rng(0))
+def asset():
+    return make_asset()
 
 
 @pytest.fixture(scope="session")
 def perfect(asset):
-    """(rgb (S, S, 3) uint8 on a grey background, point map (S, S, 3) in [0, 1], object mask)."""
-    pose = np.eye(4)
-    pose[:3, :3] = Rotation.from_euler("xyz", [20, -35, 5], degrees=True).as_matrix()
-    lo, hi = asset.bounds
-    pose[:3, 3] = -pose[:3, :3] @ ((lo + hi) / 2) + [0, 0, 2.2 * np.linalg.norm(hi - lo)]
-    k = intrinsics_from_fov(35, SIZE, SIZE)
-    renders = render_sample(asset, pose, k, SIZE, SIZE, RenderSettings(resolution=16, views=1))
-    mask = renders.object_mask
-    rgb = np.where(mask[..., None], renders.object_rgb, np.uint8(110))
-    pm = normalize_point_map(renders.scene_point_map, mask, lo, hi)
-    return rgb, pm, mask
+    return make_perfect(asset)
 
 
 @pytest.fixture(scope="session")

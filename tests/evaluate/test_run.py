@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from refany3d.config import EvaluateSettings
@@ -13,20 +12,13 @@ from refany3d.evaluate.run import (
     scorers,
     write_report,
 )
-from refany3d.sampling.assets import ConditionViews
-from refany3d.sampling.pipeline import SampleOutput
+
+from ._samples import write_samples
 
 
 @pytest.fixture(scope="module")
 def samples_dir(tmp_path_factory, asset, perfect):
-    """Two sample directories in `refany3d sample`'s layout: a perfect one and a wrong-texture one."""
-    rgb, pm, mask = perfect
-    root = tmp_path_factory.mktemp("samples")
-    views = ConditionViews(rgb=[rgb, rgb[:, ::-1].copy()], point_maps=[pm, pm], poses=[np.eye(4)] * 2)
-    wrong = np.where(mask[..., None], 255 - rgb, rgb)
-    for name, image in (("a-perfect", rgb), ("b-wrong", wrong)):
-        SampleOutput(image, pm, views, asset, "a toy robot", 0, "test").save(root / name)
-    return root
+    return write_samples(tmp_path_factory.mktemp("samples"), asset, perfect)
 
 
 def test_find_samples_lists_sample_directories_or_fails_clearly(samples_dir, tmp_path):
@@ -65,3 +57,32 @@ def test_scorers_with_local_weights_add_clip_and_dino_metrics(samples_dir, clip_
     out = evaluate_sample(read_sample(samples_dir / "a-perfect"), settings, models)
     assert {"clip_i_mean", "clip_i_max", "clip_t", "dino_mean", "dino_max"} <= set(out)
     assert -1.0 <= out["clip_i_mean"] <= out["clip_i_max"] <= 1.0 + 1e-6
+
+
+def test_read_sample_takes_mesh_and_views_from_the_dataset(samples_dir, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from refany3d.evaluate.run import dataset_rows
+
+    sample = tmp_path / "from-dataset"
+    shutil.copytree(samples_dir / "a-perfect", sample)
+    glb = (sample / "asset.glb").read_bytes()
+    view = (sample / "views" / "rgb_00.png").read_bytes()
+    (sample / "asset.glb").unlink()
+    shutil.rmtree(sample / "views")
+    meta = json.loads((sample / "sample.json").read_text())
+    (sample / "sample.json").write_text(json.dumps({**meta, "sample_id": "s200k-000001-left"}))
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    rows = [{"sample_id": "s200k-000001-left", "mesh_glb": glb, "views_rgb": [{"bytes": view, "path": None}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ds" / "data" / "shard-0.parquet")
+
+    dataset = dataset_rows(str(tmp_path / "ds"), {"s200k-000001-left"})
+    got = read_sample(sample, dataset)
+    assert len(got.views) == 1 and len(got.mesh.faces) == len(
+        read_sample(samples_dir / "a-perfect").mesh.faces
+    )
+    with pytest.raises(FileNotFoundError, match="no asset.glb"):
+        read_sample(sample)
