@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, metavar="DIR")
 
+    train = sub.add_parser(
+        "train",
+        help="train RefAny3D on shards (one process, or each rank under torchrun / accelerate launch)",
+    )
+    train.add_argument(
+        "--data", metavar="URL", help="dataset directory, shard directory or glob (data.shards)"
+    )
+    train.add_argument("--out", metavar="DIR", help="checkpoints, samples and logs (checkpoint.dir)")
+    train.add_argument("--steps", type=int, metavar="N", help="train up to step N (optim.steps)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _add_settings_args(train)
+
     deploy = sub.add_parser("deploy", help="register build-dataset (and train) on the cpu/gpu work pools")
     deploy.add_argument(
         "--pool",
@@ -199,6 +211,39 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace):
+    from refany3d.config import TrainSettings
+
+    flags = {"data.shards": args.data, "checkpoint.dir": args.out, "optim.steps": args.steps}
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    return load_settings(TrainSettings, args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    settings = _train_settings(args)
+    from refany3d.models.flux.components import check_pretrained
+    from refany3d.train.data import shard_files
+
+    if settings.model.pretrained:
+        check_pretrained(settings.model.pretrained)
+    if not shard_files(settings.data.shards):
+        raise FileNotFoundError(f"data.shards: no Parquet shards at {settings.data.shards!r}")
+    from refany3d.train.run import configure_logging, run_training
+
+    configure_logging()
+    result = run_training(settings, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        s = result.summary
+        print(f"base model: {s['base']}")
+        print(
+            f"trained to step {s['steps']} (resumed from {s['resumed_from']}): loss {s['first_loss']:.5f} -> {s['last_loss']:.5f}"
+        )
+        print(f"skipped / encoded / cache hits: {s['counts']}")
+        print(f"checkpoints, samples, metrics.jsonl and summary.json in {result.out}")
+    return 0
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from refany3d.flows.deployments import api_url, deploy
@@ -298,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "build": _cmd_build,
+        "train": _cmd_train,
         "synth": _cmd_synth,
         "config": _cmd_config,
         "deploy": _cmd_deploy,

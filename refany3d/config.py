@@ -256,6 +256,7 @@ class DataSettings(_Section):
     drop_text_prob: float = _opt(0.1, "probability of an empty prompt", ge=0.0, le=1.0)
     drop_references_prob: float = _opt(0.1, "probability of zeroing all reference views", ge=0.0, le=1.0)
     num_workers: int = _opt(0, "data loader processes", ge=0)
+    cache: str = _opt("", "latent + text-embedding cache URL; empty = <dataset>/cache (shared by runs)")
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,9 @@ class OptimSettings(_Section):
     grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)
     batch_size: int = _opt(1, "samples per device per step", ge=1)
     steps: int = _opt(30000, "optimisation steps", ge=1)
-    seed: int = _opt(0, "training seed", ge=0)
+    seed: int = _opt(0, "training seed: sample order, dropout and noise draws, adapter init", ge=0)
+    gradient_accumulation: int = _opt(1, "micro-batches per optimisation step (per device)", ge=1)
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up steps (Prodigy has its own safeguard)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,8 @@ class CheckpointSettings(_Section):
     sample_every: int = _opt(1000, "sample the validation prompts every N steps", ge=1)
     sample_steps: int = _opt(28, "denoising steps when sampling", ge=1)
     guidance: float = _opt(3.5, "guidance embedding when sampling", ge=0.0)
+    sample_count: int = _opt(2, "dataset samples whose references and captions the previews use", ge=1)
+    log_every: int = _opt(10, "log loss / learning rate / samples per second every N steps", ge=1)
 
 
 @dataclass(frozen=True)
@@ -311,6 +316,9 @@ class TrainSettings(_Section):
     """Everything a training run needs; one frozen object per run."""
 
     name: str = _opt("refany3d-lora", "run name")
+    processes: int = _opt(
+        1, "data-parallel ranks the train flow launches with torchrun (1 = in the flow's own process)", ge=1
+    )
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

@@ -31,7 +31,7 @@ TINY_FLUX_CONFIG = {
     "num_layers": 1,
     "num_single_layers": 1,
     "attention_head_dim": 16,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,  # inner 64 >= the 64 output channels: the frozen proj_out is not a bottleneck
     "joint_attention_dim": 32,
     "pooled_projection_dim": 32,
     "guidance_embeds": True,

@@ -1,0 +1,94 @@
+"""The training loop on the tiny model: it learns, resumes exactly, caches encodings, counts skips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from refany3d.train import encode
+from refany3d.train.checkpoint import list_checkpoints
+from refany3d.train.run import run_training
+from tests.train._shards import write_dataset
+from tests.train.conftest import tiny_settings
+
+NO_DROPOUT = {"data.drop_text_prob": 0, "data.drop_references_prob": 0}
+
+
+def test_run_training_overfits_four_samples(dataset, tmp_path):
+    # AdamW (selectable) converges in fewer steps than Prodigy's warm-up; the target RGB group has
+    # no adapter by design (DESIGN §5), so with a random frozen base only the point-map branch can
+    # memorise: its loss must halve, the total must fall.
+    settings = tiny_settings(
+        dataset, tmp_path / "run", **NO_DROPOUT,
+        **{"optim.optimizer": "adamw", "optim.lr": 1e-2, "optim.weight_decay": 0, "optim.batch_size": 4, "optim.steps": 250},
+    )  # fmt: skip
+    result = run_training(settings)
+    first = {k: np.mean([r[k] for r in result.metrics[:10]]) for k in ("loss", "loss_point_map")}
+    last = {k: np.mean([r[k] for r in result.metrics[-20:]]) for k in ("loss", "loss_point_map")}
+    assert last["loss_point_map"] < 0.5 * first["loss_point_map"], (first, last)
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
+
+
+def test_run_training_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
+    common = {"checkpoint.every": 3, "data.drop_text_prob": 0.5, "data.drop_references_prob": 0.5}
+    whole = run_training(tiny_settings(dataset, tmp_path / "whole", **common, **{"optim.steps": 6}))
+    part = tmp_path / "part"
+    first = run_training(tiny_settings(dataset, part, **common, **{"optim.steps": 3}))
+    assert [c.step for c in list_checkpoints(str(part))] == [3]
+    resumed = run_training(tiny_settings(dataset, part, **common, **{"optim.steps": 6}), resume=True)
+    assert resumed.resumed_from == 3
+    losses = [r["loss"] for r in whole.metrics]
+    assert [r["loss"] for r in first.metrics] == losses[:3]
+    assert [r["loss"] for r in resumed.metrics] == losses  # history kept, steps 4-6 recomputed
+    assert len(set(losses)) == 6
+    history = [json.loads(line)["loss"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert history == losses
+
+
+def test_run_training_second_epoch_hits_the_latent_cache(dataset, tmp_path, monkeypatch):
+    calls = []
+    original = encode.encode_sample
+    monkeypatch.setattr(
+        encode, "encode_sample", lambda c, raw: calls.append(raw.sample_id) or original(c, raw)
+    )
+    result = run_training(tiny_settings(dataset, tmp_path / "a", **{"optim.steps": 8}))
+    assert result.summary["counts"]["encoded"] == 4 and result.summary["counts"]["cache_hits"] == 4
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 4  # epoch 2: encoders not called
+    # another run on the same dataset and cache never encodes
+    other = tiny_settings(
+        dataset, tmp_path / "b", **{"optim.steps": 4, "data.cache": str(tmp_path / "a") + "-cache"}
+    )
+    calls.clear()
+    assert run_training(other).summary["counts"]["encoded"] == 0 and not calls
+
+
+def test_run_training_counts_skipped_rows_and_goes_on(rows, tmp_path):
+    bad = dict(rows[0], sample_id="broken", image={"bytes": b"\x89PNG broken", "path": None})
+    root = write_dataset(tmp_path / "data", [bad, *rows[1:3]])
+    result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 6}))
+    counts = result.summary["counts"]
+    assert counts["skipped_image_corrupt"] == 2  # once per epoch (6 positions over 3 rows)
+    assert counts["encoded"] == 2 and result.steps == 6
+
+
+def test_run_training_writes_checkpoints_previews_and_labels_the_tiny_base(dataset, tmp_path):
+    out = tmp_path / "run"
+    settings = tiny_settings(
+        dataset,
+        out,
+        **{"optim.steps": 4, "checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.sample_every": 2},
+    )
+    result = run_training(settings)
+    assert [c.step for c in list_checkpoints(str(out))] == [3, 4]  # pruned to the 2 newest
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "manifest.json",
+        "step-00000003",
+        "step-00000004",
+    ]
+    manifest = json.loads((out / "checkpoints" / "step-00000004" / "manifest.json").read_text())
+    assert manifest["step"] == 4 and manifest["position"] == 4 and manifest["tiny"]
+    assert "tiny random-weight" in manifest["base"]
+    assert [p.rsplit("/", 1)[-1] for p in result.previews] == ["step-00000002.png", "step-00000004.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tiny"] and "tiny random-weight" in summary["base"]
