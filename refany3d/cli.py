@@ -304,7 +304,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
 
     if args.lora:
-        resolve_adapters(args.lora)
+        resolve_adapters(args.lora)  # a wrong --lora fails before the weights load
     else:
         print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
     pipe = RefAny3DPipeline.from_pretrained(settings, args.lora)

@@ -87,23 +87,26 @@ def _write_png16(path: Path, unit: np.ndarray) -> None:
     cv2.imwrite(str(path), np.ascontiguousarray(rgb16[..., ::-1]))
 
 
-def resolve_adapters(lora: str | os.PathLike) -> Path:
-    """The adapter directory of `lora`: a training run (its newest checkpoint in
-    checkpoints/manifest.json), one checkpoint (manifest.json + adapters/), or an adapter directory
-    itself (what `save_adapters` writes). FileNotFoundError naming `--lora` otherwise."""
+def resolve_adapters(lora: str | os.PathLike) -> tuple[Path, dict]:
+    """(adapter directory, checkpoint manifest or {}) of `lora`: a training run (its newest
+    checkpoint, `train.checkpoint.list_checkpoints`), one checkpoint (manifest.json + adapters/),
+    or an adapter directory itself (what `save_adapters` writes). FileNotFoundError naming
+    `--lora` otherwise."""
+    from refany3d.train.checkpoint import MANIFEST, list_checkpoints
+
     root = Path(lora)
-    listing = root / "checkpoints" / "manifest.json"
-    if listing.is_file():
-        entries = json.loads(listing.read_text()).get("checkpoints", [])
-        if not entries:
+    if (root / "checkpoints" / MANIFEST).is_file():
+        found = list_checkpoints(str(root))
+        if not found:
             raise FileNotFoundError(f"--lora {str(root)!r}: the run has no finished checkpoint yet")
-        root = root / "checkpoints" / max(entries, key=lambda e: e["step"])["dir"]
+        root = Path(found[-1].url)
     if (root / "adapters" / SWITCHER_WEIGHTS).is_file():
-        return root / "adapters"
+        manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
+        return root / "adapters", manifest
     if (root / SWITCHER_WEIGHTS).is_file():
-        return root
+        return root, {}
     raise FileNotFoundError(
-        f"--lora {str(lora)!r}: not a training run (checkpoints/manifest.json), a checkpoint "
+        f"--lora {str(lora)!r}: not a training run (checkpoints/{MANIFEST}), a checkpoint "
         f"(adapters/{SWITCHER_WEIGHTS}) or an adapter directory ({SWITCHER_WEIGHTS})"
     )
 
@@ -129,9 +132,14 @@ class RefAny3DPipeline:
     ) -> RefAny3DPipeline:
         """Load the network and encoders of `settings.model`, then the adapters of `lora` (None =
         untrained adapters: the base model's behaviour, for smoke tests)."""
-        adapters = resolve_adapters(lora) if lora is not None else None
+        adapters, manifest = resolve_adapters(lora) if lora is not None else (None, {})
         device, dtype = settings.runtime.device, DTYPES[settings.runtime.dtype]
         components = load_components(settings.model, device, dtype)
+        if manifest.get("base", components.label) != components.label:
+            raise SettingsError(
+                f"--lora {str(lora)!r} was trained on {manifest['base']!r}, but model.pretrained gives "
+                f"{components.label!r}; set model.pretrained to the base it was trained on"
+            )
         if adapters is not None:
             load_adapters(components.transformer, adapters)
         components.transformer.eval()

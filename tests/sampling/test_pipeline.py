@@ -7,7 +7,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from refany3d.config import SampleSettings, override
+from refany3d.config import SampleSettings, SettingsError, override
 from refany3d.models.flux.io import save_adapters
 from refany3d.sampling.assets import AssetError, load_asset, render_conditions
 from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
@@ -94,16 +94,27 @@ def test_load_asset_bad_files_raise_a_clear_error(tmp_path, content, suffix, mes
 
 def test_resolve_adapters_run_checkpoint_or_adapter_directory(pipe, tmp_path):
     adapters = save_adapters(pipe.components.transformer, tmp_path / "adapters")
-    assert resolve_adapters(adapters) == adapters
+    assert resolve_adapters(adapters) == (adapters, {})
     run = tmp_path / "run"
     for step in (100, 200):
-        save_adapters(pipe.components.transformer, run / "checkpoints" / f"step-{step:08d}" / "adapters")
+        directory = run / "checkpoints" / f"step-{step:08d}"
+        save_adapters(pipe.components.transformer, directory / "adapters")
+        (directory / "manifest.json").write_text(json.dumps({"step": step, "base": "b"}))
     entries = [{"step": s, "position": 0, "dir": f"step-{s:08d}"} for s in (100, 200)]
     (run / "checkpoints" / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
-    assert resolve_adapters(run) == run / "checkpoints" / "step-00000200" / "adapters"
-    assert resolve_adapters(run / "checkpoints" / "step-00000100").name == "adapters"
+    newest = run / "checkpoints" / "step-00000200"
+    assert resolve_adapters(run) == (newest / "adapters", {"step": 200, "base": "b"})
+    assert resolve_adapters(run / "checkpoints" / "step-00000100")[1]["step"] == 100
     with pytest.raises(FileNotFoundError, match="--lora"):
         resolve_adapters(tmp_path / "empty")
+
+
+def test_from_pretrained_refuses_adapters_of_another_base(pipe, tmp_path):
+    directory = tmp_path / "ckpt"
+    save_adapters(pipe.components.transformer, directory / "adapters")
+    (directory / "manifest.json").write_text(json.dumps({"step": 1, "base": "FLUX.1-dev from /models/flux"}))
+    with pytest.raises(SettingsError, match="was trained on 'FLUX.1-dev from /models/flux'"):
+        RefAny3DPipeline.from_pretrained(SETTINGS, directory)
 
 
 def test_from_pretrained_loads_the_trained_adapters(pipe, asset_file, tmp_path):
