@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print every build setting with its default and doc")
     config.add_argument("--train", action="store_true", help="training settings instead")
+    config.add_argument("--sample", action="store_true", help="sampling settings instead")
+    config.add_argument("--evaluate", action="store_true", help="evaluation settings instead")
     return parser
 
 
@@ -332,9 +334,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from refany3d.config import TrainSettings
+    from refany3d.config import EvaluateSettings, SampleSettings, TrainSettings
 
-    for name, default, doc in describe(TrainSettings if args.train else BuildSettings):
+    chosen = [
+        c
+        for flag, c in (
+            (args.train, TrainSettings),
+            (args.sample, SampleSettings),
+            (args.evaluate, EvaluateSettings),
+        )
+        if flag
+    ]
+    for name, default, doc in describe(chosen[0] if chosen else BuildSettings):
         print(f"{name:34} {default!r:28} {doc}")
     return 0
 

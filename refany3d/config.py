@@ -356,9 +356,7 @@ class SampleSettings(_Section):
 
 
 @dataclass(frozen=True)
-class EvaluateSettings(_Section):
-    """Everything `refany3d evaluate` needs."""
-
+class MetricsSettings(_Section):
     clip_weights: str = _opt(
         "",
         "local CLIP directory (transformers CLIPModel + processor) or cached hub id; empty = CLIP metrics skipped",
@@ -372,6 +370,13 @@ class EvaluateSettings(_Section):
     )
     gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
     device: str = _opt("cpu", "torch device of the CLIP/DINO models")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(_Section):
+    """Everything `refany3d evaluate` needs."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------- loading

@@ -130,7 +130,7 @@ def test_sample_then_evaluate_writes_images_and_metrics(tmp_path):
     proc = _run(["evaluate", "--samples", str(tmp_path / "samples")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CancelledError" not in proc.stderr + proc.stdout
-    assert "silhouette_iou" in proc.stdout and "note: evaluate.clip_weights is empty" in proc.stdout
+    assert "silhouette_iou" in proc.stdout and "note: metrics.clip_weights is empty" in proc.stdout
     import json
 
     report = json.loads((tmp_path / "samples" / "metrics.json").read_text())

@@ -127,14 +127,14 @@ def scorers(settings: EvaluateSettings) -> tuple[dict[str, Any], list[str]]:
     """The CLIP / DINO scorers whose weights are present, and a note for each one skipped."""
     found, notes = {}, []
     for kind, setting, value, metrics in (
-        ("clip", "evaluate.clip_weights", settings.clip_weights, CLIP_METRICS),
-        ("dino", "evaluate.dino_weights", settings.dino_weights, DINO_METRICS),
+        ("clip", "metrics.clip_weights", settings.metrics.clip_weights, CLIP_METRICS),
+        ("dino", "metrics.dino_weights", settings.metrics.dino_weights, DINO_METRICS),
     ):
         directory, note = resolve_weights(setting, value, metrics)
         if directory is None:
             notes.append(note)
         else:
-            found[kind] = load_scorer(kind, directory, settings.device)
+            found[kind] = load_scorer(kind, directory, settings.metrics.device)
     return found, notes
 
 
@@ -142,7 +142,7 @@ def evaluate_sample(
     sample: GeneratedSample, settings: EvaluateSettings, models: dict[str, Any]
 ) -> dict[str, float]:
     """Every available metric of one sample."""
-    silhouette = rgb_silhouette(sample.image, settings.silhouette_border)
+    silhouette = rgb_silhouette(sample.image, settings.metrics.silhouette_border)
     out = geometry_metrics(sample.image, sample.point_map, sample.mesh, silhouette).as_dict()
     foreground = point_map_foreground(sample.point_map)
     clean = remove_background(sample.image, foreground)

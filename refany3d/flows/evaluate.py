@@ -83,7 +83,7 @@ def evaluate(
         _table(report), key=artifact_key(name, "metrics"), description="; ".join(notes) or None
     )
     create_markdown_artifact(
-        _gallery(paths, report, settings.gallery_samples), key=artifact_key(name, "gallery")
+        _gallery(paths, report, settings.metrics.gallery_samples), key=artifact_key(name, "gallery")
     )
     return report
 

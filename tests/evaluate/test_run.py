@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from refany3d.config import EvaluateSettings
+from refany3d.config import EvaluateSettings, MetricsSettings
 from refany3d.evaluate.run import (
     build_report,
     evaluate_sample,
@@ -51,7 +51,9 @@ def test_build_report_without_weights_skips_clip_and_dino_with_notes(samples_dir
 
 
 def test_scorers_with_local_weights_add_clip_and_dino_metrics(samples_dir, clip_dir, dino_dir):
-    settings = EvaluateSettings(clip_weights=str(clip_dir), dino_weights=str(dino_dir))
+    settings = EvaluateSettings(
+        metrics=MetricsSettings(clip_weights=str(clip_dir), dino_weights=str(dino_dir))
+    )
     models, notes = scorers(settings)
     assert set(models) == {"clip", "dino"} and notes == []
     out = evaluate_sample(read_sample(samples_dir / "a-perfect"), settings, models)

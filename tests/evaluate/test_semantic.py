@@ -39,14 +39,14 @@ def test_dino_metrics_image_equal_to_a_view_scores_max_one(dino_dir):
 
 
 def test_resolve_weights_missing_directory_gives_a_note(tmp_path):
-    path, note = resolve_weights("evaluate.clip_weights", str(tmp_path / "nope"), ("clip_t",))
+    path, note = resolve_weights("metrics.clip_weights", str(tmp_path / "nope"), ("clip_t",))
     assert path is None and note == (
-        f"evaluate.clip_weights: {str(tmp_path / 'nope')!r} is not a directory or a hub id in the local cache: "
+        f"metrics.clip_weights: {str(tmp_path / 'nope')!r} is not a directory or a hub id in the local cache: "
         "clip_t skipped"
     )
-    path, note = resolve_weights("evaluate.dino_weights", "", ("dino_mean", "dino_max"))
+    path, note = resolve_weights("metrics.dino_weights", "", ("dino_mean", "dino_max"))
     assert path is None and note == (
-        "evaluate.dino_weights is empty: dino_mean, dino_max skipped (set it to a local weights directory)"
+        "metrics.dino_weights is empty: dino_mean, dino_max skipped (set it to a local weights directory)"
     )
 
 

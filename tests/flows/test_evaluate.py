@@ -16,7 +16,7 @@ def test_evaluate_flow_writes_metrics_and_publishes_table_and_gallery(prefect_ha
     assert saved["samples"].keys() == {"a-perfect", "b-wrong"} and report["path"] == str(
         root / "metrics.json"
     )
-    assert any("evaluate.clip_weights is empty" in n for n in saved["notes"])
+    assert any("metrics.clip_weights is empty" in n for n in saved["notes"])
     with get_client(sync_client=True) as client:
         keys = ["eval-test-metrics", "eval-test-gallery"]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))

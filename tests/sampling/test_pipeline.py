@@ -133,3 +133,13 @@ def test_from_pretrained_loads_the_trained_adapters(pipe, asset_file, tmp_path):
     assert not np.array_equal(
         loaded(asset_file, "a red box", 1).image, pipe(asset_file, "a red box", 1).image
     )
+
+
+def test_pipeline_runs_from_a_flux_snapshot_directory(asset_file, tmp_path):
+    from refany3d.models.flux.components import save_tiny_flux_snapshot
+
+    snapshot = save_tiny_flux_snapshot(tmp_path / "flux")
+    settings = override(SETTINGS, **{"model.pretrained": str(snapshot)})
+    pipe = RefAny3DPipeline.from_pretrained(settings)
+    assert pipe.components.label.startswith("FLUX.1-dev from")
+    assert pipe(asset_file, "a red box").image.shape == (48, 48, 3)
