@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from refany3d.config import ModelSettings
@@ -41,7 +40,7 @@ def test_sample_latents_seed_reproduces_and_differs_across_seeds():
 
     def run(seed):
         return sample_latents(
-            model, text, pooled, conds, TARGET_HW, steps=3, generator=torch.Generator().manual_seed(seed)
+            model, text, pooled, conds, TARGET_HW, steps=2, generator=torch.Generator().manual_seed(seed)
         )
 
     a, b, c = run(0), run(0), run(1)
@@ -50,8 +49,7 @@ def test_sample_latents_seed_reproduces_and_differs_across_seeds():
     assert not torch.allclose(a.rgb, c.rgb)
 
 
-@pytest.mark.parametrize("image_guidance", [1.0, 2.0])
-def test_sample_latents_cached_equals_uncached_with_independent_conditions(image_guidance):
+def test_sample_latents_cached_equals_uncached_with_independent_conditions():
     model = _model(independent_conditions=True)
     text, pooled, conds = _inputs()
     out = [
@@ -61,8 +59,8 @@ def test_sample_latents_cached_equals_uncached_with_independent_conditions(image
             pooled,
             conds,
             TARGET_HW,
-            steps=4,
-            image_guidance=image_guidance,
+            steps=3,
+            image_guidance=2.0,  # both passes: with the references and blank
             generator=torch.Generator().manual_seed(0),
             cache_conditions=cache,
         )

@@ -216,7 +216,8 @@ def test_encode_conditions_cached_forward_equals_full_forward():
             guidance=guidance,
             conditions=cache,
         )
-    assert len(cache.keys) == 2 and cache.keys[0].shape == (BATCH, 2 * VIEWS * LC, 2, 16)
+    heads, head_dim = model.flux.config.num_attention_heads, model.flux.config.attention_head_dim
+    assert len(cache.keys) == 2 and cache.keys[0].shape == (BATCH, 2 * VIEWS * LC, heads, head_dim)
     torch.testing.assert_close(cached.rgb, full.rgb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached.point_map, full.point_map, rtol=1e-5, atol=1e-5)
 
