@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from refany3d.config import ModelSettings
@@ -88,3 +89,40 @@ def test_sample_latents_image_guidance_uses_the_blank_pass():
 
     off, on = run(1.0), run(3.0)
     assert not torch.allclose(off, on)
+
+
+class _Oracle:
+    """A stand-in network whose velocity is exact for the straight path to known targets:
+    v(x_t, t) = (x_t - x0) / t, i.e. eps - x0 on x_t = (1 - t) x0 + t eps."""
+
+    independent_conditions = False
+    point_map_branch = True
+
+    def __init__(self, x0_rgb, x0_pm):
+        from types import SimpleNamespace
+
+        self.flux = SimpleNamespace(
+            config=SimpleNamespace(guidance_embeds=True, in_channels=x0_rgb.shape[-1])
+        )
+        self.x0 = (x0_rgb, x0_pm)
+        self.seen_t = []
+
+    def __call__(self, target_rgb, target_point_map, timestep, **_):
+        from refany3d.models.flux import RefAny3DOutput
+
+        t = timestep[:, None, None]
+        self.seen_t.append(float(timestep[0]))
+        return RefAny3DOutput((target_rgb - self.x0[0]) / t, (target_point_map - self.x0[1]) / t)
+
+
+def test_sample_latents_euler_steps_reach_the_targets_of_an_exact_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 6, 64, generator=g), torch.randn(1, 6, 64, generator=g)
+    oracle = _Oracle(*x0)
+    text, pooled, _ = _inputs()
+    out = sample_latents(
+        oracle, text, pooled, None, TARGET_HW, steps=5, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(out.rgb, x0[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.point_map, x0[1], rtol=1e-4, atol=1e-4)
+    assert oracle.seen_t == pytest.approx(flux_timesteps(5, 6)[:-1].tolist())
