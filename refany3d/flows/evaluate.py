@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from pathlib import Path
 
@@ -34,9 +35,11 @@ GALLERY_WIDTH = 768
 
 
 @task(task_run_name="evaluate-{path.name}", retries=1, retry_delay_seconds=2)
-def evaluate_one(path: Path, settings: EvaluateSettings, dataset: dict | None) -> dict[str, float]:
+def evaluate_one(path: Path, settings: EvaluateSettings, dataset: str) -> dict[str, float]:
+    """Metrics of one sample; its dataset row (mesh, views) is read here, by reference."""
     models, _ = scorers(settings)
-    return evaluate_sample(read_sample(path, dataset), settings, models)
+    rows = dataset_rows(dataset, _sample_ids([path])) if dataset else None
+    return evaluate_sample(read_sample(path, rows), settings, models)
 
 
 def _table(report: dict) -> list[dict]:
@@ -75,8 +78,7 @@ def evaluate(
     """Metrics of every sample under `samples`; returns the report (also in SAMPLES/metrics.json)."""
     paths = find_samples(samples)
     _, notes = scorers(settings)  # load the models once here; notes for the skipped ones
-    rows = dataset_rows(dataset, _sample_ids(paths)) if dataset else None
-    futures = [evaluate_one.submit(p, settings, rows) for p in paths]
+    futures = [evaluate_one.submit(p, settings, dataset) for p in paths]
     report = build_report({p.name: f.result() for p, f in zip(paths, futures)}, notes, settings)
     report["path"] = str(write_report(samples, report))
     create_table_artifact(
@@ -89,6 +91,4 @@ def evaluate(
 
 
 def _sample_ids(paths: list[Path]) -> set[str]:
-    import json
-
     return {json.loads((p / "sample.json").read_text()).get("sample_id", "") for p in paths} - {""}

@@ -49,6 +49,9 @@ def test_pipeline_writes_image_and_point_map_of_the_requested_size(pipe, asset_f
     meta = json.loads((directory / "sample.json").read_text())
     assert meta["prompt"] == "a red box" and meta["seed"] == 3 and "tiny" in meta["label"]
     assert len(list((directory / "views").glob("rgb_*.png"))) == 2
+    again = out.save(tmp_path / "t", SETTINGS)  # byte-identical artifacts
+    files = sorted(p.relative_to(directory) for p in directory.rglob("*") if p.is_file())
+    assert all((directory / f).read_bytes() == (again / f).read_bytes() for f in files)
 
 
 def test_pipeline_seed_reproduces_an_image(pipe, asset_file):
