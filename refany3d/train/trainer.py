@@ -100,8 +100,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int):
     )
 
 
-def build_trainer(settings: TrainSettings) -> Trainer:
-    """Accelerator, components, optimizer, data index and cache of one run (this rank)."""
+def build_trainer(settings: TrainSettings, components: FluxComponents | None = None) -> Trainer:
+    """Accelerator, components, optimizer, data index and cache of one run (this rank).
+
+    `components` (already on the device) replaces `load_components(settings.model)`, e.g. for a
+    benchmark's full-size random-weight model."""
     from accelerate import Accelerator
 
     cpu = settings.runtime.device == "cpu"
@@ -111,7 +114,7 @@ def build_trainer(settings: TrainSettings) -> Trainer:
     if not files:
         raise FileNotFoundError(f"data.shards: no Parquet shards at {settings.data.shards!r}")
     torch.manual_seed(settings.optim.seed)  # adapter init (gaussian LoRA A), same on every rank
-    components = load_components(settings.model, accelerator.device, dtype)
+    components = components or load_components(settings.model, accelerator.device, dtype)
     model = components.transformer
     optimizer = build_optimizer(model.trainable_parameters(), settings.optim)
     lr_scheduler = build_lr_scheduler(optimizer, settings.optim.warmup_steps)

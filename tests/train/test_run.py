@@ -5,29 +5,48 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
+from refany3d.models.flux.loss import flow_matching_losses
 from refany3d.train import encode
 from refany3d.train.checkpoint import list_checkpoints
 from refany3d.train.run import run_training
+from refany3d.train.trainer import build_trainer, load_checkpoint, make_loader, prepare_micro_batch
 from tests.train._shards import write_dataset
 from tests.train.conftest import tiny_settings
 
 NO_DROPOUT = {"data.drop_text_prob": 0, "data.drop_references_prob": 0}
 
 
+def _fixed_noise_losses(settings, trained: bool) -> np.ndarray:
+    """[RGB, point-map] loss over 16 micro-batches of the data stream at its fixed per-position noise."""
+    tr = build_trainer(settings)
+    if trained:
+        load_checkpoint(tr)
+        tr.position = 0
+    stream = iter(make_loader(tr))
+    with torch.no_grad():
+        rows = []
+        for _ in range(16):
+            batch, noise, _ = prepare_micro_batch(tr, next(stream))
+            rows.append([float(x) for x in flow_matching_losses(tr.model, batch, noise=noise)])
+    return np.mean(rows, axis=0)
+
+
 def test_run_training_overfits_four_samples(dataset, tmp_path):
-    # AdamW (selectable) converges in fewer steps than Prodigy's warm-up; the target RGB group has
-    # no adapter by design (DESIGN §5), so with a random frozen base only the point-map branch can
-    # memorise: its loss must halve, the total must fall.
+    # AdamW (selectable) converges in fewer steps than Prodigy's warm-up. The target RGB group has
+    # no adapter by design (DESIGN §5): with a random frozen base only the point-map branch can
+    # memorise its 4 samples; its loss must more than halve, the total fall by > 30%.
     settings = tiny_settings(
         dataset, tmp_path / "run", **NO_DROPOUT,
-        **{"optim.optimizer": "adamw", "optim.lr": 1e-2, "optim.weight_decay": 0, "optim.batch_size": 4, "optim.steps": 250},
+        **{"optim.optimizer": "adamw", "optim.lr": 3e-3, "optim.weight_decay": 0, "optim.batch_size": 4,
+           "optim.steps": 300, "checkpoint.every": 300},
     )  # fmt: skip
-    result = run_training(settings)
-    first = {k: np.mean([r[k] for r in result.metrics[:10]]) for k in ("loss", "loss_point_map")}
-    last = {k: np.mean([r[k] for r in result.metrics[-20:]]) for k in ("loss", "loss_point_map")}
-    assert last["loss_point_map"] < 0.5 * first["loss_point_map"], (first, last)
-    assert last["loss"] < 0.8 * first["loss"], (first, last)
+    before = _fixed_noise_losses(settings, trained=False)
+    run_training(settings)
+    after = _fixed_noise_losses(settings, trained=True)
+    assert after[1] < 0.5 * before[1], (before, after)
+    assert after.sum() < 0.7 * before.sum() and after[0] < before[0], (before, after)
 
 
 def test_run_training_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
