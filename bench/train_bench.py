@@ -116,7 +116,9 @@ def write_dataset(root: Path, n: int, size: int, views: int) -> Path:
                 "views_point_map": [image_cell(_png(rng, size)) for _ in range(views)],
             }
         )
-    write_shard(str(root), rows, ["sample_id", "caption", "image", "point_map", "views_rgb", "views_point_map"])
+    write_shard(
+        str(root), rows, ["sample_id", "caption", "image", "point_map", "views_rgb", "views_point_map"]
+    )
     return root
 
 
@@ -144,7 +146,9 @@ def encode_cost(tr, n: int) -> dict:
     encode_sample(c, raws[0])  # warm-up
     whole, vae, text = [], [], []
     for raw, ref in zip(raws, refs):
-        whole.append(_timed(lambda raw=raw, ref=ref: tr.cache.put(tr_key(tr, ref.sample_id), encode_sample(c, raw))))
+        whole.append(
+            _timed(lambda raw=raw, ref=ref: tr.cache.put(tr_key(tr, ref.sample_id), encode_sample(c, raw)))
+        )
         images = torch.cat([raw.image[None], raw.point_map[None], raw.views_rgb, raw.views_point_map])
         vae.append(_timed(lambda images=images: encode_images(c, images)))
         text.append(_timed(lambda raw=raw: encode_prompts(c, [raw.caption])))
@@ -222,7 +226,11 @@ def main() -> None:
         "machine": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "base": components.label,
-        "tokens": {"text": components.text_tokens, "target": 2 * (size // 16) ** 2, "cond": 16 * (size // 16) ** 2},
+        "tokens": {
+            "text": components.text_tokens,
+            "target": 2 * (size // 16) ** 2,
+            "cond": 16 * (size // 16) ** 2,
+        },
         "optimizer": settings.optim.optimizer,
         "build_s": time.perf_counter() - started,
     }
