@@ -102,8 +102,46 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
     _add_settings_args(serve)
 
+    sample = sub.add_parser("sample", help="generate an image and its point map of a 3D asset")
+    sample.add_argument(
+        "--asset", required=True, metavar="MESH", help="GLB/GLTF/OBJ/PLY mesh (textured or vertex-coloured)"
+    )
+    sample.add_argument("--prompt", required=True, metavar="TEXT")
+    sample.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="a training run's directory (its newest checkpoint) or one checkpoint's; none = untrained adapters",
+    )
+    sample.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for the images and contact sheet"
+    )
+    sample.add_argument(
+        "--views", type=int, metavar="N", help="orbit views of the asset (render.views; default 8)"
+    )
+    sample.add_argument("--steps", type=int, metavar="N", help="denoising steps (sampler.steps; default 28)")
+    sample.add_argument("--guidance", type=float, metavar="G", help="guidance embedding (default 3.5)")
+    sample.add_argument(
+        "--image-guidance",
+        type=float,
+        metavar="S",
+        help="image guidance scale (second pass, blank references)",
+    )
+    sample.add_argument("--seed", type=int, metavar="N", help="noise seed (sampler.seed; default 0)")
+    _add_settings_args(sample)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of generated samples (Prefect flow evaluate)")
+    evaluate.add_argument(
+        "--samples", required=True, metavar="DIR", help="what `refany3d sample` wrote (one or many)"
+    )
+    evaluate.add_argument(
+        "--dataset", metavar="URL", help="shards whose meshes stand in for samples without asset.glb"
+    )
+    _add_settings_args(evaluate)
+
     config = sub.add_parser("config", help="print every build setting with its default and doc")
     config.add_argument("--train", action="store_true", help="training settings instead")
+    config.add_argument("--sample", action="store_true", help="sampling settings instead")
+    config.add_argument("--evaluate", action="store_true", help="evaluation settings instead")
     return parser
 
 
@@ -233,10 +271,69 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    from refany3d.config import TrainSettings
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from refany3d.config import SampleSettings
+    from refany3d.sampling.assets import AssetError, load_asset
 
-    for name, default, doc in describe(TrainSettings if args.train else BuildSettings):
+    flags: dict[str, Any] = {
+        "render.views": args.views,
+        "model.num_views": args.views,
+        "sampler.steps": args.steps,
+        "sampler.guidance": args.guidance,
+        "sampler.image_guidance": args.image_guidance,
+        "sampler.seed": args.seed,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    settings = load_settings(SampleSettings, args.config, overrides)
+    try:
+        mesh = load_asset(args.asset)  # a bad asset fails before any weights load
+    except AssetError as err:
+        print(f"refany3d sample: error: {err}", file=sys.stderr)
+        return 2
+    from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
+
+    if args.lora:
+        resolve_adapters(args.lora)  # a wrong --lora fails before the weights load
+    else:
+        print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
+    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora)
+    out = pipe(mesh, args.prompt).save(args.out, settings)
+    print(f"wrote {out / 'image.png'}, point_map.png and contact_sheet.png ({pipe.components.label})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from refany3d.config import EvaluateSettings
+    from refany3d.evaluate.run import find_samples, metrics_table
+
+    settings = load_settings(EvaluateSettings, args.config, parse_overrides(args.overrides))
+    find_samples(args.samples)  # no samples: one line, before Prefect starts
+    _prefect_defaults()
+    from refany3d.flows.evaluate import evaluate
+
+    report = evaluate(args.samples, settings, args.dataset or "")
+    for line in metrics_table(report):
+        print(line)
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {report['path']}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from refany3d.config import EvaluateSettings, SampleSettings, TrainSettings
+
+    chosen = [
+        c
+        for flag, c in (
+            (args.train, TrainSettings),
+            (args.sample, SampleSettings),
+            (args.evaluate, EvaluateSettings),
+        )
+        if flag
+    ]
+    for name, default, doc in describe(chosen[0] if chosen else BuildSettings):
         print(f"{name:34} {default!r:28} {doc}")
     return 0
 
@@ -250,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": _cmd_config,
         "deploy": _cmd_deploy,
         "serve": _cmd_serve,
+        "sample": _cmd_sample,
+        "evaluate": _cmd_evaluate,
     }
     try:
         code = commands[args.command](args)

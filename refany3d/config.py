@@ -301,6 +301,10 @@ class ModelSettings(_Section):
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
     )
     compile_blocks: bool = _opt(True, "torch.compile the block functions on CUDA (fuses elementwise ops)")
+    independent_conditions: bool = _opt(
+        False,
+        "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
+    )
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,59 @@ class TrainSettings(_Section):
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+# --------------------------------------------------------------------------- sample / evaluate sections
+
+
+@dataclass(frozen=True)
+class SamplerSettings(_Section):
+    steps: int = _opt(28, "flow-matching Euler denoising steps", ge=1)
+    guidance: float = _opt(3.5, "FLUX.1-dev guidance embedding", ge=0.0)
+    image_guidance: float = _opt(
+        1.0,
+        "image guidance S: v_blank + S (v_ref - v_blank), a second pass with blank references; 1 = off",
+        ge=0.0,
+    )
+    seed: int = _opt(0, "seed of the initial noise", ge=0)
+    resolution: int = _opt(512, "generated image side in px (a multiple of 16)", ge=16)
+    cache_conditions: bool = _opt(
+        True, "with model.independent_conditions: compute the condition keys/values once per image"
+    )
+
+
+@dataclass(frozen=True)
+class SampleSettings(_Section):
+    """Everything `refany3d sample` needs: the sampler, the network, the condition renders."""
+
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+@dataclass(frozen=True)
+class MetricsSettings(_Section):
+    clip_weights: str = _opt(
+        "",
+        "local CLIP directory (transformers CLIPModel + processor) or cached hub id; empty = CLIP metrics skipped",
+    )
+    dino_weights: str = _opt(
+        "",
+        "local DINOv2 directory (transformers Dinov2Model + processor) or cached hub id; empty = DINO skipped",
+    )
+    silhouette_border: float = _opt(
+        0.02, "GrabCut: image border (fraction of the side) taken as background", gt=0.0, lt=0.5
+    )
+    gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
+    device: str = _opt("cpu", "torch device of the CLIP/DINO models")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(_Section):
+    """Everything `refany3d evaluate` needs."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------- loading

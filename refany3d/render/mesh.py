@@ -210,3 +210,9 @@ def bake_texture(source: trimesh.Trimesh, target: trimesh.Trimesh, size: int = 1
     )
     out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(target.visual.uv), material=material)
     return out
+
+
+def surface_colors(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """(n, 3) float64 RGB in [0, 255] of `mesh` (its UV texture, else its vertex colours) at the
+    surface points nearest to (n, 3) `points` (the mesh's frame)."""
+    return _surface_colors(mesh, np.asarray(points, dtype=np.float64))

@@ -23,9 +23,10 @@ from refany3d.models.flux.components import (
 )
 from refany3d.models.flux.io import load_adapters, save_adapters
 from refany3d.models.flux.loss import FlowBatch, flow_matching_loss
-from refany3d.models.flux.transformer import RefAny3DOutput, RefAny3DTransformer
+from refany3d.models.flux.transformer import ConditionCache, RefAny3DOutput, RefAny3DTransformer
 
 __all__ = [
+    "ConditionCache",
     "FluxComponents",
     "FlowBatch",
     "RefAny3DOutput",

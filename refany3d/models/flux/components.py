@@ -195,6 +195,7 @@ def wrap_transformer(flux: nn.Module, settings: ModelSettings) -> RefAny3DTransf
         gradient_checkpointing=settings.gradient_checkpointing,
         checkpoint_saves_attention=settings.checkpoint_saves_attention,
         compile_blocks=settings.compile_blocks,
+        independent_conditions=settings.independent_conditions,
     )
 
 
