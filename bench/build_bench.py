@@ -80,9 +80,9 @@ def _peak_rss_mb() -> float:
 
 def _plain(settings) -> int:
     """The flow's stage calls over the same batches, sequentially, without Prefect."""
-    from refany3d.flows.build_dataset import merge_parents, plan_inputs
+    from refany3d.records import merge_samples
     from refany3d.stages.context import StageContext
-    from refany3d.stages.dag import ancestors, stage_function
+    from refany3d.stages.dag import build_stages, plan_inputs, stage_function
     from refany3d.stages.read_source import plan_source
     from refany3d.storage.shards import write_rejects
     from refany3d.storage.store import ArtifactStore, join
@@ -90,17 +90,17 @@ def _plain(settings) -> int:
     ctx = StageContext(
         store=ArtifactStore(join(settings.storage.out, "artifacts")), seed=settings.source.seed
     )
-    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    stages = build_stages(settings.until)
     samples = 0
     for batch in plan_source(settings):
         results = {}
         for stage in stages:
             parents = plan_inputs(stage, settings.until)
-            inputs = batch if stage == "source" else merge_parents([results[p] for p in parents])
+            inputs = batch if stage == "source" else merge_samples([results[p] for p in parents])
             if stage == "shard":
                 samples += len(inputs)
             results[stage] = stage_function(stage)(inputs, settings, ctx)
-            write_rejects(settings.storage.out, results[stage].dropped)
+            write_rejects(settings.storage.out, f"plain-{batch.batch_id}-{stage}", results[stage].dropped)
     return samples
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,10 @@ class SourceSettings(_Section):
     limit: int = _opt(0, "stop after this many source rows (0 = all)", ge=0)
     synthetic_rows: int = _opt(8, "rows the synthetic source generates when no data_files are given", ge=1)
     seed: int = _opt(0, "seed of the synthetic source", ge=0)
+    skip_bad_files: bool = _opt(
+        False,
+        "skip data files that are not Subjects200K Parquet (each a `bad_file` reject) instead of failing",
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class QualitySettings(_Section):
 @dataclass(frozen=True)
 class SplitSettings(_Section):
     min_view_size: int = _opt(64, "reject pairs whose derived view side S is smaller than this (px)", ge=1)
+    max_view_size: int = _opt(
+        2048,
+        "reject pairs whose view side S is larger than this (px), read from the header before decoding",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -182,10 +192,32 @@ class TexturerSettings(_Section):
 @dataclass(frozen=True)
 class PoseSettings(_Section):
     backend: Literal["builtin", "foundationpose"] = _opt("builtin", "6D pose estimator")
-    weights: str = _opt("", "FoundationPose weights directory")
-    voxel_fraction: float = _opt(0.03, "registration voxel size as a fraction of object size", gt=0.0)
-    ransac_iterations: int = _opt(100000, "RANSAC iterations of the global registration", ge=1)
-    silhouette_refine_steps: int = _opt(30, "silhouette-IoU refinement iterations", ge=0)
+    weights: str = _opt("", "foundationpose: directory of its refiner and scorer weights")
+    erosion_px: int = _opt(3, "mask erosion before back-projecting depth (edge pixels fly)", ge=0)
+    cloud_points: int = _opt(800, "observed points kept for the coarse registration", ge=16)
+    view_directions: int = _opt(42, "rotation hypotheses: view directions over the sphere", ge=1)
+    in_plane_steps: int = _opt(6, "rotation hypotheses: rolls about the optical axis per direction", ge=1)
+    icp_keep: int = _opt(24, "ICP-registered hypotheses ranked by ray-cast IoU and depth", ge=1)
+    refine_candidates: int = _opt(6, "distinct coarse poses screened by a short render-and-compare", ge=1)
+    screen_iterations: int = _opt(5, "render-and-compare iterations of the screening pass", ge=0)
+    finish_candidates: int = _opt(2, "best screened poses refined to the end", ge=1)
+    refine_iterations: int = _opt(15, "render-and-compare Levenberg-Marquardt iterations to finish", ge=0)
+    grid_cells: int = _opt(48, "depth-comparison grid samples along the mask box's longer side", ge=4)
+    band_px: float = _opt(
+        10.0, "half-width in px of the mask-boundary band compared at full resolution", gt=0.0
+    )
+    depth_sigma: float = _opt(
+        0.01, "depth residual scale, fraction of the object's size (robust loss)", gt=0.0
+    )
+    silhouette_sigma_px: float = _opt(1.0, "silhouette residual scale in px (robust loss)", gt=0.0)
+    outlier_tolerance: float = _opt(
+        0.03,
+        "in-mask depth farther than this fraction of the object's size from the fit is an outlier",
+        gt=0.0,
+    )
+    min_score: float = _opt(
+        0.3, "estimates scoring below this (IoU x depth inliers) count as not found", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True)
@@ -195,7 +227,14 @@ class VerifySettings(_Section):
     )
     max_lpips: float = _opt(0.3, "keep samples whose LPIPS to the image crop is below this", ge=0.0)
     lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")
-    lpips_weights: str = _opt("", "local file of the LPIPS backbone weights (offline)")
+    lpips_weights: str = _opt(
+        "",
+        "LPIPS weights file (scripts/convert_lpips.py output); empty = <python prefix>/share/refany3d/lpips_<net>.safetensors, made by scripts/setup.sh",
+    )
+    lpips_size: int = _opt(224, "side in px that both object crops are resized to for LPIPS", ge=32)
+    crop_margin: float = _opt(
+        0.1, "margin around the union of both masks in the LPIPS crops, fraction of its side", ge=0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -203,9 +242,16 @@ class RenderSettings(_Section):
     resolution: int = _opt(512, "side of every rendered view in px", ge=16)
     views: int = _opt(8, "orbit views per asset (equal azimuth steps)", ge=1)
     elevation_deg: float = _opt(20.0, "orbit camera elevation in degrees", ge=-89.0, le=89.0)
-    distance: float = _opt(2.8, "orbit camera distance, object normalised to [-1, 1]", gt=0.0)
+    distance: float = _opt(
+        4.0,
+        "orbit camera distance, object normalised to [-1, 1] (at fov 40: 2.8 cut the object in 46 of 48 synthetic views, 4.0 in none)",
+        gt=0.0,
+    )
     fov_deg: float = _opt(40.0, "orbit camera vertical field of view in degrees", gt=0.0, lt=180.0)
-    turntable: bool = _opt(False, "also write a turntable video")
+    turntable: bool = _opt(False, "also write a turntable video (mp4: RGB | point map)")
+    turntable_frames: int = _opt(36, "turntable video frames (one full turn)", ge=2)
+    turntable_resolution: int = _opt(256, "side of each half of a turntable frame in px", ge=16)
+    turntable_fps: int = _opt(12, "turntable video frame rate", ge=1)
     orbit_shading: Literal["albedo", "lit"] = _opt(
         "albedo", "orbit-view shading: unlit base colour (fast on CPU GL) or lit PBR"
     )
@@ -251,34 +297,9 @@ class BuildSettings(_Section):
     storage: StorageSettings = field(default_factory=StorageSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from refany3d.stages.dag import STAGES  # late: stages import config
-
-        if self.until not in STAGES:
-            raise SettingsError(f"until: {self.until!r} is not one of {', '.join(STAGES)}")
-
     @property
     def dataset_name(self) -> str:
         return self.name or f"refany3d-{self.source.kind}"
-
-    @property
-    def truth_stages(self) -> list[str]:
-        """Stages up to `until` whose network is replaced by its ground-truth backend."""
-        from refany3d.stages.dag import ancestors
-
-        backends = {
-            "detect": self.detector,
-            "segment": self.segmenter,
-            "depth": self.depth,
-            "mesh": self.mesher,
-        }
-        return [s for s in ancestors(self.until) if s in backends and backends[s].backend == "truth"]
-
-    @property
-    def uses_truth(self) -> bool:
-        """True when the output of this build depends on ground-truth backends (outputs must say so)."""
-        return bool(self.truth_stages)
 
 
 # --------------------------------------------------------------------------- train sections
@@ -292,14 +313,17 @@ class DataSettings(_Section):
     drop_text_prob: float = _opt(0.1, "probability of an empty prompt", ge=0.0, le=1.0)
     drop_references_prob: float = _opt(0.1, "probability of zeroing all reference views", ge=0.0, le=1.0)
     num_workers: int = _opt(0, "data loader processes", ge=0)
+    cache: str = _opt("", "latent + text-embedding cache URL; empty = <dataset>/cache (shared by runs)")
 
 
 @dataclass(frozen=True)
 class ModelSettings(_Section):
     """The RefAny3D network; each ablation switch of the paper's §4.3 is one flag."""
 
-    pretrained: str = _opt("", "local directory or hub id of FLUX.1-dev; empty = `tiny` random config")
-    tiny: bool = _opt(True, "build a tiny random-weight Flux-architecture model (offline, tests)")
+    pretrained: str = _opt(
+        "", "FLUX.1-dev snapshot directory (or hub id in the local HF cache); empty = tiny random model"
+    )
+    text_tokens: int = _opt(0, "T5 tokens per prompt; 0 = 512 for FLUX.1-dev, 16 for the tiny model", ge=0)
     lora_rank: int = _opt(16, "rank of both LoRA adapters", ge=1)
     lora_alpha: float = _opt(16.0, "alpha of both LoRA adapters", gt=0.0)
     num_views: int = _opt(8, "condition views (RGB + point map each)", ge=0)
@@ -313,6 +337,10 @@ class ModelSettings(_Section):
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
     )
     compile_blocks: bool = _opt(True, "torch.compile the block functions on CUDA (fuses elementwise ops)")
+    independent_conditions: bool = _opt(
+        False,
+        "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
+    )
 
 
 @dataclass(frozen=True)
@@ -323,7 +351,9 @@ class OptimSettings(_Section):
     grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)
     batch_size: int = _opt(1, "samples per device per step", ge=1)
     steps: int = _opt(30000, "optimisation steps", ge=1)
-    seed: int = _opt(0, "training seed", ge=0)
+    seed: int = _opt(0, "training seed: sample order, dropout and noise draws, adapter init", ge=0)
+    gradient_accumulation: int = _opt(1, "micro-batches per optimisation step (per device)", ge=1)
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up steps (Prodigy has its own safeguard)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -334,6 +364,8 @@ class CheckpointSettings(_Section):
     sample_every: int = _opt(1000, "sample the validation prompts every N steps", ge=1)
     sample_steps: int = _opt(28, "denoising steps when sampling", ge=1)
     guidance: float = _opt(3.5, "guidance embedding when sampling", ge=0.0)
+    sample_count: int = _opt(2, "dataset samples whose references and captions the previews use", ge=1)
+    log_every: int = _opt(10, "log loss / learning rate / samples per second every N steps", ge=1)
 
 
 @dataclass(frozen=True)
@@ -341,11 +373,67 @@ class TrainSettings(_Section):
     """Everything a training run needs; one frozen object per run."""
 
     name: str = _opt("refany3d-lora", "run name")
+    processes: int = _opt(
+        1, "data-parallel ranks the train flow launches with torchrun (1 = in the flow's own process)", ge=1
+    )
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+# --------------------------------------------------------------------------- sample / evaluate sections
+
+
+@dataclass(frozen=True)
+class SamplerSettings(_Section):
+    steps: int = _opt(28, "flow-matching Euler denoising steps", ge=1)
+    guidance: float = _opt(3.5, "FLUX.1-dev guidance embedding", ge=0.0)
+    image_guidance: float = _opt(
+        1.0,
+        "image guidance S: v_blank + S (v_ref - v_blank), a second pass with blank references; 1 = off",
+        ge=0.0,
+    )
+    seed: int = _opt(0, "seed of the initial noise", ge=0)
+    resolution: int = _opt(512, "generated image side in px (a multiple of 16)", ge=16)
+    cache_conditions: bool = _opt(
+        True, "with model.independent_conditions: compute the condition keys/values once per image"
+    )
+
+
+@dataclass(frozen=True)
+class SampleSettings(_Section):
+    """Everything `refany3d sample` needs: the sampler, the network, the condition renders."""
+
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+@dataclass(frozen=True)
+class MetricsSettings(_Section):
+    clip_weights: str = _opt(
+        "",
+        "local CLIP directory (transformers CLIPModel + processor) or cached hub id; empty = CLIP metrics skipped",
+    )
+    dino_weights: str = _opt(
+        "",
+        "local DINOv2 directory (transformers Dinov2Model + processor) or cached hub id; empty = DINO skipped",
+    )
+    silhouette_border: float = _opt(
+        0.02, "GrabCut: image border (fraction of the side) taken as background", gt=0.0, lt=0.5
+    )
+    gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
+    device: str = _opt("cpu", "torch device of the CLIP/DINO models")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(_Section):
+    """Everything `refany3d evaluate` needs."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------- loading
@@ -454,13 +542,36 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        # Python 3.11's message ends "(at line L, column C)"; later versions also set err.lineno.
+        match = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(err))
+        where, what = (f" at line {match[2]}, column {match[3]}", match[1]) if match else ("", str(err))
+        raise SettingsError(f"config file {str(path)!r}: TOML syntax error{where}: {what}") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SettingsError(f"config file {str(path)!r}: YAML syntax error{where}: {what}") from None
+
+
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a nested dict."""
     p = Path(path)
     if not p.is_file():
         raise SettingsError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
-    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SettingsError(f"config file {str(p)!r}: not UTF-8 text (byte {err.start})") from None
+    data = _parse_toml(p, text) if p.suffix == ".toml" else _parse_yaml(p, text)
     if data is None:
         return {}
     if not isinstance(data, dict):

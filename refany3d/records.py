@@ -4,20 +4,23 @@ This module is the single source of truth for what a sample carries and what a s
 Between stages a sample carries small values and URIs into the artifact store (`artifacts`),
 never big arrays; the shard writer inlines the bytes at the end.
 
-Shard schema version history:
+Shard schema version history (columns documented in docs/shard-schema.md):
     1 — first release: Subjects200K fields, mask, depth, pose, intrinsics, mesh, point maps, orbit views.
+    2 — the final training row: adds `truth`, `mesh_scale`, `view_azimuths_deg`, `mask_iou`,
+        `lpips`; `point_map_raw` is an npz of camera-frame XYZ in metres (was a 16-bit PNG).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-SHARD_SCHEMA_VERSION = 1
+SHARD_SCHEMA_VERSION = 2
 
 # Artifact roles a sample may reference (keys of `Sample.artifacts`).
 IMAGE = "image"  # PNG of the S×S view
@@ -25,9 +28,11 @@ MASK = "mask"  # PNG, 8-bit, 255 = object
 DEPTH = "depth"  # npz, float16 metres, key "depth"
 MESH = "mesh"  # GLB of the object in its canonical frame
 POINT_MAP = "point_map"  # PNG, 8-bit: scene point map in canonical coordinates, white background
-POINT_MAP_RAW = "point_map_raw"  # PNG, 16-bit: the same, lossless
+POINT_MAP_RAW = "point_map_raw"  # npz, key "xyz": (H, W, 3) float32 camera-frame metres, 0 = off the object
+OVERLAY = "overlay"  # PNG: the scene point map blended over the view where the posed mesh is
 VIEWS_RGB = "views_rgb"  # JSON list of PNG URIs, one per orbit view
 VIEWS_POINT_MAP = "views_point_map"  # JSON list of PNG URIs, one per orbit view
+TURNTABLE = "turntable"  # mp4: orbit RGB | point map side by side (render.turntable only)
 TRUTH = "truth"  # npz of the synthetic ground truth of this view (synthetic source only)
 
 
@@ -60,6 +65,7 @@ class Sample:
     mesh_scale: float | None = None  # metres per canonical unit, from calibration
     front_pose: list[float] | None = None  # 16 floats, canonical mesh -> front camera, OpenCV (mesh stage)
     front_intrinsics: list[float] | None = None  # 9 floats, that camera's K in px of the view
+    view_azimuths_deg: list[float] | None = None  # azimuth of each orbit view (render stage)
     backends: dict[str, str] = field(default_factory=dict)  # stage -> backend that produced it
 
     def replace(self, **changes: Any) -> Sample:
@@ -68,16 +74,12 @@ class Sample:
         base.update(changes)
         return Sample(**base)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Sample:
-        return cls(**data)
-
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+
+
+STAGE_ERROR = "stage_error"  # drop reason of any stage: it raised on this sample alone
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,58 @@ class Rejection:
     detail: str = ""
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_detail(err: BaseException, limit: int = 200) -> str:
+    """`"<Type>: <message>"` of an exception for a reject's `detail`, without the memory addresses
+    that object reprs put in messages (`<_io.BytesIO object at 0x7f...>`), so reruns write equal
+    rejects; one line, at most `limit` characters."""
+    text = " ".join(_ADDRESS.sub("", f"{type(err).__name__}: {err}").split())
+    return text[:limit]
+
+
 @dataclass
 class StageResult:
+    """What one stage call did to its samples. `files` names the tables a stage that writes them
+    (`shard`) committed, so the build knows its own output and prunes only what it did not write."""
+
     kept: list[Sample] = field(default_factory=list)
     dropped: list[Rejection] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     def drop(
         self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = ""
     ) -> None:
         self.dropped.append(Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail))
+
+
+# Fields a stage of one DAG branch may fill that a join keeps from whichever parent has them.
+_JOINED_FIELDS = ("box", "pose", "intrinsics", "focal_px", "mesh_scale", "front_pose", "front_intrinsics")
+
+
+def merge_samples(results: list[StageResult]) -> list[Sample]:
+    """Samples kept by every one of `results` (a DAG join: all parents of a stage), their
+    artifacts, metrics, backends and fields merged, in sample-id order."""
+    if len(results) == 1:
+        return results[0].kept
+    common = set.intersection(*({s.sample_id for s in r.kept} for r in results))
+    merged: dict[str, Sample] = {}
+    for r in results:
+        for s in r.kept:
+            if s.sample_id not in common:
+                continue
+            if s.sample_id not in merged:
+                merged[s.sample_id] = s.replace()
+                continue
+            base = merged[s.sample_id]
+            base.artifacts.update(s.artifacts)
+            base.metrics.update(s.metrics)
+            base.backends.update(s.backends)
+            for name in _JOINED_FIELDS:
+                if getattr(base, name) is None:
+                    setattr(base, name, getattr(s, name))
+    return [merged[k] for k in sorted(merged)]
 
 
 # --------------------------------------------------------------------------- shard schema
@@ -114,6 +159,8 @@ def _image_list() -> dict[str, Any]:
 
 # (name, arrow type, Hugging Face feature). Images are HF `Image` structs {bytes, path}.
 _IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_FLOAT32 = {"dtype": "float32", "_type": "Value"}
+_FLOAT64 = {"dtype": "float64", "_type": "Value"}
 SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
     ("sample_id", pa.string(), {"dtype": "string", "_type": "Value"}),
     ("source", pa.string(), {"dtype": "string", "_type": "Value"}),
@@ -133,13 +180,18 @@ SHARD_COLUMNS: list[tuple[str, pa.DataType, dict[str, Any]]] = [
         pa.list_(pa.float32()),
         {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}},
     ),
+    ("mesh_scale", pa.float64(), _FLOAT64),  # metres per canonical mesh unit
     ("mesh_glb", pa.binary(), {"dtype": "binary", "_type": "Value"}),
     ("point_map", _IMAGE_STRUCT, _IMAGE),
-    ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),
+    ("point_map_raw", pa.binary(), {"dtype": "binary", "_type": "Value"}),  # npz, key "xyz"
     ("views_rgb", pa.list_(_IMAGE_STRUCT), _image_list()),
     ("views_point_map", pa.list_(_IMAGE_STRUCT), _image_list()),
+    ("view_azimuths_deg", pa.list_(pa.float32()), {"_type": "List", "feature": _FLOAT32}),
+    ("mask_iou", pa.float32(), _FLOAT32),
+    ("lpips", pa.float32(), _FLOAT32),
     ("metrics", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
     ("backends", pa.string(), {"dtype": "string", "_type": "Value"}),  # JSON object
+    ("truth", pa.bool_(), {"dtype": "bool", "_type": "Value"}),  # a ground-truth backend made it
 ]
 
 REJECT_COLUMNS: list[tuple[str, pa.DataType]] = [

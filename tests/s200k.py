@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,3 +71,29 @@ def write_subjects200k(path, rows: list[Row], row_group_size: int = 3) -> list[R
         )
     pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), str(path), row_group_size=row_group_size)
     return rows
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(kind, body) for kind, body in chunks)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says `width` x `height` RGB but whose pixel data is a few bytes: what a
+    decompression bomb looks like to a reader of headers (decoding it would fail, or allocate
+    width·height·3 bytes first)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return _png([(b"IHDR", ihdr), (b"IDAT", zlib.compress(b"\0" * 64)), (b"IEND", b"")])
+
+
+def flat_png(width: int, height: int, rgb: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """A real `width` x `height` RGB PNG of one colour: a few MB on disk however large, every
+    pixel there to decode (each row after the first is filtered "up": all zeros)."""
+    packer = zlib.compressobj(1)
+    rows = [packer.compress(b"\0" + bytes(rgb) * width)]
+    up = b"\2" + bytes(3 * width)
+    rows += [packer.compress(up) for _ in range(height - 1)]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return _png([(b"IHDR", ihdr), (b"IDAT", b"".join(rows) + packer.flush()), (b"IEND", b"")])

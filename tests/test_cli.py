@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from tests.s200k import Row, write_subjects200k
@@ -103,3 +105,73 @@ def test_build_missing_mesher_weights_fails_before_any_work(tmp_path):
     proc = _run(args + ["--set", f"mesher.weights={tmp_path / 'none'}"], tmp_path)
     assert proc.returncode == 2 and "mesher.weights=" in proc.stderr
     assert "hunyuan3d-dit-v2-0/config.yaml" in proc.stderr and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def skipped_bad_file_build(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("skip-bad")
+    write_subjects200k(tmp_path / "good.parquet", [Row(seed=1)])
+    (tmp_path / "junk.parquet").write_text("not Parquet")
+    out = tmp_path / "out"
+    args = ["build", "--data-files", str(tmp_path / "*.parquet"), "--until", "split", "--out", str(out)]
+    proc = _run([*args, "--set", "source.skip_bad_files=true"], tmp_path)
+    return tmp_path, out, proc
+
+
+@pytest.mark.slow
+def test_build_skip_bad_files_builds_the_good_files(skipped_bad_file_build):
+    tmp_path, out, proc = skipped_bad_file_build
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping {tmp_path / 'junk.parquet'}: not a Parquet file" in proc.stderr
+    table = pq.read_table(list((out / "data").glob("*.parquet")))
+    assert sorted(table.column("sample_id").to_pylist()) == ["good-000000-left", "good-000000-right"]
+
+
+@pytest.mark.slow
+def test_build_skip_bad_files_records_a_file_level_reject(skipped_bad_file_build):
+    tmp_path, out, proc = skipped_bad_file_build
+    rejects = pq.read_table(list((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert [(r["sample_id"], r["stage"], r["reason"]) for r in rejects if r["stage"] == "source"] == [
+        ("junk", "source", "bad_file")
+    ]
+    (reject,) = [r for r in rejects if r["reason"] == "bad_file"]
+    assert reject["detail"].startswith(f"{tmp_path / 'junk.parquet'}: not a Parquet file")
+    stats = json.loads((out / "stats.json").read_text())["stages"]
+    assert stats["source"]["dropped_bad_file"] == 1
+
+
+def test_sample_bad_asset_exits_2_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.glb"
+    bad.write_bytes(b"not a mesh")
+    proc = _run(
+        ["sample", "--asset", str(bad), "--prompt", "a chair", "--out", str(tmp_path / "o")], tmp_path
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"refany3d sample: error: asset {str(bad)!r}: unreadable")
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_sample_then_evaluate_writes_images_and_metrics(tmp_path):
+    import trimesh
+
+    asset = tmp_path / "box.obj"
+    box = trimesh.creation.box((1.0, 0.6, 0.3))
+    box.visual.vertex_colors = np.tile([30, 160, 60, 255], (len(box.vertices), 1))
+    box.export(asset)
+    small = ["--set", "sampler.resolution=32", "--set", "render.resolution=32"]
+    out = tmp_path / "samples" / "s0"
+    args = ["sample", "--asset", str(asset), "--prompt", "a green box", "--out", str(out), "--views", "2"]
+    proc = _run([*args, "--steps", "2", "--seed", "1", *small], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out / "image.png").size == (32, 32)
+    proc = _run(["evaluate", "--samples", str(tmp_path / "samples")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CancelledError" not in proc.stderr + proc.stdout
+    assert "silhouette_iou" in proc.stdout and "note: metrics.clip_weights is empty" in proc.stdout
+    report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert set(report["samples"]) == {"s0"}

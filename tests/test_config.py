@@ -10,6 +10,7 @@ from refany3d.config import (
     parse_overrides,
     settings_hash,
 )
+from refany3d.stages.dag import check_until, truth_stages, uses_truth
 
 
 def test_load_settings_defaults_match_design():
@@ -50,7 +51,6 @@ def test_load_settings_toml(tmp_path):
         ("render.views", "eight", "render.views: 'eight' is not a valid int"),
         ("render.turntable", "maybe", "render.turntable: 'maybe' is not a boolean; allowed: true, false"),
         ("render.colour", "red", "render.colour: unknown setting; allowed:"),
-        ("until", "paint", "until: 'paint' is not one of source, quality, split"),
     ],
 )
 def test_load_settings_invalid_value_names_field_and_allowed(key, value, message):
@@ -94,6 +94,12 @@ def test_settings_hash_changes_with_value():
     assert settings_hash(s.verify) != settings_hash(override(s, **{"verify.min_iou": 0.9}).verify)
 
 
+def test_check_until_names_the_stages():
+    with pytest.raises(SettingsError) as err:
+        check_until(load_settings(BuildSettings, overrides={"until": "paint"}, environ={}))
+    assert str(err.value).startswith("until: 'paint' is not one of source, quality, split")
+
+
 def test_uses_truth_only_for_stages_that_run():
-    assert not BuildSettings(until="split").uses_truth
-    assert BuildSettings(until="detect").truth_stages == ["detect"]
+    assert not uses_truth(BuildSettings(until="split"))
+    assert truth_stages(BuildSettings(until="detect")) == ["detect"]

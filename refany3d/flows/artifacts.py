@@ -26,11 +26,23 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from refany3d.records import DEPTH, IMAGE, MASK, POINT_MAP, VIEWS_RGB, Rejection, Sample, StageResult
+from refany3d.records import (
+    DEPTH,
+    IMAGE,
+    MASK,
+    OVERLAY,
+    POINT_MAP,
+    VIEWS_POINT_MAP,
+    VIEWS_RGB,
+    Rejection,
+    Sample,
+    StageResult,
+)
 from refany3d.storage.store import ArtifactStore, join
 
 GALLERY_SAMPLES = 4
 THUMB_PX = 128
+ORBIT_PX = 64  # side of each orbit view in the gallery's strip
 
 
 def artifact_key(name: str, suffix: str) -> str:
@@ -74,6 +86,12 @@ class BuildReport:
             self._last_progress = now
         if c["batches"] == self.n_batches or now - self._last_table > self.table_every_s:
             self._publish_table(f"{self._done}/{self._total} tasks")
+
+    def add_file_rejects(self, stage: str, rejections: list[Rejection]) -> None:
+        """Count rejects that belong to no batch (whole source files skipped before planning)."""
+        self.counts[stage]["dropped"] += len(rejections)
+        for reason, n in reason_counts(rejections).items():
+            self.reasons[stage][reason] = self.reasons[stage].get(reason, 0) + n
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters in the card's format: in, kept, dropped, dropped_<reason> per stage."""
@@ -141,9 +159,9 @@ def _browsable(url: str) -> str:
 # --------------------------------------------------------------------------- gallery
 
 
-def _data_uri(image: Image.Image) -> str:
+def _data_uri(image: Image.Image, box: tuple[int, int] = (THUMB_PX, THUMB_PX)) -> str:
     image = image.copy()
-    image.thumbnail((THUMB_PX, THUMB_PX))
+    image.thumbnail(box)
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -183,16 +201,30 @@ def _cells(sample: Sample, store: ArtifactStore) -> dict[str, str]:
             cells["mask"] = _data_uri(_mask_overlay(image, _open(store, art[MASK])))
     if DEPTH in art:
         cells["depth"] = _data_uri(_depth_image(store.get(art[DEPTH])))
+    if OVERLAY in art:
+        cells["overlay"] = _data_uri(_open(store, art[OVERLAY]))
     if POINT_MAP in art:
         cells["point map"] = _data_uri(_open(store, art[POINT_MAP]))
     if VIEWS_RGB in art:
-        for k, uri in enumerate(json.loads(art[VIEWS_RGB])[:4]):
-            cells[f"view {k}"] = _data_uri(_open(store, uri))
+        strip = _orbit_strip(store, json.loads(art[VIEWS_RGB]), json.loads(art.get(VIEWS_POINT_MAP, "[]")))
+        cells["orbit views"] = _data_uri(strip, (strip.width, strip.height))
     return cells
 
 
+def _orbit_strip(store: ArtifactStore, rgb: list[str], point_maps: list[str]) -> Image.Image:
+    """All orbit views in one image: RGB in the top row, their point maps below (ORBIT_PX tiles)."""
+    rows = [row for row in (rgb, point_maps) if row]
+    strip = Image.new("RGB", (ORBIT_PX * max(len(r) for r in rows), ORBIT_PX * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, uri in enumerate(row):
+            tile = _open(store, uri).convert("RGB").resize((ORBIT_PX, ORBIT_PX), Image.BILINEAR)
+            strip.paste(tile, (x * ORBIT_PX, y * ORBIT_PX))
+    return strip
+
+
 def gallery_markdown(name: str, samples: list[Sample], store: ArtifactStore, uses_truth: bool) -> str:
-    """Markdown table of a few samples with embedded thumbnails (image, mask, depth, views)."""
+    """Markdown table of a few samples with embedded thumbnails: image, mask, depth, point-map
+    overlay, point map, and a strip of the orbit views (RGB over point maps)."""
     lines = [f"# {name}: sample gallery", ""]
     if uses_truth:
         lines += [

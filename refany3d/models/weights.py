@@ -242,13 +242,11 @@ _CHECKS = {
 }
 
 
-def check_weights(settings: BuildSettings, stages: Iterable[str] | None = None) -> None:
-    """Raise WeightsError if a backend of `stages` (default: every stage up to `settings.until`)
-    cannot find its weights, or a `truth` backend is asked to read a non-synthetic source."""
-    if stages is None:
-        from refany3d.stages.dag import ancestors
-
-        stages = ancestors(settings.until)
+def check_weights(settings: BuildSettings, stages: Iterable[str]) -> None:
+    """Raise WeightsError if a backend of `stages` (the stages a build runs) cannot find its
+    weights (the verify stage: its LPIPS file), or a `truth` backend is asked to read a
+    non-synthetic source."""
+    stages = list(stages)
     for stage in stages:
         if stage not in _CHECKS:
             continue
@@ -260,3 +258,7 @@ def check_weights(settings: BuildSettings, stages: Iterable[str] | None = None) 
                 f"{settings.source.kind!r}; choose a real backend for {section}.backend"
             )
         check(settings)
+    if "verify" in stages:
+        from refany3d.models.perceptual import check_lpips_weights
+
+        check_lpips_weights(settings)

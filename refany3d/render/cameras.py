@@ -98,8 +98,3 @@ def backproject(depth: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
     height, width = depth.shape
     rays = pixel_rays(intrinsics, width, height)
     return (rays * depth[..., None]).astype(np.float32)
-
-
-def pose_to_gl(pose: np.ndarray) -> np.ndarray:
-    """Object-to-camera pose (OpenCV) → object-to-camera in OpenGL camera axes (pyrender)."""
-    return CV_TO_GL @ np.asarray(pose, dtype=np.float64)

@@ -271,3 +271,9 @@ def bake_texture(source: trimesh.Trimesh, target: trimesh.Trimesh, size: int = 1
     atlas = np.zeros((size, size, 3), dtype=np.float32)
     atlas[filled] = _surface_colors(source, points)
     return with_texture(target, dilate_texels(atlas, filled, steps=4))
+
+
+def surface_colors(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """(n, 3) float64 RGB in [0, 255] of `mesh` (its UV texture, else its vertex colours) at the
+    surface points nearest to (n, 3) `points` (the mesh's frame)."""
+    return _surface_colors(mesh, np.asarray(points, dtype=np.float64))

@@ -44,9 +44,14 @@ def encode_point_map(
 ) -> tuple[bytes, bytes]:
     """(8-bit RGB PNG, 16-bit RGB PNG) of a normalised point map (see `normalize_point_map`)."""
     unit = normalize_point_map(xyz, mask, bbox_min, bbox_max)
-    png8 = _png(np.round(unit * 255.0).astype(np.uint8))
-    png16 = _png(np.round(unit * 65535.0).astype(np.uint16))
+    png8 = png_bytes(np.round(unit * 255.0).astype(np.uint8))
+    png16 = png_bytes(np.round(unit * 65535.0).astype(np.uint16))
     return png8, png16
+
+
+def point_map_png(xyz: np.ndarray, mask: np.ndarray, bbox_min: np.ndarray, bbox_max: np.ndarray) -> bytes:
+    """The 8-bit RGB PNG alone (what the model sees), without the 16-bit twin."""
+    return png_bytes(np.round(normalize_point_map(xyz, mask, bbox_min, bbox_max) * 255.0).astype(np.uint8))
 
 
 def decode_point_map(png: bytes, bbox_min: np.ndarray, bbox_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +69,12 @@ def decode_point_map(png: bytes, bbox_min: np.ndarray, bbox_max: np.ndarray) -> 
     return np.where(mask[..., None], xyz, 0.0).astype(np.float32), mask
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """PNG of an (H, W, 3) RGB or (H, W) grey uint8/uint16 image (fast zlib level, deterministic)."""
     import cv2  # PIL cannot write 16-bit RGB PNGs
 
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()

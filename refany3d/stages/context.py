@@ -10,8 +10,11 @@ from refany3d.storage.store import ArtifactStore
 
 @dataclass
 class StageContext:
-    """Per-call context of a stage. `store` holds heavy artifacts; `seed` feeds any randomness."""
+    """Per-call context of a stage. `store` holds heavy artifacts; `seed` feeds any randomness;
+    `key` is the stage's content key on this batch (`stages/keys.py`), for stages that name the
+    files they write after what decides them."""
 
     store: ArtifactStore
     seed: int = 0
+    key: str = ""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("refany3d"))

@@ -1,5 +1,6 @@
 """The build DAG: stage names, their parents, the settings sections that decide their output,
-and the shard columns each one adds. No stage code is imported here, so it is cheap to read."""
+the shard columns each one adds, and how each is scheduled (GPU-bound, serial). No stage code is
+imported here, so it is cheap to read."""
 
 from __future__ import annotations
 
@@ -8,37 +9,66 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from refany3d.config import BuildSettings, SettingsError
+
 
 @dataclass(frozen=True)
 class StageSpec:
     parents: tuple[str, ...]
-    sections: tuple[str, ...]  # BuildSettings sections whose values decide this stage's output
+    # What in BuildSettings decides this stage's output: whole sections ("detector") or single
+    # fields ("runtime.device"); fields that only schedule work (workers, batches in flight) are out.
+    sections: tuple[str, ...]
     columns: tuple[str, ...]  # shard columns this stage fills
     module: str  # refany3d.stages.<module>.<name> is the stage function
+    gpu: bool = False  # runs a network: takes a slot of the `gpu` concurrency limit on CUDA
+    # One task at a time across the build: a shard task holds a whole shard in memory (its rows and
+    # their Arrow table, ≈ 2 MB a sample), and two at once were the flow's largest peak.
+    serial: bool = False
+    truth_section: str = ""  # settings section whose `backend` may be `truth` (ground truth)
 
+
+_DEVICE = ("runtime.device", "runtime.dtype")  # where a network runs changes its numbers
 
 # Topological order. mesh and depth are independent branches after segment.
 STAGES: dict[str, StageSpec] = {
     "source": StageSpec(
         (),
-        ("source",),
-        ("sample_id", "source", "source_id", "collection", "metrics", "backends"),
+        (),  # a source batch's key covers its file's content and row range instead
+        ("sample_id", "source", "source_id", "collection", "metrics", "backends", "truth"),
         "read_source",
     ),
     "quality": StageSpec(("source",), ("quality",), (), "filter_quality"),
     "split": StageSpec(
         ("quality",), ("split",), ("side", "image", "caption", "item", "category"), "split_pair"
     ),
-    "detect": StageSpec(("split",), ("detector", "runtime"), ("box",), "detect"),
-    "segment": StageSpec(("detect",), ("segmenter", "runtime"), ("mask",), "segment"),
-    "mesh": StageSpec(("segment",), ("mesher", "texturer", "runtime"), ("mesh_glb",), "mesh"),
-    "depth": StageSpec(("segment",), ("depth", "runtime"), ("depth", "intrinsics"), "depth"),
-    "pose": StageSpec(("mesh", "depth"), ("pose",), ("pose", "intrinsics", "mesh_scale"), "pose"),
-    "verify": StageSpec(("pose",), ("verify", "render"), (), "verify"),
-    "render": StageSpec(
-        ("verify",), ("render",), ("point_map", "point_map_raw", "views_rgb", "views_point_map"), "render"
+    "detect": StageSpec(
+        ("split",), ("detector", *_DEVICE), ("box",), "detect", gpu=True, truth_section="detector"
     ),
-    "shard": StageSpec(("render",), ("storage",), (), "shard"),
+    "segment": StageSpec(
+        ("detect",), ("segmenter", *_DEVICE), ("mask",), "segment", gpu=True, truth_section="segmenter"
+    ),
+    "mesh": StageSpec(
+        ("segment",),
+        ("mesher", "texturer", *_DEVICE),
+        ("mesh_glb",),
+        "mesh",
+        gpu=True,
+        truth_section="mesher",
+    ),
+    "depth": StageSpec(
+        ("segment",), ("depth", *_DEVICE), ("depth", "intrinsics"), "depth", gpu=True, truth_section="depth"
+    ),
+    "pose": StageSpec(
+        ("mesh", "depth"), ("pose", *_DEVICE), ("pose", "intrinsics", "mesh_scale"), "pose", gpu=True
+    ),
+    "verify": StageSpec(("pose",), ("verify",), ("mask_iou", "lpips"), "verify"),
+    "render": StageSpec(
+        ("verify",),
+        ("render",),
+        ("point_map", "point_map_raw", "views_rgb", "views_point_map", "view_azimuths_deg"),
+        "render",
+    ),
+    "shard": StageSpec(("render",), ("storage.shard_size",), (), "shard", serial=True),
 }
 
 
@@ -54,6 +84,39 @@ def ancestors(stage: str) -> list[str]:
             needed.add(name)
             todo.extend(STAGES[name].parents)
     return [s for s in STAGES if s in needed]
+
+
+def build_stages(until: str) -> list[str]:
+    """The stages a build that stops after `until` runs, in order; it always ends with `shard`."""
+    return [s for s in ancestors(until) if s != "shard"] + ["shard"]
+
+
+def plan_inputs(stage: str, until: str) -> tuple[str, ...]:
+    """The stages whose results feed `stage` in a build that stops after `until` (the shard stage
+    takes the last stage before it)."""
+    if stage == "shard":
+        return (next(s for s in reversed(ancestors(until)) if s != "shard"),)
+    return STAGES[stage].parents
+
+
+def check_until(settings: BuildSettings) -> None:
+    """SettingsError unless `until` names a stage."""
+    if settings.until not in STAGES:
+        raise SettingsError(f"until: {settings.until!r} is not one of {', '.join(STAGES)}")
+
+
+def truth_stages(settings: BuildSettings) -> list[str]:
+    """Stages up to `until` whose network is replaced by its ground-truth (`truth`) backend."""
+    return [
+        s
+        for s in ancestors(settings.until)
+        if STAGES[s].truth_section and getattr(settings, STAGES[s].truth_section).backend == "truth"
+    ]
+
+
+def uses_truth(settings: BuildSettings) -> bool:
+    """True when the build's output depends on ground-truth backends (its outputs must say so)."""
+    return bool(truth_stages(settings))
 
 
 def shard_columns(until: str) -> list[str]:

@@ -12,17 +12,24 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from refany3d.config import BuildSettings
-from refany3d.records import Sample, StageResult
+from refany3d.config import BuildSettings, SettingsError
+from refany3d.records import Rejection, Sample, StageResult, error_detail, subjects200k_schema
 from refany3d.stages.context import StageContext
 
 STAGE = "source"
 MISSING_FIELD = "missing_field"
+BAD_FILE = "bad_file"  # a whole data file skipped (source.skip_bad_files); the file is in `detail`
 
 _META_COLUMNS = ("collection", "quality_assessment", "description")
+_STRUCT_COLUMNS = ("image", "quality_assessment", "description")  # the rest is read as text
+
+
+class SourceFileError(SettingsError):
+    """A data file is not a Subjects200K-format Parquet file; the message names the file and why."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,25 @@ class SourceBatch:
 
     @property
     def batch_id(self) -> str:
-        stem = posixpath.basename(self.url).removesuffix(".parquet")
-        return f"{stem}-{self.start:07d}-{self.stop:07d}"
+        return f"{_stem(self.url)}-{self.start:07d}-{self.stop:07d}"
+
+    @property
+    def batch_ref(self) -> str:
+        """The file and row range, as content keys name the batch."""
+        return f"{self.url}#{self.start}:{self.stop}"
+
+    def row_sample(self, row: int) -> Sample:
+        """The row-level sample of row `row` of this batch's file, before its fields are read."""
+        sid = f"{_stem(self.url)}-{row:06d}"
+        return Sample(sample_id=sid, source_id=sid, source=self.source, source_ref=f"{self.url}#{row}")
+
+    def rows(self) -> list[SourceBatch]:
+        """One single-row batch per row (a failing batch is retried row by row)."""
+        return [SourceBatch(self.url, r, r + 1, self.source) for r in range(self.start, self.stop)]
+
+
+def _stem(url: str) -> str:
+    return posixpath.basename(url).removesuffix(".parquet")
 
 
 def resolve_files(pattern: str) -> list[str]:
@@ -53,24 +77,87 @@ def resolve_files(pattern: str) -> list[str]:
     return urls
 
 
-def plan_batches(
-    files: list[str], batch_size: int, limit: int = 0, source: str = "subjects200k"
-) -> list[SourceBatch]:
-    """Split files into row ranges of `batch_size`, reading only Parquet footers."""
-    batches: list[SourceBatch] = []
+def check_file(url: str) -> int:
+    """Rows of one Subjects200K-format Parquet file, from its footer alone (no data pages read).
+
+    Raises SourceFileError naming the file when it is missing, is not Parquet, or its schema lacks
+    a Subjects200K column (or holds it in a shape the stages cannot read).
+    """
+    fs, path = url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            footer = pq.ParquetFile(fh)
+            schema, rows = footer.schema_arrow, footer.metadata.num_rows
+    except FileNotFoundError:
+        raise SourceFileError(f"source.data_files: {url}: no such file") from None
+    except pa.ArrowInvalid as err:  # pyarrow's word for "no Parquet footer here"
+        raise SourceFileError(
+            f"source.data_files: {url}: not a Parquet file ({error_detail(err, 300)})"
+        ) from None
+    except (pa.ArrowException, OSError) as err:  # permissions, network, a directory
+        raise SourceFileError(
+            f"source.data_files: {url}: cannot be read ({error_detail(err, 300)})"
+        ) from None
+    expected = subjects200k_schema()
+    for name in expected.names:
+        if name not in schema.names:
+            raise SourceFileError(
+                f"source.data_files: {url}: no column {name!r}; a Subjects200K file has "
+                f"{', '.join(expected.names)}"
+            )
+    for name in _STRUCT_COLUMNS:
+        kind = schema.field(name).type
+        if not (pa.types.is_struct(kind) or (name == "image" and pa.types.is_binary(kind))):
+            raise SourceFileError(
+                f"source.data_files: {url}: column {name!r} is {kind}, expected {expected.field(name).type}"
+            )
+    return int(rows)
+
+
+def scan_files(
+    files: list[str], limit: int = 0, skip_bad: bool = False
+) -> tuple[list[tuple[str, int]], list[Rejection]]:
+    """(url, rows to read) of the files a build reads, until `limit` rows (0 = all), each file's
+    footer checked by `check_file`; and the `bad_file` rejects of the files skipped.
+
+    A bad file raises SourceFileError, unless `skip_bad`: then it is skipped and rejected (its
+    rows are never planned, and do not count toward `limit`).
+    """
+    planned: list[tuple[str, int]] = []
+    rejects: list[Rejection] = []
     remaining = limit or float("inf")
     for url in files:
-        fs, path = url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            rows = pq.ParquetFile(fh).metadata.num_rows
+        try:
+            rows = check_file(url)
+        except SourceFileError as err:
+            if not skip_bad:
+                raise
+            stem = posixpath.basename(url).removesuffix(".parquet")
+            detail = str(err).removeprefix("source.data_files: ")
+            rejects.append(Rejection(stem, stem, STAGE, BAD_FILE, None, detail))
+            continue
         rows = int(min(rows, remaining))
         remaining -= rows
-        batches += [
-            SourceBatch(url, s, min(s + batch_size, rows), source) for s in range(0, rows, batch_size)
-        ]
+        planned.append((url, rows))
         if remaining <= 0:
             break
-    return batches
+    return planned, rejects
+
+
+def plan_batches(
+    files: list[str],
+    batch_size: int,
+    limit: int = 0,
+    source: str = "subjects200k",
+    skip_bad: bool = False,
+) -> list[SourceBatch]:
+    """Split files into row ranges of `batch_size`, reading only Parquet footers (see `scan_files`)."""
+    planned, _ = scan_files(files, limit, skip_bad)
+    return [
+        SourceBatch(url, s, min(s + batch_size, rows), source)
+        for url, rows in planned
+        for s in range(0, rows, batch_size)
+    ]
 
 
 def iter_rows(url: str, start: int, stop: int, columns: list[str] | None) -> Iterator[tuple[int, dict]]:
@@ -96,16 +183,9 @@ def iter_rows(url: str, start: int, stop: int, columns: list[str] | None) -> Ite
 def read_source(batch: SourceBatch, settings: BuildSettings, ctx: StageContext) -> StageResult:
     """Row-level samples of one batch, with quality scores and descriptions (no image bytes)."""
     result = StageResult()
-    stem = posixpath.basename(batch.url).removesuffix(".parquet")
     for index, row in iter_rows(batch.url, batch.start, batch.stop, list(_META_COLUMNS)):
-        source_id = f"{stem}-{index:06d}"
-        sample = Sample(
-            sample_id=source_id,
-            source_id=source_id,
-            source=batch.source,
-            source_ref=f"{batch.url}#{index}",
-            collection=str(row.get("collection") or ""),
-        )
+        sample = batch.row_sample(index)
+        sample.collection = str(row.get("collection") or "")
         quality, description = row.get("quality_assessment"), row.get("description")
         if not isinstance(quality, dict) or not isinstance(description, dict):
             missing = "quality_assessment" if not isinstance(quality, dict) else "description"
@@ -133,7 +213,32 @@ def source_files(settings: BuildSettings) -> list[str]:
 
 
 def plan_source(settings: BuildSettings) -> list[SourceBatch]:
-    """Batches of the build's source, `source.limit` rows at most."""
+    """Batches of the build's source, `source.limit` rows at most (bad files skipped when
+    `source.skip_bad_files`; `check_source` gives their rejects)."""
     return plan_batches(
-        source_files(settings), settings.runtime.batch_size, settings.source.limit, settings.source.kind
+        source_files(settings),
+        settings.runtime.batch_size,
+        settings.source.limit,
+        settings.source.kind,
+        settings.source.skip_bad_files,
     )
+
+
+def check_source(settings: BuildSettings) -> list[Rejection]:
+    """Read the footer of every data file the build will read, before any work: SourceFileError
+    for a bad one, or with `source.skip_bad_files` its `bad_file` reject (one per file).
+
+    The synthetic source without `data_files` is written by the build itself (into OUT/source), so
+    there is nothing to check before it runs.
+    """
+    if settings.source.kind == "synthetic" and not settings.source.data_files:
+        return []
+    try:
+        files = source_files(settings)
+    except (SettingsError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - listing a remote source fails in many ways (offline, auth, bad id)
+        setting = "source.data_files" if settings.source.data_files else "source.hub_id"
+        raise SourceFileError(f"{setting}: cannot list the source files ({error_detail(err, 300)})") from None
+    _, rejects = scan_files(files, settings.source.limit, settings.source.skip_bad_files)
+    return rejects

@@ -8,17 +8,19 @@ collections and releases, so it is derived per image, never assumed.
 from __future__ import annotations
 
 import io
+import struct
 from collections import defaultdict
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from refany3d.config import BuildSettings
-from refany3d.records import IMAGE, Sample, StageResult
+from refany3d.records import IMAGE, Sample, StageResult, error_detail
 from refany3d.stages.context import StageContext
 from refany3d.stages.read_source import iter_rows
 
 STAGE = "split"
 IMAGE_UNDECODABLE = "image_undecodable"
+IMAGE_TOO_LARGE = "image_too_large"
 MISSING_IMAGE = "missing_image"
 BAD_LAYOUT = "bad_layout"
 VIEW_TOO_SMALL = "view_too_small"
@@ -65,6 +67,60 @@ def _read_images(samples: list[Sample]) -> dict[str, bytes | None]:
     return images
 
 
+def _open_header(data: bytes) -> ImageFile.ImageFile:
+    """The image in `data`, identified and sized from its header; no pixel is decoded yet.
+
+    This is `PIL.Image.open`'s loop over the registered formats without its decompression-bomb
+    check, which warns through the process-wide `warnings` machinery (not catchable per thread
+    while other stages run beside this one) or raises: the caller checks the size itself first.
+    """
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and accept(prefix) is not True:
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # like Image.open: not this format after all
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def _decoded_pair(
+    data: bytes, settings: BuildSettings
+) -> tuple[Image.Image, int, int] | tuple[str, float | None, str]:
+    """(pair image, padding p, view side S), or (reason, metric, detail) of why the row is dropped.
+
+    The layout and size checks read the header only, so an oversized image (a decompression bomb:
+    a small file that decodes to gigabytes) is rejected before any pixel is decoded.
+    """
+    try:
+        pair = _open_header(data)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        return IMAGE_UNDECODABLE, None, error_detail(err)
+    width, height = pair.size
+    try:
+        pad, side = pair_layout(width, height)
+    except ValueError as err:
+        return BAD_LAYOUT, None, str(err)
+    limit = Image.MAX_IMAGE_PIXELS  # PIL's own bound, kept even when max_view_size is set above it
+    if side > settings.split.max_view_size or (limit is not None and width * height > limit):
+        detail = (
+            f"{width}x{height} pair, view side {side} (split.max_view_size {settings.split.max_view_size})"
+        )
+        return IMAGE_TOO_LARGE, float(side), detail
+    if side < settings.split.min_view_size:
+        return VIEW_TOO_SMALL, float(side), ""
+    try:
+        pair.load()
+    except Image.DecompressionBombError as err:  # a format plugin's own check (frames, tiles)
+        return IMAGE_TOO_LARGE, float(side), error_detail(err)
+    except (OSError, ValueError, SyntaxError) as err:
+        return IMAGE_UNDECODABLE, None, error_detail(err)
+    return pair, pad, side
+
+
 def _encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -79,20 +135,12 @@ def split_pair(samples: list[Sample], settings: BuildSettings, ctx: StageContext
         if not data:
             result.drop(row, STAGE, MISSING_IMAGE)
             continue
-        try:
-            pair = Image.open(io.BytesIO(data))
-            pair.load()
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            result.drop(row, STAGE, IMAGE_UNDECODABLE, detail=str(err)[:200])
+        decoded = _decoded_pair(data, settings)
+        if isinstance(decoded[0], str):
+            reason, metric, detail = decoded
+            result.drop(row, STAGE, reason, metric=metric, detail=detail)
             continue
-        try:
-            pad, side = pair_layout(*pair.size)
-        except ValueError as err:
-            result.drop(row, STAGE, BAD_LAYOUT, detail=str(err))
-            continue
-        if side < settings.split.min_view_size:
-            result.drop(row, STAGE, VIEW_TOO_SMALL, metric=float(side))
-            continue
+        pair, pad, side = decoded
         boxes = view_boxes(pad, side)
         for side_name, key in SIDES:
             view = row.replace(sample_id=f"{row.source_id}-{side_name}", side=side_name)

@@ -15,19 +15,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from refany3d.config import BuildSettings, override
 from refany3d.flows.artifacts import artifact_key
-from refany3d.flows.build_dataset import (
-    GPU_LIMIT,
-    SERIAL_STAGES,
-    STAGE_ERROR,
-    _Scheduler,
-    build_dataset,
-    ensure_gpu_slots,
-    is_out_of_memory,
-    is_transient,
-    smaller_batch,
-)
-from refany3d.records import IMAGE, StageResult
-from refany3d.stages.dag import ancestors
+from refany3d.flows.build_dataset import build_dataset
+from refany3d.flows.policy import is_out_of_memory, is_transient, smaller_batch
+from refany3d.flows.runtime import ensure_gpu_slots
+from refany3d.flows.scheduler import Scheduler
+from refany3d.flows.tasks import GPU_LIMIT
+from refany3d.records import IMAGE, STAGE_ERROR, StageResult
+from refany3d.stages.dag import STAGES, build_stages
 from refany3d.stages.read_source import plan_source
 from tests.flows._runs import artifacts, rejects, shard_bytes, shard_ids, task_runs
 
@@ -179,23 +173,23 @@ def test_scheduler_runs_serial_stage_tasks_one_at_a_time(tmp_path, s200k_source)
     lock = threading.Lock()
 
     @task(name="fake-stage")
-    def fake_stage(stage, batch_id, inputs, settings, build_id) -> StageResult:
+    def fake_stage(stage, batch_id, inputs, settings, build_id, key) -> StageResult:
         start = time.monotonic()
-        time.sleep(0.3 if stage in SERIAL_STAGES else 0.01)
+        time.sleep(0.3 if STAGES[stage].serial else 0.01)
         with lock:
             spans.append((stage, start, time.monotonic()))
         return StageResult()
 
     settings = _settings(tmp_path / "out", s200k_source, **{"runtime.batch_size": 2})
     batches = plan_source(settings)
-    stages = [s for s in ancestors(settings.until) if s != "shard"] + ["shard"]
+    stages = build_stages(settings.until)
     with ThreadPoolTaskRunner(max_workers=2) as runner:
-        scheduler = _Scheduler(runner, {s: fake_stage for s in stages}, settings, "build-id")
+        scheduler = Scheduler(runner, {s: fake_stage for s in stages}, settings, "build-id")
         for i, batch in enumerate(batches):
-            scheduler.start(i, batch)
-        finished = sorted(scheduler.next_finished_batch(batches)[0] for _ in batches)
+            scheduler.start(i, batch, {s: f"{s}-key" for s in stages})
+        finished = sorted(scheduler.next_finished_batch()[0] for _ in batches)
 
-    assert SERIAL_STAGES == {"shard"} and len(batches) == 4
+    assert [s for s in STAGES if STAGES[s].serial] == ["shard"] and len(batches) == 4
     assert finished == list(range(len(batches)))
     shards = sorted((start, end) for stage, start, end in spans if stage == "shard")
     assert len(shards) == len(batches)

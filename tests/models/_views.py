@@ -149,10 +149,9 @@ def tiny_groundingdino_py(root: Path) -> tuple[Path, Path, Path]:
     """(config .py, checkpoint .pth, BERT dir) of a groundingdino-py model with 1 encoder/decoder layer."""
     import groundingdino.models.GroundingDINO.groundingdino as gd_module
     import torch
-    from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
-    from refany3d.models.detector.groundingdino import _bert_compat_class
+    from refany3d.models.detector.groundingdino import build_groundingdino
 
     torch.manual_seed(0)
     bert = root / "bert"
@@ -175,9 +174,8 @@ def tiny_groundingdino_py(root: Path) -> tuple[Path, Path, Path]:
     )
     args = SLConfig.fromfile(str(config))
     args.device = "cpu"
-    gd_module.BertModelWarper = _bert_compat_class()
     ckpt = root / "gd_tiny.pth"
-    torch.save({"model": build_model(args).state_dict()}, ckpt)
+    torch.save({"model": build_groundingdino(args).state_dict()}, ckpt)
     return config, ckpt, bert
 
 

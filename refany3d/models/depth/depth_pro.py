@@ -32,6 +32,84 @@ def split_to_patches(pixel_values, patch_size: int, overlap_ratio: float):
     return windows.permute(2, 3, 0, 1, 4, 5).reshape(-1, channels, patch_size, patch_size)
 
 
+# The transformers major versions whose `DepthProPatchEncoder.forward` `_patch_encoder_class`
+# re-states; on others the model keeps the stock encoder (the same patches, cut by `F.unfold`).
+_CHECKED_TRANSFORMERS = (5,)
+
+
+def _patch_encoder_class():
+    """transformers' `DepthProPatchEncoder` cutting its patches with `split_to_patches` above; the
+    rest is the stock forward: three image scales → overlapping patches → the DINOv2 patch model →
+    feature maps merged back per scale, plus the intermediate features of the finest scale."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.depth_pro.modeling_depth_pro import (
+        DepthProPatchEncoder,
+        reconstruct_feature_maps,
+    )
+
+    class _StridedPatchEncoder(DepthProPatchEncoder):
+        def forward(self, pixel_values):
+            batch, _, height, width = pixel_values.shape
+            if min(self.scaled_images_ratios) * min(height, width) < self.config.patch_size:
+                raise ValueError(
+                    f"Image size {height}x{width} is too small to be scaled with scaled_images_ratios="
+                    f"{self.scaled_images_ratios} when patch_size={self.config.patch_size}."
+                )
+            scales = zip(self.scaled_images_ratios, self.scaled_images_overlap_ratios, strict=True)
+            patches = [
+                split_to_patches(
+                    F.interpolate(pixel_values, scale_factor=ratio, mode="bilinear", align_corners=False),
+                    self.config.patch_size,
+                    overlap,
+                )
+                for ratio, overlap in scales
+            ]
+            counts = [len(p) for p in patches]
+            # the patch model takes the finest scale first
+            encodings = self.model(
+                torch.cat(patches[::-1], dim=0),
+                output_hidden_states=self.n_intermediate_hooks > 0,
+                return_dict=True,
+            )
+            last = torch.split_with_sizes(encodings.last_hidden_state, counts[::-1])[::-1]
+            exponent = int(math.log2(width / self.out_size))
+            base_height, base_width = height // 2**exponent, width // 2**exponent
+
+            def merged(hidden, scale: int, ratio: float):
+                size = (base_height * 2**scale, base_width * 2**scale)
+                padding = int(self.merge_padding_value * (1 / ratio))
+                return reconstruct_feature_maps(hidden, batch_size=batch, padding=padding, output_size=size)
+
+            finest = self.n_scaled_images - 1
+            return [
+                *(merged(last[i], i, r) for i, r in enumerate(self.scaled_images_ratios)),
+                *(
+                    merged(encodings.hidden_states[hook + 1], finest, self.scaled_images_ratios[-1])
+                    for hook in self.intermediate_hook_ids
+                ),
+            ]
+
+    return _StridedPatchEncoder
+
+
+def adapt_patch_encoder(model) -> int:
+    """Give this `model`'s Depth Pro patch encoders `_patch_encoder_class` (this instance only, no
+    library module changes); returns how many, 0 where the installed transformers is not one it
+    was written against."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) not in _CHECKED_TRANSFORMERS:
+        return 0
+    cls = _patch_encoder_class()
+    encoders = [m for m in model.modules() if type(m) is cls.__mro__[1]]
+    for encoder in encoders:
+        encoder.__class__ = cls
+    return len(encoders)
+
+
 class DepthProEstimator:
     name = "depth-pro"
     # compiled on CUDA with `depth.compile`, graphed with `depth.cuda_graphs`
@@ -42,7 +120,6 @@ class DepthProEstimator:
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
         from transformers import DepthProForDepthEstimation, DepthProImageProcessor
-        from transformers.models.depth_pro import modeling_depth_pro
 
         path = resolve_pretrained(weights, DEPTH_PRO)
         self.device, self.dtype = torch_device_dtype(device, dtype)
@@ -52,7 +129,7 @@ class DepthProEstimator:
             raise WeightsError(
                 f"depth.weights={weights!r}: the model has no FOV head, so no focal length; use apple/DepthPro-hf"
             )
-        modeling_depth_pro.split_to_patches = split_to_patches  # same patches, no im2col
+        adapt_patch_encoder(model)  # same patches, no im2col
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         size = processor.size
         self.input_size = (int(size["height"]), int(size["width"]))

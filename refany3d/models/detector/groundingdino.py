@@ -1,14 +1,17 @@
 """`groundingdino` detector: the groundingdino-py 0.4 package (config .py + checkpoint + local BERT dir).
 
-groundingdino-py 0.4 wraps BERT through methods that transformers 5 removed
-(`get_extended_attention_mask`, `get_head_mask`), so the wrapper is replaced by `_BertCompat`,
-which keeps the same sub-module names (checkpoint keys `bert.embeddings...` still load) and feeds
-the per-phrase self-attention mask to the BERT encoder directly.
+groundingdino-py 0.4 wraps BERT in `BertModelWarper`, which takes methods from the BERT model that
+transformers 5 removed (`get_extended_attention_mask`, `invert_attention_mask`, `get_head_mask`).
+Where they are missing, our model's BERT is wrapped by `_BertCompat` instead, which keeps the same
+sub-module names (checkpoint keys `bert.embeddings...` still load) and feeds the per-phrase
+self-attention mask to the BERT encoder directly (`build_groundingdino`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +84,41 @@ def _bert_compat_class():
     return _BertCompat
 
 
+# What groundingdino-py's BertModelWarper takes from the BERT model it wraps.
+_WARPER_NEEDS = ("get_extended_attention_mask", "invert_attention_mask", "get_head_mask")
+_BUILD_LOCK = threading.Lock()
+
+
+def _stock_warper_works() -> bool:
+    from transformers import BertModel
+
+    return all(hasattr(BertModel, name) for name in _WARPER_NEEDS)
+
+
+@contextlib.contextmanager
+def _warper_for_this_build(gd_module) -> Iterator[None]:
+    """`GroundingDINO.__init__` wraps its BERT in the module's `BertModelWarper` by name, with no
+    way to pass another class: for the length of one constructor call (under a lock, restored
+    after) that name is `_BertCompat`, so only the model built here gets it."""
+    with _BUILD_LOCK:
+        stock = gd_module.BertModelWarper
+        gd_module.BertModelWarper = _bert_compat_class()
+        try:
+            yield
+        finally:
+            gd_module.BertModelWarper = stock
+
+
+def build_groundingdino(args):
+    """groundingdino-py's `build_model(args)`; on a transformers without what its BERT wrapper
+    needs (5 and later), the model's BERT is wrapped by `_BertCompat` instead."""
+    gd_module, build_model, *_ = _import_groundingdino()
+    if _stock_warper_works():
+        return build_model(args)
+    with _warper_for_this_build(gd_module):
+        return build_model(args)
+
+
 class GroundingDinoDetector:
     name = "groundingdino"
 
@@ -94,9 +132,7 @@ class GroundingDinoDetector:
     ) -> None:
         import torch
 
-        gd_module, build_model, clean_state_dict, self._nest, SLConfig, self._phrases = (
-            _import_groundingdino()
-        )
+        gd_module, _, clean_state_dict, self._nest, SLConfig, self._phrases = _import_groundingdino()
         ckpt_path = require_file(
             weights, "detector.weights", "a groundingdino-py checkpoint (.pth)", GROUNDINGDINO_CKPT_HOW
         )
@@ -110,8 +146,7 @@ class GroundingDinoDetector:
         args = SLConfig.fromfile(str(config_path))
         args.text_encoder_type = str(bert_dir)
         args.device = str(self.device)
-        gd_module.BertModelWarper = _bert_compat_class()
-        model = build_model(args)
+        model = build_groundingdino(args)
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         missing, _unexpected = model.load_state_dict(
             clean_state_dict(state.get("model", state)), strict=False

@@ -13,6 +13,11 @@ from refany3d.models.detector.base import Detection
 from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
 from refany3d.records import Sample
 
+# The transformers major versions whose Grounding DINO deformable attention the subclasses below
+# were written against (the stock forward they re-state, its tensor layouts). On others the model
+# keeps its stock modules: the same results, without the speed-ups.
+_CHECKED_TRANSFORMERS = (5,)
+
 
 def _summed_deformable_attention_class():
     """transformers' `MultiScaleDeformableAttention` (its PyTorch path) with the levels' weighted
@@ -35,6 +40,8 @@ def _summed_deformable_attention_class():
         ):
             batch, _, heads, dim = value.shape
             _, queries, _, levels, points, _ = sampling_locations.shape
+            # the split fails unless the levels' sizes add up to the sequence: the host-side form of
+            # the check `_HostCheckedDeformableAttention` leaves out
             values = value.split([h * w for h, w in value_spatial_shapes_list], dim=1)
             # (B, Q, heads, levels, points, 2) → (B·heads, Q, levels, points, 2), grids in [-1, 1]
             grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
@@ -52,36 +59,85 @@ def _summed_deformable_attention_class():
     return _SummedDeformableAttention
 
 
-def _use_summed_deformable_attention(model) -> int:
-    """Swap every deformable-attention core of `model` for the level-by-level sum (same
-    parameters: it has none); returns how many."""
-    cls = _summed_deformable_attention_class()
-    cores = [m for m in model.modules() if isinstance(m, cls.__mro__[1])]
-    for core in cores:
-        core.__class__ = cls
-    return len(cores)
-
-
-def _checks_without_device_reads() -> None:
-    """transformers' `torch_compilable_check` for `modeling_grounding_dino`, except for conditions
-    held in device tensors, which it reads back with a device synchronisation: that read keeps the
-    encoder and decoder out of CUDA graphs. The only such check there (each deformable attention's
-    spatial shapes against the encoder's sequence length) is made on the host by
-    `_SummedDeformableAttention`, whose split by the shapes fails unless they add up."""
+def _host_checked_deformable_attention_class():
+    """transformers' `GroundingDinoMultiscaleDeformableAttention` without its
+    `torch_compilable_check` that the spatial shapes add up to the encoder's sequence length: that
+    condition is a device tensor, read back with a device synchronisation, and the read keeps the
+    encoder and decoder out of CUDA graphs. Its core, `_SummedDeformableAttention`, makes the same
+    check on the host. The rest is the stock forward."""
     import torch
-    from transformers.models.grounding_dino import modeling_grounding_dino
+    import torch.nn.functional as F
+    from transformers.models.grounding_dino.modeling_grounding_dino import (
+        GroundingDinoMultiscaleDeformableAttention,
+    )
 
-    check = modeling_grounding_dino.torch_compilable_check
-    if getattr(check, "host_only", False):
-        return
+    class _HostCheckedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
+        def forward(
+            self,
+            hidden_states,
+            attention_mask=None,
+            encoder_hidden_states=None,
+            encoder_attention_mask=None,
+            position_embeddings=None,
+            reference_points=None,
+            spatial_shapes=None,
+            spatial_shapes_list=None,
+            level_start_index=None,
+            output_attentions=False,
+        ):
+            if position_embeddings is not None:
+                hidden_states = hidden_states + position_embeddings
+            batch, queries, _ = hidden_states.shape
+            _, length, _ = encoder_hidden_states.shape
+            heads, levels, points = self.n_heads, self.n_levels, self.n_points
+            value = self.value_proj(encoder_hidden_states)
+            if attention_mask is not None:
+                value = value.masked_fill(~attention_mask[..., None], float(0))
+            value = value.view(batch, length, heads, self.d_model // heads)
+            offsets = self.sampling_offsets(hidden_states).view(batch, queries, heads, levels, points, 2)
+            weights = self.attention_weights(hidden_states).view(batch, queries, heads, levels * points)
+            weights = F.softmax(weights, -1).view(batch, queries, heads, levels, points)
+            if reference_points.shape[-1] == 2:
+                normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+                locations = (
+                    reference_points[:, :, None, :, None, :]
+                    + offsets / normalizer[None, None, None, :, None, :]
+                )
+            elif reference_points.shape[-1] == 4:
+                boxes = reference_points[:, :, None, :, None]
+                locations = boxes[..., :2] + offsets / points * boxes[..., 2:] * 0.5
+            else:
+                raise ValueError(
+                    f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}"
+                )
+            output = self.attn(
+                value,
+                spatial_shapes,
+                spatial_shapes_list,
+                level_start_index,
+                locations,
+                weights,
+                self.im2col_step,
+            )
+            return self.output_proj(output), weights
 
-    def torch_compilable_check(cond, msg, error_type=ValueError):
-        if isinstance(cond, torch.Tensor) and cond.device.type != "cpu":
-            return
-        check(cond, msg, error_type)
+    return _HostCheckedDeformableAttention
 
-    torch_compilable_check.host_only = True
-    modeling_grounding_dino.torch_compilable_check = torch_compilable_check
+
+def adapt_deformable_attention(model) -> int:
+    """Give this `model`'s deformable attention layers (and their cores) the subclasses above, on
+    this instance only (no library module changes); returns how many layers, 0 where the
+    installed transformers is not one they were written against."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) not in _CHECKED_TRANSFORMERS:
+        return 0
+    layer_cls, core_cls = _host_checked_deformable_attention_class(), _summed_deformable_attention_class()
+    layers = [m for m in model.modules() if type(m) is layer_cls.__mro__[1]]
+    for layer in layers:
+        layer.__class__ = layer_cls
+        layer.attn.__class__ = core_cls
+    return len(layers)
 
 
 class HfGroundingDinoDetector:
@@ -106,8 +162,7 @@ class HfGroundingDinoDetector:
         self.processor = AutoProcessor.from_pretrained(path)
         # Built on the CPU, then moved: the model creates `level_embed` on the CPU whatever the device context.
         model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=torch.float32)
-        _use_summed_deformable_attention(model)
-        _checks_without_device_reads()
+        adapt_deformable_attention(model)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
     @holds_device_lock

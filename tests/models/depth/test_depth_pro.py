@@ -88,12 +88,7 @@ def test_estimate_matches_the_transformers_processor_path(setup):
     from refany3d.stages._views import read_views
 
     settings, ctx, views = setup
-    from transformers.models.depth_pro import modeling_depth_pro
-
-    from refany3d.models.depth.depth_pro import split_to_patches
-
     est = DepthProEstimator(settings.depth.weights)
-    assert modeling_depth_pro.split_to_patches is split_to_patches  # the model runs our patching
     images = read_views(ctx.store, views[:3])
     processor = DepthProImageProcessor.from_pretrained(settings.depth.weights)
     with torch.inference_mode():
@@ -107,3 +102,43 @@ def test_estimate_matches_the_transformers_processor_path(setup):
         inverse = 1 / r["predicted_depth"].numpy()
         np.testing.assert_allclose(1 / a.depth, inverse, rtol=1e-3, atol=1e-5 * inverse.max())
         assert a.focal_px == pytest.approx(float(r["focal_length"]), rel=1e-5)
+
+
+def test_strided_patch_encoder_equals_stock_model_and_leaves_transformers_alone(setup):
+    """The backend's patch encoder (patches cut as strided views) is this instance's own:
+    transformers' `split_to_patches` stays the library's, a model loaded beside it keeps the stock
+    encoder, and both give the same outputs."""
+    import torch
+    from transformers import DepthProForDepthEstimation
+    from transformers.models.depth_pro import modeling_depth_pro
+    from transformers.models.depth_pro.modeling_depth_pro import DepthProPatchEncoder
+
+    from refany3d.models.depth.depth_pro import split_to_patches
+
+    settings, _, _ = setup
+    est = DepthProEstimator(settings.depth.weights)
+    assert modeling_depth_pro.split_to_patches is not split_to_patches
+    encoders = [m for m in est.model.modules() if isinstance(m, DepthProPatchEncoder)]
+    assert encoders and all(type(m).__name__ == "_StridedPatchEncoder" for m in encoders)
+    stock = DepthProForDepthEstimation.from_pretrained(settings.depth.weights).eval()
+    assert {type(m) for m in stock.modules() if isinstance(m, DepthProPatchEncoder)} == {DepthProPatchEncoder}
+    size = est.input_size[0]  # the processor's: the size the encoder's scales and patches fit
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, ref = est.model(pixel_values=pixels), stock(pixel_values=pixels)
+    torch.testing.assert_close(ours.predicted_depth, ref.predicted_depth, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.field_of_view, ref.field_of_view, rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_patch_encoder_skips_unchecked_transformers(setup, monkeypatch):
+    import transformers
+    from transformers import DepthProForDepthEstimation
+
+    from refany3d.models.depth.depth_pro import adapt_patch_encoder
+
+    settings, _, _ = setup
+    model = DepthProForDepthEstimation.from_pretrained(settings.depth.weights)
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    assert adapt_patch_encoder(model) == 0
+    monkeypatch.undo()
+    assert adapt_patch_encoder(model) > 0

@@ -60,3 +60,14 @@ def test_groundingdino_detector_mismatched_checkpoint_raises(setup, tmp_path):
             text_encoder=settings.detector.text_encoder,
             config=settings.detector.config,
         )
+
+
+def test_build_groundingdino_wraps_only_its_own_bert(setup):
+    """Our model's BERT is `_BertCompat`; groundingdino-py's module keeps its own BertModelWarper."""
+    import groundingdino.models.GroundingDINO.groundingdino as gd_module
+    from groundingdino.models.GroundingDINO.bertwarper import BertModelWarper
+
+    settings, _, _ = setup
+    det = load_detector(settings)
+    assert type(det.model.bert).__name__ == "_BertCompat"
+    assert gd_module.BertModelWarper is BertModelWarper

@@ -168,22 +168,58 @@ def test_detect_post_processing_matches_transformers(setup):
         assert d.phrases == list(r["text_labels"])
 
 
-def test_value_checks_skip_device_reads_only(setup):
-    """Loading the backend leaves transformers' checks on host values in place; conditions held
-    in device tensors (a device read each) are left to the host-side split of the deformable
-    attention, which still refuses spatial shapes that do not add up to the sequence."""
+def test_adapted_attention_equals_stock_model_and_leaves_transformers_alone(setup):
+    """The backend's deformable attention (no device-read check, summed core) is this instance's
+    own: transformers' module keeps its check, a model built beside it keeps the stock layers,
+    and both give the same outputs."""
     import torch
+    import transformers.utils
+    from transformers import GroundingDinoForObjectDetection
     from transformers.models.grounding_dino import modeling_grounding_dino
+    from transformers.models.grounding_dino.modeling_grounding_dino import (
+        GroundingDinoMultiscaleDeformableAttention,
+    )
+
+    from refany3d.stages._views import read_views
+
+    settings, ctx, views = setup
+    det = load_detector(settings)
+    assert modeling_grounding_dino.torch_compilable_check is transformers.utils.torch_compilable_check
+    layers = [m for m in det.model.modules() if isinstance(m, GroundingDinoMultiscaleDeformableAttention)]
+    assert layers and all(type(m).__name__ == "_HostCheckedDeformableAttention" for m in layers)
+    stock = GroundingDinoForObjectDetection.from_pretrained(settings.detector.weights).eval()
+    assert {
+        type(m) for m in stock.modules() if isinstance(m, GroundingDinoMultiscaleDeformableAttention)
+    } == {GroundingDinoMultiscaleDeformableAttention}
+    # non-square images: levels of unequal height and width, whose order in the offsets matters
+    images = [im.crop((0, 0, 96, 64)) for im in read_views(ctx.store, views[:2])]
+    inputs = det.processor(images=images, text=["red mug.", "chair."], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ours, ref = det.model(**inputs), stock(**inputs)
+    torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.pred_boxes, ref.pred_boxes, rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_deformable_attention_skips_unchecked_transformers(setup, monkeypatch):
+    import transformers
+    from transformers import GroundingDinoForObjectDetection
+
+    from refany3d.models.detector.hf_grounding_dino import adapt_deformable_attention
+
+    settings, _, _ = setup
+    model = GroundingDinoForObjectDetection.from_pretrained(settings.detector.weights)
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    assert adapt_deformable_attention(model) == 0
+    assert not [m for m in model.modules() if type(m).__name__.startswith("_")]
+    monkeypatch.undo()
+    assert adapt_deformable_attention(model) > 0
+
+
+def test_summed_deformable_attention_checks_shapes_on_the_host():
+    import torch
 
     from refany3d.models.detector.hf_grounding_dino import _summed_deformable_attention_class
 
-    settings, _, _ = setup
-    load_detector(settings)
-    check = modeling_grounding_dino.torch_compilable_check
-    assert check.host_only
-    with pytest.raises(ValueError, match="shapes"):
-        check(torch.tensor(False), "shapes")
-    check(torch.tensor(True), "shapes")
     shapes = [(4, 4), (2, 2)]
     value = torch.randn(1, 21, 2, 8)  # one position more than the shapes hold
     with pytest.raises(RuntimeError, match="split"):

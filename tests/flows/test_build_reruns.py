@@ -1,0 +1,122 @@
+"""Reruns equal fresh builds: after deleted shards, a longer `--until`, a changed upstream setting
+and a sample the shard stage fails on, a rerun into the same directory writes byte for byte what a
+build into an empty directory writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+
+import refany3d.stages.shard as shard_stage
+from refany3d.config import BuildSettings, override
+from refany3d.flows.build_dataset import build_dataset
+from refany3d.records import STAGE_ERROR
+from tests.flows._runs import rejects, shard_ids, task_runs
+from tests.models._views import tiny_sam_checkpoint
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _settings(out: Path, files: str, **dotted) -> BuildSettings:
+    base = {
+        "source.kind": "synthetic",
+        "source.data_files": files,
+        "storage.out": str(out),
+        "until": "depth",
+        "runtime.batch_size": 2,
+    }
+    return override(BuildSettings(), **{**base, **dotted})
+
+
+def _output(out: Path) -> dict[str, bytes]:
+    """Every shard and reject table of a build, by sub-directory and file name."""
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(out.glob("[dr]*/*.parquet"))}
+
+
+def _fresh(tmp_path: Path, settings: BuildSettings) -> dict[str, bytes]:
+    out = tmp_path / "fresh"
+    build_dataset(override(settings, **{"storage.out": str(out)}))
+    return _output(out)
+
+
+def _states(result: dict) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        return {t.name: t.state.name for t in task_runs(client, result["flow_run_id"], expect=1)}
+
+
+def test_rerun_after_deleting_shards_rewrites_them_and_nothing_else(tmp_path, synthetic_source):
+    out = tmp_path / "out"
+    settings = _settings(out, synthetic_source)
+    build_dataset(settings)
+    written = _output(out)
+    for shard in (out / "data").glob("*.parquet"):
+        shard.unlink()
+    result = build_dataset(settings)
+    assert _output(out) == written == _fresh(tmp_path, settings)
+    assert len(result["shards"]) == len([k for k in written if k.startswith("data/")]) > 0
+    states = _states(result)
+    assert {s for n, s in states.items() if n.startswith("shard-")} == {"Completed"}
+    assert {s for n, s in states.items() if not n.startswith("shard-")} == {"Cached"}
+
+
+def test_rerun_with_longer_until_equals_fresh_build(tmp_path, synthetic_source):
+    out = tmp_path / "out"
+    build_dataset(_settings(out, synthetic_source, until="split"))
+    longer = _settings(out, synthetic_source, until="detect")
+    build_dataset(longer)
+    assert _output(out) == _fresh(tmp_path, longer)
+    assert all("box" in pq.read_schema(p).names for p in (out / "data").glob("*.parquet"))
+
+
+def test_rerun_after_upstream_setting_change_equals_fresh_build(tmp_path, synthetic_source):
+    """A changed detector setting must reach the masks of a real (tiny random-weight) SAM and the
+    depth below it, through the chained keys: nothing downstream is served from the cache."""
+    ckpt = tiny_sam_checkpoint(tmp_path / "sam_tiny.pth")
+    sam = {
+        "segmenter.backend": "sam",
+        "segmenter.weights": str(ckpt),
+        "segmenter.max_area_ratio": 1.0,
+        "segmenter.min_area_ratio": 0.0,
+        "segmenter.max_components": 10000,
+    }
+    out = tmp_path / "out"
+    build_dataset(_settings(out, synthetic_source, **sam))
+    before = _output(out)
+    changed = _settings(out, synthetic_source, **sam, **{"detector.truth_dilation": 0.3})
+    result = build_dataset(changed)
+    after = _output(out)
+    assert after == _fresh(tmp_path, changed)
+    assert set(after).isdisjoint(before)  # every shard name changed with its content
+    states = _states(result)
+    for stage in ("detect", "segment", "depth", "shard"):
+        assert {s for n, s in states.items() if n.startswith(f"{stage}-")} == {"Completed"}, stage
+    assert {s for n, s in states.items() if n.startswith(("source-", "quality-", "split-"))} == {"Cached"}
+
+
+def test_sample_the_shard_stage_fails_on_is_rejected_and_the_others_are_written(
+    tmp_path, synthetic_source, monkeypatch
+):
+    out = tmp_path / "out"
+    settings = _settings(out, synthetic_source, until="split")
+    build_dataset(settings)
+    first = sorted(shard_ids(out))
+    victim = first[1]
+    real_row = shard_stage.sample_row
+
+    def failing_row(sample, columns, store):
+        if sample.sample_id == victim:
+            raise ValueError("cannot build this row")
+        return real_row(sample, columns, store)
+
+    monkeypatch.setattr(shard_stage, "sample_row", failing_row)
+    result = build_dataset(override(settings, **{"storage.shard_size": 2}))
+    ids = shard_ids(out)
+    assert sorted(ids) == [i for i in first if i != victim] and result["stats"]["shard"]["kept"] == len(ids)
+    assert [(r["stage"], r["reason"], r["sample_id"]) for r in rejects(out) if r["stage"] == "shard"] == [
+        ("shard", STAGE_ERROR, victim)
+    ]
+    assert STAGE_ERROR == "stage_error"
+    assert _output(out) == _fresh(tmp_path, override(settings, **{"storage.shard_size": 2}))

@@ -1,0 +1,124 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refany3d.config import BuildSettings
+from refany3d.models.pose import PoseNotFound, PoseResult
+from refany3d.records import DEPTH, MASK, MESH, Sample
+from refany3d.render.mesh import mesh_to_glb
+from refany3d.stages import pose as pose_module
+from refany3d.stages.context import StageContext
+from refany3d.stages.pose import MISSING_INPUT, POSE_FAILED, estimate_pose, pose
+from refany3d.storage.store import ArtifactStore
+from refany3d.synthetic.pose_cases import pose_errors
+from tests.models.pose._cases import primitive_cases
+
+
+def _png(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npz(depth: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, depth=depth.astype(np.float16))  # as the depth stage stores it
+    return buf.getvalue()
+
+
+def _sample(ctx: StageContext, case, index: int, depth: np.ndarray | None = None) -> Sample:
+    sample = Sample(f"s{index}", f"row{index}", "synthetic", f"x#{index}", side="left")
+    sample.artifacts[MESH] = ctx.store.put_content("mesh", mesh_to_glb(case.mesh), ".glb")
+    sample.artifacts[DEPTH] = ctx.store.put_content(
+        "depth", _npz(case.depth if depth is None else depth), ".npz"
+    )
+    sample.artifacts[MASK] = ctx.store.put_content("mask", _png(case.mask), ".png")
+    sample.intrinsics = [float(v) for v in case.intrinsics.ravel()]
+    return sample
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    ctx = StageContext(store=ArtifactStore(str(tmp_path_factory.mktemp("pose"))), seed=0)
+    cases = primitive_cases(views=1, seed=2)[1:3]
+    return ctx, cases, [_sample(ctx, c, i) for i, c in enumerate(cases)]
+
+
+def test_pose_writes_pose_scale_metrics_and_backend(staged):
+    ctx, cases, samples = staged
+    result = pose(samples, BuildSettings(), ctx)
+    assert not result.dropped and len(result.kept) == len(samples)
+    for case, s in zip(cases, result.kept, strict=True):
+        matrix = np.array(s.pose).reshape(4, 4)
+        errors = pose_errors(case, matrix, s.mesh_scale)
+        assert errors.add_s < 0.05 and errors.scale < 0.06  # plumbing: accuracy is tested in models/pose
+        assert np.allclose(matrix[3], [0, 0, 0, 1]) and np.allclose(
+            matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3)
+        )
+        assert 0.5 < s.metrics["pose_score"] <= 1.0
+        assert 0.0 <= s.metrics["depth_outlier_ratio"] < 0.5  # flying pixels at the edges count
+        assert s.backends["pose"] == "builtin"
+    again = pose(samples, BuildSettings(), ctx)
+    assert [(s.pose, s.mesh_scale, s.metrics) for s in again.kept] == [
+        (s.pose, s.mesh_scale, s.metrics) for s in result.kept
+    ]
+
+
+def test_pose_without_depth_in_the_mask_drops_pose_failed(staged):
+    ctx, cases, _ = staged
+    empty = _sample(ctx, cases[0], 9, depth=np.zeros_like(cases[0].depth))
+    result = pose([empty], BuildSettings(), ctx)
+    assert not result.kept
+    assert [r.reason for r in result.dropped] == ["pose_failed"] == [POSE_FAILED]
+    assert result.dropped[0].stage == "pose" and "PoseNotFound" in result.dropped[0].detail
+
+
+class _Raising:
+    name, needs_rgb = "stub", False
+
+    def estimate(self, mesh, depth, mask, intrinsics, rgb=None):
+        raise RuntimeError("solver blew up")
+
+
+class _NonFinite:
+    name, needs_rgb = "stub", False
+
+    def estimate(self, mesh, depth, mask, intrinsics, rgb=None):
+        return PoseResult(np.full((4, 4), np.nan), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("estimator", [_Raising(), _NonFinite()])
+def test_pose_estimator_raising_or_nonfinite_drops_pose_failed(staged, monkeypatch, estimator):
+    ctx, _, samples = staged
+    monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
+    result = pose(samples, BuildSettings(), ctx)
+    assert not result.kept and {r.reason for r in result.dropped} == {"pose_failed"}
+
+
+def test_pose_without_mesh_or_intrinsics_drops_missing_input(staged):
+    ctx, _, samples = staged
+    no_mesh = samples[0].replace()
+    del no_mesh.artifacts[MESH]
+    no_k = samples[1].replace(intrinsics=None)
+    result = pose([no_mesh, no_k], BuildSettings(), ctx)
+    assert [r.reason for r in result.dropped] == ["missing_input"] * 2 == [MISSING_INPUT] * 2
+    assert [r.detail for r in result.dropped] == ["mesh", "intrinsics"]
+
+
+def test_estimate_pose_returns_the_contract(staged):
+    _, cases, _ = staged
+    case = cases[0]
+    result = estimate_pose(case.mesh, case.depth, case.mask, case.intrinsics, rgb=None)
+    assert isinstance(result, PoseResult) and result.pose.shape == (4, 4)
+    assert isinstance(result.scale, float) and isinstance(result.score, float)
+    x_cam = result.scale * case.mesh.vertices @ result.pose[:3, :3].T + result.pose[:3, 3]
+    assert np.median(x_cam[:, 2]) == pytest.approx(np.median(case.depth[case.mask]), rel=0.1)
+
+
+def test_estimate_pose_with_empty_mask_raises_pose_not_found(staged):
+    _, cases, _ = staged
+    case = cases[0]
+    with pytest.raises(PoseNotFound):
+        estimate_pose(case.mesh, case.depth, np.zeros_like(case.mask), case.intrinsics)
