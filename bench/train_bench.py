@@ -116,9 +116,8 @@ def write_dataset(root: Path, n: int, size: int, views: int) -> Path:
                 "views_point_map": [image_cell(_png(rng, size)) for _ in range(views)],
             }
         )
-    write_shard(
-        str(root), rows, ["sample_id", "caption", "image", "point_map", "views_rgb", "views_point_map"]
-    )
+    columns = ["sample_id", "caption", "image", "point_map", "views_rgb", "views_point_map"]
+    write_shard(str(root), "bench", rows, columns)
     return root
 
 

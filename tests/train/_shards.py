@@ -76,5 +76,5 @@ def rendered_rows(n: int, size: int = 32, views: int = 2, seed: int = 0) -> list
 def write_dataset(root: Path, rows: list[dict], shard_size: int = 64) -> Path:
     """Rows as a build directory `root/data/*.parquet` (the layout `refany3d build` writes)."""
     for i in range(0, len(rows), shard_size):
-        write_shard(str(root), rows[i : i + shard_size], COLUMNS)
+        write_shard(str(root), "train-fixture", rows[i : i + shard_size], COLUMNS)
     return root
