@@ -170,7 +170,12 @@ class MesherSettings(_Section):
         10000, "face count after reduction, before UV unwrapping (bench/results/mesh.md)", ge=100
     )
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
-    uv_partitions: int = _opt(4, "Open3D compute_uvatlas parallel_partitions", ge=1)
+    uv_unwrapper: Literal["xatlas", "open3d"] = _opt(
+        "xatlas",
+        "UV atlas: xatlas (deterministic, so reruns equal fresh builds) or open3d (UVAtlas; its layout "
+        "changes from run to run)",
+    )
+    uv_partitions: int = _opt(4, "open3d unwrapper: compute_uvatlas parallel_partitions", ge=1)
     truth_rotation_deg: float = _opt(
         3.0, "truth backend: std of the canonical frame's rotation error per axis, degrees", ge=0.0
     )

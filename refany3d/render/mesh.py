@@ -136,12 +136,19 @@ def compute_uv_atlas(
     partitions: int = 4,
     gutter: float = 2.0,
     max_stretch: float = 1 / 6,
+    method: str = "xatlas",
 ) -> tuple[trimesh.Trimesh, int]:
-    """(mesh with per-vertex UVs in [0, 1] from Open3D's UV atlas, number of charts).
+    """(mesh with per-vertex UVs in [0, 1], number of charts).
 
-    The input must be manifold (see `repair_mesh`). Vertices on chart seams are split, so the
-    output has the same faces (same order) but possibly more vertices. `size`, `gutter`: atlas
-    side and chart spacing in px; `partitions`: parallel partitions (faster, more charts)."""
+    `method`: `xatlas` (deterministic: the same mesh always gets the same atlas) or `open3d`
+    (Open3D's UVAtlas, `partitions` parallel partitions; its chart layout differs from call to
+    call, so builds using it are not byte-reproducible). The input must be manifold (see
+    `repair_mesh`). Vertices on chart seams are split, so the output has the same faces (same
+    order) but possibly more vertices. `size`, `gutter`: atlas side and chart spacing in px."""
+    if method == "xatlas":
+        return _xatlas_atlas(mesh, size, gutter)
+    if method != "open3d":
+        raise ValueError(f"compute_uv_atlas: method {method!r} is not one of xatlas, open3d")
     import open3d as o3d
 
     tmesh = o3d.t.geometry.TriangleMesh()
@@ -164,6 +171,22 @@ def compute_uv_atlas(
     out = trimesh.Trimesh(vertices, inverse.reshape(-1, 3), process=False)
     out.visual = trimesh.visual.TextureVisuals(uv=corner_uv[first])
     return out, int(charts)
+
+
+def _xatlas_atlas(mesh: trimesh.Trimesh, size: int, gutter: float) -> tuple[trimesh.Trimesh, int]:
+    """`compute_uv_atlas` with xatlas: faces keep their order, seam vertices are split."""
+    import xatlas
+
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.uint32))
+    pack = xatlas.PackOptions()
+    pack.resolution = int(size)
+    pack.padding = max(0, round(gutter))
+    atlas.generate(xatlas.ChartOptions(), pack)
+    vmapping, faces, uv = atlas[0]
+    out = trimesh.Trimesh(np.asarray(mesh.vertices)[vmapping], faces.astype(np.int64), process=False)
+    out.visual = trimesh.visual.TextureVisuals(uv=uv.astype(np.float64))
+    return out, int(atlas.chart_count)
 
 
 def _uv_raster(mesh: trimesh.Trimesh, size: int) -> tuple[np.ndarray, np.ndarray]:

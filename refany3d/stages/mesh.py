@@ -3,10 +3,11 @@
 Per chunk of `mesher.batch_size` objects: the view cut out with its mask (RGBA, the object in
 alpha) goes to the mesher (`hunyuan3d`, or `truth` on synthetic rows), which returns a raw surface
 in its canonical frame. Per object: hy3dgen's clean-up and face reduction to `mesher.target_faces`,
-repair, normalisation into [-1, 1]³, Open3D's UV atlas, then the texturer (`projection`: the photo
+repair, normalisation into [-1, 1]³, the UV atlas (`mesher.uv_unwrapper`), then the texturer (`projection`: the photo
 projected from the fitted front camera). The GLB (UVs + base-colour texture) goes to the artifact
 store; the sample gets `front_pose` / `front_intrinsics` and the metrics `mesh_faces`,
-`mesh_uv_charts`, `mesh_seconds`, `mesh_front_iou`, `mesh_texture_seen`.
+`mesh_uv_charts`, `mesh_front_iou`, `mesh_texture_seen`. The seconds each object took go to the
+log, not the record: shards must be the same bytes on every build.
 
 The mesher of the next chunk runs while this chunk's objects are post-processed on a worker thread.
 """
@@ -109,7 +110,9 @@ def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Tri
         return MESH_NOT_MANIFOLD
     canonical, _ = normalize_mesh(reduced)
     try:
-        unwrapped, charts = compute_uv_atlas(canonical, opts.uv_atlas_size, opts.uv_partitions)
+        unwrapped, charts = compute_uv_atlas(
+            canonical, opts.uv_atlas_size, opts.uv_partitions, method=opts.uv_unwrapper
+        )
     except RuntimeError:
         return UV_ATLAS_FAILED
     if charts <= 0 or not np.all(np.isfinite(unwrapped.visual.uv)):
@@ -152,10 +155,12 @@ def _finish(
         front_intrinsics=[float(v) for v in done.intrinsics.ravel()],
     )
     out.artifacts[MESH] = ctx.store.put_content("mesh", mesh_to_glb(done.mesh), ".glb")
+    ctx.log.info(
+        "mesh: %s took %.2f s (%d faces, %d charts)", sample.sample_id, elapsed(), len(mesh.faces), charts
+    )
     out.metrics.update(
         mesh_faces=float(len(mesh.faces)),
         mesh_uv_charts=float(charts),
-        mesh_seconds=elapsed(),
         mesh_front_iou=done.iou,
         mesh_texture_seen=done.seen,
     )

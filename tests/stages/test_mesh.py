@@ -61,7 +61,7 @@ def test_mesh_truth_writes_textured_canonical_glb(meshed, segmented):
         assert np.allclose((lo + hi) / 2, 0, atol=1e-5) and (hi - lo).max() / 2 == pytest.approx(1, abs=1e-5)
         assert sample.metrics["mesh_faces"] == len(asset.faces) <= 6000
         assert sample.metrics["mesh_faces"] >= 0.95 * 6000  # reduction lands within 5 % of the target
-        assert sample.metrics["mesh_uv_charts"] >= 1 and sample.metrics["mesh_seconds"] > 0
+        assert sample.metrics["mesh_uv_charts"] >= 1 and "mesh_seconds" not in sample.metrics
         assert sample.backends["mesh"] == "truth"
         assert len(sample.front_pose) == 16 and len(sample.front_intrinsics) == 9
 
