@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, metavar="DIR")
 
+    train = sub.add_parser(
+        "train",
+        help="train RefAny3D on shards (one process, or each rank under torchrun / accelerate launch)",
+    )
+    train.add_argument(
+        "--data", metavar="URL", help="dataset directory, shard directory or glob (data.shards)"
+    )
+    train.add_argument("--out", metavar="DIR", help="checkpoints, samples and logs (checkpoint.dir)")
+    train.add_argument("--steps", type=int, metavar="N", help="train up to step N (optim.steps)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _add_settings_args(train)
+
     deploy = sub.add_parser("deploy", help="register build-dataset (and train) on the cpu/gpu work pools")
     deploy.add_argument(
         "--pool",
@@ -90,8 +102,46 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
     _add_settings_args(serve)
 
+    sample = sub.add_parser("sample", help="generate an image and its point map of a 3D asset")
+    sample.add_argument(
+        "--asset", required=True, metavar="MESH", help="GLB/GLTF/OBJ/PLY mesh (textured or vertex-coloured)"
+    )
+    sample.add_argument("--prompt", required=True, metavar="TEXT")
+    sample.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="a training run's directory (its newest checkpoint) or one checkpoint's; none = untrained adapters",
+    )
+    sample.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for the images and contact sheet"
+    )
+    sample.add_argument(
+        "--views", type=int, metavar="N", help="orbit views of the asset (render.views; default 8)"
+    )
+    sample.add_argument("--steps", type=int, metavar="N", help="denoising steps (sampler.steps; default 28)")
+    sample.add_argument("--guidance", type=float, metavar="G", help="guidance embedding (default 3.5)")
+    sample.add_argument(
+        "--image-guidance",
+        type=float,
+        metavar="S",
+        help="image guidance scale (second pass, blank references)",
+    )
+    sample.add_argument("--seed", type=int, metavar="N", help="noise seed (sampler.seed; default 0)")
+    _add_settings_args(sample)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of generated samples (Prefect flow evaluate)")
+    evaluate.add_argument(
+        "--samples", required=True, metavar="DIR", help="what `refany3d sample` wrote (one or many)"
+    )
+    evaluate.add_argument(
+        "--dataset", metavar="URL", help="shards whose meshes stand in for samples without asset.glb"
+    )
+    _add_settings_args(evaluate)
+
     config = sub.add_parser("config", help="print every build setting with its default and doc")
     config.add_argument("--train", action="store_true", help="training settings instead")
+    config.add_argument("--sample", action="store_true", help="sampling settings instead")
+    config.add_argument("--evaluate", action="store_true", help="evaluation settings instead")
     return parser
 
 
@@ -151,6 +201,39 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace):
+    from refany3d.config import TrainSettings
+
+    flags = {"data.shards": args.data, "checkpoint.dir": args.out, "optim.steps": args.steps}
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    return load_settings(TrainSettings, args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    settings = _train_settings(args)
+    from refany3d.models.flux.components import check_pretrained
+    from refany3d.train.data import shard_files
+
+    if settings.model.pretrained:
+        check_pretrained(settings.model.pretrained)
+    if not shard_files(settings.data.shards):
+        raise FileNotFoundError(f"data.shards: no Parquet shards at {settings.data.shards!r}")
+    from refany3d.train.run import configure_logging, run_training
+
+    configure_logging()
+    result = run_training(settings, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        s = result.summary
+        print(f"base model: {s['base']}")
+        print(
+            f"trained to step {s['steps']} (resumed from {s['resumed_from']}): loss {s['first_loss']:.5f} -> {s['last_loss']:.5f}"
+        )
+        print(f"skipped / encoded / cache hits: {s['counts']}")
+        print(f"checkpoints, samples, metrics.jsonl and summary.json in {result.out}")
+    return 0
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from refany3d.flows.deployments import api_url, deploy
@@ -188,10 +271,69 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    from refany3d.config import TrainSettings
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from refany3d.config import SampleSettings
+    from refany3d.sampling.assets import AssetError, load_asset
 
-    for name, default, doc in describe(TrainSettings if args.train else BuildSettings):
+    flags: dict[str, Any] = {
+        "render.views": args.views,
+        "model.num_views": args.views,
+        "sampler.steps": args.steps,
+        "sampler.guidance": args.guidance,
+        "sampler.image_guidance": args.image_guidance,
+        "sampler.seed": args.seed,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    settings = load_settings(SampleSettings, args.config, overrides)
+    try:
+        mesh = load_asset(args.asset)  # a bad asset fails before any weights load
+    except AssetError as err:
+        print(f"refany3d sample: error: {err}", file=sys.stderr)
+        return 2
+    from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
+
+    if args.lora:
+        resolve_adapters(args.lora)  # a wrong --lora fails before the weights load
+    else:
+        print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
+    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora)
+    out = pipe(mesh, args.prompt).save(args.out, settings)
+    print(f"wrote {out / 'image.png'}, point_map.png and contact_sheet.png ({pipe.components.label})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from refany3d.config import EvaluateSettings
+    from refany3d.evaluate.run import find_samples, metrics_table
+
+    settings = load_settings(EvaluateSettings, args.config, parse_overrides(args.overrides))
+    find_samples(args.samples)  # no samples: one line, before Prefect starts
+    _prefect_defaults()
+    from refany3d.flows.evaluate import evaluate
+
+    report = evaluate(args.samples, settings, args.dataset or "")
+    for line in metrics_table(report):
+        print(line)
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {report['path']}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from refany3d.config import EvaluateSettings, SampleSettings, TrainSettings
+
+    chosen = [
+        c
+        for flag, c in (
+            (args.train, TrainSettings),
+            (args.sample, SampleSettings),
+            (args.evaluate, EvaluateSettings),
+        )
+        if flag
+    ]
+    for name, default, doc in describe(chosen[0] if chosen else BuildSettings):
         print(f"{name:34} {default!r:28} {doc}")
     return 0
 
@@ -200,10 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "build": _cmd_build,
+        "train": _cmd_train,
         "synth": _cmd_synth,
         "config": _cmd_config,
         "deploy": _cmd_deploy,
         "serve": _cmd_serve,
+        "sample": _cmd_sample,
+        "evaluate": _cmd_evaluate,
     }
     try:
         code = commands[args.command](args)

@@ -148,10 +148,45 @@ class DepthSettings(_Section):
 @dataclass(frozen=True)
 class MesherSettings(_Section):
     backend: Literal["truth", "hunyuan3d"] = _opt("truth", "image-to-mesh backend")
-    weights: str = _opt("", "local directory or hub id of Hunyuan3D-2")
-    target_faces: int = _opt(40000, "face count after reduction, before UV unwrapping", ge=100)
+    weights: str = _opt(
+        "", "hunyuan3d: local directory (or cached hub id) laid out as the tencent/Hunyuan3D-2 snapshot"
+    )
+    dit: Literal["standard", "turbo"] = _opt(
+        "standard", "hunyuan3d: DiT variant (hunyuan3d-dit-v2-0 or hunyuan3d-dit-v2-0-turbo subfolder)"
+    )
+    steps: int = _opt(0, "hunyuan3d: denoising steps; 0 = the variant's (standard 50, turbo 5)", ge=0)
+    guidance: float = _opt(5.0, "hunyuan3d: guidance scale (CFG, or the turbo DiT's guidance embedding)")
+    octree_resolution: int = _opt(384, "hunyuan3d: volume grid cells per side (<= 64 on the CPU)", ge=16)
+    num_chunks: int = _opt(200000, "hunyuan3d: volume queries per decoder call", ge=1000)
+    flashvdm: bool = _opt(False, "hunyuan3d: hierarchical FlashVDM volume decoding (one object at a time)")
+    mc_algo: Literal["auto", "mc", "dmc"] = _opt(
+        "auto", "hunyuan3d: surface extraction; auto = dmc (diso) on CUDA when importable, else mc (CPU)"
+    )
+    batch_size: int = _opt(4, "objects per DiT batch (FlashVDM decodes them one at a time)", ge=1)
+    timeout_s: float = _opt(
+        600.0, "per-sample budget in seconds; over it the sample drops (mesh_timeout)", gt=0.0
+    )
+    target_faces: int = _opt(
+        10000, "face count after reduction, before UV unwrapping (bench/results/mesh.md)", ge=100
+    )
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
     uv_partitions: int = _opt(4, "Open3D compute_uvatlas parallel_partitions", ge=1)
+    truth_rotation_deg: float = _opt(
+        3.0, "truth backend: std of the canonical frame's rotation error per axis, degrees", ge=0.0
+    )
+    truth_resolution: int = _opt(
+        64, "truth backend: grid cells per side of the re-meshed surface (marching cubes)", ge=16
+    )
+
+
+@dataclass(frozen=True)
+class TexturerSettings(_Section):
+    backend: Literal["projection"] = _opt("projection", "texturing of the reduced, unwrapped mesh")
+    fov_deg: float = _opt(
+        45.0, "vertical field of view of the front camera fitted to the mask, degrees", gt=0.0, lt=180.0
+    )
+    fit_resolution: int = _opt(256, "side in px of the silhouettes compared while fitting the camera", ge=32)
+    fit_iterations: int = _opt(30, "silhouette-contour alignment iterations of the camera fit", ge=0)
 
 
 @dataclass(frozen=True)
@@ -255,6 +290,7 @@ class BuildSettings(_Section):
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     depth: DepthSettings = field(default_factory=DepthSettings)
     mesher: MesherSettings = field(default_factory=MesherSettings)
+    texturer: TexturerSettings = field(default_factory=TexturerSettings)
     pose: PoseSettings = field(default_factory=PoseSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     render: RenderSettings = field(default_factory=RenderSettings)
@@ -277,14 +313,17 @@ class DataSettings(_Section):
     drop_text_prob: float = _opt(0.1, "probability of an empty prompt", ge=0.0, le=1.0)
     drop_references_prob: float = _opt(0.1, "probability of zeroing all reference views", ge=0.0, le=1.0)
     num_workers: int = _opt(0, "data loader processes", ge=0)
+    cache: str = _opt("", "latent + text-embedding cache URL; empty = <dataset>/cache (shared by runs)")
 
 
 @dataclass(frozen=True)
 class ModelSettings(_Section):
     """The RefAny3D network; each ablation switch of the paper's §4.3 is one flag."""
 
-    pretrained: str = _opt("", "local directory or hub id of FLUX.1-dev; empty = `tiny` random config")
-    tiny: bool = _opt(True, "build a tiny random-weight Flux-architecture model (offline, tests)")
+    pretrained: str = _opt(
+        "", "FLUX.1-dev snapshot directory (or hub id in the local HF cache); empty = tiny random model"
+    )
+    text_tokens: int = _opt(0, "T5 tokens per prompt; 0 = 512 for FLUX.1-dev, 16 for the tiny model", ge=0)
     lora_rank: int = _opt(16, "rank of both LoRA adapters", ge=1)
     lora_alpha: float = _opt(16.0, "alpha of both LoRA adapters", gt=0.0)
     num_views: int = _opt(8, "condition views (RGB + point map each)", ge=0)
@@ -298,6 +337,10 @@ class ModelSettings(_Section):
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"
     )
     compile_blocks: bool = _opt(True, "torch.compile the block functions on CUDA (fuses elementwise ops)")
+    independent_conditions: bool = _opt(
+        False,
+        "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
+    )
 
 
 @dataclass(frozen=True)
@@ -308,7 +351,9 @@ class OptimSettings(_Section):
     grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)
     batch_size: int = _opt(1, "samples per device per step", ge=1)
     steps: int = _opt(30000, "optimisation steps", ge=1)
-    seed: int = _opt(0, "training seed", ge=0)
+    seed: int = _opt(0, "training seed: sample order, dropout and noise draws, adapter init", ge=0)
+    gradient_accumulation: int = _opt(1, "micro-batches per optimisation step (per device)", ge=1)
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up steps (Prodigy has its own safeguard)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -319,6 +364,8 @@ class CheckpointSettings(_Section):
     sample_every: int = _opt(1000, "sample the validation prompts every N steps", ge=1)
     sample_steps: int = _opt(28, "denoising steps when sampling", ge=1)
     guidance: float = _opt(3.5, "guidance embedding when sampling", ge=0.0)
+    sample_count: int = _opt(2, "dataset samples whose references and captions the previews use", ge=1)
+    log_every: int = _opt(10, "log loss / learning rate / samples per second every N steps", ge=1)
 
 
 @dataclass(frozen=True)
@@ -326,11 +373,67 @@ class TrainSettings(_Section):
     """Everything a training run needs; one frozen object per run."""
 
     name: str = _opt("refany3d-lora", "run name")
+    processes: int = _opt(
+        1, "data-parallel ranks the train flow launches with torchrun (1 = in the flow's own process)", ge=1
+    )
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+# --------------------------------------------------------------------------- sample / evaluate sections
+
+
+@dataclass(frozen=True)
+class SamplerSettings(_Section):
+    steps: int = _opt(28, "flow-matching Euler denoising steps", ge=1)
+    guidance: float = _opt(3.5, "FLUX.1-dev guidance embedding", ge=0.0)
+    image_guidance: float = _opt(
+        1.0,
+        "image guidance S: v_blank + S (v_ref - v_blank), a second pass with blank references; 1 = off",
+        ge=0.0,
+    )
+    seed: int = _opt(0, "seed of the initial noise", ge=0)
+    resolution: int = _opt(512, "generated image side in px (a multiple of 16)", ge=16)
+    cache_conditions: bool = _opt(
+        True, "with model.independent_conditions: compute the condition keys/values once per image"
+    )
+
+
+@dataclass(frozen=True)
+class SampleSettings(_Section):
+    """Everything `refany3d sample` needs: the sampler, the network, the condition renders."""
+
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+@dataclass(frozen=True)
+class MetricsSettings(_Section):
+    clip_weights: str = _opt(
+        "",
+        "local CLIP directory (transformers CLIPModel + processor) or cached hub id; empty = CLIP metrics skipped",
+    )
+    dino_weights: str = _opt(
+        "",
+        "local DINOv2 directory (transformers Dinov2Model + processor) or cached hub id; empty = DINO skipped",
+    )
+    silhouette_border: float = _opt(
+        0.02, "GrabCut: image border (fraction of the side) taken as background", gt=0.0, lt=0.5
+    )
+    gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
+    device: str = _opt("cpu", "torch device of the CLIP/DINO models")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(_Section):
+    """Everything `refany3d evaluate` needs."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------- loading

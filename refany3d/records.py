@@ -63,6 +63,8 @@ class Sample:
     intrinsics: list[float] | None = None  # 9 floats, row-major, pixels of the S×S view
     focal_px: float | None = None
     mesh_scale: float | None = None  # metres per canonical unit, from calibration
+    front_pose: list[float] | None = None  # 16 floats, canonical mesh -> front camera, OpenCV (mesh stage)
+    front_intrinsics: list[float] | None = None  # 9 floats, that camera's K in px of the view
     view_azimuths_deg: list[float] | None = None  # azimuth of each orbit view (render stage)
     backends: dict[str, str] = field(default_factory=dict)  # stage -> backend that produced it
 
@@ -119,7 +121,7 @@ class StageResult:
 
 
 # Fields a stage of one DAG branch may fill that a join keeps from whichever parent has them.
-_JOINED_FIELDS = ("box", "pose", "intrinsics", "focal_px", "mesh_scale")
+_JOINED_FIELDS = ("box", "pose", "intrinsics", "focal_px", "mesh_scale", "front_pose", "front_intrinsics")
 
 
 def merge_samples(results: list[StageResult]) -> list[Sample]:

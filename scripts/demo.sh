@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYOPENGL_PLATFORM=egl PREFECT_SERVER_ANALYTICS_ENABLED=false
-exec .venv/bin/refany3d build --source synthetic --until "${UNTIL:-depth}" --out "${OUT:-out/demo}" "$@"
+exec .venv/bin/refany3d build --source synthetic --until "${UNTIL:-shard}" --out "${OUT:-out/demo}" "$@"

@@ -27,3 +27,6 @@ pip_install --no-deps "pyrender==0.1.45"
 # for inference; install it and what it imports, nothing else.
 pip_install addict yapf matplotlib pycocotools
 pip_install --no-deps "groundingdino-py==0.4.0"
+# hy3dgen declares gradio, rembg, onnxruntime, xatlas, ... for its apps; the shape pipeline needs
+# only what pyproject lists (torch, diffusers, transformers, einops, pymeshlab, scikit-image, ...).
+pip_install --no-deps "hy3dgen==2.0.2"

@@ -99,6 +99,14 @@ def test_help_lists_build_options():
         assert flag in proc.stdout
 
 
+def test_build_missing_mesher_weights_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    args = ["build", "--until", "mesh", "--out", str(out), "--set", "mesher.backend=hunyuan3d"]
+    proc = _run(args + ["--set", f"mesher.weights={tmp_path / 'none'}"], tmp_path)
+    assert proc.returncode == 2 and "mesher.weights=" in proc.stderr
+    assert "hunyuan3d-dit-v2-0/config.yaml" in proc.stderr and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def skipped_bad_file_build(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("skip-bad")
@@ -130,3 +138,40 @@ def test_build_skip_bad_files_records_a_file_level_reject(skipped_bad_file_build
     assert reject["detail"].startswith(f"{tmp_path / 'junk.parquet'}: not a Parquet file")
     stats = json.loads((out / "stats.json").read_text())["stages"]
     assert stats["source"]["dropped_bad_file"] == 1
+
+
+def test_sample_bad_asset_exits_2_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.glb"
+    bad.write_bytes(b"not a mesh")
+    proc = _run(
+        ["sample", "--asset", str(bad), "--prompt", "a chair", "--out", str(tmp_path / "o")], tmp_path
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"refany3d sample: error: asset {str(bad)!r}: unreadable")
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_sample_then_evaluate_writes_images_and_metrics(tmp_path):
+    import trimesh
+
+    asset = tmp_path / "box.obj"
+    box = trimesh.creation.box((1.0, 0.6, 0.3))
+    box.visual.vertex_colors = np.tile([30, 160, 60, 255], (len(box.vertices), 1))
+    box.export(asset)
+    small = ["--set", "sampler.resolution=32", "--set", "render.resolution=32"]
+    out = tmp_path / "samples" / "s0"
+    args = ["sample", "--asset", str(asset), "--prompt", "a green box", "--out", str(out), "--views", "2"]
+    proc = _run([*args, "--steps", "2", "--seed", "1", *small], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out / "image.png").size == (32, 32)
+    proc = _run(["evaluate", "--samples", str(tmp_path / "samples")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CancelledError" not in proc.stderr + proc.stdout
+    assert "silhouette_iou" in proc.stdout and "note: metrics.clip_weights is empty" in proc.stdout
+    report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert set(report["samples"]) == {"s0"}

@@ -1,5 +1,5 @@
-"""Deployments of the refany3d flows: `build-dataset` (and `train` once the training flow exists) on
-the `cpu` and `gpu` work pools (process type), or served in-process for one-machine setups.
+"""Deployments of the refany3d flows: `build-dataset` on the `cpu` and `gpu` work pools and `train`
+on `gpu` (process type), or served in-process for one-machine setups.
 
 Entry points are module paths (`refany3d.flows.build_dataset.build_dataset`), so a worker on any
 machine with the package installed (a virtualenv, the docker images) can run them; no code upload.
@@ -44,6 +44,18 @@ def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, 
     if pool == "gpu" and not settings.runtime.device.startswith("cuda"):
         settings = override(settings, **{"runtime.device": "cuda"})
     return {"settings": to_dict(settings)}
+
+
+def train_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
+    """Default parameters of the train deployment: the build's output as the dataset (its newest
+    version is resolved at run time), resume from the newest checkpoint, bf16 on CUDA on `gpu`."""
+    from refany3d.config import TrainSettings
+
+    settings = TrainSettings()
+    if pool == "gpu":
+        settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
+    dataset = (base or BuildSettings()).storage.out
+    return {"dataset": dataset, "out": settings.checkpoint.dir, "resume": True, "settings": to_dict(settings)}
 
 
 def train_flow() -> Flow | None:
@@ -104,7 +116,9 @@ def deploy(
     if train is None:
         done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
     elif "gpu" in pools:
-        _deployment(train, "gpu", "gpu", {}, train_cron).apply(work_pool_name="gpu")
+        _deployment(train, "gpu", "gpu", train_parameters("gpu", base), train_cron).apply(
+            work_pool_name="gpu"
+        )
         done.append(Registered("train/gpu", "gpu", "registered"))
     return done
 
@@ -120,5 +134,5 @@ def serve(
     deployments = [_deployment(build_dataset, "local", None, build_parameters("cpu", base), build_cron)]
     train = train_flow()
     if train is not None:
-        deployments.append(_deployment(train, "local", None, {}, train_cron))
+        deployments.append(_deployment(train, "local", None, train_parameters("cpu", base), train_cron))
     prefect_serve(*deployments)

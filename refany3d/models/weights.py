@@ -151,6 +151,84 @@ def _check_segmenter(settings: BuildSettings) -> None:
         resolve_pretrained(s.weights, HF_SAM)
 
 
+# Hunyuan3D-2 ships as one snapshot with a subfolder per network (hy3dgen's `from_pretrained` layout).
+HUNYUAN3D_SUBFOLDERS = {"standard": "hunyuan3d-dit-v2-0", "turbo": "hunyuan3d-dit-v2-0-turbo"}
+HUNYUAN3D_FILES = ("config.yaml", "model.fp16.safetensors")
+_HUNYUAN3D_SECTIONS = ("model", "vae", "conditioner", "scheduler", "image_processor")
+
+
+@dataclass(frozen=True)
+class _Hunyuan3DLayout:
+    """What `mesher.weights` must hold for one DiT variant."""
+
+    subfolder: str
+    setting: str = "mesher.weights"
+
+    def expected(self) -> str:
+        return "DIR/" + " + DIR/".join(f"{self.subfolder}/{name}" for name in HUNYUAN3D_FILES)
+
+    def how(self) -> str:
+        return (
+            f"on a machine with hub access run `hf download tencent/Hunyuan3D-2 --include '{self.subfolder}/*' "
+            f"--local-dir DIR` and set mesher.weights=DIR"
+        )
+
+
+def resolve_hunyuan3d(value: str, dit: str) -> Path:
+    """Directory laid out as the tencent/Hunyuan3D-2 snapshot for DiT variant `dit` (standard/turbo):
+    `DIR/<subfolder>/config.yaml` + `model.fp16.safetensors`; WeightsError otherwise.
+
+    `value` is a local directory, or a hub id found in the local HF cache (never downloaded)."""
+    layout = _Hunyuan3DLayout(HUNYUAN3D_SUBFOLDERS[dit])
+    if not value:
+        raise WeightsError(f"mesher.weights is empty; expected {layout.expected()}; {layout.how()}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        path = _cached_snapshot(value, layout)
+    missing = [name for name in HUNYUAN3D_FILES if not (path / layout.subfolder / name).is_file()]
+    if missing:
+        raise WeightsError(
+            f"mesher.weights={value!r}: {path / layout.subfolder} lacks {', '.join(missing)} "
+            f"(mesher.dit={dit!r}); expected {layout.expected()}; {layout.how()}"
+        )
+    _check_hunyuan3d_config(value, path / layout.subfolder / "config.yaml")
+    return path.resolve()
+
+
+def _check_hunyuan3d_config(value: str, config: Path) -> None:
+    """The config builds every network from local values: a DINO `version` without an inline
+    `config` would make hy3dgen download it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as err:
+        raise WeightsError(f"mesher.weights={value!r}: {config} is not valid YAML ({err})") from None
+    absent = [k for k in _HUNYUAN3D_SECTIONS if not isinstance(data, dict) or "target" not in data.get(k, {})]
+    if absent:
+        raise WeightsError(
+            f"mesher.weights={value!r}: {config} lacks the section(s) {', '.join(absent)} "
+            "({target: ..., params: ...} each, as in tencent/Hunyuan3D-2)"
+        )
+    encoder = data["conditioner"].get("params", {}).get("main_image_encoder", {}).get("kwargs", {})
+    if "config" not in encoder:
+        raise WeightsError(
+            f"mesher.weights={value!r}: {config} names the image encoder without an inline `config`, "
+            "so hy3dgen would download it; use the published config.yaml"
+        )
+
+
+def _check_mesher(settings: BuildSettings) -> None:
+    m = settings.mesher
+    if m.backend == "hunyuan3d":
+        resolve_hunyuan3d(m.weights, m.dit)
+
+
+def check_mesher_weights(settings: BuildSettings) -> None:
+    """Raise WeightsError before any work if the `mesh` stage's backend cannot find its weights."""
+    check_weights(settings, ["mesh"])
+
+
 def _check_depth(settings: BuildSettings) -> None:
     if settings.depth.backend == "depth-pro":
         resolve_pretrained(settings.depth.weights, DEPTH_PRO)
@@ -160,6 +238,7 @@ _CHECKS = {
     "detect": ("detector", _check_detector),
     "segment": ("segmenter", _check_segmenter),
     "depth": ("depth", _check_depth),
+    "mesh": ("mesher", _check_mesher),
 }
 
 

@@ -6,8 +6,11 @@ meshes and never modify their input.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import tempfile
+import threading
 
 import numpy as np
 import trimesh
@@ -81,6 +84,52 @@ def reduce_faces(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     return trimesh.Trimesh(np.asarray(simple.vertices), np.asarray(simple.triangles), process=False)
 
 
+# hy3dgen's post-processors round-trip meshes through NamedTemporaryFile(delete=False) PLYs in the
+# temp directory and never delete them; one holder at a time lets us find and remove exactly ours.
+_HY3DGEN_TEMP_LOCK = threading.Lock()
+
+
+def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
+    """Hunyuan3D's clean-up of a generated surface: hy3dgen's `FloaterRemover` (parts under 0.5 %
+    of the faces), `DegenerateFaceRemover`, then `FaceReducer` (pymeshlab quadric edge collapse) to
+    at most `target_faces`. Geometry only; the temp files hy3dgen leaves behind are removed."""
+    import pymeshlab
+    from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FaceReducer, FloaterRemover
+
+    meshes = pymeshlab.MeshSet()
+    meshes.add_mesh(
+        pymeshlab.Mesh(
+            vertex_matrix=np.asarray(mesh.vertices, dtype=np.float64),
+            face_matrix=np.asarray(mesh.faces, dtype=np.int32),
+        )
+    )
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
+    with _HY3DGEN_TEMP_LOCK:
+        before = set(glob.glob(pattern))
+        try:
+            # a MeshSet goes in and comes out of each step: no trimesh <-> PLY round trips
+            meshes = FloaterRemover()(meshes)
+            meshes = DegenerateFaceRemover()(meshes)
+            meshes = FaceReducer()(meshes, max_facenum=int(target_faces))
+        finally:
+            for leaked in set(glob.glob(pattern)) - before:
+                os.remove(leaked)
+    current = meshes.current_mesh()
+    return trimesh.Trimesh(current.vertex_matrix(), current.face_matrix(), process=False)
+
+
+def is_manifold(mesh: trimesh.Trimesh) -> bool:
+    """Whether every edge has at most two faces and every vertex one fan of faces (Open3D's test;
+    `compute_uv_atlas` needs both). Boundary edges are allowed."""
+    import open3d as o3d
+
+    legacy = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(np.asarray(mesh.vertices, dtype=np.float64)),
+        o3d.utility.Vector3iVector(np.asarray(mesh.faces, dtype=np.int32)),
+    )
+    return bool(legacy.is_edge_manifold(allow_boundary_edges=True) and legacy.is_vertex_manifold())
+
+
 def compute_uv_atlas(
     mesh: trimesh.Trimesh,
     size: int = 1024,
@@ -137,6 +186,28 @@ def _uv_raster(mesh: trimesh.Trimesh, size: int) -> tuple[np.ndarray, np.ndarray
     return face, np.stack([1.0 - b[..., 0] - b[..., 1], b[..., 0], b[..., 1]], axis=-1)
 
 
+def texel_points(mesh: trimesh.Trimesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The surface under every covered texel of `mesh`'s size×size UV atlas: (covered (size, size)
+    bool, face (n,) int64, points (n, 3) float64 in the mesh frame), n = covered.sum(), texels in
+    row-major order (row 0 = v near 1)."""
+    face, bary = _uv_raster(mesh, size)
+    covered = face >= 0
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)[face[covered]]]  # (n, 3, 3)
+    return covered, face[covered], (tri * bary[covered][..., None]).sum(axis=1)
+
+
+def with_texture(mesh: trimesh.Trimesh, atlas: np.ndarray) -> trimesh.Trimesh:
+    """Copy of `mesh` (with UVs) whose base colour is the (S, S, 3) float RGB `atlas` in [0, 255]."""
+    out = mesh.copy()
+    material = trimesh.visual.material.PBRMaterial(
+        baseColorTexture=Image.fromarray(np.clip(atlas + 0.5, 0, 255).astype(np.uint8)),
+        metallicFactor=0.0,
+        roughnessFactor=0.9,
+    )
+    out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(mesh.visual.uv), material=material)
+    return out
+
+
 def _surface_colors(source: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     """(n, 3) float RGB of `source` at the surface points nearest to (n, 3) `points`."""
     import open3d as o3d
@@ -176,8 +247,9 @@ def _sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
-def _dilate(image: np.ndarray, filled: np.ndarray, steps: int) -> np.ndarray:
-    """Grow chart colours `steps` texels into the gutter (bilinear lookups near seams stay clean)."""
+def dilate_texels(image: np.ndarray, filled: np.ndarray, steps: int) -> np.ndarray:
+    """(H, W, 3) float `image` with chart colours grown `steps` texels from the (H, W) bool `filled`
+    texels into the gutter (bilinear lookups near seams stay clean)."""
     import cv2
 
     image, filled = image.copy(), filled.copy()
@@ -195,18 +267,13 @@ def bake_texture(source: trimesh.Trimesh, target: trimesh.Trimesh, size: int = 1
     """Copy of `target` (with UVs, e.g. from `compute_uv_atlas`) textured with a size×size atlas
     that samples `source`'s colour (its UV texture, else its vertex colours) at the nearest
     surface point of every texel. Both meshes in the same frame."""
-    face, bary = _uv_raster(target, size)
-    filled = face >= 0
-    tri = np.asarray(target.vertices)[np.asarray(target.faces)[face[filled]]]  # (n, 3, 3)
-    points = (tri * bary[filled][..., None]).sum(axis=1)
+    filled, _, points = texel_points(target, size)
     atlas = np.zeros((size, size, 3), dtype=np.float32)
     atlas[filled] = _surface_colors(source, points)
-    atlas = _dilate(atlas, filled, steps=4)
-    out = target.copy()
-    material = trimesh.visual.material.PBRMaterial(
-        baseColorTexture=Image.fromarray(np.clip(atlas + 0.5, 0, 255).astype(np.uint8)),
-        metallicFactor=0.0,
-        roughnessFactor=0.9,
-    )
-    out.visual = trimesh.visual.TextureVisuals(uv=np.asarray(target.visual.uv), material=material)
-    return out
+    return with_texture(target, dilate_texels(atlas, filled, steps=4))
+
+
+def surface_colors(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """(n, 3) float64 RGB in [0, 255] of `mesh` (its UV texture, else its vertex colours) at the
+    surface points nearest to (n, 3) `points` (the mesh's frame)."""
+    return _surface_colors(mesh, np.asarray(points, dtype=np.float64))

@@ -48,7 +48,12 @@ STAGES: dict[str, StageSpec] = {
         ("detect",), ("segmenter", *_DEVICE), ("mask",), "segment", gpu=True, truth_section="segmenter"
     ),
     "mesh": StageSpec(
-        ("segment",), ("mesher", *_DEVICE), ("mesh_glb",), "mesh", gpu=True, truth_section="mesher"
+        ("segment",),
+        ("mesher", "texturer", *_DEVICE),
+        ("mesh_glb",),
+        "mesh",
+        gpu=True,
+        truth_section="mesher",
     ),
     "depth": StageSpec(
         ("segment",), ("depth", *_DEVICE), ("depth", "intrinsics"), "depth", gpu=True, truth_section="depth"

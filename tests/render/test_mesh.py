@@ -106,3 +106,29 @@ def test_load_mesh_round_trips(textured_object, file_type, tmp_path):
         loaded = load_mesh(path)
     assert len(loaded.faces) == len(textured_object.faces)
     np.testing.assert_allclose(loaded.bounds, textured_object.bounds, atol=1e-5)
+
+
+def test_clean_and_reduce_hits_target_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    import glob
+    import os
+    import tempfile
+
+    from refany3d.render.mesh import clean_and_reduce, is_manifold
+
+    torus = trimesh.creation.torus(0.7, 0.3, major_sections=96, minor_sections=48)
+    speck = trimesh.creation.icosphere(subdivisions=0, radius=0.01)
+    speck.apply_translation([3, 0, 0])
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
+    before = set(glob.glob(pattern))
+    reduced = clean_and_reduce(trimesh.util.concatenate([torus, speck]), 2000)
+    assert 0.95 * 2000 <= len(reduced.faces) <= 2000  # within 5 % of the target
+    assert reduced.vertices[:, 0].max() < 1.5  # the floater is gone
+    assert is_manifold(repair_mesh(reduced)) and set(glob.glob(pattern)) <= before
+
+
+def test_is_manifold_rejects_a_fin():
+    from refany3d.render.mesh import is_manifold
+
+    v = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [-1, 0, 0], [0, 0, 1]], float)
+    fin = trimesh.Trimesh(v, [[0, 1, 2], [0, 1, 3], [0, 1, 4]], process=False)
+    assert not is_manifold(fin) and is_manifold(trimesh.creation.icosphere(subdivisions=1))

@@ -1,7 +1,9 @@
 """The RefAny3D network: dual-branch Flux with Reference-/Domain-LoRA, group attention, shared positions.
 
-Public entry points: `build_model`, `flow_matching_loss` (with `FlowBatch`), `save_adapters`,
-`load_adapters`. Heavy imports (diffusers, peft) happen when this package is imported.
+Public entry points: `load_components` (the network with VAE, text encoders, tokenizers and
+scheduler; `encode_images`, `encode_prompts`, `decode_latents`), `build_model` (the network alone),
+`flow_matching_loss` (with `FlowBatch`), `save_adapters`, `load_adapters`. Heavy imports (diffusers,
+peft) happen when this package is imported.
 """
 
 from __future__ import annotations
@@ -9,15 +11,31 @@ from __future__ import annotations
 import torch
 
 from refany3d.config import ModelSettings
+from refany3d.models.flux.components import (
+    FluxComponents,
+    check_pretrained,
+    decode_latents,
+    encode_images,
+    encode_prompts,
+    load_components,
+    tiny_flux,
+    wrap_transformer,
+)
 from refany3d.models.flux.io import load_adapters, save_adapters
 from refany3d.models.flux.loss import FlowBatch, flow_matching_loss
-from refany3d.models.flux.transformer import TINY_FLUX_CONFIG, RefAny3DOutput, RefAny3DTransformer
+from refany3d.models.flux.transformer import ConditionCache, RefAny3DOutput, RefAny3DTransformer
 
 __all__ = [
+    "ConditionCache",
+    "FluxComponents",
     "FlowBatch",
     "RefAny3DOutput",
     "RefAny3DTransformer",
     "build_model",
+    "decode_latents",
+    "encode_images",
+    "encode_prompts",
+    "load_components",
     "flow_matching_loss",
     "load_adapters",
     "save_adapters",
@@ -27,26 +45,13 @@ __all__ = [
 def build_model(
     settings: ModelSettings, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> RefAny3DTransformer:
-    """A RefAny3D model: FLUX.1-dev from `settings.pretrained`, or a tiny random Flux when `tiny`."""
+    """The RefAny3D network alone: FLUX.1-dev's transformer from `settings.pretrained`, or the tiny
+    fixed-seed random Flux of the embedded default when it is empty (see components.py)."""
     from diffusers import FluxTransformer2DModel
 
-    if settings.tiny or not settings.pretrained:
-        flux = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    if settings.pretrained:
+        root = check_pretrained(settings.pretrained)
+        flux = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
     else:
-        flux = FluxTransformer2DModel.from_pretrained(
-            settings.pretrained, subfolder="transformer", torch_dtype=dtype
-        )
-    flux = flux.to(device=device, dtype=dtype)
-    return RefAny3DTransformer(
-        flux,
-        lora_rank=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        shared_positions=settings.shared_positions,
-        text_agnostic=settings.text_agnostic,
-        domain_lora=settings.domain_lora,
-        point_map_branch=settings.point_map_branch,
-        attention=settings.attention,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        checkpoint_saves_attention=settings.checkpoint_saves_attention,
-        compile_blocks=settings.compile_blocks,
-    )
+        flux = tiny_flux()
+    return wrap_transformer(flux.to(device=device, dtype=dtype), settings)

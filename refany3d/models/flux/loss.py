@@ -31,21 +31,40 @@ class FlowBatch:
 
 
 def flow_matching_loss(
-    model: RefAny3DTransformer, batch: FlowBatch, generator: torch.Generator | None = None
+    model: RefAny3DTransformer,
+    batch: FlowBatch,
+    generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """MSE(v, eps - x0) on the target RGB plus the same on the target point map (weight 1 each).
+    """The sum of `flow_matching_losses` (RGB + point map, weight 1 each)."""
+    return sum(flow_matching_losses(model, batch, generator, noise))
+
+
+def flow_matching_losses(
+    model: RefAny3DTransformer,
+    batch: FlowBatch,
+    generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """[MSE(v, eps - x0) of the target RGB, and of the target point map when the branch is on].
 
     t = sigmoid(N(0, 1)) per sample, shared by both targets; x_t = (1 - t) x0 + t eps; the
     conditions stay clean (t = 0 inside the model); guidance embedding 1 when the model has one.
+    `noise` = (t (B,), [eps per target]) given by the caller (per-sample seeded draws in training)
+    replaces the draws from `generator`. `model` may be wrapped (DDP): `.module` is looked through.
     """
     x0 = batch.target_rgb
     b, device = x0.shape[0], x0.device
-    t = torch.sigmoid(torch.randn(b, generator=generator, device=device, dtype=torch.float32))
     targets = [x0] + ([batch.target_point_map] if batch.target_point_map is not None else [])
-    noises = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in targets]
+    if noise is None:
+        t = torch.sigmoid(torch.randn(b, generator=generator, device=device, dtype=torch.float32))
+        noises = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in targets]
+    else:
+        t, noises = noise
     tt = t.to(x0.dtype)[:, None, None]
     noisy = [(1 - tt) * x + tt * eps for x, eps in zip(targets, noises)]
-    guidance = torch.ones(b, device=device) if model.flux.config.guidance_embeds else None
+    flux = getattr(model, "module", model).flux
+    guidance = torch.ones(b, device=device) if flux.config.guidance_embeds else None
     out = model(
         target_rgb=noisy[0],
         target_point_map=noisy[1] if len(noisy) > 1 else None,
@@ -59,4 +78,4 @@ def flow_matching_loss(
         guidance=guidance,
     )
     preds = [out.rgb] + ([out.point_map] if out.point_map is not None else [])
-    return sum(F.mse_loss(v.float(), (eps - x).float()) for v, eps, x in zip(preds, noises, targets))
+    return [F.mse_loss(v.float(), (eps - x).float()) for v, eps, x in zip(preds, noises, targets)]

@@ -9,6 +9,7 @@ token group (lora.py), and attention follows the group rule (attention.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from refany3d.models.flux.attention import AttentionKind, GroupAttention
+from refany3d.models.flux.attention import AttentionKind, ConditionKV, GroupAttention
 from refany3d.models.flux.lora import LoraRoutes, Route, add_adapters, lora_routes, routed_linear
 from refany3d.models.flux.positions import TEXT, TokenLayout, token_ids
 
@@ -30,7 +31,7 @@ TINY_FLUX_CONFIG = {
     "num_layers": 1,
     "num_single_layers": 1,
     "attention_head_dim": 16,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,  # inner 64 >= the 64 output channels: the frozen proj_out is not a bottleneck
     "joint_attention_dim": 32,
     "pooled_projection_dim": 32,
     "guidance_embeds": True,
@@ -55,8 +56,10 @@ class GroupAttnProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
         attention: GroupAttention,
         routes: tuple[Route, ...],
+        conditions: ConditionKV | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states (B, L, C) image tokens (double block) or text + image (single block)."""
+        """hidden_states (B, L, C) image tokens (double block) or text + image (single block);
+        conditions: this block's cached condition keys/values (see `ConditionCache`)."""
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (-1, attn.head_dim))
@@ -72,7 +75,7 @@ class GroupAttnProcessor:
             value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = attention(query, key, value).flatten(2, 3).to(query.dtype)
+        out = attention(query, key, value, conditions).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
         text_len = encoder_hidden_states.shape[1]
@@ -119,6 +122,7 @@ def double_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
     attention: GroupAttention,
     routes: LoraRoutes,
+    conditions: ConditionKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A `FluxTransformerBlock` with per-kind modulation; emb (B, 5, C) is one AdaLN input per kind."""
     sizes = attention.layout.image_kind_sizes
@@ -131,7 +135,7 @@ def double_block_forward(
     norm_hidden = _modulate(block.norm1.norm(hidden_states), shift_msa, scale_msa, sizes)
     norm_text = torch.addcmul(c_shift_msa, block.norm1_context.norm(encoder_hidden_states), 1 + c_scale_msa)
     attn_out, text_attn_out = processor(
-        block.attn, norm_hidden, norm_text, image_rotary_emb, attention, routes.image
+        block.attn, norm_hidden, norm_text, image_rotary_emb, attention, routes.image, conditions
     )
 
     hidden_states = _gated_residual(hidden_states, attn_out, gate_msa, sizes)
@@ -153,13 +157,14 @@ def single_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor],
     attention: GroupAttention,
     routes: LoraRoutes,
+    conditions: ConditionKV | None = None,
 ) -> torch.Tensor:
     """A `FluxSingleTransformerBlock` over the joint text + image sequence with per-kind modulation."""
     sizes = attention.layout.kind_sizes
     shift, scale, gate = routed_linear(block.norm.linear, F.silu(emb), routes.joint_kinds).chunk(3, dim=-1)
     norm_hidden = _modulate(block.norm.norm(hidden_states), shift, scale, sizes)
     mlp = block.act_mlp(routed_linear(block.proj_mlp, norm_hidden, routes.joint))
-    attn_out = processor(block.attn, norm_hidden, None, image_rotary_emb, attention, routes.joint)
+    attn_out = processor(block.attn, norm_hidden, None, image_rotary_emb, attention, routes.joint, conditions)
     out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), routes.joint)
     return _gated_residual(hidden_states, out, gate, sizes)
 
@@ -222,6 +227,39 @@ def _save_attention_context():
 
 
 @dataclass(frozen=True)
+class ConditionCache:
+    """Keys and values of the condition tokens in every block, computed once per image.
+
+    Valid only with independent conditions (condition tokens attend to their own view pair only):
+    then they depend on the clean condition latents, the pooled text embedding and the guidance, and
+    on nothing that changes from one denoising step to the next. keys / values: one (B, Lcond, H, D)
+    tensor per block (double blocks, then single blocks), after the q/k norms and RoPE; Lcond is
+    2 N Lc (N Lc without the point-map branch).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    def block(self, index: int) -> ConditionKV:
+        return self.keys[index], self.values[index]
+
+
+class _KeyValueRecorder:
+    """A `GroupAttention` that keeps each call's keys and values (one call per block, in order)."""
+
+    def __init__(self, attention: GroupAttention):
+        self.attention = attention
+        self.layout = attention.layout
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, query, key, value, conditions=None):
+        self.keys.append(key)
+        self.values.append(value)
+        return self.attention(query, key, value, conditions)
+
+
+@dataclass(frozen=True)
 class RefAny3DOutput:
     rgb: torch.Tensor  # (B, Lt, C_out) velocity of the target RGB latents
     point_map: torch.Tensor | None  # (B, Lt, C_out) velocity of the target point-map latents
@@ -244,6 +282,10 @@ class RefAny3DTransformer(nn.Module):
             of recomputing the attention ("grouped"/"dense"; one (S, inner) tensor per block).
         compile_blocks: `torch.compile` the two block functions on CUDA (fuses the elementwise
             modulation, RoPE and LoRA updates); compiled once per block type, shared by all blocks.
+        independent_conditions: condition tokens attend to their own view pair only, not to the text
+            or the targets (off = the paper's attention). Then their keys and values are the same at
+            every denoising step: `encode_conditions` computes them once and `forward(conditions=...)`
+            reuses them.
     """
 
     def __init__(
@@ -259,6 +301,7 @@ class RefAny3DTransformer(nn.Module):
         gradient_checkpointing: bool = False,
         checkpoint_saves_attention: bool = True,
         compile_blocks: bool = True,
+        independent_conditions: bool = False,
     ):
         super().__init__()
         self.flux = flux
@@ -273,6 +316,7 @@ class RefAny3DTransformer(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_saves_attention = checkpoint_saves_attention
         self.compile_blocks = compile_blocks
+        self.independent_conditions = independent_conditions
         self.processor = GroupAttnProcessor()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -309,14 +353,20 @@ class RefAny3DTransformer(nn.Module):
         cond_point_map: torch.Tensor | None = None,
         cond_size: tuple[int, int] | None = None,
         guidance: torch.Tensor | None = None,
+        conditions: ConditionCache | None = None,
     ) -> RefAny3DOutput:
         """Velocities of the target groups.
 
         target_rgb / target_point_map: (B, Lt, C_in) packed noisy latents at `timestep` (B,) in [0, 1];
         cond_rgb / cond_point_map: (B, N, Lc, C_in) clean condition latents (t = 0);
         encoder_hidden_states: (B, T, joint_attention_dim) T5 tokens; pooled_projections: (B, pooled);
-        target_size / cond_size: (h, w) of the packed latent grids; guidance: (B,) or None.
+        target_size / cond_size: (h, w) of the packed latent grids; guidance: (B,) or None;
+        conditions: instead of cond_rgb / cond_point_map, their cached keys and values
+        (`encode_conditions`, independent conditions only): the pass then runs the text and target
+        tokens alone.
         """
+        if conditions is not None and (cond_rgb is not None or not self.independent_conditions):
+            raise ValueError("cached conditions need independent_conditions and no cond_rgb beside them")
         point_map = self.point_map_branch
         if point_map != (target_point_map is not None):
             raise ValueError("target_point_map must be given exactly when the point-map branch is on")
@@ -340,7 +390,9 @@ class RefAny3DTransformer(nn.Module):
         device = target_rgb.device
         routes = lora_routes(layout, self.domain_lora)
         kind = self.attention if self.attention != "flex" or device.type == "cuda" else "grouped"
-        attention = GroupAttention(layout, kind, self.text_agnostic, device)
+        attention = GroupAttention(
+            layout, kind, self.text_agnostic, device, self.independent_conditions, conditions is not None
+        )
         txt_ids, img_ids = token_ids(layout, target_size, cond_size, self.shared_positions)
         rotary = self.flux.pos_embed(torch.cat([txt_ids, img_ids]).to(device))
         emb = self.group_embeddings(timestep, guidance, pooled_projections)
@@ -350,20 +402,73 @@ class RefAny3DTransformer(nn.Module):
             double, single = _compiled(double_block_forward), _compiled(single_block_forward)
         save_attention = self.checkpoint_saves_attention and kind != "flex"
 
+        n_double = len(self.flux.transformer_blocks)
+        cached = [conditions.block(i) if conditions else None for i in range(self._num_blocks)]
         hidden = routed_linear(self.flux.x_embedder, image, routes.image)
         text = self.flux.context_embedder(encoder_hidden_states)
-        for block in self.flux.transformer_blocks:
-            args = (block, self.processor, hidden, text, emb, rotary, attention, routes)
+        for block, kv in zip(self.flux.transformer_blocks, cached[:n_double]):
+            args = (block, self.processor, hidden, text, emb, rotary, attention, routes, kv)
             hidden, text = self._run(double, args, save_attention)
         joint = torch.cat([text, hidden], dim=1)
-        for block in self.flux.single_transformer_blocks:
-            args = (block, self.processor, joint, emb, rotary, attention, routes)
+        for block, kv in zip(self.flux.single_transformer_blocks, cached[n_double:]):
+            args = (block, self.processor, joint, emb, rotary, attention, routes, kv)
             joint = self._run(single, args, save_attention)
 
         start = layout.text
         rgb = self._project(joint[:, start : start + layout.target], emb[:, 1])
         pm = self._project(joint[:, -layout.target :], emb[:, -1]) if point_map else None
         return RefAny3DOutput(rgb=rgb, point_map=pm)
+
+    @property
+    def _num_blocks(self) -> int:
+        return len(self.flux.transformer_blocks) + len(self.flux.single_transformer_blocks)
+
+    @torch.no_grad()
+    def encode_conditions(
+        self,
+        cond_rgb: torch.Tensor,
+        cond_point_map: torch.Tensor | None,
+        cond_size: tuple[int, int],
+        target_size: tuple[int, int],
+        pooled_projections: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> ConditionCache:
+        """Run the condition tokens alone through every block and keep their keys and values.
+
+        cond_rgb / cond_point_map: (B, N, Lc, C_in) clean latents; target_size: (h, w) of the target
+        grid (the conditions' positions are shifted by its width); pooled_projections (B, pooled) and
+        guidance (B,) as in `forward`, where the returned cache stands in for the conditions.
+        """
+        if not self.independent_conditions:
+            raise ValueError(
+                "encode_conditions needs independent_conditions (the paper's conditions see the targets)"
+            )
+        point_map = self.point_map_branch
+        if point_map and cond_point_map is None:
+            raise ValueError("the point-map branch needs cond_point_map with cond_rgb")
+        b, views, lc, _ = cond_rgb.shape
+        full = TokenLayout(
+            text=0, target=target_size[0] * target_size[1], cond=lc, views=views, point_map=point_map
+        )
+        layout = dataclasses.replace(full, target=0)  # conditions only: no text, no targets
+        device = cond_rgb.device
+        _, img_ids = token_ids(full, target_size, cond_size, self.shared_positions)
+        rotary = self.flux.pos_embed(img_ids[full.target : full.target + layout.image_len].to(device))
+        emb = self.group_embeddings(cond_rgb.new_zeros(b), guidance, pooled_projections)
+        routes = lora_routes(layout, self.domain_lora)
+        # "grouped": one batched flash call over the view pairs (flex would build a mask for nothing)
+        recorder = _KeyValueRecorder(GroupAttention(layout, "grouped", self.text_agnostic, device, True))
+
+        parts = [cond_rgb.flatten(1, 2)] + ([cond_point_map.flatten(1, 2)] if point_map else [])
+        hidden = routed_linear(self.flux.x_embedder, torch.cat(parts, dim=1), routes.image)
+        text = hidden[:, :0]
+        for block in self.flux.transformer_blocks:
+            hidden, text = double_block_forward(
+                block, self.processor, hidden, text, emb, rotary, recorder, routes
+            )
+        for block in self.flux.single_transformer_blocks:
+            hidden = single_block_forward(block, self.processor, hidden, emb, rotary, recorder, routes)
+        return ConditionCache(keys=tuple(recorder.keys), values=tuple(recorder.values))
 
     def _run(self, fn, args, save_attention: bool):
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):

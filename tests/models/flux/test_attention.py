@@ -55,3 +55,42 @@ def test_flex_attention_equals_dense_masked_reference():
     torch.testing.assert_close(
         GroupAttention(layout, "flex", True, "cpu")(q, k, v), expected, rtol=1e-4, atol=1e-5
     )
+
+
+def test_group_mask_independent_conditions_see_only_their_pair():
+    layout = TokenLayout(text=1, target=1, cond=1, views=2, point_map=True)
+    mask = group_mask(layout, text_agnostic=True, independent_conditions=True).int().tolist()
+    assert mask[2:6] == [
+        [0, 0, 1, 0, 1, 0, 0],  # RGB cond 0: itself and its point map only
+        [0, 0, 0, 1, 0, 1, 0],
+        [0, 0, 1, 0, 1, 0, 0],
+        [0, 0, 0, 1, 0, 1, 0],
+    ]
+    # text and targets keep their rule
+    assert mask[:2] + mask[6:] == group_mask(layout, text_agnostic=True).int().tolist()[:2] + [
+        [0, 1, 1, 1, 1, 1, 1]
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind", ["grouped", "flex"])
+def test_group_attention_independent_conditions_equals_dense_masked_reference(kind):
+    layout = TokenLayout(text=3, target=6, cond=4, views=3, point_map=True)
+    q, k, v = (x.detach() for x in _qkv(layout, seed=2))
+    expected = GroupAttention(layout, "dense", True, "cpu", independent_conditions=True)(q, k, v)
+    got = GroupAttention(layout, kind, True, "cpu", independent_conditions=True)(q, k, v)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("text_agnostic", [True, False])
+def test_group_attention_cached_conditions_equal_full_sequence(text_agnostic):
+    """Text/target queries over [own keys + cached condition keys] = their rows of the full pass."""
+    full = TokenLayout(text=3, target=6, cond=4, views=3, point_map=True)
+    q, k, v = (x.detach() for x in _qkv(full, seed=3))
+    expected = GroupAttention(full, "dense", text_agnostic, "cpu", independent_conditions=True)(q, k, v)
+    head, tail = full.text + full.target, full.joint_len - full.target
+    keep = torch.cat([torch.arange(head), torch.arange(tail, full.joint_len)])
+    short = TokenLayout(text=3, target=6, cond=0, views=0, point_map=True)
+    attention = GroupAttention(short, "grouped", text_agnostic, "cpu", independent_conditions=True)
+    got = attention(q[:, keep], k[:, keep], v[:, keep], conditions=(k[:, head:tail], v[:, head:tail]))
+    torch.testing.assert_close(got, expected[:, keep], rtol=1e-5, atol=1e-6)

@@ -184,11 +184,47 @@ def test_double_block_forward_modulates_each_group_with_its_embedding(monkeypatc
 
 
 def test_build_model_loads_pretrained_flux_directory(tmp_path):
-    torch.manual_seed(3)
-    flux = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
-    flux.save_pretrained(tmp_path / "transformer")
-    model = build_model(ModelSettings(tiny=False, pretrained=str(tmp_path)))
+    from refany3d.models.flux.components import save_tiny_flux_snapshot, tiny_flux
+
+    save_tiny_flux_snapshot(tmp_path)
+    flux = tiny_flux()
+    model = build_model(ModelSettings(pretrained=str(tmp_path)))
     loaded = model.flux.state_dict()
     for name, value in flux.state_dict().items():
         peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         torch.testing.assert_close(loaded.get(name, loaded.get(peft_name)), value, rtol=0, atol=0)
+
+
+def test_encode_conditions_cached_forward_equals_full_forward():
+    model = make_model(independent_conditions=True)
+    batch = make_batch()
+    with torch.no_grad():
+        for p in model.trainable_parameters():  # adapters and switcher non-zero: every route counts
+            p.add_(0.05 * torch.randn_like(p))
+        full = forward(model, batch)
+        guidance = torch.ones(BATCH)
+        cache = model.encode_conditions(
+            batch.cond_rgb, batch.cond_point_map, COND_HW, TARGET_HW, batch.pooled, guidance
+        )
+        cached = model(
+            target_rgb=batch.target_rgb,
+            target_point_map=batch.target_point_map,
+            encoder_hidden_states=batch.text,
+            pooled_projections=batch.pooled,
+            timestep=torch.full((BATCH,), 0.4),
+            target_size=TARGET_HW,
+            guidance=guidance,
+            conditions=cache,
+        )
+    heads, head_dim = model.flux.config.num_attention_heads, model.flux.config.attention_head_dim
+    assert len(cache.keys) == 2 and cache.keys[0].shape == (BATCH, 2 * VIEWS * LC, heads, head_dim)
+    torch.testing.assert_close(cached.rgb, full.rgb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.point_map, full.point_map, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_conditions_needs_independent_conditions_off_by_default():
+    assert ModelSettings().independent_conditions is False
+    model = make_model()
+    batch = make_batch()
+    with pytest.raises(ValueError, match="independent_conditions"):
+        model.encode_conditions(batch.cond_rgb, batch.cond_point_map, COND_HW, TARGET_HW, batch.pooled)

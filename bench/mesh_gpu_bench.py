@@ -1,0 +1,149 @@
+"""Hunyuan3D-2 shape generation on a GPU with full-size random weights: seconds per asset, split
+into DiT (DINOv2 conditioning + denoising), volume decoding and surface extraction, with peak memory.
+
+Builds the released architecture (`tests.models._hunyuan3d.full_config`: DiT 1024 wide, 16 + 32
+blocks; VAE 3072 latents; DINOv2-giant 518 px) with hy3dgen's own classes, random fp16 weights,
+directly on the GPU, and runs it through our `Hunyuan3DMesher` (`denoise`, then the VAE's volume
+decoder and surface extractor that `decode` calls). Random weights cost the same as real ones in
+the DiT and dense decoding; FlashVDM refines only near the surface, so the geometry decoder's
+output is replaced by a torus's occupancy on this VAE instance (`ShapeField`: the decoder still
+runs on every query), which gives a realistic surface band. Paths:
+
+- standard: standard DiT, 50 steps, CFG (guidance 5), dense decoding at octree 384, `mc`
+- fast: turbo (guidance-distilled) DiT, 5 steps, FlashVDM at octree 384, `mc`
+
+    python bench/mesh_gpu_bench.py --out bench/results/mesh_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from refany3d.config import MesherSettings
+from refany3d.models.mesher.hunyuan3d import BOX, MC_LEVEL, Hunyuan3DMesher
+from refany3d.records import Sample
+from tests.models._hunyuan3d import ShapeField, full_config, torus_sdf
+
+
+def _cutout(i: int) -> Image.Image:
+    rgba = np.zeros((512, 512, 4), np.uint8)
+    rgba[120 + 10 * i : 400, 150:380] = (180, 90 + 20 * i, 60, 255)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _build(variant: str, shared: dict) -> Hunyuan3DMesher:
+    """A mesher around a full-size random pipeline (VAE and DINOv2 shared between variants)."""
+    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
+
+    config = full_config(variant)
+    with torch.device("cuda"):
+        parts = {
+            k: shared.get(k) or instantiate_from_config(copy.deepcopy(config[k]))
+            for k in ("vae", "conditioner")
+        }
+        parts["model"] = instantiate_from_config(copy.deepcopy(config["model"]))
+    shared.update(vae=parts["vae"], conditioner=parts["conditioner"])
+    pipe = Hunyuan3DDiTFlowMatchingPipeline(
+        **parts,
+        scheduler=instantiate_from_config(config["scheduler"]),
+        image_processor=instantiate_from_config(config["image_processor"]),
+        device="cuda",
+        dtype=torch.float16,
+    )
+    mesher = Hunyuan3DMesher.__new__(Hunyuan3DMesher)  # the loader's work without the 5 GB files
+    mesher.pipe, mesher.dit = pipe, variant
+    mesher.device, mesher.dtype = torch.device("cuda"), torch.float16
+    return mesher
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _run(mesher: Hunyuan3DMesher, opts: MesherSettings, batch: int, decode: int) -> dict:
+    images = [_cutout(i) for i in range(batch)]
+    samples = [Sample(f"b{i}", f"b{i}", "bench", f"x#{i}") for i in range(batch)]
+    torch.cuda.reset_peak_memory_stats()
+    latents, dit_s = _timed(lambda: mesher.denoise(images, samples, opts, 0, float("inf")))
+    vae = mesher.pipe.vae
+    kwargs = dict(bounds=BOX, mc_level=MC_LEVEL, num_chunks=opts.num_chunks,
+                  octree_resolution=opts.octree_resolution, enable_pbar=False)  # fmt: skip
+    volume, surface, faces = [], [], []
+    for latent in latents[:decode]:
+        with torch.inference_mode():
+            grid, seconds = _timed(
+                lambda latent=latent: vae.volume_decoder(
+                    vae(latent[None] / vae.scale_factor), vae.geo_decoder, **kwargs
+                )
+            )
+            volume.append(seconds)
+            meshes, seconds = _timed(lambda grid=grid: vae.surface_extractor(grid, **kwargs))
+            surface.append(seconds)
+        faces.append(0 if meshes[0] is None else int(len(meshes[0].mesh_f)))
+    return {
+        "batch": batch,
+        "steps": opts.steps,
+        "dit_s_per_asset": dit_s / batch,
+        "volume_s": float(np.mean(volume)),
+        "surface_s": float(np.mean(surface)),
+        "total_s_per_asset": dit_s / batch + float(np.mean(volume)) + float(np.mean(surface)),
+        "faces": faces,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--octree", type=int, default=384)
+    args = parser.parse_args()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": "torus (major 0.6, minor 0.25) occupancy through ShapeField",
+        "paths": {},
+    }
+    shared: dict = {}
+    plans = {
+        "standard": ("standard", False, 50, [(1, 1), (4, 1)]),
+        "fast": ("turbo", True, 5, [(1, 1), (4, 1)]),
+    }
+    for name, (variant, flashvdm, steps, runs) in plans.items():
+        mesher = _build(variant, shared)
+        mesher.configure_decoder(flashvdm, "mc")
+        ShapeField.install(mesher.pipe.vae, torus_sdf())
+        opts = MesherSettings(backend="hunyuan3d", dit=variant, steps=steps, octree_resolution=args.octree,
+                              flashvdm=flashvdm, mc_algo="mc")  # fmt: skip
+        warm = MesherSettings(
+            backend="hunyuan3d", dit=variant, steps=2, octree_resolution=64, flashvdm=flashvdm
+        )
+        _run(mesher, warm, 1, 1)
+        results["paths"][name] = [_run(mesher, opts, batch, decode) for batch, decode in runs]
+        print(name, json.dumps(results["paths"][name], indent=1), flush=True)
+        mesher.pipe.vae.geo_decoder = mesher.pipe.vae.geo_decoder.decoder  # unwrap for the next path
+        del mesher
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

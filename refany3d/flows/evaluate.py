@@ -1,0 +1,94 @@
+"""Prefect flow `evaluate`: metrics of generated samples, a metrics table and a gallery artifact.
+
+One task per sample (`evaluate-<sample>`); the CLIP / DINO models load once per process (cached
+loaders), and metrics whose weights are not present are skipped with a note. The flow writes
+`SAMPLES/metrics.json` and publishes `<name>-metrics` (table: one row per sample plus the mean)
+and `<name>-gallery` (contact sheets: views | RGB | point map).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+from PIL import Image
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from refany3d.config import EvaluateSettings
+from refany3d.evaluate.run import (
+    METRICS,
+    build_report,
+    dataset_rows,
+    evaluate_sample,
+    find_samples,
+    read_sample,
+    scorers,
+    write_report,
+)
+from refany3d.flows.artifacts import artifact_key
+
+GALLERY_WIDTH = 768
+
+
+@task(task_run_name="evaluate-{path.name}", retries=1, retry_delay_seconds=2)
+def evaluate_one(path: Path, settings: EvaluateSettings, dataset: str) -> dict[str, float]:
+    """Metrics of one sample; its dataset row (mesh, views) is read here, by reference."""
+    models, _ = scorers(settings)
+    rows = dataset_rows(dataset, _sample_ids([path])) if dataset else None
+    return evaluate_sample(read_sample(path, rows), settings, models)
+
+
+def _table(report: dict) -> list[dict]:
+    rows = [{"sample": name, **values} for name, values in report["samples"].items()]
+    rows.append({"sample": "mean", **report["mean"]})
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows
+    ]
+
+
+def _gallery(paths: list[Path], report: dict, limit: int) -> str:
+    lines = ["# Samples: views | RGB | point map", ""]
+    for path in paths[:limit]:
+        sheet = path / "contact_sheet.png"
+        if not sheet.is_file():
+            continue
+        image = Image.open(sheet).convert("RGB")
+        image = image.resize((GALLERY_WIDTH, max(1, round(image.height * GALLERY_WIDTH / image.width))))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        values = report["samples"].get(path.name, {})
+        caption = ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m in METRICS)
+        lines += [
+            f"**{path.name}** — {caption}",
+            "",
+            f"![{path.name}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    samples: str, settings: EvaluateSettings, dataset: str = "", name: str = "refany3d-eval"
+) -> dict:
+    """Metrics of every sample under `samples`; returns the report (also in SAMPLES/metrics.json)."""
+    paths = find_samples(samples)
+    _, notes = scorers(settings)  # load the models once here; notes for the skipped ones
+    futures = [evaluate_one.submit(p, settings, dataset) for p in paths]
+    report = build_report({p.name: f.result() for p, f in zip(paths, futures)}, notes, settings)
+    report["path"] = str(write_report(samples, report))
+    create_table_artifact(
+        _table(report), key=artifact_key(name, "metrics"), description="; ".join(notes) or None
+    )
+    create_markdown_artifact(
+        _gallery(paths, report, settings.metrics.gallery_samples), key=artifact_key(name, "gallery")
+    )
+    return report
+
+
+def _sample_ids(paths: list[Path]) -> set[str]:
+    return {json.loads((p / "sample.json").read_text()).get("sample_id", "") for p in paths} - {""}

@@ -1,0 +1,152 @@
+"""`hunyuan3d` mesher: hy3dgen 2.0.2's `Hunyuan3DDiTFlowMatchingPipeline` (Hunyuan3D-2 shape model).
+
+Weights: `mesher.weights` = a directory laid out as the tencent/Hunyuan3D-2 snapshot (or a hub id
+in the local HF cache), `DIR/hunyuan3d-dit-v2-0[-turbo]/config.yaml + model.fp16.safetensors`;
+hy3dgen builds every network from the config (DINOv2 from its inline config) and loads the one
+safetensors file, so nothing is downloaded. The DiT runs batched over the chunk's objects (one
+latent per object, each from its own seeded CPU generator, so batching never changes a result);
+volume decoding and surface extraction run one object at a time (FlashVDM is batch 1 only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import zlib
+from collections.abc import Sequence
+
+import trimesh
+from PIL import Image
+
+from refany3d.config import MesherSettings, SettingsError
+from refany3d.models._torch import holds_device_lock, torch_device_dtype
+from refany3d.models.mesher.base import MesherTimeout
+from refany3d.models.weights import HUNYUAN3D_SUBFOLDERS, resolve_hunyuan3d
+from refany3d.records import Sample
+
+DEFAULT_STEPS = {"standard": 50, "turbo": 5}
+BOX = 1.01  # half side of the decoded volume (hy3dgen's box_v)
+MC_LEVEL = 0.0  # iso-level of the occupancy logits
+
+
+def surface_algorithm(mc_algo: str, device_type: str) -> str:
+    """`mc` (skimage, CPU) or `dmc` (diso, CUDA) for `mesher.mc_algo`; `auto` picks dmc where it can run."""
+    has_diso = importlib.util.find_spec("diso") is not None
+    if mc_algo == "auto":
+        return "dmc" if device_type == "cuda" and has_diso else "mc"
+    if mc_algo == "dmc" and (device_type != "cuda" or not has_diso):
+        # hy3dgen's dmc returns no surface at all without diso: say so before any work
+        raise SettingsError(
+            "mesher.mc_algo='dmc' needs the diso package and a CUDA runtime.device; use mc or auto"
+        )
+    return mc_algo
+
+
+def sample_seed(seed: int, sample: Sample) -> int:
+    """The initial-noise seed of one object, fixed by (build seed, sample id)."""
+    return zlib.crc32(f"{seed}:{sample.sample_id}".encode())
+
+
+class Hunyuan3DMesher:
+    name = "hunyuan3d"
+
+    def __init__(
+        self,
+        weights: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        *,
+        dit: str = "standard",
+        flashvdm: bool = False,
+        mc_algo: str = "auto",
+    ) -> None:
+        from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
+
+        root = resolve_hunyuan3d(weights, dit)
+        self.device, self.dtype = torch_device_dtype(device, dtype)
+        algorithm = surface_algorithm(mc_algo, self.device.type)
+        self.pipe = Hunyuan3DDiTFlowMatchingPipeline.from_pretrained(
+            str(root),  # absolute: hy3dgen joins relative paths under ~/.cache/hy3dgen
+            device=str(self.device),
+            dtype=self.dtype,
+            subfolder=HUNYUAN3D_SUBFOLDERS[dit],
+            use_safetensors=True,
+            variant="fp16",
+        )
+        self.dit = dit
+        self.configure_decoder(flashvdm, algorithm)
+
+    def configure_decoder(self, flashvdm: bool, algorithm: str) -> None:
+        """Dense or FlashVDM volume decoding, `mc` or `dmc` surface extraction, on the VAE
+        instance this backend owns (hy3dgen keeps that choice on the VAE)."""
+        from hy3dgen.shapegen.models.autoencoders import SurfaceExtractors
+
+        vae = self.pipe.vae
+        if flashvdm:
+            vae.enable_flashvdm_decoder(
+                enabled=True, adaptive_kv_selection=True, topk_mode="mean", mc_algo=algorithm
+            )
+        else:
+            vae.enable_flashvdm_decoder(enabled=False)
+            vae.surface_extractor = SurfaceExtractors[algorithm]()
+
+    @holds_device_lock
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        samples: Sequence[Sample],
+        options: MesherSettings,
+        seed: int,
+        deadline: float,
+    ) -> list[trimesh.Trimesh | None]:
+        latents = self.denoise(images, samples, options, seed, deadline)
+        out = []
+        for latent in latents:
+            if time.monotonic() > deadline:
+                raise MesherTimeout(
+                    f"hunyuan3d passed its deadline after {len(out)} of {len(samples)} decodes"
+                )
+            out.append(self.decode(latent[None], options))
+        return out
+
+    def denoise(self, images, samples, options: MesherSettings, seed: int, deadline: float):
+        """(B, num_latents, embed_dim) latents of the DiT for B RGBA images, in one batch."""
+        import torch
+
+        def check_deadline(step: int, t, outputs) -> None:
+            if time.monotonic() > deadline:
+                raise MesherTimeout(f"hunyuan3d DiT passed its deadline at step {step}")
+
+        generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, s)) for s in samples]
+        return self.pipe(
+            image=[im.convert("RGBA") for im in images],
+            num_inference_steps=options.steps or DEFAULT_STEPS[self.dit],
+            guidance_scale=options.guidance,
+            generator=generators,
+            output_type="latent",
+            enable_pbar=False,
+            callback=check_deadline,
+            callback_steps=1,
+        )
+
+    def decode(self, latent, options: MesherSettings) -> trimesh.Trimesh | None:
+        """Mesh of one (1, num_latents, embed_dim) latent in hy3dgen's frame, or None (no surface)."""
+        import torch
+        from hy3dgen.shapegen.pipelines import export_to_trimesh
+
+        vae = self.pipe.vae
+        kwargs = dict(
+            bounds=BOX,
+            mc_level=MC_LEVEL,
+            num_chunks=options.num_chunks,
+            octree_resolution=options.octree_resolution,
+            enable_pbar=False,
+        )
+        with torch.inference_mode():
+            latent = vae(latent / vae.scale_factor)
+            grid = vae.volume_decoder(latent, vae.geo_decoder, **kwargs)
+            surfaces = vae.surface_extractor(grid, **kwargs)
+        mesh = export_to_trimesh(surfaces)[0]  # hy3dgen's winding fix (faces reversed)
+        if mesh is None or len(mesh.faces) == 0:
+            return None
+        return mesh

@@ -1,0 +1,188 @@
+"""Mesh stage: a textured 3D asset of each segmented object.
+
+Per chunk of `mesher.batch_size` objects: the view cut out with its mask (RGBA, the object in
+alpha) goes to the mesher (`hunyuan3d`, or `truth` on synthetic rows), which returns a raw surface
+in its canonical frame. Per object: hy3dgen's clean-up and face reduction to `mesher.target_faces`,
+repair, normalisation into [-1, 1]³, Open3D's UV atlas, then the texturer (`projection`: the photo
+projected from the fitted front camera). The GLB (UVs + base-colour texture) goes to the artifact
+store; the sample gets `front_pose` / `front_intrinsics` and the metrics `mesh_faces`,
+`mesh_uv_charts`, `mesh_seconds`, `mesh_front_iou`, `mesh_texture_seen`.
+
+The mesher of the next chunk runs while this chunk's objects are post-processed on a worker thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pymeshlab  # noqa: F401  (see below)
+import trimesh
+from PIL import Image
+
+from refany3d.config import BuildSettings
+from refany3d.models.mesher import Mesher, MesherTimeout, load_mesher
+from refany3d.models.texturer import Texturer, load_texturer
+from refany3d.records import MASK, MESH, Sample, StageResult
+from refany3d.render.mesh import (
+    clean_and_reduce,
+    compute_uv_atlas,
+    is_manifold,
+    mesh_to_glb,
+    normalize_mesh,
+    repair_mesh,
+)
+from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_mask, read_view, record
+from refany3d.stages.context import StageContext
+
+# pymeshlab is imported here, with this module, on purpose: loaded for the first time from a worker
+# thread together with torch (as hy3dgen's post-processors would), the process corrupts its heap
+# at exit (glibc "malloc_consolidate(): unaligned fastbin chunk", exit code 134). Stage modules are
+# imported on the main thread (CLI preflight, test collection).
+STAGE = "mesh"
+MESH_EMPTY = "mesh_empty"  # no surface, or nothing left after clean-up
+MESH_NOT_MANIFOLD = "mesh_not_manifold"  # still non-manifold after repair (the UV atlas needs manifold)
+UV_ATLAS_FAILED = "uv_atlas_failed"
+MESH_TIMEOUT = "mesh_timeout"  # over `mesher.timeout_s` (checked between steps)
+MESHER_OUT_OF_MEMORY = "mesher_out_of_memory"  # out of memory even for this object alone
+
+# What the mesher gave one object: its raw surface, None (no surface) or a drop reason.
+Raw = trimesh.Trimesh | None | str
+
+
+def _read(store, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(view (H, W, 3) uint8, mask (H, W) bool) of a segmented sample."""
+    image = np.asarray(read_view(store, sample))
+    return image, np.asarray(read_mask(store, sample.artifacts[MASK])) > 127
+
+
+def _cutout(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The object as an RGBA image: the view with the mask as alpha (nothing else removed)."""
+    return Image.fromarray(np.dstack([image, mask.astype(np.uint8) * 255]), mode="RGBA")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def _free_accelerator_memory() -> None:
+    torch = sys.modules.get("torch")  # only if a backend imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate(
+    mesher: Mesher,
+    cutouts: Sequence[Image.Image],
+    chunk: Sequence[Sample],
+    settings: BuildSettings,
+    seed: int,
+) -> list[Raw]:
+    """One raw result per object. Out of memory splits the batch in halves down to single objects;
+    an object that does not fit alone, or a batch past its deadline, becomes a drop reason."""
+    opts = settings.mesher
+    try:
+        return mesher.generate(cutouts, chunk, opts, seed, time.monotonic() + opts.timeout_s)
+    except MesherTimeout:
+        return [MESH_TIMEOUT] * len(chunk)
+    except Exception as err:
+        if not _is_out_of_memory(err):
+            raise
+    _free_accelerator_memory()
+    if len(chunk) == 1:
+        return [MESHER_OUT_OF_MEMORY]
+    half = len(chunk) // 2
+    return _generate(mesher, cutouts[:half], chunk[:half], settings, seed) + _generate(
+        mesher, cutouts[half:], chunk[half:], settings, seed
+    )
+
+
+def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Trimesh, int] | str:
+    """The reduced, repaired, normalised mesh with its UV atlas, or the drop reason."""
+    opts = settings.mesher
+    reduced = repair_mesh(clean_and_reduce(mesh, opts.target_faces))
+    if len(reduced.faces) == 0:
+        return MESH_EMPTY
+    if not is_manifold(reduced):
+        return MESH_NOT_MANIFOLD
+    canonical, _ = normalize_mesh(reduced)
+    try:
+        unwrapped, charts = compute_uv_atlas(canonical, opts.uv_atlas_size, opts.uv_partitions)
+    except RuntimeError:
+        return UV_ATLAS_FAILED
+    if charts <= 0 or not np.all(np.isfinite(unwrapped.visual.uv)):
+        return UV_ATLAS_FAILED
+    return unwrapped, charts
+
+
+def _finish(
+    sample: Sample,
+    raw: Raw,
+    view: tuple[np.ndarray, np.ndarray],
+    generation_s: float,
+    settings: BuildSettings,
+    texturer: Texturer,
+    ctx: StageContext,
+) -> Outcome:
+    """The kept sample with its stored textured GLB, or (reason, metric, detail) of its drop."""
+    start = time.monotonic()
+    budget = settings.mesher.timeout_s
+
+    def elapsed() -> float:
+        return generation_s + time.monotonic() - start
+
+    if isinstance(raw, str):
+        return raw, elapsed(), ""
+    if raw is None or len(raw.faces) == 0:
+        return MESH_EMPTY, 0.0, "the mesher found no surface"
+    unwrapped = _unwrap(raw, settings)
+    if isinstance(unwrapped, str):
+        return unwrapped, float(len(raw.faces)), f"raw mesh of {len(raw.faces)} faces"
+    if elapsed() > budget:
+        return MESH_TIMEOUT, elapsed(), "after the UV atlas"
+    mesh, charts = unwrapped
+    image, mask = view
+    done = texturer.texture(mesh, image, mask, settings.mesher.uv_atlas_size, settings.texturer)
+    if elapsed() > budget:
+        return MESH_TIMEOUT, elapsed(), "after texturing"
+    out = sample.replace(
+        front_pose=[float(v) for v in done.pose.ravel()],
+        front_intrinsics=[float(v) for v in done.intrinsics.ravel()],
+    )
+    out.artifacts[MESH] = ctx.store.put_content("mesh", mesh_to_glb(done.mesh), ".glb")
+    out.metrics.update(
+        mesh_faces=float(len(mesh.faces)),
+        mesh_uv_charts=float(charts),
+        mesh_seconds=elapsed(),
+        mesh_front_iou=done.iou,
+        mesh_texture_seen=done.seen,
+    )
+    return out
+
+
+def mesh(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
+    result = StageResult()
+    if not samples:
+        return result
+    mesher, texturer = load_mesher(settings), load_texturer(settings)
+
+    def infer(chunk, views) -> tuple[list[Raw], float]:
+        start = time.monotonic()
+        raws = _generate(mesher, [_cutout(*v) for v in views], chunk, settings, ctx.seed)
+        return raws, (time.monotonic() - start) / len(chunk)
+
+    def finish(chunk, views, generated) -> list[Outcome]:
+        raws, share = generated
+        jobs = zip(chunk, raws, views, strict=True)
+        return [_finish(s, raw, view, share, settings, texturer, ctx) for s, raw, view in jobs]
+
+    for chunk, outcomes in pipelined(
+        list(batched(samples, settings.mesher.batch_size)),
+        lambda chunk: parallel_map(lambda s: _read(ctx.store, s), chunk),
+        infer,
+        finish,
+    ):
+        record(result, STAGE, mesher.name, chunk, outcomes)
+    return result

@@ -1,0 +1,174 @@
+"""Training checkpoints: written once, atomically, listed in a manifest; loaded without unpickling.
+
+A checkpoint is a directory under `OUT/checkpoints/` holding
+
+    adapters/          both LoRA adapters (peft safetensors) + domain_switcher.safetensors (io.py)
+    optimizer.pt       optimizer state dict   } torch.save of tensors and numbers only, read back
+    lr_scheduler.pt    LR scheduler state     } with torch.load(weights_only=True)
+    rng.json           python / numpy RNG states; rng.safetensors: torch CPU (+ CUDA) RNG states
+    manifest.json      step, data position (next global sample position), run facts, file list
+
+and `OUT/checkpoints/manifest.json` lists the finished checkpoints in step order. The step of a
+checkpoint is read from its manifest, never parsed from a directory name. A checkpoint directory is
+filled under a temporary name and renamed into place, then the list is rewritten atomically, so a
+crash leaves either the old list or the new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.core import url_to_fs
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from refany3d.models.flux.io import load_adapters, save_adapters
+from refany3d.models.flux.transformer import RefAny3DTransformer
+from refany3d.storage.store import join, write_atomic
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    position: int  # next global sample position of the data stream
+    url: str  # the checkpoint directory
+    manifest: dict[str, Any]
+
+
+def rng_states() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy states, torch states as uint8 tensors) of this process."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return plain, tensors
+
+
+def set_rng_states(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def list_checkpoints(out: str) -> list[CheckpointInfo]:
+    """Finished checkpoints of the run in `out`, oldest first (from the manifest list)."""
+    fs, root = url_to_fs(out)
+    path = join(root, CHECKPOINTS, MANIFEST)
+    if not fs.exists(path):
+        return []
+    entries = json.loads(fs.cat_file(path))["checkpoints"]
+    return [CheckpointInfo(e["step"], e["position"], join(out, CHECKPOINTS, e["dir"]), e) for e in entries]
+
+
+def save_checkpoint(
+    out: str,
+    model: RefAny3DTransformer,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    step: int,
+    position: int,
+    facts: dict[str, Any],
+    keep: int,
+) -> CheckpointInfo:
+    """Write the checkpoint of `step` (call on one process only) and prune to the `keep` newest."""
+    name = f"step-{step:08d}"
+    plain, tensors = rng_states()
+    manifest = {"format": FORMAT, "step": step, "position": position, "dir": name, **facts}
+    with tempfile.TemporaryDirectory(prefix="refany3d-ckpt-") as tmp:
+        local = Path(tmp) / name
+        save_adapters(model, local / "adapters")
+        (local / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
+        (local / "lr_scheduler.pt").write_bytes(_torch_bytes(lr_scheduler.state_dict()))
+        (local / "rng.json").write_text(json.dumps(plain))
+        (local / "rng.safetensors").write_bytes(save_tensors(tensors))
+        manifest["files"] = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        (local / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        fs, root = url_to_fs(out)
+        final = join(root, CHECKPOINTS, name)
+        staging = join(root, CHECKPOINTS, f".tmp-{name}")
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        fs.makedirs(join(root, CHECKPOINTS), exist_ok=True)
+        fs.put(str(local), staging, recursive=True)
+        if fs.exists(final):  # a rerun of the same step replaces it
+            fs.rm(final, recursive=True)
+        fs.mv(staging, final, recursive=True)
+    entries = [c.manifest for c in list_checkpoints(out) if c.step != step] + [manifest]
+    entries.sort(key=lambda e: e["step"])
+    _write_list(out, entries[-keep:])
+    for stale in entries[:-keep]:
+        fs.rm(join(root, CHECKPOINTS, stale["dir"]), recursive=True)
+    return CheckpointInfo(step, position, join(out, CHECKPOINTS, name), manifest)
+
+
+def _write_list(out: str, entries: list[dict[str, Any]]) -> None:
+    fs, root = url_to_fs(out)
+    slim = [{k: e[k] for k in ("step", "position", "dir")} for e in entries]
+    write_atomic(fs, join(root, CHECKPOINTS, MANIFEST), json.dumps({"checkpoints": slim}, indent=2).encode())
+
+
+def load_checkpoint(
+    info: CheckpointInfo, model: RefAny3DTransformer, optimizer: torch.optim.Optimizer, lr_scheduler: Any
+) -> dict[str, Any]:
+    """Restore adapters, optimizer, LR scheduler and RNG states from `info`; returns its manifest."""
+    fs, root = url_to_fs(info.url)
+    manifest = json.loads(fs.cat_file(join(root, MANIFEST)))
+    missing = [f for f in manifest["files"] if not fs.exists(join(root, f))]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {info.url} is incomplete: missing {', '.join(missing[:3])}")
+    with tempfile.TemporaryDirectory(prefix="refany3d-ckpt-") as tmp:
+        fs.get(join(root, "adapters"), str(Path(tmp) / "adapters"), recursive=True)
+        load_adapters(model, Path(tmp) / "adapters")
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(
+        torch.load(
+            io.BytesIO(fs.cat_file(join(root, "optimizer.pt"))), map_location=device, weights_only=True
+        )
+    )
+    lr_scheduler.load_state_dict(
+        torch.load(io.BytesIO(fs.cat_file(join(root, "lr_scheduler.pt"))), weights_only=True)
+    )
+    set_rng_states(
+        json.loads(fs.cat_file(join(root, "rng.json"))),
+        load_tensors(fs.cat_file(join(root, "rng.safetensors"))),
+    )
+    return manifest
+
+
+def copy_adapters(info: CheckpointInfo, dest: str | Path) -> Path:
+    """The adapters of a checkpoint as a local directory (for sampling / export)."""
+    fs, root = url_to_fs(info.url)
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    fs.get(join(root, "adapters"), str(dest), recursive=True)
+    return dest

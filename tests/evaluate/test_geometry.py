@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from refany3d.evaluate.geometry import (
+    geometry_metrics,
+    point_map_foreground,
+    rgb_silhouette,
+    silhouette_iou,
+)
+
+
+def _shifted(point_map, mask, pixels=10, offset=0.15):
+    """The point map moved `pixels` to the right and its coordinates pushed off the surface."""
+    moved = np.roll(point_map, pixels, axis=1)
+    fg = np.roll(mask, pixels, axis=1)
+    return np.where(fg[..., None], np.clip(moved + offset, 0, 0.99), 1.0).astype(np.float32)
+
+
+def test_point_map_foreground_is_the_non_white_pixels(perfect):
+    _, pm, mask = perfect
+    assert (point_map_foreground(pm) == mask).all()
+
+
+def test_rgb_silhouette_finds_the_object_on_its_background(perfect):
+    rgb, _, mask = perfect
+    assert silhouette_iou(rgb_silhouette(rgb), mask) > 0.9
+
+
+def test_geometry_metrics_order_perfect_shifted_wrong_texture(asset, perfect):
+    rgb, pm, mask = perfect
+    good = geometry_metrics(rgb, pm, asset)
+    shifted = geometry_metrics(rgb, _shifted(pm, mask), asset)
+    wrong = geometry_metrics(np.where(mask[..., None], 255 - rgb, rgb), pm, asset)
+
+    assert good.silhouette_iou > 0.9 > shifted.silhouette_iou
+    assert good.surface_distance < 2e-3 < 0.02 < shifted.surface_distance
+    assert good.texture_error < 0.1  # > 0 from texture filtering in the render
+    assert good.texture_error < shifted.texture_error and good.texture_error < wrong.texture_error
+    assert wrong.texture_error > 0.2
+    assert wrong.silhouette_iou > shifted.silhouette_iou  # the wrong texture has the right shape
+
+
+def test_geometry_metrics_empty_point_map_gives_nan(asset, perfect):
+    rgb, pm, _ = perfect
+    out = geometry_metrics(rgb, np.ones_like(pm), asset)
+    assert np.isnan(out.surface_distance) and np.isnan(out.texture_error)
+    assert out.silhouette_iou == pytest.approx(0.0)

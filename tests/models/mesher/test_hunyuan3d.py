@@ -1,0 +1,152 @@
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refany3d.config import BuildSettings, SettingsError, override
+from refany3d.models.mesher import MesherTimeout, load_mesher
+from refany3d.models.mesher.hunyuan3d import Hunyuan3DMesher
+from refany3d.models.weights import WeightsError, check_mesher_weights, resolve_hunyuan3d
+from refany3d.records import Sample
+from tests.models._hunyuan3d import ShapeField, save_hunyuan3d, sphere_sdf, tiny_config
+
+OCTREE = 32  # 33³ volume queries: seconds on the CPU
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hunyuan3d")
+    save_hunyuan3d(root, tiny_config("standard"), "standard")
+    save_hunyuan3d(root, tiny_config("turbo"), "turbo", seed=1)
+    return root
+
+
+def _settings(weights, **dotted):
+    base = {
+        "mesher.backend": "hunyuan3d",
+        "mesher.weights": str(weights),
+        "mesher.octree_resolution": OCTREE,
+        "mesher.steps": 2,
+    }
+    return override(BuildSettings(), **{**base, **dotted})
+
+
+def _cutouts(n: int) -> list[Image.Image]:
+    out = []
+    for i in range(n):
+        rgba = np.zeros((96, 96, 4), np.uint8)
+        rgba[20 + 5 * i : 70, 30:80] = (200, 60 + 40 * i, 50, 255)  # the object, alpha 255
+        out.append(Image.fromarray(rgba, "RGBA"))
+    return out
+
+
+def _samples(n: int) -> list[Sample]:
+    return [Sample(f"s{i}", f"s{i}", "subjects200k", f"x.parquet#{i}") for i in range(n)]
+
+
+def _mesher(settings) -> Hunyuan3DMesher:
+    m = settings.mesher
+    return Hunyuan3DMesher(m.weights, dit=m.dit, flashvdm=m.flashvdm, mc_algo=m.mc_algo)
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [{"mesher.dit": "standard"}, {"mesher.dit": "turbo", "mesher.steps": 0, "mesher.flashvdm": True}],
+    ids=["standard", "turbo-flashvdm"],
+)
+def test_hunyuan3d_generate_extracts_the_decoded_surface(weights, dotted):
+    settings = _settings(weights, **dotted)
+    mesher = _mesher(settings)
+    ShapeField.install(mesher.pipe.vae, sphere_sdf(0.6))  # this instance only: the DiT and decoder still run
+    meshes = mesher.generate(_cutouts(2), _samples(2), settings.mesher, 0, time.monotonic() + 300)
+    for m in meshes:
+        assert m is not None and m.is_watertight
+        radius = np.linalg.norm(m.vertices, axis=1)
+        assert np.allclose(radius, 0.6, atol=2.5 * 2.02 / OCTREE)
+
+
+def test_hunyuan3d_generate_without_surface_gives_none(weights):
+    settings = _settings(weights)
+    mesher = _mesher(settings)
+    ShapeField.install(mesher.pipe.vae, lambda p: p[..., 0] * 0 - 1)  # empty everywhere
+    assert mesher.generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic() + 300) == [None]
+
+
+def test_hunyuan3d_batching_keeps_each_objects_result(weights):
+    settings = _settings(weights)
+    mesher = load_mesher(settings)
+    latents = mesher.denoise(_cutouts(2), _samples(2), settings.mesher, 0, time.monotonic() + 300)
+    alone = mesher.denoise(_cutouts(2)[1:], _samples(2)[1:], settings.mesher, 0, time.monotonic() + 300)
+    assert np.allclose(latents[1].numpy(), alone[0].numpy(), atol=1e-5)
+    assert not np.allclose(latents[0].numpy(), latents[1].numpy())
+
+
+def test_hunyuan3d_generate_past_deadline_raises_timeout(weights):
+    settings = _settings(weights)
+    with pytest.raises(MesherTimeout):
+        load_mesher(settings).generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic())
+
+
+def test_load_mesher_caches_per_weights_and_variant(weights):
+    assert load_mesher(_settings(weights)) is load_mesher(_settings(weights))
+    turbo = load_mesher(_settings(weights, **{"mesher.dit": "turbo"}))
+    assert turbo is not load_mesher(_settings(weights)) and turbo.pipe.model.guidance_embed
+
+
+def test_hunyuan3d_dmc_without_cuda_is_a_settings_error(weights):
+    with pytest.raises(SettingsError, match="mesher.mc_algo"):
+        _mesher(_settings(weights, **{"mesher.mc_algo": "dmc"}))
+
+
+def test_check_mesher_weights_names_the_setting_and_layout(tmp_path, weights):
+    settings = _settings(tmp_path / "nowhere", **{"source.kind": "subjects200k"})
+    with pytest.raises(WeightsError, match=r"mesher.weights.*hunyuan3d-dit-v2-0/config.yaml"):
+        check_mesher_weights(settings)
+    partial = tmp_path / "partial"
+    (partial / "hunyuan3d-dit-v2-0").mkdir(parents=True)
+    (partial / "hunyuan3d-dit-v2-0" / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(WeightsError, match=r"lacks model.fp16.safetensors"):
+        resolve_hunyuan3d(str(partial), "standard")
+    with pytest.raises(WeightsError, match="mesher.weights is empty"):
+        resolve_hunyuan3d("", "turbo")
+    assert resolve_hunyuan3d(str(weights), "turbo") == weights.resolve()
+    check_mesher_weights(override(settings, **{"mesher.weights": str(weights)}))
+
+
+def test_check_mesher_weights_rejects_a_downloading_config(tmp_path, weights):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(weights, copy)
+    config = copy / "hunyuan3d-dit-v2-0" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    kwargs = data["conditioner"]["params"]["main_image_encoder"]["kwargs"]
+    kwargs["version"] = "facebook/dinov2-giant"
+    del kwargs["config"]
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(WeightsError, match="download"):
+        resolve_hunyuan3d(str(copy), "standard")
+
+
+@pytest.mark.slow
+def test_hunyuan3d_flashvdm_refines_near_the_surface(weights):
+    # octree 128: FlashVDM decodes a 64³ grid, then only the band around its surface at 128³
+    settings = _settings(
+        weights,
+        **{
+            "mesher.dit": "turbo",
+            "mesher.steps": 0,
+            "mesher.flashvdm": True,
+            "mesher.octree_resolution": 128,
+        },
+    )
+    mesher = _mesher(settings)
+    decoder = ShapeField.install(mesher.pipe.vae, sphere_sdf(0.6)).decoder
+    counted = decoder.count
+    (mesh,) = mesher.generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic() + 300)
+    assert mesh is not None and mesh.is_watertight
+    assert np.abs(np.linalg.norm(mesh.vertices, axis=1) - 0.6).max() < 4 * 2.02 / 128
+    assert decoder.count - counted < 0.25 * 129**3  # far fewer queries than the dense grid

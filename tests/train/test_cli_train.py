@@ -1,0 +1,86 @@
+"""`refany3d train`: bad settings fail before any work (exit 2, one line naming the setting); a
+short run on the tiny model prints its label and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+
+from refany3d.cli import main
+
+TINY = [
+    "--set=data.resolution=32", "--set=data.condition_resolution=32", "--set=model.num_views=2",
+    "--set=model.attention=grouped", "--set=model.gradient_checkpointing=false",
+]  # fmt: skip
+
+
+def test_train_missing_pretrained_directory_exits_2_naming_the_setting(dataset, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path),
+            "--set",
+            f"model.pretrained={tmp_path}/none",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pretrained" in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_train_incomplete_pretrained_directory_exits_2(dataset, tmp_path, capsys):
+    (tmp_path / "flux" / "transformer").mkdir(parents=True)
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path / "o"),
+            "--set",
+            f"model.pretrained={tmp_path / 'flux'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pretrained" in err and "missing" in err
+
+
+def test_train_without_shards_exits_2_naming_data_shards(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "data.shards" in capsys.readouterr().err
+
+
+def test_train_runs_tiny_model_and_labels_it(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            f"--set=data.cache={tmp_path}/c",
+            *TINY,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "tiny random-weight" in printed and "trained to step 2" in printed
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--resume",
+            f"--set=data.cache={tmp_path}/c",
+            *TINY,
+        ]
+    )
+    assert code == 0 and "resumed from 2" in capsys.readouterr().out
