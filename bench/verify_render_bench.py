@@ -123,20 +123,31 @@ def chain(samples, ctx, settings) -> dict:
     from refany3d.stages.verify import verify
     from refany3d.synthetic import read_truth
 
-    rows: dict[str, list[float]] = {"pose": [], "verify": [], "render": [], "total": []}
+    rows: dict[str, list[float]] = {"pose": [], "verify": [], "render": [], "total": [], "total_wall": []}
     kept = 0
     for s in samples:
         buf = io.BytesIO()
         np.savez(buf, depth=(read_truth(s.source_ref, s.side).depth * 1.07).astype(np.float16))
         unposed = s.replace(pose=None, mesh_scale=None)
         unposed.artifacts[DEPTH] = ctx.store.put_content("depth", buf.getvalue(), ".npz")
-        _, p, posed = timed(lambda u=unposed: pose([u], settings, ctx).kept)
-        _, v, verified = timed(lambda p=posed: verify(p, settings, ctx).kept)
-        _, r, _ = timed(lambda v=verified: render(v, settings, ctx))
+        wp, p, posed = timed(lambda u=unposed: pose([u], settings, ctx).kept)
+        wv, v, verified = timed(lambda p=posed: verify(p, settings, ctx).kept)
+        wr, r, _ = timed(lambda v=verified: render(v, settings, ctx))
         kept += len(verified)
-        for name, value in (("pose", p), ("verify", v), ("render", r), ("total", p + v + r)):
+        wall = wp + wv + wr
+        for name, value in (
+            ("pose", p),
+            ("verify", v),
+            ("render", r),
+            ("total", p + v + r),
+            ("total_wall", wall),
+        ):
             rows[name].append(value)
-    return {"samples": len(samples), "verified": kept, **{f"{k}_cpu_s": summary(v) for k, v in rows.items()}}
+    return {
+        "samples": len(samples),
+        "verified": kept,
+        **{(f"{k}_s" if k.endswith("wall") else f"{k}_cpu_s"): summary(v) for k, v in rows.items()},
+    }
 
 
 def main() -> None:
