@@ -86,14 +86,19 @@ def pipelined(
 
 
 def record(
-    result: StageResult, stage: str, backend: str, chunk: Sequence[Sample], outcomes: Sequence[Outcome]
+    result: StageResult,
+    stage: str,
+    backend: str | None,
+    chunk: Sequence[Sample],
+    outcomes: Sequence[Outcome],
 ) -> None:
     """Add a chunk's outcomes to `result` in sample order: kept samples tagged with the backend
-    that made them, drops with their reason."""
+    that made them (unless None), drops with their reason."""
     for sample, outcome in zip(chunk, outcomes, strict=True):
         if isinstance(outcome, tuple):
             reason, metric, detail = outcome
             result.drop(sample, stage, reason, metric=metric, detail=detail)
         else:
-            outcome.backends[stage] = backend
+            if backend is not None:
+                outcome.backends[stage] = backend
             result.kept.append(outcome)

@@ -40,7 +40,7 @@ from refany3d.render.point_maps import normalize_point_map, png_bytes, point_map
 from refany3d.render.renderer import MeshScene
 from refany3d.render.sample import render_sample
 from refany3d.stages._posed import PosedView, missing_inputs, read_posed
-from refany3d.stages._views import parallel_map
+from refany3d.stages._views import parallel_map, record
 from refany3d.stages.context import StageContext
 
 STAGE = "render"
@@ -147,11 +147,5 @@ def _render_one(sample: Sample, settings: BuildSettings, ctx: StageContext) -> S
 def render(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     """Point maps, overlay, orbit views (and turntable) of each verified sample, into the store."""
     result = StageResult()
-    for sample in samples:
-        outcome = _render_one(sample, settings, ctx)
-        if isinstance(outcome, tuple):
-            reason, value, detail = outcome
-            result.drop(sample, STAGE, reason, metric=value, detail=detail)
-        else:
-            result.kept.append(outcome)
+    record(result, STAGE, None, samples, [_render_one(s, settings, ctx) for s in samples])
     return result

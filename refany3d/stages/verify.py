@@ -24,6 +24,7 @@ from refany3d.models.perceptual import load_lpips
 from refany3d.records import Sample, StageResult
 from refany3d.render.renderer import MeshScene
 from refany3d.stages._posed import PosedView, missing_inputs, read_posed
+from refany3d.stages._views import record
 from refany3d.stages.context import StageContext
 
 STAGE = "verify"
@@ -104,11 +105,5 @@ def verify(samples: list[Sample], settings: BuildSettings, ctx: StageContext) ->
     if not samples:
         return result
     metric = load_lpips(settings)
-    for sample in samples:
-        outcome = _verify_one(sample, settings, ctx, metric)
-        if isinstance(outcome, tuple):
-            reason, value, detail = outcome
-            result.drop(sample, STAGE, reason, metric=value, detail=detail)
-        else:
-            result.kept.append(outcome)
+    record(result, STAGE, None, samples, [_verify_one(s, settings, ctx, metric) for s in samples])
     return result
