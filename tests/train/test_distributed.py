@@ -60,8 +60,11 @@ def test_two_gloo_processes_shard_data_sync_gradients_and_resume_on_one(dataset,
     torch.testing.assert_close(two, [r["loss"] for r in single.metrics[:2]], rtol=1e-5, atol=1e-6)
     ref, got = _adapters(tmp_path / "one"), _adapters(dist_out)
     assert ref.keys() == got.keys()
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=2e-5)  # AdamW steps are 1e-3
+    # Adam divides by the gradient's running RMS, so where a gradient is ~0 the last bits of the
+    # all-reduce (2 ranks' sum vs one batch of 2) can move an element by part of a step (lr 1e-3):
+    # allow that in a few elements; a broken sync changes most elements by about a step.
+    diff = torch.cat([(got[key] - ref[key]).abs().flatten() for key in ref])
+    assert (diff > 2e-5).float().mean() < 0.01 and diff.max() < 2e-3, (diff > 2e-5).sum()
 
     resumed = run_training(tiny_settings(dataset, dist_out, **common, **{"optim.batch_size": 2}), resume=True)
     assert resumed.resumed_from == 2 and resumed.steps == 4
