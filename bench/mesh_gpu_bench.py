@@ -33,9 +33,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 import trimesh
-from PIL import Image
-
 from hy3dgen.shapegen.models.autoencoders.surface_extractors import MCSurfaceExtractor
+from PIL import Image
 
 from refany3d.config import MesherSettings
 from refany3d.models.mesher.hunyuan3d import BOX, MC_LEVEL, Hunyuan3DMesher
@@ -182,8 +181,8 @@ def main() -> None:
         print(name, json.dumps(results["paths"][name], indent=1), flush=True)
         vae = mesher.pipe.vae
         vae.geo_decoder = vae.geo_decoder.decoder  # unwrap ShapeField (and compile) for the next path
-        if hasattr(vae.geo_decoder, "_orig_mod"):
-            vae.geo_decoder = vae.geo_decoder._orig_mod
+        block = vae.geo_decoder.cross_attn_decoder
+        vae.geo_decoder.cross_attn_decoder = getattr(block, "_orig_mod", block)
         del mesher, vae
         torch.cuda.empty_cache()
         with open(args.out, "w") as fh:

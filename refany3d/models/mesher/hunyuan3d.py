@@ -124,18 +124,26 @@ class Hunyuan3DMesher:
         if algorithm == "torch":
             vae.surface_extractor = TorchSurfaceExtractor()
 
-    def compile(self) -> None:
-        """torch.compile the DiT and the geometry decoder on this instance (fused norms, GELU and
-        residuals around the matmuls and SDPA). The first denoise and decode then compile, which
-        takes a minute; each new batch or chunk size compiles once more. For CUDA dataset runs."""
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile the DiT and, for dense decoding, the geometry decoder's cross-attention
+        block, on this instance (fused norms, GELU and residuals around the matmuls and SDPA).
+
+        The first denoise and decode then compile (about a minute on an H200); each new batch or
+        chunk size compiles once more. Not the whole `CrossAttentionDecoder`: its forward bumps
+        an int counter (`self.count`), which dynamo treats as static and recompiles on every chunk.
+        FlashVDM's ragged chunks and stateful processor stay eager. For CUDA dataset runs."""
         import torch
-
         from hy3dgen.shapegen.models.autoencoders import VanillaVolumeDecoder
+        from hy3dgen.shapegen.models.autoencoders.attention_blocks import CrossAttentionDecoder
 
-        self.pipe.model = torch.compile(self.pipe.model, dynamic=False)
+        self.pipe.model = torch.compile(self.pipe.model, backend=backend, dynamic=False)
         vae = self.pipe.vae
-        if isinstance(vae.volume_decoder, VanillaVolumeDecoder):  # FlashVDM's ragged chunks and
-            vae.geo_decoder = torch.compile(vae.geo_decoder, dynamic=False)  # processor state: no
+        if not isinstance(vae.volume_decoder, VanillaVolumeDecoder):
+            return
+        for module in vae.geo_decoder.modules():  # also found inside wrappers of the decoder
+            if isinstance(module, CrossAttentionDecoder):
+                block = module.cross_attn_decoder
+                module.cross_attn_decoder = torch.compile(block, backend=backend, dynamic=False)
 
     @holds_device_lock
     def generate(
