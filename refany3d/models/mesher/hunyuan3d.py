@@ -6,6 +6,8 @@ hy3dgen builds every network from the config (DINOv2 from its inline config) and
 safetensors file, so nothing is downloaded. The DiT runs batched over the chunk's objects (one
 latent per object, each from its own seeded CPU generator, so batching never changes a result);
 volume decoding and surface extraction run one object at a time (FlashVDM is batch 1 only).
+Surface extraction: hy3dgen's `mc` / `dmc`, or ours (`torch_mc`, on the grid's device), set on
+this VAE instance only; `compile` wraps this instance's DiT and decoder block, nothing global.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class Hunyuan3DMesher:
         if not isinstance(vae.volume_decoder, VanillaVolumeDecoder):
             return
         for module in vae.geo_decoder.modules():  # also found inside wrappers of the decoder
-            if isinstance(module, CrossAttentionDecoder):
+            if isinstance(module, CrossAttentionDecoder) and hasattr(module, "cross_attn_decoder"):
                 block = module.cross_attn_decoder
                 module.cross_attn_decoder = torch.compile(block, backend=backend, dynamic=False)
 
