@@ -9,8 +9,13 @@ the DiT and dense decoding; FlashVDM refines only near the surface, so the geome
 output is replaced by a torus's occupancy on this VAE instance (`ShapeField`: the decoder still
 runs on every query), which gives a realistic surface band. Paths:
 
-- standard: standard DiT, 50 steps, CFG (guidance 5), dense decoding at octree 384, `mc`
-- fast: turbo (guidance-distilled) DiT, 5 steps, FlashVDM at octree 384, `mc`
+- standard: standard DiT, 50 steps, CFG (guidance 5), dense decoding at octree 384
+- fast: turbo (guidance-distilled) DiT, 5 steps, FlashVDM at octree 384
+- *_compiled: the same after `Hunyuan3DMesher.compile` (DiT, and the dense geometry decoder);
+  compile seconds are recorded separately (`compile_s`, one warm run at the full size)
+
+Surface extraction is `--mc-algo` (default `torch`, ours on the GPU); skimage's `mc` also runs on
+the first grid of each row (`skimage_mc_same_grid`: seconds, faces, volume) for before/after.
 
     python bench/mesh_gpu_bench.py --out bench/results/mesh_gpu.json
 """
@@ -23,9 +28,12 @@ import datetime
 import json
 import platform
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
+import trimesh
+from hy3dgen.shapegen.models.autoencoders.surface_extractors import MCSurfaceExtractor
 from PIL import Image
 
 from refany3d.config import MesherSettings
@@ -82,7 +90,7 @@ def _run(mesher: Hunyuan3DMesher, opts: MesherSettings, batch: int, decode: int)
     vae = mesher.pipe.vae
     kwargs = dict(bounds=BOX, mc_level=MC_LEVEL, num_chunks=opts.num_chunks,
                   octree_resolution=opts.octree_resolution, enable_pbar=False)  # fmt: skip
-    volume, surface, faces = [], [], []
+    volume, surface, faces, mc = [], [], [], {}
     for latent in latents[:decode]:
         with torch.inference_mode():
             grid, seconds = _timed(
@@ -93,24 +101,46 @@ def _run(mesher: Hunyuan3DMesher, opts: MesherSettings, batch: int, decode: int)
             volume.append(seconds)
             meshes, seconds = _timed(lambda grid=grid: vae.surface_extractor(grid, **kwargs))
             surface.append(seconds)
+            if not mc:  # skimage on the same grid, for the before/after and equivalence
+                ref, mc["s"] = _timed(lambda grid=grid: MCSurfaceExtractor()(grid, **kwargs))
+                mc["faces"] = 0 if ref[0] is None else int(len(ref[0].mesh_f))
+                mc["vertices"] = 0 if ref[0] is None else int(len(ref[0].mesh_v))
+                mc["volume"] = _volume(ref[0])
         faces.append(0 if meshes[0] is None else int(len(meshes[0].mesh_f)))
     return {
         "batch": batch,
         "steps": opts.steps,
+        "mc_algo": type(vae.surface_extractor).__name__,
         "dit_s_per_asset": dit_s / batch,
         "volume_s": float(np.mean(volume)),
         "surface_s": float(np.mean(surface)),
         "total_s_per_asset": dit_s / batch + float(np.mean(volume)) + float(np.mean(surface)),
         "faces": faces,
+        "vertices": 0 if meshes[0] is None else int(len(meshes[0].mesh_v)),
+        "volume": _volume(meshes[0]),
+        "watertight": _watertight(meshes[0]),
+        "skimage_mc_same_grid": mc,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
     }
+
+
+def _volume(out) -> float:
+    """Enclosed volume of an extractor output after hy3dgen's face reversal (> 0: outward)."""
+    if out is None:
+        return 0.0
+    return float(trimesh.Trimesh(out.mesh_v, out.mesh_f[:, ::-1], process=False).volume)
+
+
+def _watertight(out) -> bool:
+    return out is not None and trimesh.Trimesh(out.mesh_v, out.mesh_f, process=False).is_watertight
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--octree", type=int, default=384)
+    parser.add_argument("--mc-algo", default="torch", choices=["mc", "dmc", "torch"])
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
     results = {
@@ -122,27 +152,41 @@ def main() -> None:
         "paths": {},
     }
     shared: dict = {}
-    plans = {
-        "standard": ("standard", False, 50, [(1, 1), (4, 1)]),
-        "fast": ("turbo", True, 5, [(1, 1), (4, 1)]),
+    plans = {  # name: (variant, flashvdm, steps, compile, [(DiT batch, decodes)])
+        "standard": ("standard", False, 50, False, [(1, 1)]),
+        "fast": ("turbo", True, 5, False, [(1, 1)]),
+        "standard_compiled": ("standard", False, 50, True, [(1, 1)]),
+        "fast_compiled_dit": ("turbo", True, 5, True, [(1, 1)]),
     }
-    for name, (variant, flashvdm, steps, runs) in plans.items():
+    for name, (variant, flashvdm, steps, compiled, runs) in plans.items():
         mesher = _build(variant, shared)
-        mesher.configure_decoder(flashvdm, "mc")
+        mesher.configure_decoder(flashvdm, args.mc_algo)
         ShapeField.install(mesher.pipe.vae, torus_sdf())
         opts = MesherSettings(backend="hunyuan3d", dit=variant, steps=steps, octree_resolution=args.octree,
-                              flashvdm=flashvdm, mc_algo="mc")  # fmt: skip
-        warm = MesherSettings(
-            backend="hunyuan3d", dit=variant, steps=2, octree_resolution=64, flashvdm=flashvdm
-        )
-        _run(mesher, warm, 1, 1)
-        results["paths"][name] = [_run(mesher, opts, batch, decode) for batch, decode in runs]
+                              flashvdm=flashvdm, mc_algo=args.mc_algo)  # fmt: skip
+        try:
+            if compiled:
+                mesher.compile()
+                _, results.setdefault("compile_s", {})[name] = _timed(
+                    lambda mesher=mesher, opts=opts: _run(mesher, replace(opts, steps=2), 1, 1)
+                )
+            warm = MesherSettings(
+                backend="hunyuan3d", dit=variant, steps=2, octree_resolution=64, flashvdm=flashvdm
+            )
+            if not compiled:
+                _run(mesher, warm, 1, 1)
+            results["paths"][name] = [_run(mesher, opts, batch, decode) for batch, decode in runs]
+        except Exception as err:  # record and go on: one failed variant must not lose the others
+            results["paths"][name] = [{"error": repr(err)[:2000]}]
         print(name, json.dumps(results["paths"][name], indent=1), flush=True)
-        mesher.pipe.vae.geo_decoder = mesher.pipe.vae.geo_decoder.decoder  # unwrap for the next path
-        del mesher
+        vae = mesher.pipe.vae
+        vae.geo_decoder = vae.geo_decoder.decoder  # unwrap ShapeField (and compile) for the next path
+        block = vae.geo_decoder.cross_attn_decoder
+        vae.geo_decoder.cross_attn_decoder = getattr(block, "_orig_mod", block)
+        del mesher, vae
         torch.cuda.empty_cache()
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=1)
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -159,8 +159,14 @@ class MesherSettings(_Section):
     octree_resolution: int = _opt(384, "hunyuan3d: volume grid cells per side (<= 64 on the CPU)", ge=16)
     num_chunks: int = _opt(200000, "hunyuan3d: volume queries per decoder call", ge=1000)
     flashvdm: bool = _opt(False, "hunyuan3d: hierarchical FlashVDM volume decoding (one object at a time)")
-    mc_algo: Literal["auto", "mc", "dmc"] = _opt(
-        "auto", "hunyuan3d: surface extraction; auto = dmc (diso) on CUDA when importable, else mc (CPU)"
+    mc_algo: Literal["auto", "mc", "dmc", "torch"] = _opt(
+        "auto",
+        "hunyuan3d: surface extraction (mc skimage CPU, dmc diso, torch ours on the grid's device); "
+        "auto = dmc on CUDA when diso imports, else torch on CUDA, else mc",
+    )
+    compile: bool = _opt(
+        False,
+        "hunyuan3d on CUDA: torch.compile the DiT and the dense geometry decoder (compiles on first use)",
     )
     batch_size: int = _opt(4, "objects per DiT batch (FlashVDM decodes them one at a time)", ge=1)
     timeout_s: float = _opt(

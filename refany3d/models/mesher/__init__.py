@@ -20,11 +20,20 @@ __all__ = ["BACKENDS", "Mesher", "MesherTimeout", "load_mesher"]
 def load_mesher(settings: BuildSettings) -> Mesher:
     """The mesher of `settings`, built once per process per backend, weights, variant and runtime."""
     m, rt = settings.mesher, settings.runtime
-    return _load(m.backend, m.weights, rt.device, rt.dtype, m.dit, m.flashvdm, m.mc_algo)
+    return _load(m.backend, m.weights, rt.device, rt.dtype, m.dit, m.flashvdm, m.mc_algo, m.compile)
 
 
 @functools.lru_cache(maxsize=2)
 def _load(
-    backend: str, weights: str, device: str, dtype: str, dit: str, flashvdm: bool, mc_algo: str
+    backend: str,
+    weights: str,
+    device: str,
+    dtype: str,
+    dit: str,
+    flashvdm: bool,
+    mc_algo: str,
+    compile: bool,
 ) -> Mesher:
-    return BACKENDS[backend](weights, device, dtype, dit=dit, flashvdm=flashvdm, mc_algo=mc_algo)
+    return BACKENDS[backend](
+        weights, device, dtype, dit=dit, flashvdm=flashvdm, mc_algo=mc_algo, compile=compile
+    )

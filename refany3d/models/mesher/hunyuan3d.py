@@ -6,6 +6,8 @@ hy3dgen builds every network from the config (DINOv2 from its inline config) and
 safetensors file, so nothing is downloaded. The DiT runs batched over the chunk's objects (one
 latent per object, each from its own seeded CPU generator, so batching never changes a result);
 volume decoding and surface extraction run one object at a time (FlashVDM is batch 1 only).
+Surface extraction: hy3dgen's `mc` / `dmc`, or ours (`torch_mc`, on the grid's device), set on
+this VAE instance only; `compile` wraps this instance's DiT and decoder block, nothing global.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import time
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 import trimesh
 from PIL import Image
 
 from refany3d.config import MesherSettings, SettingsError
 from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.mesher.base import MesherTimeout
+from refany3d.models.mesher.torch_mc import marching_cubes
 from refany3d.models.weights import HUNYUAN3D_SUBFOLDERS, resolve_hunyuan3d
 from refany3d.records import Sample
 
@@ -30,16 +34,42 @@ MC_LEVEL = 0.0  # iso-level of the occupancy logits
 
 
 def surface_algorithm(mc_algo: str, device_type: str) -> str:
-    """`mc` (skimage, CPU) or `dmc` (diso, CUDA) for `mesher.mc_algo`; `auto` picks dmc where it can run."""
+    """`mc` (skimage, CPU), `dmc` (diso, CUDA) or `torch` (ours, any device) for `mesher.mc_algo`;
+    `auto` picks dmc where it can run, else torch on CUDA, else mc."""
     has_diso = importlib.util.find_spec("diso") is not None
     if mc_algo == "auto":
-        return "dmc" if device_type == "cuda" and has_diso else "mc"
+        if device_type == "cuda":
+            return "dmc" if has_diso else "torch"
+        return "mc"
     if mc_algo == "dmc" and (device_type != "cuda" or not has_diso):
         # hy3dgen's dmc returns no surface at all without diso: say so before any work
         raise SettingsError(
             "mesher.mc_algo='dmc' needs the diso package and a CUDA runtime.device; use mc or auto"
         )
     return mc_algo
+
+
+class TorchSurfaceExtractor:
+    """hy3dgen's surface-extractor interface around `torch_mc.marching_cubes`, on the grid's device.
+
+    Same output as hy3dgen's `MCSurfaceExtractor` (vertices mapped into the box the same way,
+    skimage's winding, which `export_to_trimesh` reverses); no surface gives None."""
+
+    def __call__(self, grid_logits, *, mc_level, bounds, octree_resolution, **kwargs):
+        from hy3dgen.shapegen.models.autoencoders.surface_extractors import Latent2MeshOutput
+
+        box = [-bounds] * 3 + [bounds] * 3 if isinstance(bounds, float) else list(bounds)
+        lo, hi = np.array(box[:3]), np.array(box[3:])
+        outputs = []
+        for grid in grid_logits:
+            verts, faces = marching_cubes(grid, mc_level)
+            if len(faces) == 0:
+                outputs.append(None)
+                continue
+            # hy3dgen's `mc` divides by the point count (octree + 1), not the cell count: keep it
+            verts = verts.cpu().numpy() / (octree_resolution + 1) * (hi - lo) + lo
+            outputs.append(Latent2MeshOutput(verts.astype(np.float32), faces.cpu().numpy()))
+        return outputs
 
 
 def sample_seed(seed: int, sample: Sample) -> int:
@@ -59,6 +89,7 @@ class Hunyuan3DMesher:
         dit: str = "standard",
         flashvdm: bool = False,
         mc_algo: str = "auto",
+        compile: bool = False,
     ) -> None:
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
 
@@ -75,20 +106,46 @@ class Hunyuan3DMesher:
         )
         self.dit = dit
         self.configure_decoder(flashvdm, algorithm)
+        if compile and self.device.type == "cuda":
+            self.compile()
 
     def configure_decoder(self, flashvdm: bool, algorithm: str) -> None:
-        """Dense or FlashVDM volume decoding, `mc` or `dmc` surface extraction, on the VAE
+        """Dense or FlashVDM volume decoding, `mc` / `dmc` / `torch` surface extraction, on the VAE
         instance this backend owns (hy3dgen keeps that choice on the VAE)."""
         from hy3dgen.shapegen.models.autoencoders import SurfaceExtractors
 
         vae = self.pipe.vae
+        hy3dgen_algo = "mc" if algorithm == "torch" else algorithm  # hy3dgen knows mc and dmc
         if flashvdm:
             vae.enable_flashvdm_decoder(
-                enabled=True, adaptive_kv_selection=True, topk_mode="mean", mc_algo=algorithm
+                enabled=True, adaptive_kv_selection=True, topk_mode="mean", mc_algo=hy3dgen_algo
             )
         else:
             vae.enable_flashvdm_decoder(enabled=False)
-            vae.surface_extractor = SurfaceExtractors[algorithm]()
+            vae.surface_extractor = SurfaceExtractors[hy3dgen_algo]()
+        if algorithm == "torch":
+            vae.surface_extractor = TorchSurfaceExtractor()
+
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile the DiT and, for dense decoding, the geometry decoder's cross-attention
+        block, on this instance (fused norms, GELU and residuals around the matmuls and SDPA).
+
+        The first denoise and decode then compile (about a minute on an H200); each new batch or
+        chunk size compiles once more. Not the whole `CrossAttentionDecoder`: its forward bumps
+        an int counter (`self.count`), which dynamo treats as static and recompiles on every chunk.
+        FlashVDM's ragged chunks and stateful processor stay eager. For CUDA dataset runs."""
+        import torch
+        from hy3dgen.shapegen.models.autoencoders import VanillaVolumeDecoder
+        from hy3dgen.shapegen.models.autoencoders.attention_blocks import CrossAttentionDecoder
+
+        self.pipe.model = torch.compile(self.pipe.model, backend=backend, dynamic=False)
+        vae = self.pipe.vae
+        if not isinstance(vae.volume_decoder, VanillaVolumeDecoder):
+            return
+        for module in vae.geo_decoder.modules():  # also found inside wrappers of the decoder
+            if isinstance(module, CrossAttentionDecoder) and hasattr(module, "cross_attn_decoder"):
+                block = module.cross_attn_decoder
+                module.cross_attn_decoder = torch.compile(block, backend=backend, dynamic=False)
 
     @holds_device_lock
     def generate(

@@ -81,8 +81,17 @@ class TruthMesher:
         dit: str = "standard",
         flashvdm: bool = False,
         mc_algo: str = "auto",
+        compile: bool = False,
     ) -> None:
-        del weights, device, dtype, dit, flashvdm, mc_algo  # no model: ground truth is read per sample
+        del (
+            weights,
+            device,
+            dtype,
+            dit,
+            flashvdm,
+            mc_algo,
+            compile,
+        )  # no model: ground truth is read per sample
 
     def generate(
         self,
