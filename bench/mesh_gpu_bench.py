@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--octree", type=int, default=384)
     parser.add_argument("--mc-algo", default="torch", choices=["mc", "dmc", "torch"])
+    parser.add_argument("--paths", default="", help="comma-separated subset of the paths; default: all")
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
     results = {
@@ -158,7 +159,8 @@ def main() -> None:
         "standard_compiled": ("standard", False, 50, True, [(1, 1)]),
         "fast_compiled_dit": ("turbo", True, 5, True, [(1, 1)]),
     }
-    for name, (variant, flashvdm, steps, compiled, runs) in plans.items():
+    chosen = [p for p in args.paths.split(",") if p] or list(plans)
+    for name, (variant, flashvdm, steps, compiled, runs) in ((n, plans[n]) for n in chosen):
         mesher = _build(variant, shared)
         mesher.configure_decoder(flashvdm, args.mc_algo)
         ShapeField.install(mesher.pipe.vae, torus_sdf())
