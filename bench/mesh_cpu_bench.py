@@ -2,8 +2,8 @@
 
 Input: synthetic 512 px views and their `truth` raw surfaces (marching cubes of the object's signed
 distance at `--grid`, a few hundred thousand faces, like a Hunyuan3D output). For each target face
-count: hy3dgen clean-up + FaceReducer, repair + normalisation, Open3D UV atlas (`mesher.uv_atlas_size`,
-`uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
+count: hy3dgen clean-up + FaceReducer, repair + normalisation, the UV atlas (`mesher.uv_unwrapper`,
+`uv_atlas_size`, `uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
 re-rendered (ray cast, atlas sampled) at the fitted front camera vs the photo inside the mask.
 
     python bench/mesh_cpu_bench.py --out bench/results/mesh_cpu.json
@@ -46,7 +46,9 @@ def _one(raw, photo, mask, faces: int, mesher: MesherSettings, texturer: Texture
     times["reduce_s"] = time.perf_counter() - start
     start = time.perf_counter()
     canonical, _ = normalize_mesh(repair_mesh(reduced))
-    unwrapped, charts = compute_uv_atlas(canonical, mesher.uv_atlas_size, mesher.uv_partitions)
+    unwrapped, charts = compute_uv_atlas(
+        canonical, mesher.uv_atlas_size, mesher.uv_partitions, method=mesher.uv_unwrapper
+    )
     times["uv_atlas_s"] = time.perf_counter() - start
     start = time.perf_counter()
     done = ProjectionTexturer().texture(unwrapped, photo, mask, mesher.uv_atlas_size, texturer)
@@ -69,8 +71,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--grid", type=int, default=192)
     parser.add_argument("--faces", default="10000,20000,40000,100000")
+    parser.add_argument("--unwrapper", default="xatlas", choices=["xatlas", "open3d"])
     args = parser.parse_args()
-    mesher = MesherSettings(truth_resolution=args.grid)
+    mesher = MesherSettings(truth_resolution=args.grid, uv_unwrapper=args.unwrapper)
     texturer = TexturerSettings()
     with tempfile.TemporaryDirectory() as tmp:
         views, ctx, _ = synthetic_views(Path(tmp), rows=args.rows, size=512)
