@@ -6,7 +6,7 @@ count: hy3dgen clean-up + FaceReducer, repair + normalisation, the UV atlas (`me
 `uv_atlas_size`, `uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
 re-rendered (ray cast, atlas sampled) at the fitted front camera vs the photo inside the mask.
 
-    python bench/mesh_cpu_bench.py --out bench/results/mesh_cpu.json
+    PYTHONPATH=. .venv/bin/python bench/mesh_cpu_bench.py --out bench/results/mesh_cpu.json   # reads tests/ fixtures
 """
 
 from __future__ import annotations
