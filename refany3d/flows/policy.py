@@ -47,14 +47,18 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _batch_size(settings: BuildSettings, stage: str) -> int:
-    return getattr(getattr(settings, STAGES[stage].sections[0]), "batch_size", 1)
+    """The model batch of the stage's own section (its first one); 1 for stages with none
+    (`source` reads no settings section)."""
+    sections = STAGES[stage].sections
+    return getattr(getattr(settings, sections[0]), "batch_size", 1) if sections else 1
 
 
 def smaller_batch(settings: BuildSettings, stage: str) -> BuildSettings | None:
     """Settings with the stage's model batch halved, or None when it is already 1."""
     size = _batch_size(settings, stage)
-    section = STAGES[stage].sections[0]
-    return override(settings, **{f"{section}.batch_size": size // 2}) if size > 1 else None
+    if size <= 1:
+        return None
+    return override(settings, **{f"{STAGES[stage].sections[0]}.batch_size": size // 2})
 
 
 def _free_accelerator_memory() -> None:

@@ -142,6 +142,7 @@ def test_smaller_batch_halves_the_stage_model_batch_down_to_one():
     assert smaller_batch(settings, "detect").detector.batch_size == 4
     assert smaller_batch(settings, "detect").segmenter.batch_size == settings.segmenter.batch_size
     assert smaller_batch(override(settings, **{"detector.batch_size": 1}), "detect") is None
+    assert smaller_batch(settings, "source") is None  # reads no settings section: nothing to halve
 
 
 def test_artifact_key_is_lowercase_digits_dashes():
