@@ -2,7 +2,7 @@
 
 Input: synthetic 512 px views and their `truth` raw surfaces (marching cubes of the object's signed
 distance at `--grid`, a few hundred thousand faces, like a Hunyuan3D output). For each target face
-count: hy3dgen clean-up + FaceReducer, repair + normalisation, the UV atlas (`mesher.uv_unwrapper`,
+count: hy3dgen clean-up, the meshoptimizer pre-pass (`mesher.coarse_factor`) and FaceReducer, repair + normalisation, the UV atlas (`mesher.uv_unwrapper`,
 `uv_atlas_size`, `uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
 re-rendered (ray cast, atlas sampled) at the fitted front camera vs the photo inside the mask.
 
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import trimesh
 
 from refany3d.config import MesherSettings, TexturerSettings
 from refany3d.models.mesher.truth import TruthMesher
@@ -42,12 +43,16 @@ def _psnr(asset, photo, mask, pose, k) -> tuple[float, float]:
 def _one(raw, photo, mask, faces: int, mesher: MesherSettings, texturer: TexturerSettings) -> dict:
     times = {}
     start = time.perf_counter()
-    reduced = clean_and_reduce(raw, faces)
+    reduced = clean_and_reduce(raw, faces, mesher.coarse_factor)
     times["reduce_s"] = time.perf_counter() - start
     start = time.perf_counter()
     canonical, _ = normalize_mesh(repair_mesh(reduced))
     unwrapped, charts = compute_uv_atlas(
-        canonical, mesher.uv_atlas_size, mesher.uv_partitions, method=mesher.uv_unwrapper
+        canonical,
+        mesher.uv_atlas_size,
+        mesher.uv_partitions,
+        method=mesher.uv_unwrapper,
+        chart_fraction=mesher.uv_chart_fraction,
     )
     times["uv_atlas_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -72,8 +77,15 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=192)
     parser.add_argument("--faces", default="10000,20000,40000,100000")
     parser.add_argument("--unwrapper", default="xatlas", choices=["xatlas", "open3d"])
+    parser.add_argument("--coarse-factor", type=float, default=MesherSettings().coarse_factor)
     args = parser.parse_args()
-    mesher = MesherSettings(truth_resolution=args.grid, uv_unwrapper=args.unwrapper)
+    mesher = MesherSettings(
+        truth_resolution=args.grid, uv_unwrapper=args.unwrapper, coarse_factor=args.coarse_factor
+    )
+    # a worker pays these once, when the stage module loads (pymeshlab + hy3dgen imports, ~8 s)
+    start = time.perf_counter()
+    clean_and_reduce(trimesh.creation.icosphere(subdivisions=3), 100, mesher.coarse_factor)
+    warm_up_s = time.perf_counter() - start
     texturer = TexturerSettings()
     with tempfile.TemporaryDirectory() as tmp:
         views, ctx, _ = synthetic_views(Path(tmp), rows=args.rows, size=512)
@@ -104,7 +116,10 @@ def main() -> None:
             "uv_partitions": mesher.uv_partitions,
             "fit_resolution": texturer.fit_resolution,
             "truth_grid": args.grid,
+            "coarse_factor": mesher.coarse_factor,
+            "uv_chart_fraction": mesher.uv_chart_fraction,
         },  # fmt: skip
+        "warm_up_s (imports, once per process, not in the rows)": warm_up_s,
         "rows": rows,
         "mean_by_target": summary,
     }

@@ -12,7 +12,8 @@ runs on every query), which gives a realistic surface band. Paths:
 - standard: standard DiT, 50 steps, CFG (guidance 5), dense decoding at octree 384
 - fast: turbo (guidance-distilled) DiT, 5 steps, FlashVDM at octree 384
 - *_compiled: the same after `Hunyuan3DMesher.compile` (DiT, and the dense geometry decoder);
-  compile seconds are recorded separately (`compile_s`, one warm run at the full size)
+  compile seconds are recorded separately (`compile_s`, one warm run per DiT batch size);
+  standard_compiled runs at DiT batch 1 and 4 (`mesher.batch_size`'s default)
 
 Surface extraction is `--mc-algo` (default `torch`, ours on the GPU); skimage's `mc` also runs on
 the first grid of each row (`skimage_mc_same_grid`: seconds, faces, volume) for before/after.
@@ -37,7 +38,7 @@ from hy3dgen.shapegen.models.autoencoders.surface_extractors import MCSurfaceExt
 from PIL import Image
 
 from refany3d.config import MesherSettings
-from refany3d.models.mesher.hunyuan3d import BOX, MC_LEVEL, Hunyuan3DMesher
+from refany3d.models.mesher.hunyuan3d import BOX, COMPILED_DECODER_PARTS, MC_LEVEL, Hunyuan3DMesher
 from refany3d.records import Sample
 from tests.models._hunyuan3d import ShapeField, full_config, torus_sdf
 
@@ -125,6 +126,17 @@ def _run(mesher: Hunyuan3DMesher, opts: MesherSettings, batch: int, decode: int)
     }
 
 
+def _profile_decode(mesher: Hunyuan3DMesher, opts: MesherSettings, top: int = 15) -> list[dict]:
+    """The CUDA kernels of one dense volume decoding, by total time (torch.profiler)."""
+    latent = torch.randn(1, *mesher.pipe.vae.latent_shape, device="cuda", dtype=torch.float16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode():
+            mesher.decode(latent, opts)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    return [{"kernel": e.key[:120], "calls": e.count, "total_s": e.device_time_total / 1e6} for e in rows]
+
+
 def _volume(out) -> float:
     """Enclosed volume of an extractor output after hy3dgen's face reversal (> 0: outward)."""
     if out is None:
@@ -142,6 +154,7 @@ def main() -> None:
     parser.add_argument("--octree", type=int, default=384)
     parser.add_argument("--mc-algo", default="torch", choices=["mc", "dmc", "torch"])
     parser.add_argument("--paths", default="", help="comma-separated subset of the paths; default: all")
+    parser.add_argument("--profile", action="store_true", help="also list one dense decode's CUDA kernels")
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
     results = {
@@ -156,7 +169,7 @@ def main() -> None:
     plans = {  # name: (variant, flashvdm, steps, compile, [(DiT batch, decodes)])
         "standard": ("standard", False, 50, False, [(1, 1)]),
         "fast": ("turbo", True, 5, False, [(1, 1)]),
-        "standard_compiled": ("standard", False, 50, True, [(1, 1)]),
+        "standard_compiled": ("standard", False, 50, True, [(1, 1), (4, 1)]),
         "fast_compiled_dit": ("turbo", True, 5, True, [(1, 1)]),
     }
     chosen = [p for p in args.paths.split(",") if p] or list(plans)
@@ -167,10 +180,12 @@ def main() -> None:
         opts = MesherSettings(backend="hunyuan3d", dit=variant, steps=steps, octree_resolution=args.octree,
                               flashvdm=flashvdm, mc_algo=args.mc_algo)  # fmt: skip
         try:
-            if compiled:
+            if compiled:  # one warm run per DiT batch size: each compiles once
                 mesher.compile()
                 _, results.setdefault("compile_s", {})[name] = _timed(
-                    lambda mesher=mesher, opts=opts: _run(mesher, replace(opts, steps=2), 1, 1)
+                    lambda mesher=mesher, opts=opts, runs=runs: [
+                        _run(mesher, replace(opts, steps=2), batch, 1) for batch, _ in runs
+                    ]
                 )
             warm = MesherSettings(
                 backend="hunyuan3d", dit=variant, steps=2, octree_resolution=64, flashvdm=flashvdm
@@ -178,13 +193,16 @@ def main() -> None:
             if not compiled:
                 _run(mesher, warm, 1, 1)
             results["paths"][name] = [_run(mesher, opts, batch, decode) for batch, decode in runs]
+            if args.profile and not flashvdm:
+                results.setdefault("decoder_kernels", {})[name] = _profile_decode(mesher, opts)
         except Exception as err:  # record and go on: one failed variant must not lose the others
             results["paths"][name] = [{"error": repr(err)[:2000]}]
         print(name, json.dumps(results["paths"][name], indent=1), flush=True)
         vae = mesher.pipe.vae
         vae.geo_decoder = vae.geo_decoder.decoder  # unwrap ShapeField (and compile) for the next path
-        block = vae.geo_decoder.cross_attn_decoder
-        vae.geo_decoder.cross_attn_decoder = getattr(block, "_orig_mod", block)
+        for part in COMPILED_DECODER_PARTS:
+            compiled_part = getattr(vae.geo_decoder, part)
+            setattr(vae.geo_decoder, part, getattr(compiled_part, "_orig_mod", compiled_part))
         del mesher, vae
         torch.cuda.empty_cache()
         with open(args.out, "w") as fh:

@@ -175,6 +175,12 @@ class MesherSettings(_Section):
     target_faces: int = _opt(
         10000, "face count after reduction, before UV unwrapping (bench/results/mesh.md)", ge=100
     )
+    coarse_factor: float = _opt(
+        2.0,
+        "reduction: meshoptimizer pre-pass down to this many times target_faces, then hy3dgen's "
+        "FaceReducer (0 = FaceReducer alone, ~9 s from a 300k-face surface; bench/results/mesh.md)",
+        ge=0.0,
+    )
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)
     uv_unwrapper: Literal["xatlas", "open3d"] = _opt(
         "xatlas",
@@ -182,6 +188,13 @@ class MesherSettings(_Section):
         "changes from run to run)",
     )
     uv_partitions: int = _opt(4, "open3d unwrapper: compute_uvatlas parallel_partitions", ge=1)
+    uv_chart_fraction: float = _opt(
+        0.05,
+        "xatlas unwrapper: largest chart's area as a fraction of the surface's (0 = no cap; capped "
+        "charts unwrap several times faster, bench/results/mesh.md)",
+        ge=0.0,
+        le=1.0,
+    )
     truth_rotation_deg: float = _opt(
         3.0, "truth backend: std of the canonical frame's rotation error per axis, degrees", ge=0.0
     )

@@ -103,7 +103,7 @@ def _generate(
 def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Trimesh, int] | str:
     """The reduced, repaired, normalised mesh with its UV atlas, or the drop reason."""
     opts = settings.mesher
-    reduced = repair_mesh(clean_and_reduce(mesh, opts.target_faces))
+    reduced = repair_mesh(clean_and_reduce(mesh, opts.target_faces, opts.coarse_factor))
     if len(reduced.faces) == 0:
         return MESH_EMPTY
     if not is_manifold(reduced):
@@ -111,7 +111,11 @@ def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Tri
     canonical, _ = normalize_mesh(reduced)
     try:
         unwrapped, charts = compute_uv_atlas(
-            canonical, opts.uv_atlas_size, opts.uv_partitions, method=opts.uv_unwrapper
+            canonical,
+            opts.uv_atlas_size,
+            opts.uv_partitions,
+            method=opts.uv_unwrapper,
+            chart_fraction=opts.uv_chart_fraction,
         )
     except RuntimeError:
         return UV_ATLAS_FAILED

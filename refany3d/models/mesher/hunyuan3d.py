@@ -24,6 +24,7 @@ from PIL import Image
 from refany3d.config import MesherSettings, SettingsError
 from refany3d.models._torch import holds_device_lock, torch_device_dtype
 from refany3d.models.mesher.base import MesherTimeout
+from refany3d.models.mesher.dense_volume import DenseVolumeDecoder
 from refany3d.models.mesher.torch_mc import marching_cubes
 from refany3d.models.weights import HUNYUAN3D_SUBFOLDERS, resolve_hunyuan3d
 from refany3d.records import Sample
@@ -31,6 +32,8 @@ from refany3d.records import Sample
 DEFAULT_STEPS = {"standard": 50, "turbo": 5}
 BOX = 1.01  # half side of the decoded volume (hy3dgen's box_v)
 MC_LEVEL = 0.0  # iso-level of the occupancy logits
+# the `CrossAttentionDecoder` submodules `compile` wraps, in the order its forward runs them
+COMPILED_DECODER_PARTS = ("fourier_embedder", "query_proj", "cross_attn_decoder", "ln_post", "output_proj")
 
 
 def surface_algorithm(mc_algo: str, device_type: str) -> str:
@@ -110,8 +113,8 @@ class Hunyuan3DMesher:
             self.compile()
 
     def configure_decoder(self, flashvdm: bool, algorithm: str) -> None:
-        """Dense or FlashVDM volume decoding, `mc` / `dmc` / `torch` surface extraction, on the VAE
-        instance this backend owns (hy3dgen keeps that choice on the VAE)."""
+        """Dense (`DenseVolumeDecoder`) or FlashVDM volume decoding, `mc` / `dmc` / `torch` surface
+        extraction, on the VAE instance this backend owns (hy3dgen keeps that choice on the VAE)."""
         from hy3dgen.shapegen.models.autoencoders import SurfaceExtractors
 
         vae = self.pipe.vae
@@ -122,30 +125,35 @@ class Hunyuan3DMesher:
             )
         else:
             vae.enable_flashvdm_decoder(enabled=False)
+            vae.volume_decoder = DenseVolumeDecoder()  # hy3dgen's, with the grid made on the GPU
             vae.surface_extractor = SurfaceExtractors[hy3dgen_algo]()
         if algorithm == "torch":
             vae.surface_extractor = TorchSurfaceExtractor()
 
     def compile(self, backend: str = "inductor") -> None:
-        """torch.compile the DiT and, for dense decoding, the geometry decoder's cross-attention
-        block, on this instance (fused norms, GELU and residuals around the matmuls and SDPA).
+        """torch.compile the DiT and, for dense decoding, the parts of the geometry decoder, on
+        this instance: the query embedding (Fourier features, projection), the cross-attention
+        block (fused norms, GELU and residuals around the matmuls and SDPA) and the output head.
 
-        The first denoise and decode then compile (about a minute on an H200); each new batch or
-        chunk size compiles once more. Not the whole `CrossAttentionDecoder`: its forward bumps
-        an int counter (`self.count`), which dynamo treats as static and recompiles on every chunk.
+        The first denoise and decode then compile (about a minute on an H200); each new DiT batch
+        size compiles once more (every dense chunk has one size). The parts, not the whole
+        `CrossAttentionDecoder`: its forward bumps an int counter (`self.count`), which dynamo
+        treats as static and recompiles on every chunk.
         FlashVDM's ragged chunks and stateful processor stay eager. For CUDA dataset runs."""
         import torch
-        from hy3dgen.shapegen.models.autoencoders import VanillaVolumeDecoder
         from hy3dgen.shapegen.models.autoencoders.attention_blocks import CrossAttentionDecoder
 
         self.pipe.model = torch.compile(self.pipe.model, backend=backend, dynamic=False)
         vae = self.pipe.vae
-        if not isinstance(vae.volume_decoder, VanillaVolumeDecoder):
+        if not isinstance(vae.volume_decoder, DenseVolumeDecoder):
             return
-        for module in vae.geo_decoder.modules():  # also found inside wrappers of the decoder
-            if isinstance(module, CrossAttentionDecoder) and hasattr(module, "cross_attn_decoder"):
-                block = module.cross_attn_decoder
-                module.cross_attn_decoder = torch.compile(block, backend=backend, dynamic=False)
+        # also found inside wrappers of the decoder
+        decoders = [m for m in vae.geo_decoder.modules() if isinstance(m, CrossAttentionDecoder)]
+        for decoder in decoders:
+            for name in COMPILED_DECODER_PARTS:
+                part = getattr(decoder, name, None)
+                if isinstance(part, torch.nn.Module):
+                    setattr(decoder, name, torch.compile(part, backend=backend, dynamic=False))
 
     @holds_device_lock
     def generate(

@@ -219,3 +219,29 @@ def test_hunyuan3d_torch_surface_of_a_flashvdm_band_is_one_closed_shell(weights)
     assert len(mesh.split(only_watertight=False)) == 1
     shrink = (126 / 129) ** 3
     assert mesh.volume == pytest.approx(4 / 3 * np.pi * 0.5**3 * shrink, rel=0.01)
+
+
+def test_dense_volume_decoder_gives_hy3dgens_grid(weights):
+    # the grid made on the device, chunk by chunk with a padded last chunk, is hy3dgen's
+    # meshgrid-on-the-CPU grid: the real decoder's logits are the same (37³ queries, chunks of 1000)
+    import torch
+    from hy3dgen.shapegen.models.autoencoders import VanillaVolumeDecoder
+
+    from refany3d.models.mesher.dense_volume import DenseVolumeDecoder
+
+    vae = _mesher(_settings(weights)).pipe.vae
+    shapes = []
+
+    def decoder(queries, latents):
+        shapes.append(tuple(queries.shape))
+        return vae.geo_decoder(queries=queries, latents=latents)
+
+    latents = vae(torch.randn(2, *vae.latent_shape, generator=torch.Generator().manual_seed(0)))
+    kwargs = dict(bounds=1.01, num_chunks=1000, octree_resolution=36)
+    with torch.inference_mode():
+        ours = DenseVolumeDecoder()(latents, decoder, **kwargs)
+        ref = VanillaVolumeDecoder()(latents, vae.geo_decoder, enable_pbar=False, **kwargs)
+    assert ours.shape == ref.shape == (2, 37, 37, 37) and ours.dtype == ref.dtype
+    assert ref.std() > 0.01  # the logits vary over the grid: a wrong point order would show
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert set(shapes) == {(2, 1000, 3)} and len(shapes) == 51  # every chunk full, the last padded
