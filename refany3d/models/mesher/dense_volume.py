@@ -6,8 +6,8 @@ asset before the first decoder call. `DenseVolumeDecoder` computes each chunk's 
 flat indices on the device instead: the same float32 axis values (`np.linspace`), the same `ij`
 order and the same cast to the latents' dtype, so the decoder sees the same queries.
 
-Every chunk has `num_chunks` queries: the last one is padded by repeating the final point and its
-extra outputs are dropped, so a compiled decoder sees one shape only.
+Every chunk has `num_chunks` queries (all of them if fewer): the last one is padded by repeating
+the final point and its extra outputs are dropped, so a compiled decoder sees one shape only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class DenseVolumeDecoder:
             for i in range(3)
         ]
         total, batch = side**3, latents.shape[0]
+        num_chunks = min(int(num_chunks), total)  # a small grid is one chunk, not a padded one
         logits = None
         with torch.no_grad():
             for start in range(0, total, num_chunks):

@@ -245,3 +245,8 @@ def test_dense_volume_decoder_gives_hy3dgens_grid(weights):
     assert ref.std() > 0.01  # the logits vary over the grid: a wrong point order would show
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     assert set(shapes) == {(2, 1000, 3)} and len(shapes) == 51  # every chunk full, the last padded
+    shapes.clear()
+    with torch.inference_mode():
+        small = DenseVolumeDecoder()(latents, decoder, **{**kwargs, "num_chunks": 10**6})
+    assert shapes == [(2, 37**3, 3)]  # a grid smaller than a chunk is one unpadded chunk
+    torch.testing.assert_close(small, ref, rtol=0, atol=1e-6)
