@@ -94,33 +94,50 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
     of the faces), `DegenerateFaceRemover`, then `FaceReducer` (pymeshlab quadric edge collapse) to
     at most `target_faces`. Geometry only; the temp files hy3dgen leaves behind are removed.
 
-    `coarse_factor` > 1: before `FaceReducer`, a surface with more than `coarse_factor *
-    target_faces` faces is first brought down to about that many by meshoptimizer's quadric
-    simplifier (`coarse_reduce`); pymeshlab's single-threaded edge collapse costs ~30 µs a collapse,
-    ~9 s from the ~300k faces of a raw surface, and then does only the last few-fold."""
-    from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FaceReducer, FloaterRemover
+    `coarse_factor` > 1: a surface with more than `coarse_factor * target_faces` faces is first
+    brought down to about that many by meshoptimizer (`coarse_reduced`); pymeshlab's one-threaded
+    edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw surface, and then
+    does only the last few-fold. Where that result is not manifold after `repair_mesh`
+    (meshoptimizer joined sheets of a thin part), `FaceReducer` alone reduces the surface."""
+    from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FloaterRemover
 
-    meshes = _meshset(np.asarray(mesh.vertices), np.asarray(mesh.faces))
     pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
     with _HY3DGEN_TEMP_LOCK:
         before = set(glob.glob(pattern))
         try:
             # a MeshSet goes in and comes out of each step: no trimesh <-> PLY round trips
-            meshes = FloaterRemover()(meshes)
-            meshes = DegenerateFaceRemover()(meshes)
+            meshes = _meshset(np.asarray(mesh.vertices), np.asarray(mesh.faces))
+            meshes = DegenerateFaceRemover()(FloaterRemover()(meshes))
+            cleaned = meshes.current_mesh()  # a view into `meshes`: keep that alive while used
+            vertices, faces = cleaned.vertex_matrix(), cleaned.face_matrix()
             coarse_faces = int(coarse_factor * target_faces)
-            if coarse_factor > 1 and meshes.current_mesh().face_number() > coarse_faces:
-                current = meshes.current_mesh()
-                vertices, faces = coarse_reduce(current.vertex_matrix(), current.face_matrix(), coarse_faces)
-                meshes = _meshset(vertices, faces)
-                # where two nearby sheets were collapsed onto one edge, pull them apart again
-                meshes.apply_filter("meshing_repair_non_manifold_edges", method="Split Vertices")
-                meshes.apply_filter("meshing_repair_non_manifold_vertices")
-            meshes = FaceReducer()(meshes, max_facenum=int(target_faces))
+            if coarse_factor > 1 and len(faces) > coarse_faces:
+                reduced = coarse_reduced(vertices, faces, coarse_faces, target_faces)
+                if is_manifold(repair_mesh(reduced)):
+                    return reduced
+            return _face_reduced(_meshset(vertices, faces), target_faces)
         finally:
             for leaked in set(glob.glob(pattern)) - before:
                 os.remove(leaked)
-    current = meshes.current_mesh()
+
+
+def coarse_reduced(
+    vertices: np.ndarray, faces: np.ndarray, coarse_faces: int, target_faces: int
+) -> trimesh.Trimesh:
+    """meshoptimizer down to about `coarse_faces` (`coarse_reduce`), then hy3dgen's `FaceReducer`
+    to at most `target_faces`. Usually manifold, not always: check."""
+    meshes = _meshset(*coarse_reduce(vertices, faces, coarse_faces))
+    # where two nearby sheets were collapsed onto one edge, pull them apart again
+    meshes.apply_filter("meshing_repair_non_manifold_edges", method="Split Vertices")
+    meshes.apply_filter("meshing_repair_non_manifold_vertices")
+    return _face_reduced(meshes, target_faces)
+
+
+def _face_reduced(meshes, target_faces: int) -> trimesh.Trimesh:
+    """hy3dgen's `FaceReducer` on a pymeshlab MeshSet, as a trimesh."""
+    from hy3dgen.shapegen.postprocessors import FaceReducer
+
+    current = FaceReducer()(meshes, max_facenum=int(target_faces)).current_mesh()
     return trimesh.Trimesh(current.vertex_matrix(), current.face_matrix(), process=False)
 
 

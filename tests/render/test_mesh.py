@@ -160,20 +160,38 @@ def test_clean_and_reduce_keeps_a_flat_sided_surface_closed_and_manifold(coarse_
     assert reduced.volume == pytest.approx(raw.volume, rel=0.01)
 
 
-@pytest.mark.slow
-def test_clean_and_reduce_pulls_apart_sheets_the_coarse_pass_joins(tmp_path):
-    # the first synthetic object's surface at grid 192 (351k faces), brought to 40k by
-    # meshoptimizer, has an edge with four faces where two nearby sheets met; pymeshlab's
-    # vertex split must leave FaceReducer a manifold mesh
+def _synthetic_surface(tmp_path, index: int, grid: int) -> trimesh.Trimesh:
+    """The `truth` raw surface of synthetic view `index` at `grid` cells per side."""
     from refany3d.config import MesherSettings
     from refany3d.models.mesher.truth import TruthMesher
-    from refany3d.render.mesh import clean_and_reduce, is_manifold
     from tests.models._views import synthetic_views
 
-    views, _, _ = synthetic_views(tmp_path, rows=1, size=64)
-    raw = TruthMesher().generate([None], views[:1], MesherSettings(truth_resolution=192), 0, float("inf"))[0]
-    reduced = clean_and_reduce(raw, 10000, coarse_factor=4.0)
-    assert 0.95 * 10000 <= len(reduced.faces) <= 10000 and is_manifold(reduced)
+    views, _, _ = synthetic_views(tmp_path, rows=index // 2 + 1, size=64)
+    settings = MesherSettings(truth_resolution=grid)
+    return TruthMesher().generate([None], views[index : index + 1], settings, 0, float("inf"))[0]
+
+
+@pytest.mark.slow
+def test_coarse_reduced_pulls_apart_sheets_meshoptimizer_joins(tmp_path):
+    # the first synthetic object's surface at grid 192 (351k faces), brought to 40k by
+    # meshoptimizer, has an edge with four faces where two nearby sheets met; pymeshlab's
+    # vertex split must leave FaceReducer a manifold mesh (so the fast path holds)
+    from refany3d.render.mesh import coarse_reduced, is_manifold
+
+    raw = _synthetic_surface(tmp_path, 0, 192)
+    reduced = coarse_reduced(raw.vertices, raw.faces, 40000, 10000)
+    assert 0.95 * 10000 <= len(reduced.faces) <= 10000 and is_manifold(repair_mesh(reduced))
+
+
+def test_clean_and_reduce_falls_back_to_face_reducer_where_the_coarse_pass_breaks_topology(tmp_path):
+    # the third synthetic object at grid 48 (27k faces) has thin parts meshoptimizer fuses beyond
+    # what the split repairs at 6k faces: FaceReducer alone must give the manifold result
+    from refany3d.render.mesh import clean_and_reduce, coarse_reduced, is_manifold
+
+    raw = _synthetic_surface(tmp_path, 4, 48)
+    assert not is_manifold(repair_mesh(coarse_reduced(raw.vertices, raw.faces, 6000, 3000)))
+    reduced = clean_and_reduce(raw, 3000, coarse_factor=2.0)
+    assert 0.95 * 3000 <= len(reduced.faces) <= 3000 and is_manifold(repair_mesh(reduced))
 
 
 def test_coarse_reduce_is_deterministic_and_near_the_count():
