@@ -2,7 +2,8 @@
 
 Input: synthetic 512 px views and their `truth` raw surfaces (marching cubes of the object's signed
 distance at `--grid`, a few hundred thousand faces, like a Hunyuan3D output). For each target face
-count: hy3dgen clean-up, the meshoptimizer pre-pass (`mesher.coarse_factor`) and FaceReducer, repair + normalisation, the UV atlas (`mesher.uv_unwrapper`,
+count: hy3dgen clean-up, the meshoptimizer pre-pass (`mesher.coarse_factor`), FaceReducer and repair;
+normalisation, the UV atlas (`mesher.uv_unwrapper`,
 `uv_atlas_size`, `uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
 re-rendered (ray cast, atlas sampled) at the fitted front camera vs the photo inside the mask.
 
@@ -26,7 +27,7 @@ import trimesh
 from refany3d.config import MesherSettings, TexturerSettings
 from refany3d.models.mesher.truth import TruthMesher
 from refany3d.models.texturer.projection import ProjectionTexturer
-from refany3d.render.mesh import clean_and_reduce, compute_uv_atlas, normalize_mesh, repair_mesh
+from refany3d.render.mesh import clean_and_reduce, compute_uv_atlas, normalize_mesh
 from refany3d.render.texture import raycast_colours
 from refany3d.stages._views import read_view
 from refany3d.synthetic import read_truth
@@ -46,7 +47,7 @@ def _one(raw, photo, mask, faces: int, mesher: MesherSettings, texturer: Texture
     reduced = clean_and_reduce(raw, faces, mesher.coarse_factor)
     times["reduce_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    canonical, _ = normalize_mesh(repair_mesh(reduced))
+    canonical, _ = normalize_mesh(reduced)  # clean_and_reduce repairs
     unwrapped, charts = compute_uv_atlas(
         canonical,
         mesher.uv_atlas_size,

@@ -92,13 +92,14 @@ _HY3DGEN_TEMP_LOCK = threading.Lock()
 def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: float = 0.0) -> trimesh.Trimesh:
     """Hunyuan3D's clean-up of a generated surface: hy3dgen's `FloaterRemover` (parts under 0.5 %
     of the faces), `DegenerateFaceRemover`, then `FaceReducer` (pymeshlab quadric edge collapse) to
-    at most `target_faces`. Geometry only; the temp files hy3dgen leaves behind are removed.
+    at most `target_faces`, then `repair_mesh`. Geometry only; the temp files hy3dgen leaves
+    behind are removed.
 
     `coarse_factor` > 1: a surface with more than `coarse_factor * target_faces` faces is first
     brought down to about that many by meshoptimizer (`coarse_reduced`); pymeshlab's one-threaded
     edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw surface, and then
-    does only the last few-fold. Where that result is not manifold after `repair_mesh`
-    (meshoptimizer joined sheets of a thin part), `FaceReducer` alone reduces the surface."""
+    does only the last few-fold. Where that result is not manifold after repair (meshoptimizer
+    joined sheets of a thin part), `FaceReducer` alone reduces the surface."""
     from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FloaterRemover
 
     pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
@@ -110,12 +111,14 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
             meshes = DegenerateFaceRemover()(FloaterRemover()(meshes))
             cleaned = meshes.current_mesh()  # a view into `meshes`: keep that alive while used
             vertices, faces = cleaned.vertex_matrix(), cleaned.face_matrix()
+            if len(faces) == 0:  # nothing left: the caller's mesh_empty
+                return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
             coarse_faces = int(coarse_factor * target_faces)
             if coarse_factor > 1 and len(faces) > coarse_faces:
-                reduced = coarse_reduced(vertices, faces, coarse_faces, target_faces)
-                if is_manifold(repair_mesh(reduced)):
+                reduced = repair_mesh(coarse_reduced(vertices, faces, coarse_faces, target_faces))
+                if is_manifold(reduced):
                     return reduced
-            return _face_reduced(_meshset(vertices, faces), target_faces)
+            return repair_mesh(_face_reduced(_meshset(vertices, faces), target_faces))
         finally:
             for leaked in set(glob.glob(pattern)) - before:
                 os.remove(leaked)

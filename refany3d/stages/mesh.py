@@ -33,7 +33,6 @@ from refany3d.render.mesh import (
     is_manifold,
     mesh_to_glb,
     normalize_mesh,
-    repair_mesh,
 )
 from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_mask, read_view, record
 from refany3d.stages.context import StageContext
@@ -103,7 +102,7 @@ def _generate(
 def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Trimesh, int] | str:
     """The reduced, repaired, normalised mesh with its UV atlas, or the drop reason."""
     opts = settings.mesher
-    reduced = repair_mesh(clean_and_reduce(mesh, opts.target_faces, opts.coarse_factor))
+    reduced = clean_and_reduce(mesh, opts.target_faces, opts.coarse_factor)  # repaired
     if len(reduced.faces) == 0:
         return MESH_EMPTY
     if not is_manifold(reduced):

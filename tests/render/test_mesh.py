@@ -224,3 +224,10 @@ def test_is_manifold_rejects_a_fin():
     v = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [-1, 0, 0], [0, 0, 1]], float)
     fin = trimesh.Trimesh(v, [[0, 1, 2], [0, 1, 3], [0, 1, 4]], process=False)
     assert not is_manifold(fin) and is_manifold(trimesh.creation.icosphere(subdivisions=1))
+
+
+def test_clean_and_reduce_of_only_degenerate_faces_is_empty():
+    from refany3d.render.mesh import clean_and_reduce
+
+    line = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]], process=False)  # zero area
+    assert len(clean_and_reduce(line, 100, coarse_factor=2.0).faces) == 0
