@@ -96,9 +96,9 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
     behind are removed.
 
     `coarse_factor` > 1: a surface with more than `coarse_factor * target_faces` faces is first
-    brought down to about that many by meshoptimizer (`coarse_reduced`); pymeshlab's one-threaded
-    edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw surface, and then
-    does only the last few-fold. Where that result is not manifold after repair (meshoptimizer
+    brought down to about that many by meshoptimizer (`reduce_with_coarse_pass`); pymeshlab's
+    one-threaded edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw
+    surface, and then does only the last few-fold. Where that result is not manifold after repair (meshoptimizer
     joined sheets of a thin part), `FaceReducer` alone reduces the surface."""
     from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FloaterRemover
 
@@ -115,7 +115,7 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
                 return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
             coarse_faces = int(coarse_factor * target_faces)
             if coarse_factor > 1 and len(faces) > coarse_faces:
-                reduced = repair_mesh(coarse_reduced(vertices, faces, coarse_faces, target_faces))
+                reduced = repair_mesh(reduce_with_coarse_pass(vertices, faces, coarse_faces, target_faces))
                 if is_manifold(reduced):
                     return reduced
             return repair_mesh(_face_reduced(_meshset(vertices, faces), target_faces))
@@ -124,7 +124,7 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
                 os.remove(leaked)
 
 
-def coarse_reduced(
+def reduce_with_coarse_pass(
     vertices: np.ndarray, faces: np.ndarray, coarse_faces: int, target_faces: int
 ) -> trimesh.Trimesh:
     """meshoptimizer down to about `coarse_faces` (`coarse_reduce`), then hy3dgen's `FaceReducer`
@@ -207,11 +207,8 @@ def _without_needles(vertices: np.ndarray, faces: np.ndarray, rounds: int = 8) -
             c, a, b = faces[face, apex], faces[face, (apex + 1) % 3], faces[face, (apex + 2) % 3]
             if touched[[a, b, c]].any():
                 continue
-            nearer = (
-                a
-                if np.linalg.norm(vertices[c] - vertices[a]) <= np.linalg.norm(vertices[c] - vertices[b])
-                else b
-            )
+            to_a, to_b = np.linalg.norm(vertices[c] - vertices[[a, b]], axis=1)
+            nearer = a if to_a <= to_b else b
             target[c] = nearer
             touched[[c, nearer]] = True
         faces = target[faces]

@@ -176,20 +176,20 @@ def test_coarse_reduced_pulls_apart_sheets_meshoptimizer_joins(tmp_path):
     # the first synthetic object's surface at grid 192 (351k faces), brought to 40k by
     # meshoptimizer, has an edge with four faces where two nearby sheets met; pymeshlab's
     # vertex split must leave FaceReducer a manifold mesh (so the fast path holds)
-    from refany3d.render.mesh import coarse_reduced, is_manifold
+    from refany3d.render.mesh import is_manifold, reduce_with_coarse_pass
 
     raw = _synthetic_surface(tmp_path, 0, 192)
-    reduced = coarse_reduced(raw.vertices, raw.faces, 40000, 10000)
+    reduced = reduce_with_coarse_pass(raw.vertices, raw.faces, 40000, 10000)
     assert 0.95 * 10000 <= len(reduced.faces) <= 10000 and is_manifold(repair_mesh(reduced))
 
 
 def test_clean_and_reduce_falls_back_to_face_reducer_where_the_coarse_pass_breaks_topology(tmp_path):
     # the third synthetic object at grid 48 (27k faces) has thin parts meshoptimizer fuses beyond
     # what the split repairs at 6k faces: FaceReducer alone must give the manifold result
-    from refany3d.render.mesh import clean_and_reduce, coarse_reduced, is_manifold
+    from refany3d.render.mesh import clean_and_reduce, is_manifold, reduce_with_coarse_pass
 
     raw = _synthetic_surface(tmp_path, 4, 48)
-    assert not is_manifold(repair_mesh(coarse_reduced(raw.vertices, raw.faces, 6000, 3000)))
+    assert not is_manifold(repair_mesh(reduce_with_coarse_pass(raw.vertices, raw.faces, 6000, 3000)))
     reduced = clean_and_reduce(raw, 3000, coarse_factor=2.0)
     assert 0.95 * 3000 <= len(reduced.faces) <= 3000 and is_manifold(repair_mesh(reduced))
 
