@@ -2,6 +2,7 @@
 ground truth that matches what was rendered."""
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,13 @@ from PIL import Image
 from refany3d.config import BuildSettings
 from refany3d.render.cameras import backproject, invert_pose, project, transform_points
 from refany3d.render.raycast import raycast_maps
+from refany3d.stages._code import module_closure, module_fingerprint
 from refany3d.stages.context import StageContext
 from refany3d.stages.read_source import plan_batches, read_source, resolve_files
 from refany3d.stages.split_pair import split_pair
 from refany3d.storage.store import ArtifactStore
 from refany3d.synthetic import ensure_synthetic, generate, read_truth
-from refany3d.synthetic.build import MARKER
+from refany3d.synthetic.build import MARKER, generator_fingerprint
 from refany3d.synthetic.objects import OBJECTS, build_object
 
 SIZE = 96
@@ -161,3 +163,22 @@ def test_ensure_synthetic_is_idempotent(source):
     assert ensure_synthetic(root, 4, 7, view_size=SIZE) == pattern
     after = {p.name: p.stat().st_mtime_ns for p in (Path(root) / "data").iterdir()}
     assert before == after and (Path(root) / MARKER).exists()
+
+
+def test_ensure_synthetic_regenerates_after_a_generator_code_change(tmp_path):
+    root = str(tmp_path / "src")
+    ensure_synthetic(root, 1, 0, view_size=32, code="before")
+    data = next((tmp_path / "src" / "data").iterdir())
+    stamp = data.stat().st_mtime_ns
+    ensure_synthetic(root, 1, 0, view_size=32, code="before")
+    assert data.stat().st_mtime_ns == stamp  # same code: reused
+    ensure_synthetic(root, 1, 0, view_size=32, code="after")
+    assert data.stat().st_mtime_ns != stamp  # changed code: generated again
+    assert json.loads((tmp_path / "src" / MARKER).read_text())["code"] == "after"
+
+
+def test_generator_fingerprint_covers_the_generator_and_what_it_imports():
+    closure = module_closure("refany3d.synthetic.build")
+    assert {"refany3d.synthetic.objects", "refany3d.render.renderer", "refany3d.stages._code"} <= set(closure)
+    assert "refany3d.stages.keys" not in closure  # key changes alone do not regenerate rows
+    assert generator_fingerprint() == module_fingerprint("refany3d.synthetic.build")

@@ -25,7 +25,7 @@ from refany3d.flows.tasks import stage_task
 from refany3d.preflight import preflight
 from refany3d.records import Sample, StageResult, merge_samples
 from refany3d.stages.dag import build_stages, plan_inputs, uses_truth
-from refany3d.stages.keys import batch_keys, file_fingerprint
+from refany3d.stages.keys import batch_keys, file_fingerprint, weights_fingerprints
 from refany3d.stages.read_source import SourceBatch, plan_source
 from refany3d.storage.card import ensure_build_id, write_card
 from refany3d.storage.shards import DATA_DIR, list_tables, prune_outputs, write_rejects
@@ -72,7 +72,8 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     if file_rejects:
         outputs.files.add(write_rejects(settings.storage.out, "source-files", file_rejects))
     file_hashes = {url: file_fingerprint(url) for url in {b.url for b in batches}}
-    keys = [batch_keys(settings, b.batch_ref, file_hashes[b.url]) for b in batches]
+    weights = weights_fingerprints(settings)
+    keys = [batch_keys(settings, b.content_ref, file_hashes[b.url], weights) for b in batches]
     todo = list(enumerate(batches))[::-1]
     with task_runner(settings) as runner:
         scheduler = Scheduler(runner, tasks, settings, build_id)

@@ -50,6 +50,7 @@ class Scheduler:
             "settings": self.settings,
             "build_id": self.build_id,
             "key": keys[stage],
+            "source_url": batch.url,
         }
         task = task_for(self.tasks, stage, self.settings, keys[stage])
         self.pending[self.runner.submit(task, params)] = (i, stage)

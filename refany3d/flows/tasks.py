@@ -1,7 +1,8 @@
 """The build's Prefect tasks: one per stage, named after it, one run per source batch.
 
 Each task is cached on its stage's content key (`stages/keys.py`: the stage, the settings it reads,
-its inputs' keys, its code) and the build id (the output directory's identity), so a rerun skips
+the weights it loads, its inputs' keys, its code), the build id (the output directory's identity)
+and the URL of the batch's data file (results point into it: `source_ref`), so a rerun skips
 exactly the work whose inputs did not change. The `shard` task also writes the batch's rejects and
 then a completion marker; a shard task whose marker or files are gone is submitted with a cache
 refresh, so deleting a shard re-runs the shard task alone (the intent of Prefect's
@@ -34,7 +35,7 @@ GPU_LIMIT = "gpu"  # Prefect global concurrency limit the GPU stages take slots 
 
 
 def _task_key(context: Any, parameters: dict[str, Any]) -> str:
-    blob = f"{parameters['key']}\n{parameters['build_id']}"
+    blob = f"{parameters['key']}\n{parameters['build_id']}\n{parameters['source_url']}"
     return f"{parameters['stage']}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
@@ -57,11 +58,17 @@ def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContext
 
 
 def run_stage(
-    stage: str, batch_id: str, inputs: Any, settings: BuildSettings, build_id: str, key: str
+    stage: str,
+    batch_id: str,
+    inputs: Any,
+    settings: BuildSettings,
+    build_id: str,
+    key: str,
+    source_url: str,
 ) -> StageResult:
     """Run one stage on one batch. `inputs`: the `SourceBatch` (source), the parents' results
     (other stages), or every earlier stage's result of the batch, the last one its parent (shard:
-    it writes their rejects too). `build_id` is only part of the cache key."""
+    it writes their rejects too). `build_id` and `source_url` are only part of the cache key."""
     logger = get_run_logger()
     limit_malloc_arenas()  # in a Dask worker process, too
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))

@@ -7,16 +7,31 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from refany3d.config import BuildSettings, SettingsError
+
+
+def _never(settings: BuildSettings) -> bool:
+    return False
+
+
+def _always(settings: BuildSettings) -> bool:
+    return True
+
+
+def _pose_on_device(settings: BuildSettings) -> bool:
+    """The built-in estimator runs on the CPU (numpy, Open3D) whatever `runtime.device` says;
+    FoundationPose runs on the device."""
+    return settings.pose.backend != "builtin"
 
 
 @dataclass(frozen=True)
 class StageSpec:
     parents: tuple[str, ...]
     # What in BuildSettings decides this stage's output: whole sections ("detector") or single
-    # fields ("runtime.device"); fields that only schedule work (workers, batches in flight) are out.
+    # fields ("source.seed"); fields that only schedule work (workers, batches in flight) are out.
+    # The first one is the stage's own section (its `batch_size` is the model batch).
     sections: tuple[str, ...]
     columns: tuple[str, ...]  # shard columns this stage fills
     module: str  # refany3d.stages.<module>.<name> is the stage function
@@ -25,9 +40,16 @@ class StageSpec:
     # their Arrow table, ≈ 2 MB a sample), and two at once were the flow's largest peak.
     serial: bool = False
     truth_section: str = ""  # settings section whose `backend` may be `truth` (ground truth)
+    # Fields naming weights files or directories: keys hash their files (`stages/keys.py`), not the
+    # path, and these fields leave the hash of their section.
+    weights: tuple[str, ...] = ()
+    # Whether `runtime.device` and `runtime.dtype` decide the stage's output in a build of these
+    # settings (a network runs on the device, and its numbers change with it).
+    on_device: Callable[[BuildSettings], bool] = field(default=_never)
 
 
-_DEVICE = ("runtime.device", "runtime.dtype")  # where a network runs changes its numbers
+DEVICE_FIELDS = ("runtime.device", "runtime.dtype")
+_SEED = "source.seed"  # `ctx.seed`: the per-sample noise of the networks and their truth backends
 
 # Topological order. mesh and depth are independent branches after segment.
 STAGES: dict[str, StageSpec] = {
@@ -42,26 +64,61 @@ STAGES: dict[str, StageSpec] = {
         ("quality",), ("split",), ("side", "image", "caption", "item", "category"), "split_pair"
     ),
     "detect": StageSpec(
-        ("split",), ("detector", *_DEVICE), ("box",), "detect", gpu=True, truth_section="detector"
+        ("split",),
+        ("detector", _SEED),
+        ("box",),
+        "detect",
+        gpu=True,
+        truth_section="detector",
+        weights=("detector.weights", "detector.text_encoder", "detector.config"),
+        on_device=_always,
     ),
     "segment": StageSpec(
-        ("detect",), ("segmenter", *_DEVICE), ("mask",), "segment", gpu=True, truth_section="segmenter"
+        ("detect",),
+        ("segmenter", _SEED),
+        ("mask",),
+        "segment",
+        gpu=True,
+        truth_section="segmenter",
+        weights=("segmenter.weights",),
+        on_device=_always,
     ),
     "mesh": StageSpec(
         ("segment",),
-        ("mesher", "texturer", *_DEVICE),
+        ("mesher", "texturer", _SEED),
         ("mesh_glb",),
         "mesh",
         gpu=True,
         truth_section="mesher",
+        weights=("mesher.weights",),
+        on_device=_always,
     ),
     "depth": StageSpec(
-        ("segment",), ("depth", *_DEVICE), ("depth", "intrinsics"), "depth", gpu=True, truth_section="depth"
+        ("segment",),
+        ("depth", _SEED),
+        ("depth", "intrinsics"),
+        "depth",
+        gpu=True,
+        truth_section="depth",
+        weights=("depth.weights",),
+        on_device=_always,
     ),
     "pose": StageSpec(
-        ("mesh", "depth"), ("pose", *_DEVICE), ("pose", "intrinsics", "mesh_scale"), "pose", gpu=True
+        ("mesh", "depth"),
+        ("pose",),
+        ("pose", "intrinsics", "mesh_scale"),
+        "pose",
+        gpu=True,
+        weights=("pose.weights",),
+        on_device=_pose_on_device,
     ),
-    "verify": StageSpec(("pose",), ("verify",), ("mask_iou", "lpips"), "verify"),
+    "verify": StageSpec(
+        ("pose",),
+        ("verify",),
+        ("mask_iou", "lpips"),
+        "verify",
+        weights=("verify.lpips_weights",),  # LPIPS runs on the CPU
+    ),
     "render": StageSpec(
         ("verify",),
         ("render",),

@@ -46,9 +46,10 @@ class SourceBatch:
         return f"{_stem(self.url)}-{self.start:07d}-{self.stop:07d}"
 
     @property
-    def batch_ref(self) -> str:
-        """The file and row range, as content keys name the batch."""
-        return f"{self.url}#{self.start}:{self.stop}"
+    def content_ref(self) -> str:
+        """The batch as content keys name it: the source kind, the file's name (sample ids carry
+        it) and the row range, not where the file lives (its content is the file fingerprint)."""
+        return f"{self.source}:{_stem(self.url)}#{self.start}:{self.stop}"
 
     def row_sample(self, row: int) -> Sample:
         """The row-level sample of row `row` of this batch's file, before its fields are read."""

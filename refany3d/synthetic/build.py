@@ -200,12 +200,24 @@ def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE, pro
     bar.close()
 
 
-def ensure_synthetic(root: str, n: int, seed: int, *, view_size: int = VIEW_SIZE) -> str:
-    """Generate into `root` unless its marker says the same (n, seed, view_size) is there; returns
-    the glob of the data files. The marker is written after the data (the unit of resume)."""
+def generator_fingerprint() -> str:
+    """Hash of the generator's code: this module and every package module it imports (objects,
+    renderer, cameras), docstrings and comments left out (`stages/keys.py`)."""
+    from refany3d.stages._code import module_fingerprint
+
+    return module_fingerprint(__name__)
+
+
+def ensure_synthetic(
+    root: str, n: int, seed: int, *, view_size: int = VIEW_SIZE, code: str | None = None
+) -> str:
+    """Generate into `root` unless its marker says the same (n, seed, view_size) was generated
+    there by the same generator code (`code`, default `generator_fingerprint()`); returns the glob
+    of the data files. The marker is written after the data (the unit of resume)."""
     fs, path = url_to_fs(root)
     marker = posixpath.join(path, MARKER)
-    want = {"n": n, "seed": seed, "view_size": view_size}
+    code = generator_fingerprint() if code is None else code
+    want = {"n": n, "seed": seed, "view_size": view_size, "code": code}
     done = fs.exists(marker) and json.loads(fs.cat_file(marker)) == want
     if not done:
         for sub in ("data", "truth"):  # stale files of another (n, seed) must not join the glob

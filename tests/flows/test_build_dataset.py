@@ -174,7 +174,7 @@ def test_scheduler_runs_serial_stage_tasks_one_at_a_time(tmp_path, s200k_source)
     lock = threading.Lock()
 
     @task(name="fake-stage")
-    def fake_stage(stage, batch_id, inputs, settings, build_id, key) -> StageResult:
+    def fake_stage(stage, batch_id, inputs, settings, build_id, key, source_url) -> StageResult:
         start = time.monotonic()
         time.sleep(0.3 if STAGES[stage].serial else 0.01)
         with lock:

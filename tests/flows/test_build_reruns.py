@@ -120,3 +120,29 @@ def test_sample_the_shard_stage_fails_on_is_rejected_and_the_others_are_written(
     ]
     assert STAGE_ERROR == "stage_error"
     assert _output(out) == _fresh(tmp_path, override(settings, **{"storage.shard_size": 2}))
+
+
+def test_identical_builds_into_two_directories_write_the_same_names_and_bytes(tmp_path):
+    """The synthetic default: each build generates its source under its own OUT/source."""
+    names = {}
+    for out in (tmp_path / "one", tmp_path / "elsewhere" / "two"):
+        settings = override(
+            BuildSettings(),
+            **{
+                "storage.out": str(out),
+                "source.synthetic_rows": 2,
+                "until": "split",
+                "runtime.batch_size": 2,
+            },
+        )
+        build_dataset(settings)
+        names[out.name] = _output(out)
+    assert names["one"] == names["two"] and names["one"]
+
+
+def test_rerun_with_another_source_seed_equals_fresh_build(tmp_path, synthetic_source):
+    out = tmp_path / "out"
+    build_dataset(_settings(out, synthetic_source, until="detect"))
+    seeded = _settings(out, synthetic_source, until="detect", **{"source.seed": 7})
+    build_dataset(seeded)
+    assert _output(out) == _fresh(tmp_path, seeded)
