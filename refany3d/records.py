@@ -13,6 +13,7 @@ Shard schema version history (columns documented in docs/shard-schema.md):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 from dataclasses import dataclass, field
@@ -81,10 +82,35 @@ def _copy(value: Any) -> Any:
 
 STAGE_ERROR = "stage_error"  # drop reason of any stage: it raised on this sample alone
 
+_TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+}
+
+
+def is_transient(err: BaseException) -> bool:
+    """I/O hiccups worth retrying as they are (network, timeouts, busy devices)."""
+    if isinstance(err, TimeoutError | ConnectionError | BrokenPipeError | InterruptedError):
+        return True
+    return isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA (or other accelerator) out of memory: retry with a smaller batch."""
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
 
 @dataclass(frozen=True)
 class Rejection:
-    """Why a sample left the build: `(stage, reason, metric)`; reasons are snake_case constants."""
+    """Why a sample left the build: `(stage, reason, metric)`; reasons are snake_case constants.
+
+    `transient`: the drop says nothing about the sample (a timeout, out of memory, an I/O error
+    that outlived its retries), so the next run tries it again; its task's result is not cached.
+    Deterministic drops (`low_iou`, `mesh_not_manifold`, a sample a stage raises on) are results."""
 
     sample_id: str
     source_id: str
@@ -92,6 +118,7 @@ class Rejection:
     reason: str
     metric: float | None = None
     detail: str = ""
+    transient: bool = False
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -113,11 +140,26 @@ class StageResult:
     kept: list[Sample] = field(default_factory=list)
     dropped: list[Rejection] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # Made from inputs that lost samples to transient drops (here or upstream): not a result either.
+    partial: bool = False
+
+    @property
+    def transient(self) -> bool:
+        """True when this result must not be cached: it has transient drops, or is `partial`."""
+        return self.partial or any(r.transient for r in self.dropped)
 
     def drop(
-        self, sample: Sample, stage: str, reason: str, metric: float | None = None, detail: str = ""
+        self,
+        sample: Sample,
+        stage: str,
+        reason: str,
+        metric: float | None = None,
+        detail: str = "",
+        transient: bool = False,
     ) -> None:
-        self.dropped.append(Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail))
+        self.dropped.append(
+            Rejection(sample.sample_id, sample.source_id, stage, reason, metric, detail, transient)
+        )
 
 
 # Fields a stage of one DAG branch may fill that a join keeps from whichever parent has them.
@@ -201,6 +243,7 @@ REJECT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("reason", pa.string()),
     ("metric", pa.float64()),
     ("detail", pa.string()),
+    ("transient", pa.bool_()),
 ]
 
 
@@ -242,7 +285,7 @@ def shard_schema(columns: list[str] | None = None) -> pa.Schema:
 
 
 def reject_schema() -> pa.Schema:
-    return pa.schema(REJECT_COLUMNS, metadata={"refany3d": json.dumps({"reject_schema_version": 1})})
+    return pa.schema(REJECT_COLUMNS, metadata={"refany3d": json.dumps({"reject_schema_version": 2})})
 
 
 def image_cell(data: bytes | None, path: str | None = None) -> dict[str, Any] | None:

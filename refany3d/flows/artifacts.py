@@ -59,7 +59,7 @@ class BuildReport:
         self.stages = stages
         self.n_batches = n_batches
         self.table_every_s = table_every_s
-        self.counts = {s: {"batches": 0, "in": 0, "kept": 0, "dropped": 0} for s in stages}
+        self.counts = {s: {"batches": 0, "in": 0, "kept": 0, "dropped": 0, "transient": 0} for s in stages}
         self.reasons: dict[str, dict[str, int]] = {s: {} for s in stages}
         self._done = 0
         self._total = max(1, len(stages) * n_batches)
@@ -77,6 +77,7 @@ class BuildReport:
         c["in"] += n_in
         c["kept"] += len(result.kept)
         c["dropped"] += len(result.dropped)
+        c["transient"] += sum(r.transient for r in result.dropped)
         for reason, n in reason_counts(result.dropped).items():
             self.reasons[stage][reason] = self.reasons[stage].get(reason, 0) + n
         self._done += 1
@@ -94,11 +95,12 @@ class BuildReport:
             self.reasons[stage][reason] = self.reasons[stage].get(reason, 0) + n
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Counters in the card's format: in, kept, dropped, dropped_<reason> per stage."""
+        """Counters in the card's format: in, kept, dropped, transient (the drops of `dropped`
+        that the next run tries again), dropped_<reason> per stage."""
         out = {}
         for s in self.stages:
             c = self.counts[s]
-            out[s] = {"in": c["in"], "kept": c["kept"], "dropped": c["dropped"]}
+            out[s] = {"in": c["in"], "kept": c["kept"], "dropped": c["dropped"], "transient": c["transient"]}
             out[s].update({f"dropped_{k}": v for k, v in sorted(self.reasons[s].items())})
         return out
 
@@ -111,6 +113,7 @@ class BuildReport:
                 "in": self.counts[s]["in"],
                 "kept": self.counts[s]["kept"],
                 "dropped": self.counts[s]["dropped"],
+                "transient": self.counts[s]["transient"],
                 "dropped by reason": ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons[s].items()))
                 or "none",
             }

@@ -4,13 +4,13 @@ Transient errors (I/O, timeouts) are retried by Prefect with exponential backoff
 them again until its last attempt); CUDA out of memory is retried in the task with half the model
 batch; anything else (or a transient error that outlives the retries) makes the task run the stage
 one sample at a time, and a sample that still fails is rejected with `stage_error` and the
-exception. Bad input ends as a reject, never as a failed run. The `shard` stage handles its rows
-one by one itself and never takes the per-sample fallback.
+exception. Bad input ends as a reject, never as a failed run. A `stage_error` whose exception is
+transient or out of memory is a transient drop (`Rejection.transient`): the next run tries it
+again. The `shard` stage handles its rows one by one itself and never takes the per-sample fallback.
 """
 
 from __future__ import annotations
 
-import errno
 import sys
 from typing import Any
 
@@ -18,32 +18,21 @@ from prefect import get_run_logger
 from prefect.context import TaskRunContext
 
 from refany3d.config import BuildSettings, override
-from refany3d.records import STAGE_ERROR, Rejection, StageResult, error_detail
+from refany3d.records import (
+    STAGE_ERROR,
+    Rejection,
+    StageResult,
+    error_detail,
+    is_out_of_memory,
+    is_transient,
+)
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES, stage_function
 from refany3d.stages.read_source import SourceBatch
 
 RETRIES = 2
-_TRANSIENT_ERRNOS = {
-    errno.EIO,
-    errno.EAGAIN,
-    errno.EBUSY,
-    errno.ETIMEDOUT,
-    errno.ECONNRESET,
-    errno.ECONNREFUSED,
-}
 
-
-def is_transient(err: BaseException) -> bool:
-    """I/O hiccups worth retrying as they are (network, timeouts, busy devices)."""
-    if isinstance(err, TimeoutError | ConnectionError | BrokenPipeError | InterruptedError):
-        return True
-    return isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA (or other accelerator) out of memory: retry with a smaller batch."""
-    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+__all__ = ["RETRIES", "is_out_of_memory", "is_transient", "run_with_policy", "smaller_batch"]
 
 
 def _batch_size(settings: BuildSettings, stage: str) -> int:
@@ -103,8 +92,9 @@ def per_sample(stage: str, inputs: Any, settings: BuildSettings, ctx: StageConte
         except Exception as err:
             detail = error_detail(err, 500)
             get_run_logger().warning("%s rejected %s: %s", stage, sample.sample_id, detail)
+            transient = is_transient(err) or is_out_of_memory(err)
             result.dropped.append(
-                Rejection(sample.sample_id, sample.source_id, stage, STAGE_ERROR, None, detail)
+                Rejection(sample.sample_id, sample.source_id, stage, STAGE_ERROR, None, detail, transient)
             )
             continue
         result.kept += part.kept

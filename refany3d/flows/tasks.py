@@ -7,6 +7,11 @@ exactly the work whose inputs did not change. The `shard` task also writes the b
 then a completion marker; a shard task whose marker or files are gone is submitted with a cache
 refresh, so deleting a shard re-runs the shard task alone (the intent of Prefect's
 `_project_cache_key` idiom, without a key that changes once the output exists).
+
+Transient is not a result: a task whose result has transient drops (`Rejection.transient`), or
+whose inputs had them anywhere upstream (`StageResult.partial`), does not write its cache record
+(its transaction's `write_on_commit` is turned off), so the next run does that work again, and
+every task below it too, and ends with what a fresh build writes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.tasks import Task, exponential_backoff
+from prefect.transactions import get_transaction
 
 from refany3d.config import BuildSettings
 from refany3d.flows.artifacts import reason_counts
@@ -76,9 +82,11 @@ def run_stage(
     if isinstance(inputs, SourceBatch):
         samples_in: Any = inputs
         size = inputs.stop - inputs.start
+        partial = False
     else:
         samples_in = inputs[-1].kept if stage == "shard" else merge_samples(inputs)
         size = len(samples_in)
+        partial = any(r.transient for r in inputs)
     logger.info("%s: %d %s of batch %s", stage, size, "rows" if stage == "source" else "samples", batch_id)
     start = time.perf_counter()
     with _gpu_slot(stage, settings):
@@ -88,6 +96,9 @@ def run_stage(
         name = write_rejects(settings.storage.out, key, dropped)
         result.files += [name] if name else []
         write_marker(settings.storage.out, key, result.files)
+    result.partial = partial
+    if result.transient:
+        _do_not_cache(stage, batch_id, result)
     release_free_memory()
     reasons = reason_counts(result.dropped)
     logger.info(
@@ -99,6 +110,17 @@ def run_stage(
         time.perf_counter() - start,
     )
     return result
+
+
+def _do_not_cache(stage: str, batch_id: str, result: StageResult) -> None:
+    """Keep this task run's result out of the cache: it is returned to the flow as usual, but
+    its record is not written under the cache key, so the next run computes it again."""
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.write_on_commit = False
+    n = sum(r.transient for r in result.dropped)
+    why = f"{n} transient drop(s)" if n else "inputs with transient drops"
+    get_run_logger().warning("%s: batch %s not cached (%s); the next run retries it", stage, batch_id, why)
 
 
 @cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -91,13 +91,14 @@ def record(
     backend: str | None,
     chunk: Sequence[Sample],
     outcomes: Sequence[Outcome],
+    transient: Collection[str] = (),
 ) -> None:
     """Add a chunk's outcomes to `result` in sample order: kept samples tagged with the backend
-    that made them (unless None), drops with their reason."""
+    that made them (unless None), drops with their reason (transient when it is in `transient`)."""
     for sample, outcome in zip(chunk, outcomes, strict=True):
         if isinstance(outcome, tuple):
             reason, metric, detail = outcome
-            result.drop(sample, stage, reason, metric=metric, detail=detail)
+            result.drop(sample, stage, reason, metric=metric, detail=detail, transient=reason in transient)
         else:
             if backend is not None:
                 outcome.backends[stage] = backend

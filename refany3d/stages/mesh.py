@@ -47,6 +47,8 @@ MESH_NOT_MANIFOLD = "mesh_not_manifold"  # still non-manifold after repair (the 
 UV_ATLAS_FAILED = "uv_atlas_failed"
 MESH_TIMEOUT = "mesh_timeout"  # over `mesher.timeout_s` (checked between steps)
 MESHER_OUT_OF_MEMORY = "mesher_out_of_memory"  # out of memory even for this object alone
+# Drops that say nothing about the sample: the next run tries it again (they are never cached).
+TRANSIENT = (MESH_TIMEOUT, MESHER_OUT_OF_MEMORY)
 
 # What the mesher gave one object: its raw surface, None (no surface) or a drop reason.
 Raw = trimesh.Trimesh | None | str
@@ -192,5 +194,5 @@ def mesh(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> S
         infer,
         finish,
     ):
-        record(result, STAGE, mesher.name, chunk, outcomes)
+        record(result, STAGE, mesher.name, chunk, outcomes, transient=TRANSIENT)
     return result

@@ -30,6 +30,8 @@ from refany3d.records import (
     StageResult,
     error_detail,
     image_cell,
+    is_out_of_memory,
+    is_transient,
     shard_schema,
 )
 from refany3d.stages.context import StageContext
@@ -98,7 +100,8 @@ def shard(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
             result.drop(sample, STAGE, ARTIFACT_MISSING, detail=str(err)[:200])
             continue
         except Exception as err:  # one bad sample must not cost the shard (or the build) the others
-            result.drop(sample, STAGE, STAGE_ERROR, detail=error_detail(err, 500))
+            transient = is_transient(err) or is_out_of_memory(err)
+            result.drop(sample, STAGE, STAGE_ERROR, detail=error_detail(err, 500), transient=transient)
             continue
         result.kept.append(sample)
         if len(rows) == settings.storage.shard_size:

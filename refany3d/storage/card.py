@@ -23,7 +23,8 @@ def ensure_build_id(out: str) -> str:
 
 
 def yield_table(stats: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
-    """Rows of (stage, in, kept, dropped, reasons) from per-stage counters."""
+    """Rows of (stage, in, kept, dropped, transient, reasons) from per-stage counters; `transient`
+    counts the drops the next build into this output tries again (timeouts, out of memory, I/O)."""
     rows = []
     for stage, c in stats.items():
         reasons = {k.removeprefix("dropped_"): v for k, v in sorted(c.items()) if k.startswith("dropped_")}
@@ -33,10 +34,21 @@ def yield_table(stats: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
                 "in": c.get("in", 0),
                 "kept": c.get("kept", 0),
                 "dropped": c.get("dropped", 0),
+                "transient": c.get("transient", 0),
                 "reasons": ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "-",
             }
         )
     return rows
+
+
+def _transient_note(stats: dict[str, dict[str, int]]) -> str:
+    n = sum(c.get("transient", 0) for c in stats.values())
+    if not n:
+        return ""
+    return (
+        f"> **{n} transient drop(s)** (a timeout, out of memory, or an I/O error after its retries): "
+        "they say nothing about the samples, and the next build into this output tries them again.\n\n"
+    )
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -75,8 +87,13 @@ def write_card(
         f"# {name}\n\n{truth_note}"
         f"Built by refany3d (shard schema v{SHARD_SCHEMA_VERSION}), stages run up to `{until}`; "
         f"{len(shards)} shard(s) under `data/`, dropped samples under `rejects/`.\n\n"
-        "## Yield per stage\n\n" + _markdown_table(yield_table(stats)) + "\n"
-        "## Settings\n\n```yaml\n" + yaml.safe_dump(settings, sort_keys=False) + "```\n"
+        "## Yield per stage\n\n"
+        + _markdown_table(yield_table(stats))
+        + "\n"
+        + _transient_note(stats)
+        + "## Settings\n\n```yaml\n"
+        + yaml.safe_dump(settings, sort_keys=False)
+        + "```\n"
     )
     fs, root = url_to_fs(out)
     card = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + body

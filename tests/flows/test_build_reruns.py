@@ -10,10 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
 
+import refany3d.models.detector as detector_backends
 import refany3d.stages.shard as shard_stage
 from refany3d.config import BuildSettings, override
 from refany3d.flows.build_dataset import build_dataset
+from refany3d.models.detector.truth import TruthDetector
 from refany3d.records import STAGE_ERROR
+from refany3d.stages.mesh import MESH_TIMEOUT
 from tests.flows._runs import rejects, shard_ids, task_runs
 from tests.models._views import tiny_sam_checkpoint
 
@@ -146,3 +149,61 @@ def test_rerun_with_another_source_seed_equals_fresh_build(tmp_path, synthetic_s
     seeded = _settings(out, synthetic_source, until="detect", **{"source.seed": 7})
     build_dataset(seeded)
     assert _output(out) == _fresh(tmp_path, seeded)
+
+
+class _DownDetector(TruthDetector):
+    """A detector service that times out while `down`, then works (the truth detector's boxes)."""
+
+    down = True
+
+    def detect(self, *args, **kwargs):
+        if _DownDetector.down:
+            raise TimeoutError("detector service timed out")
+        return super().detect(*args, **kwargs)
+
+
+@pytest.fixture
+def down_detector(monkeypatch):
+    monkeypatch.setitem(detector_backends.BACKENDS, "truth", _DownDetector)
+    detector_backends._load.cache_clear()  # built once per process: build the flaky one
+    _DownDetector.down = True
+    yield _DownDetector
+    detector_backends._load.cache_clear()
+
+
+def test_transient_stage_error_is_not_cached_and_the_next_run_keeps_the_samples(
+    tmp_path, synthetic_source, down_detector
+):
+    out = tmp_path / "out"
+    settings = _settings(out, synthetic_source, until="segment")
+    first = build_dataset(settings)
+    errors = [r for r in rejects(out) if r["stage"] == "detect"]
+    assert errors and {(r["reason"], r["transient"]) for r in errors} == {(STAGE_ERROR, True)}
+    assert first["stats"]["detect"]["transient"] == len(errors) == first["stats"]["detect"]["in"]
+
+    down_detector.down = False
+    second = build_dataset(settings)
+    assert second["stats"]["detect"]["dropped"] == 0 and second["stats"]["segment"]["kept"] > 0
+    assert _output(out) == _fresh(tmp_path, settings)
+    states = _states(second)
+    for stage in ("detect", "segment", "shard"):
+        assert {s for n, s in states.items() if n.startswith(f"{stage}-")} == {"Completed"}, stage
+    assert {s for n, s in states.items() if n.startswith(("source-", "quality-", "split-"))} == {"Cached"}
+    assert set(_states(build_dataset(settings)).values()) == {"Cached"}  # now they are results
+
+
+def test_mesh_timeouts_are_retried_by_the_next_run_and_keep_the_meshes(tmp_path, synthetic_source):
+    out = tmp_path / "out"
+    hurried = _settings(out, synthetic_source, until="mesh", **{"mesher.timeout_s": 1e-6})
+    first = build_dataset(hurried)
+    timeouts = [r for r in rejects(out) if r["stage"] == "mesh"]
+    assert {(r["reason"], r["transient"]) for r in timeouts} == {(MESH_TIMEOUT, True)}
+    assert MESH_TIMEOUT == "mesh_timeout"
+    assert first["stats"]["mesh"]["transient"] == first["stats"]["mesh"]["in"] == len(timeouts)
+    assert "transient drop" in (out / "README.md").read_text()
+
+    settings = _settings(out, synthetic_source, until="mesh")
+    second = build_dataset(settings)
+    assert second["stats"]["mesh"]["kept"] == second["stats"]["mesh"]["in"] > 0
+    assert _output(out) == _fresh(tmp_path, settings)
+    assert {s for n, s in _states(second).items() if n.startswith("mesh-")} == {"Completed"}

@@ -106,8 +106,18 @@ def test_write_card_header_is_datasets_config(tmp_path):
     header = yaml.safe_load(text.split("---")[1])
     assert header["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
     assert "ground-truth-backends" in header["tags"] and "Ground-truth backends" in text
-    assert "| split | 4 | 6 | 1 | image_undecodable: 1 |" in text
+    assert "| split | 4 | 6 | 1 | 0 | image_undecodable: 1 |" in text
+    assert "transient drop" not in text
     assert json.loads((tmp_path / "stats.json").read_text())["uses_truth_backends"] is True
+
+
+def test_write_card_counts_transient_drops_apart(tmp_path):
+    stats = {"mesh": {"in": 4, "kept": 1, "dropped": 3, "transient": 2, "dropped_mesh_timeout": 2}}
+    stats["mesh"]["dropped_mesh_not_manifold"] = 1
+    write_card(str(tmp_path), "demo", stats, {"until": "mesh"}, True, "mesh", [])
+    text = (tmp_path / "README.md").read_text()
+    assert "| mesh | 4 | 1 | 3 | 2 | mesh_not_manifold: 1, mesh_timeout: 2 |" in text
+    assert "**2 transient drop(s)**" in text
 
 
 def test_marker_complete_only_while_every_listed_table_exists(tmp_path):
