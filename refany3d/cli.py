@@ -30,7 +30,8 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
-def _add_settings_args(p: argparse.ArgumentParser) -> None:
+def _add_settings_args(p: argparse.ArgumentParser, example: str) -> None:
+    """--config and --set; `example` is one of the command's own settings (`section.field=value`)."""
     p.add_argument("--config", metavar="FILE", help="YAML or TOML settings file")
     p.add_argument(
         "--set",
@@ -38,7 +39,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one setting (repeatable), e.g. --set verify.min_iou=0.85",
+        help=f"override one setting (repeatable), e.g. --set {example}",
     )
 
 
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--runner", choices=["thread", "dask"], help="task runner for in-flow fan-out (runtime.runner)"
     )
-    _add_settings_args(build)
+    _add_settings_args(build, "verify.min_iou=0.85")
 
     synth = sub.add_parser("synth", help="write the embedded synthetic source (Subjects200K format + truth)")
     synth.add_argument("--n", type=int, default=8, help="pair rows to generate")
@@ -83,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="checkpoints, samples and logs (checkpoint.dir)")
     train.add_argument("--steps", type=int, metavar="N", help="train up to step N (optim.steps)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    _add_settings_args(train)
+    _add_settings_args(train, "optim.lr=0.5")
 
     deploy = sub.add_parser("deploy", help="register build-dataset (and train) on the cpu/gpu work pools")
     deploy.add_argument(
@@ -95,12 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployments")
     deploy.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
-    _add_settings_args(deploy)
+    _add_settings_args(deploy, "runtime.gpu_slots=2")
 
     serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")
     serve.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployment")
     serve.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
-    _add_settings_args(serve)
+    _add_settings_args(serve, "runtime.workers=4")
 
     sample = sub.add_parser("sample", help="generate an image and its point map of a 3D asset")
     sample.add_argument(
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         help="image guidance scale (second pass, blank references)",
     )
     sample.add_argument("--seed", type=int, metavar="N", help="noise seed (sampler.seed; default 0)")
-    _add_settings_args(sample)
+    _add_settings_args(sample, "sampler.steps=20")
 
     evaluate = sub.add_parser("evaluate", help="metrics of generated samples (Prefect flow evaluate)")
     evaluate.add_argument(
@@ -136,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--dataset", metavar="URL", help="shards whose meshes stand in for samples without asset.glb"
     )
-    _add_settings_args(evaluate)
+    _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
     config = sub.add_parser("config", help="print every build setting with its default and doc")
     config.add_argument("--train", action="store_true", help="training settings instead")

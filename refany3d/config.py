@@ -603,12 +603,20 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {
-        key[len(ENV_PREFIX) :].lower().replace("__", "."): value
-        for key, value in environ.items()
-        if key.startswith(ENV_PREFIX)
-    }
+def _from_env(environ: Mapping[str, str], cls: type) -> dict[str, str]:
+    """The `REFANY3D__SECTION__FIELD` variables that apply to `cls`: those whose section (or
+    top-level field) `cls` has. One environment serves every command (the GPU image sets
+    `REFANY3D__RUNTIME__DEVICE=cuda` for build, train and sample; `evaluate` has no `runtime`), so
+    a variable of another command's section is not this command's; an unknown field of a section
+    `cls` has is still an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            if dotted.split(".")[0] in names:
+                out[dotted] = value
+    return out
 
 
 def load_settings(
@@ -617,11 +625,13 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> T:
-    """Build `cls` from defaults < file < environment < overrides (dotted keys)."""
+    """Build `cls` from defaults < file < environment < overrides (dotted keys). Unknown keys in
+    the file or the overrides are errors; environment variables apply where `cls` has their
+    section (`_from_env`)."""
     settings = cls()
     if config_file:
         settings = _merge(cls, settings, read_file(config_file))
-    settings = _merge(cls, settings, _nest(_from_env(os.environ if environ is None else environ)))
+    settings = _merge(cls, settings, _nest(_from_env(os.environ if environ is None else environ, cls)))
     if overrides:
         settings = _merge(cls, settings, _nest(overrides))
     return settings

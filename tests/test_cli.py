@@ -1,6 +1,8 @@
+import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from refany3d.cli import _parser
+from refany3d.config import (
+    BuildSettings,
+    EvaluateSettings,
+    SampleSettings,
+    TrainSettings,
+    load_settings,
+    parse_overrides,
+)
 from tests.s200k import Row, write_subjects200k
 
 CLI = [sys.executable, "-m", "refany3d.cli"]
@@ -175,3 +186,22 @@ def test_sample_then_evaluate_writes_images_and_metrics(tmp_path):
     assert "silhouette_iou" in proc.stdout and "note: metrics.clip_weights is empty" in proc.stdout
     report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
     assert set(report["samples"]) == {"s0"}
+
+
+_COMMAND_SETTINGS = {
+    "build": BuildSettings,
+    "train": TrainSettings,
+    "deploy": BuildSettings,
+    "serve": BuildSettings,
+    "sample": SampleSettings,
+    "evaluate": EvaluateSettings,
+}
+
+
+@pytest.mark.parametrize("command", sorted(_COMMAND_SETTINGS))
+def test_each_command_help_shows_one_of_its_own_settings(command):
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    text = " ".join(commands[command].format_help().split())
+    example = re.search(r"e\.g\. --set (\S+=\S+)", text)
+    assert example, text
+    load_settings(_COMMAND_SETTINGS[command], overrides=parse_overrides([example[1]]), environ={})

@@ -3,6 +3,8 @@ import pytest
 from refany3d.config import (
     BuildSettings,
     DetectorSettings,
+    EvaluateSettings,
+    SampleSettings,
     SettingsError,
     TrainSettings,
     load_settings,
@@ -103,3 +105,24 @@ def test_check_until_names_the_stages():
 def test_uses_truth_only_for_stages_that_run():
     assert not uses_truth(BuildSettings(until="split"))
     assert truth_stages(BuildSettings(until="detect")) == ["detect"]
+
+
+def test_env_settings_apply_only_to_commands_whose_settings_have_the_section():
+    env = {"REFANY3D__RUNTIME__DEVICE": "cuda", "REFANY3D__VERIFY__MIN_IOU": "0.85"}
+    assert load_settings(EvaluateSettings, environ=env) == EvaluateSettings()  # no runtime, no verify
+    train = load_settings(TrainSettings, environ=env)
+    assert train.runtime.device == "cuda" and train == override(TrainSettings(), **{"runtime.device": "cuda"})
+    build = load_settings(BuildSettings, environ=env)
+    assert build.runtime.device == "cuda" and build.verify.min_iou == 0.85
+    assert load_settings(SampleSettings, environ=env).runtime.device == "cuda"
+
+
+def test_unknown_keys_stay_errors_in_files_overrides_and_known_env_sections(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("runtime:\n  device: cuda\n")
+    with pytest.raises(SettingsError, match="runtime: unknown setting"):
+        load_settings(EvaluateSettings, cfg, environ={})
+    with pytest.raises(SettingsError, match="verify: unknown setting"):
+        load_settings(TrainSettings, overrides={"verify.min_iou": "0.85"}, environ={})
+    with pytest.raises(SettingsError, match="runtime.devic: unknown setting"):
+        load_settings(TrainSettings, environ={"REFANY3D__RUNTIME__DEVIC": "cuda"})
