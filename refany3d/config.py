@@ -295,7 +295,12 @@ class RuntimeSettings(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = _opt("float32", "model precision on the device")
     batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
     batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)
-    gpu_slots: int = _opt(1, "size of the Prefect `gpu` global concurrency limit", ge=1)
+    gpu_slots: int = _opt(
+        1,
+        "GPU stage tasks at once on one machine: its Prefect limit `gpu-<host name>`, created with this "
+        "size where missing (an existing one keeps its size)",
+        ge=1,
+    )
     workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
     dask_address: str = _opt("", "dask scheduler address; empty = local cluster")

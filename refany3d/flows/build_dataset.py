@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from refany3d.config import BuildSettings, to_dict
 from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport
 from refany3d.flows.memory import collect_garbage, limit_malloc_arenas
-from refany3d.flows.runtime import ensure_gpu_slots, result_storage, task_runner
+from refany3d.flows.runtime import result_storage, task_runner
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
 from refany3d.preflight import preflight
@@ -55,7 +55,6 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     file_rejects = preflight(settings)  # again: deployment runs do not come through the CLI
     limit_malloc_arenas()  # before the task runner starts its threads
     build_id = ensure_build_id(settings.storage.out)
-    ensure_gpu_slots(settings)
     batches = plan_source(settings)
     storage = result_storage(settings)
     stages = build_stages(settings.until)

@@ -1,16 +1,19 @@
-"""Where a build's Prefect machinery runs: result storage, task runner, the `gpu` concurrency limit."""
+"""Where a build's Prefect machinery runs: result storage, task runner, the GPU concurrency limit
+of each worker machine."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 from pathlib import Path
 
+from prefect import get_run_logger
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from refany3d.config import BuildSettings
-from refany3d.flows.tasks import GPU_LIMIT
 from refany3d.storage.store import join
 
 
@@ -39,11 +42,41 @@ def task_runner(settings: BuildSettings) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=settings.runtime.workers)
 
 
-def ensure_gpu_slots(settings: BuildSettings) -> None:
-    """Create or resize the `gpu` global concurrency limit to `runtime.gpu_slots` (CUDA builds)."""
-    if not settings.runtime.device.startswith("cuda"):
-        return
+def gpu_limit_name(host: str | None = None) -> str:
+    """The Prefect global concurrency limit of the GPUs of machine `host` (default: this one)."""
+    return f"gpu-{host or socket.gethostname()}"
+
+
+def ensure_gpu_limit(name: str, slots: int) -> int:
+    """Create the limit `name` with `slots` slots unless it exists; its size (an existing limit
+    keeps its own: a build never resizes the slots another build, or an operator, set). One API
+    read per GPU task (a task is a whole batch)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, settings.runtime.gpu_slots)
+        try:
+            return client.read_global_concurrency_limit_by_name(name).limit
+        except ObjectNotFound:
+            pass
+        with contextlib.suppress(ObjectAlreadyExists):  # another task of this machine was first
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        return client.read_global_concurrency_limit_by_name(name).limit
+
+
+def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
+    """One slot of this machine's GPU limit (`gpu-<host name>`, created with `runtime.gpu_slots`
+    slots when missing), taken where the task runs: workers on two machines each run their own
+    slots, and concurrent builds share a machine's slots without resizing them."""
+    from prefect.concurrency.sync import concurrency
+
+    name = gpu_limit_name()
+    size = ensure_gpu_limit(name, settings.runtime.gpu_slots)
+    if size != settings.runtime.gpu_slots:
+        get_run_logger().info(
+            "%s has %d slot(s), not runtime.gpu_slots=%d: it was created earlier, and builds leave it "
+            "as it is (resize it with `prefect global-concurrency-limit update %s --limit N`)",
+            name, size, settings.runtime.gpu_slots, name,
+        )  # fmt: skip
+    return concurrency(name, occupy=1, strict=True)

@@ -37,8 +37,6 @@ from refany3d.stages.read_source import SourceBatch
 from refany3d.storage.shards import marker_complete, write_marker, write_rejects
 from refany3d.storage.store import ArtifactStore, join
 
-GPU_LIMIT = "gpu"  # Prefect global concurrency limit the GPU stages take slots from
-
 
 def _task_key(context: Any, parameters: dict[str, Any]) -> str:
     blob = f"{parameters['key']}\n{parameters['build_id']}\n{parameters['source_url']}"
@@ -55,11 +53,11 @@ def task_for(tasks: dict[str, Task], stage: str, settings: BuildSettings, key: s
 
 
 def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContextManager:
-    """A slot of the `gpu` limit for GPU stages on a CUDA device; no throttling on CPU."""
+    """A slot of this machine's GPU limit for GPU stages on a CUDA device; no throttling on CPU."""
     if STAGES[stage].gpu and settings.runtime.device.startswith("cuda"):
-        from prefect.concurrency.sync import concurrency
+        from refany3d.flows.runtime import gpu_slot
 
-        return concurrency(GPU_LIMIT, occupy=1)
+        return gpu_slot(settings)
     return contextlib.nullcontext()
 
 

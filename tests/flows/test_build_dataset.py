@@ -17,9 +17,8 @@ from refany3d.config import BuildSettings, override
 from refany3d.flows.artifacts import artifact_key
 from refany3d.flows.build_dataset import build_dataset
 from refany3d.flows.policy import is_out_of_memory, is_transient, smaller_batch
-from refany3d.flows.runtime import ensure_gpu_slots
+from refany3d.flows.runtime import ensure_gpu_limit, gpu_limit_name
 from refany3d.flows.scheduler import Scheduler
-from refany3d.flows.tasks import GPU_LIMIT
 from refany3d.records import IMAGE, STAGE_ERROR, StageResult
 from refany3d.stages.dag import STAGES, build_stages
 from refany3d.stages.read_source import plan_source
@@ -106,19 +105,27 @@ def test_build_dataset_rejects_the_sample_a_stage_fails_on(tmp_path, synthetic_s
     assert detect["kept"] + detect["dropped"] == detect["in"]
 
 
-def test_ensure_gpu_slots_sizes_the_gpu_limit_on_cuda_only(tmp_path, synthetic_source):
-    cuda = _settings(tmp_path / "out", synthetic_source, kind="synthetic", until="detect")
-    cuda = override(cuda, **{"runtime.device": "cuda", "runtime.gpu_slots": 3})
+def test_gpu_limit_is_per_machine_and_builds_never_resize_it():
     with get_client(sync_client=True) as client:
-        ensure_gpu_slots(override(cuda, **{"runtime.device": "cpu"}))
-        assert all(lim.name != GPU_LIMIT for lim in client.read_global_concurrency_limits())
-        ensure_gpu_slots(cuda)
-        assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
-        # A CUDA build takes and gives back the slots (truth detector needs no GPU).
-        result = build_dataset(override(cuda, **{"runtime.gpu_slots": 2}))
-        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        assert gpu_limit_name("host-a") != gpu_limit_name("host-b")
+        assert ensure_gpu_limit(gpu_limit_name("host-a"), 3) == 3
+        assert ensure_gpu_limit(gpu_limit_name("host-b"), 1) == 1  # its own slots
+        assert ensure_gpu_limit(gpu_limit_name("host-a"), 2) == 3  # another build: no resize
+        assert client.read_global_concurrency_limit_by_name(gpu_limit_name("host-a")).limit == 3
+        assert client.read_global_concurrency_limit_by_name(gpu_limit_name("host-b")).limit == 1
+
+
+def test_cuda_build_takes_and_gives_back_this_machines_gpu_slots(tmp_path, synthetic_source):
+    cuda = _settings(tmp_path / "out", synthetic_source, kind="synthetic", until="detect")
+    cuda = override(cuda, **{"runtime.device": "cuda", "runtime.gpu_slots": 2})
+    with get_client(sync_client=True) as client:
+        cpu = build_dataset(override(cuda, **{"runtime.device": "cpu"}))
+        assert all(lim.name != gpu_limit_name() for lim in client.read_global_concurrency_limits())
+        result = build_dataset(cuda)  # truth detector needs no GPU; the slots are taken all the same
+        limit = client.read_global_concurrency_limit_by_name(gpu_limit_name())
+        assert all(lim.name != "gpu" for lim in client.read_global_concurrency_limits())
     assert limit.limit == 2 and limit.active_slots == 0
-    assert result["stats"]["detect"]["in"] == result["stats"]["split"]["kept"] > 0
+    assert result["stats"]["detect"]["in"] == cpu["stats"]["split"]["kept"] > 0
 
 
 def test_build_dataset_dask_runner_writes_same_shards_as_threads(tmp_path, s200k_source):
