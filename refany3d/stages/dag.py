@@ -35,7 +35,7 @@ class StageSpec:
     sections: tuple[str, ...]
     columns: tuple[str, ...]  # shard columns this stage fills
     module: str  # refany3d.stages.<module>.<name> is the stage function
-    gpu: bool = False  # runs a network: takes a slot of the `gpu` concurrency limit on CUDA
+    gpu: bool = False  # runs a network: takes a slot of its machine's GPU limit on CUDA (`gpu-<host>`)
     # One task at a time across the build: a shard task holds a whole shard in memory (its rows and
     # their Arrow table, ≈ 2 MB a sample), and two at once were the flow's largest peak.
     serial: bool = False

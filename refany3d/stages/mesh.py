@@ -82,19 +82,28 @@ def _generate(
     settings: BuildSettings,
     seed: int,
 ) -> list[Raw]:
-    """One raw result per object. Out of memory splits the batch in halves down to single objects;
-    an object that does not fit alone, or a batch past its deadline, becomes a drop reason."""
+    """One raw result per object. `mesher.timeout_s` is per object: a chunk of k objects has k
+    times that. On a timeout the meshes already made are kept and the rest run again with their
+    own budget (halved down to single objects when none was made); out of memory splits the
+    chunk in halves likewise. An object that times out or does not fit alone becomes a drop reason."""
     opts = settings.mesher
     try:
-        return mesher.generate(cutouts, chunk, opts, seed, time.monotonic() + opts.timeout_s)
-    except MesherTimeout:
-        return [MESH_TIMEOUT] * len(chunk)
+        return mesher.generate(cutouts, chunk, opts, seed, time.monotonic() + opts.timeout_s * len(chunk))
+    except MesherTimeout as err:
+        done: list[Raw] = list(err.done[: len(chunk)])
+        if done:
+            n = len(done)
+            return (
+                done + _generate(mesher, cutouts[n:], chunk[n:], settings, seed) if n < len(chunk) else done
+            )
+        if len(chunk) == 1:
+            return [MESH_TIMEOUT]
     except Exception as err:
         if not _is_out_of_memory(err):
             raise
-    _free_accelerator_memory()
-    if len(chunk) == 1:
-        return [MESHER_OUT_OF_MEMORY]
+        _free_accelerator_memory()
+        if len(chunk) == 1:
+            return [MESHER_OUT_OF_MEMORY]
     half = len(chunk) // 2
     return _generate(mesher, cutouts[:half], chunk[:half], settings, seed) + _generate(
         mesher, cutouts[half:], chunk[half:], settings, seed

@@ -1,8 +1,11 @@
+import time
+
 import numpy as np
 import pytest
 import trimesh
 
 from refany3d.config import override
+from refany3d.models.mesher import MesherTimeout
 from refany3d.records import MESH
 from refany3d.render.mesh import load_mesh
 from refany3d.render.texture import raycast_colours
@@ -165,3 +168,42 @@ def test_mesh_out_of_memory_in_a_batch_retries_halves(monkeypatch, segmented):
     _with_mesher(monkeypatch, stub)
     result = mesh(views, override(settings, **{"mesher.batch_size": 2}), ctx)
     assert len(result.kept) == 2 and not result.dropped and stub.calls == [2, 1, 1]
+
+
+class _TimesOutOnce:
+    """A mesher that makes the first `made` meshes of its first chunk, then passes its deadline;
+    it records each call's size and budget (deadline - now)."""
+
+    name = "stub"
+
+    def __init__(self, made: int):
+        self.made, self.calls = made, []
+
+    def generate(self, images, samples, options, seed, deadline):
+        self.calls.append((len(samples), deadline - time.monotonic()))
+        meshes = [trimesh.creation.icosphere(subdivisions=3) for _ in samples]
+        if len(self.calls) == 1:
+            raise MesherTimeout("passed its deadline", done=meshes[: self.made])
+        return meshes
+
+
+def test_mesh_timeout_is_per_sample_and_keeps_the_meshes_already_made(monkeypatch, segmented):
+    views, ctx, settings = segmented
+    assert len(views) == 2
+    stub = _TimesOutOnce(made=1)
+    _with_mesher(monkeypatch, stub)
+    result = mesh(views, override(settings, **{"mesher.batch_size": 2, "mesher.timeout_s": 60.0}), ctx)
+    assert _reasons(result) == [] and len(result.kept) == 2  # the made mesh kept, the other retried
+    assert [n for n, _ in stub.calls] == [2, 1]
+    assert 100.0 < stub.calls[0][1] <= 120.0 and 40.0 < stub.calls[1][1] <= 60.0  # timeout_s per object
+
+
+def test_mesh_timeout_with_nothing_made_splits_down_to_single_objects(monkeypatch, segmented):
+    views, ctx, settings = segmented
+    stub = _TimesOutOnce(made=0)
+    _with_mesher(monkeypatch, stub)
+    result = mesh(views, override(settings, **{"mesher.batch_size": 2}), ctx)
+    assert _reasons(result) == [] and [n for n, _ in stub.calls] == [2, 1, 1]
+    assert all(
+        r.transient for r in mesh(views, override(settings, **{"mesher.timeout_s": 1e-4}), ctx).dropped
+    )

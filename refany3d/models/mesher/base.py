@@ -13,7 +13,13 @@ from refany3d.records import Sample
 
 
 class MesherTimeout(RuntimeError):
-    """The generation passed its deadline (`mesher.timeout_s`); the stage drops the samples."""
+    """The generation passed its deadline (`mesher.timeout_s` per object). `done` holds the
+    meshes made before it, for the first `len(done)` objects: the stage keeps them and gives the
+    rest a budget of their own."""
+
+    def __init__(self, message: str, done: Sequence[trimesh.Trimesh | None] = ()) -> None:
+        super().__init__(message)
+        self.done = list(done)
 
 
 class Mesher(Protocol):
@@ -32,7 +38,7 @@ class Mesher(Protocol):
 
         Meshes are in the mesher's canonical frame: y up, the input view seen from +z (its front
         camera looks down -z), roughly inside [-1, 1]³, unknown metric scale. `deadline` is a
-        `time.monotonic()` value; passing it raises MesherTimeout. `samples` and `seed` feed the
+        `time.monotonic()` value; passing it raises MesherTimeout with the meshes already made. `samples` and `seed` feed the
         `truth` backend and the per-sample noise of generative ones.
         """
         ...

@@ -169,7 +169,7 @@ class Hunyuan3DMesher:
         for latent in latents:
             if time.monotonic() > deadline:
                 raise MesherTimeout(
-                    f"hunyuan3d passed its deadline after {len(out)} of {len(samples)} decodes"
+                    f"hunyuan3d passed its deadline after {len(out)} of {len(samples)} decodes", done=out
                 )
             out.append(self.decode(latent[None], options))
         return out

@@ -103,6 +103,10 @@ class TruthMesher:
     ) -> list[trimesh.Trimesh | None]:
         out = []
         for _image, sample in zip(images, samples, strict=True):
+            if time.monotonic() > deadline:
+                raise MesherTimeout(
+                    f"truth mesher passed its deadline after {len(out)} of {len(samples)}", done=out
+                )
             truth = read_view_truth(sample)
             rng = truth_rng(seed, sample, "mesh")
             error = Rotation.from_rotvec(
@@ -112,6 +116,4 @@ class TruthMesher:
             geometry.vertices = geometry.vertices @ canonical_rotation(truth.pose, error).T
             canonical, _ = normalize_mesh(geometry)
             out.append(remesh(canonical, options.truth_resolution))
-            if time.monotonic() > deadline:
-                raise MesherTimeout(f"truth mesher passed its deadline after {len(out)} of {len(samples)}")
         return out
