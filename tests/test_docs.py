@@ -66,3 +66,12 @@ def test_shard_schema_page_lists_every_column_of_the_current_version():
     assert text.startswith(f"# Shard schema (version {SHARD_SCHEMA_VERSION})")
     for name, *_ in SHARD_COLUMNS + REJECT_COLUMNS:
         assert _table_row(text, name), f"docs/shard-schema.md has no row for column {name!r}"
+
+
+def test_evaluate_page_exists_and_explains_every_metric():
+    from refany3d.evaluate.run import METRICS
+
+    text = (DOCS / "evaluate.md").read_text()
+    for name, (value_range, better, _) in METRICS.items():
+        row = _table_row(text, name)
+        assert row and value_range in row and better in row, f"docs/evaluate.md: {name}"
