@@ -31,6 +31,7 @@ from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from refany3d.config import SettingsError
 from refany3d.models.flux.io import load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
 from refany3d.storage.store import join, write_atomic
@@ -87,6 +88,17 @@ def list_checkpoints(out: str) -> list[CheckpointInfo]:
         return []
     entries = json.loads(fs.cat_file(path))["checkpoints"]
     return [CheckpointInfo(e["step"], e["position"], join(out, CHECKPOINTS, e["dir"]), e) for e in entries]
+
+
+def refuse_used_out(out: str) -> None:
+    """Fail (SettingsError naming checkpoint.dir) when `out` already holds anything: a fresh run
+    there would prune the other run's checkpoints as its own and overwrite its metrics.jsonl."""
+    fs, root = url_to_fs(out)
+    if fs.isdir(root) and fs.ls(root, detail=False):
+        raise SettingsError(
+            f"checkpoint.dir: {out!r} is not empty (another run's checkpoints or logs); "
+            "pass --resume to continue that run, or choose an empty --out"
+        )
 
 
 def save_checkpoint(

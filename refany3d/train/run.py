@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from refany3d.config import TrainSettings
 from refany3d.storage.store import join, write_atomic
 from refany3d.train import data as data_mod
+from refany3d.train.checkpoint import refuse_used_out
 from refany3d.train.encode import encode_sample, flow_batch
 from refany3d.train.preview import preview_png
 from refany3d.train.trainer import (
@@ -106,7 +107,11 @@ def run_training(
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train to `settings.optim.steps` (resuming from the newest checkpoint in `checkpoint.dir`
-    when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json."""
+    when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json.
+    Without `resume`, `checkpoint.dir` must be empty (SettingsError otherwise): a run never takes
+    over, prunes or overwrites another run's outputs."""
+    if not resume:
+        refuse_used_out(settings.checkpoint.dir)
     tr = build_trainer(settings)
     info = load_checkpoint(tr) if resume else None
     main = tr.accelerator.is_main_process

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
+from refany3d.config import SettingsError
 from refany3d.models.flux.loss import flow_matching_losses
 from refany3d.train import encode
 from refany3d.train.checkpoint import list_checkpoints
@@ -143,3 +145,14 @@ def test_run_training_with_only_unreadable_rows_still_finishes(rows, tmp_path):
     result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 3}))
     assert result.steps == 3 and result.summary["counts"]["skipped_image_missing"] == 3
     assert all(r["loss"] == 0 for r in result.metrics)  # weight-0 steps keep ranks in step
+
+
+def test_run_training_refuses_a_used_out_without_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    longer = {"optim.steps": 4, "checkpoint.every": 1, "checkpoint.keep": 2}
+    run_training(tiny_settings(dataset, out, **longer))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SettingsError, match="checkpoint.dir.*not empty.*--resume"):
+        run_training(tiny_settings(dataset, out, **{**longer, "optim.steps": 2}))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert [c.step for c in list_checkpoints(str(out))] == [3, 4]
