@@ -106,6 +106,28 @@ def dropout(seed: int, position: int, settings: DataSettings) -> tuple[bool, boo
 # --------------------------------------------------------------------------- decoding
 
 
+def content_key(row: dict, views: int) -> str:
+    """Hash of exactly the cells the encoders read (caption, image, point map, the first `views`
+    orbit views of each kind): the latent cache's key of a row. A rebuild that changes any of them
+    under the same sample id gets a new key; the sample id itself is not part of it."""
+    h = hashlib.sha256()
+
+    def cell(value) -> None:
+        data = b"" if value is None else (value.get("bytes") or b"")
+        h.update(b"%d:" % (len(data) if value is not None else -1) + data)
+
+    caption = (row.get("caption") or "").encode()
+    h.update(b"%d:" % len(caption) + caption)
+    cell(row.get("image"))
+    cell(row.get("point_map"))
+    for name in ("views_rgb", "views_point_map"):
+        cells = row.get(name) or []
+        h.update(b"%s:%d;" % (name.encode(), min(len(cells), views)))
+        for value in cells[:views]:
+            cell(value)
+    return h.hexdigest()[:32]
+
+
 @dataclass
 class RawSample:
     """One decoded row. Images are (3, R, R) float32 in [-1, 1]; views (N, 3, Rc, Rc)."""
@@ -203,8 +225,8 @@ class _GroupReader:
 class TrainStream(torch.utils.data.IterableDataset):
     """Micro-batches of one rank from micro-step `start_step` on, forever (epochs roll over).
 
-    `cache` (cache.LatentCache or None) is consulted in the workers: a hit loads the stored
-    encodings and skips decoding the row.
+    `cache` (cache.LatentCache or None) is consulted in the workers, under `cache_key(content_key(row))`
+    (the hash of the cells the encoders read): a hit loads the stored encodings and skips decoding.
     """
 
     def __init__(
@@ -247,18 +269,19 @@ class TrainStream(torch.utils.data.IterableDataset):
                 orders[epoch] = epoch_order(self.groups, self.seed, epoch)
             ref = orders[epoch][index]
             drop_text, drop_refs = dropout(self.seed, position, self.settings)
-            item = Item(position, ref.sample_id, self.cache_key(ref.sample_id), drop_text, drop_refs)
-            item.cached = self.cache.get(item.cache_key) if self.cache is not None else None
-            if item.cached is None:
+            try:
                 try:
-                    try:
-                        row = reader.row(ref)
-                    except Exception as err:  # noqa: BLE001 - a vanished or broken file
-                        raise SkipSample(ROW_UNREADABLE, f"{ref.file}#{ref.group}: {err}") from None
+                    row = reader.row(ref)
+                except Exception as err:  # noqa: BLE001 - a vanished or broken file
+                    raise SkipSample(ROW_UNREADABLE, f"{ref.file}#{ref.group}: {err}") from None
+                key = self.cache_key(content_key(row, self.views))
+                item = Item(position, ref.sample_id, key, drop_text, drop_refs)
+                item.cached = self.cache.get(key) if self.cache is not None else None
+                if item.cached is None:
                     item.raw = decode_row(row, self.settings, self.views)
-                except SkipSample as skip:
-                    logger.warning("skipping sample %s: %s", ref.sample_id, skip)
-                    batch.skipped.append((ref.sample_id, skip.reason, skip.detail[:200]))
-                    continue
+            except SkipSample as skip:
+                logger.warning("skipping sample %s: %s", ref.sample_id, skip)
+                batch.skipped.append((ref.sample_id, skip.reason, skip.detail[:200]))
+                continue
             batch.items.append(item)
         return batch

@@ -2,8 +2,9 @@
 
 Every sample is encoded once (VAE latents of the target RGB, target point map and the N orbit views
 of each kind; T5 + pooled CLIP embeddings of the caption) and stored in the artifact store as one
-safetensors object, keyed by sample id + encoder identity (the base weights) + the preprocessing
-that decides the tensors (resolutions, views, text tokens, dtype). Later epochs and later runs on
+safetensors object, keyed by the row's content (a hash of the cells the encoders read: caption,
+image, point map, the orbit views) + encoder identity (the base weights) + the preprocessing that
+decides the tensors (resolutions, views, text tokens, dtype); the sample id is no part of the key. Later epochs and later runs on
 the same dataset load it instead of re-encoding. Nothing is unpickled: safetensors only.
 
 Dropout happens after the cache, on the encodings: a dropped text is the empty prompt's encoding;
@@ -28,7 +29,7 @@ from refany3d.train.data import Item, RawSample
 
 logger = logging.getLogger("refany3d.train")
 
-CACHE_VERSION = 1  # bump when what an entry holds changes
+CACHE_VERSION = 2  # bump when what an entry holds changes
 TENSORS = ("target_rgb", "target_point_map", "cond_rgb", "cond_point_map", "text", "pooled")
 
 
@@ -49,8 +50,10 @@ def preprocessing_key(settings: TrainSettings, components: FluxComponents) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_key(sample_id: str, preprocessing: str) -> str:
-    return f"{preprocessing}/{hashlib.sha256(sample_id.encode()).hexdigest()[:32]}"
+def cache_key(content: str, preprocessing: str) -> str:
+    """`<preprocessing>/<content>`: `content` is the row's `data.content_key` (its encoder cells'
+    hash), never the sample id, so a rebuild that changes a row's images or caption re-encodes it."""
+    return f"{preprocessing}/{content}"
 
 
 class LatentCache:

@@ -84,6 +84,22 @@ def test_run_training_second_epoch_hits_the_latent_cache(dataset, tmp_path, monk
     assert run_training(other).summary["counts"]["encoded"] == 0 and not calls
 
 
+def test_run_training_latent_cache_follows_row_content_not_sample_ids(rows, tmp_path):
+    cache = {"data.cache": str(tmp_path / "cache"), "optim.steps": 4}
+    first = run_training(tiny_settings(write_dataset(tmp_path / "v1", rows), tmp_path / "r1", **cache))
+    assert first.summary["counts"]["encoded"] == 4
+    # a rebuild under the same sample ids: one new caption, one new target image, one new view
+    changed = [dict(r) for r in rows]
+    changed[0]["caption"] = "A different caption."
+    changed[1]["image"] = rows[2]["image"]
+    changed[2]["views_point_map"] = [rows[3]["views_point_map"][0], *rows[2]["views_point_map"][1:]]
+    rebuilt = run_training(tiny_settings(write_dataset(tmp_path / "v2", changed), tmp_path / "r2", **cache))
+    assert rebuilt.summary["counts"]["encoded"] == 3 and rebuilt.summary["counts"]["cache_hits"] == 1
+    # an unchanged rebuild elsewhere reads everything from the cache
+    same = run_training(tiny_settings(write_dataset(tmp_path / "v3", rows), tmp_path / "r3", **cache))
+    assert same.summary["counts"]["encoded"] == 0 and same.summary["counts"]["cache_hits"] == 4
+
+
 def test_run_training_counts_skipped_rows_and_goes_on(rows, tmp_path):
     bad = dict(rows[0], sample_id="broken", image={"bytes": b"\x89PNG broken", "path": None})
     root = write_dataset(tmp_path / "data", [bad, *rows[1:3]])
