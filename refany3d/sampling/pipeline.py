@@ -25,6 +25,7 @@ import trimesh
 from refany3d.config import SampleSettings, SettingsError, to_dict
 from refany3d.models.flux.components import (
     FluxComponents,
+    blank_references,
     decode_latents,
     encode_images,
     encode_prompts,
@@ -164,6 +165,11 @@ class RefAny3DPipeline:
             else None,
             size=(cond_side, cond_side),
         )
+        blank = None
+        if s.sampler.image_guidance != 1.0:  # the references training's dropout blanked
+            lat = blank_references(self.components, len(views.rgb), s.render.resolution)[None]
+            lat = lat.to(conditions.rgb)
+            blank = Conditions(lat, None if conditions.point_map is None else lat, conditions.size)
         latents = sample_latents(
             self.components.transformer,
             text,
@@ -175,6 +181,7 @@ class RefAny3DPipeline:
             image_guidance=s.sampler.image_guidance,
             generator=torch.Generator().manual_seed(seed),
             cache_conditions=s.sampler.cache_conditions,
+            blank=blank,
         )
         image = to_uint8(self._decode(latents.rgb, target_side))
         point_map = None if latents.point_map is None else self._decode(latents.point_map, target_side)

@@ -8,7 +8,8 @@ decides the tensors (resolutions, views, text tokens, dtype); the sample id is n
 the same dataset load it instead of re-encoding. Nothing is unpickled: safetensors only.
 
 Dropout happens after the cache, on the encodings: a dropped text is the empty prompt's encoding;
-dropped references are the encodings of all-zero (black) views, both computed once per run.
+dropped references are `blank_references` (black views, also sampling's unconditional image
+branch), both computed once per run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from refany3d.config import TrainSettings
-from refany3d.models.flux.components import FluxComponents, encode_images, encode_prompts
+from refany3d.models.flux.components import (
+    FluxComponents,
+    blank_references,
+    encode_images,
+    encode_prompts,
+)
 from refany3d.models.flux.loss import FlowBatch
 from refany3d.storage.store import ArtifactStore
 from refany3d.train.data import Item, RawSample
@@ -105,13 +111,13 @@ def encode_sample(components: FluxComponents, raw: RawSample) -> dict[str, torch
 
 
 def dropout_encodings(components: FluxComponents, settings: TrainSettings) -> dict[str, torch.Tensor]:
-    """Encodings that replace dropped parts: the empty prompt, and all-zero (black) views."""
+    """Encodings that replace dropped parts: the empty prompt, and blank references
+    (`blank_references`, the same latents sampling's image-guidance pass uses)."""
     text, pooled = encode_prompts(components, [""])
     out = {"text": text[0].cpu(), "pooled": pooled[0].cpu()}
     views, size = settings.model.num_views, settings.data.condition_resolution
     if views:
-        zeros = encode_images(components, torch.zeros(1, 3, size, size))[0].cpu()
-        out["cond_rgb"] = out["cond_point_map"] = zeros.expand(views, -1, -1)
+        out["cond_rgb"] = out["cond_point_map"] = blank_references(components, views, size).cpu()
     return out
 
 
