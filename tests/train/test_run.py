@@ -13,7 +13,13 @@ from refany3d.models.flux.loss import flow_matching_losses
 from refany3d.train import encode
 from refany3d.train.checkpoint import list_checkpoints
 from refany3d.train.run import run_training
-from refany3d.train.trainer import build_trainer, load_checkpoint, make_loader, prepare_micro_batch
+from refany3d.train.trainer import (
+    build_trainer,
+    load_checkpoint,
+    make_loader,
+    prepare_micro_batch,
+    train_step,
+)
 from tests.train._shards import write_dataset
 from tests.train.conftest import tiny_settings
 
@@ -172,3 +178,27 @@ def test_run_training_refuses_a_used_out_without_resume(dataset, tmp_path):
         run_training(tiny_settings(dataset, out, **{**longer, "optim.steps": 2}))
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert [c.step for c in list_checkpoints(str(out))] == [3, 4]
+
+
+def test_bf16_training_keeps_fp32_masters_that_take_updates_below_bf16_resolution(dataset, tmp_path):
+    # AdamW at lr 1e-5 moves each weight by ~1e-5; a LoRA-A weight (~N(0, 1/16)) has a bf16 spacing
+    # of ~2e-4, so in bf16 the update rounds away. Step 1 trains the zero-init B (A has no gradient
+    # while B = 0); step 2 must move A.
+    settings = tiny_settings(
+        dataset, tmp_path / "run", **NO_DROPOUT,
+        **{"runtime.dtype": "bfloat16", "optim.optimizer": "adamw", "optim.lr": 1e-5, "optim.weight_decay": 0},
+    )  # fmt: skip
+    tr = build_trainer(settings)
+    model = tr.accelerator.unwrap_model(tr.model)
+    assert next(model.flux.transformer_blocks[0].attn.to_q.base_layer.parameters()).dtype == torch.bfloat16
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in named.values()} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.domain_switcher.parameters())
+    stream = iter(make_loader(tr))
+    train_step(tr, [next(stream)])
+    lora_a = {n: p.detach().clone() for n, p in named.items() if "lora_A" in n}
+    train_step(tr, [next(stream)])
+    moved = [(named[n] != before).float().mean().item() for n, before in lora_a.items()]
+    spacing = [torch.finfo(torch.bfloat16).eps * before.abs().median().item() for before in lora_a.values()]
+    assert min(spacing) > 1e-5 * 4  # the updates are well below bf16 resolution
+    assert np.median(moved) > 0.99, moved  # (a few adapters see no tokens in this tiny layout)
