@@ -69,8 +69,16 @@ class RowRef:
     sample_id: str
 
 
-def build_index(files: list[str]) -> list[list[RowRef]]:
-    """Row groups of every file, each a list of its rows (reads only `sample_id`)."""
+def held_out(sample_id: str, fraction: float) -> bool:
+    """Whether `sample_id` is in the evaluation split of `fraction`: a hash of the id alone, so a
+    sample stays held out (or trained on) in every dataset version that has it."""
+    digest = hashlib.sha256(f"holdout:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def build_index(files: list[str], holdout: float = 0.0, evaluation: bool = False) -> list[list[RowRef]]:
+    """Row groups of every file, each a list of its rows (reads only `sample_id`): the training
+    rows, or with `evaluation` the rows held out (`held_out(id, holdout)`); empty groups dropped."""
     groups = []
     for path in files:
         fs, p = url_to_fs(path)
@@ -78,7 +86,10 @@ def build_index(files: list[str]) -> list[list[RowRef]]:
             parquet = pq.ParquetFile(fh)
             for g in range(parquet.num_row_groups):
                 ids = parquet.read_row_group(g, columns=["sample_id"]).column(0).to_pylist()
-                groups.append([RowRef(path, g, i, sid) for i, sid in enumerate(ids)])
+                rows = [RowRef(path, g, i, sid) for i, sid in enumerate(ids)]
+                rows = [r for r in rows if held_out(r.sample_id, holdout) == evaluation]
+                if rows:
+                    groups.append(rows)
     return groups
 
 

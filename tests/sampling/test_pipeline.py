@@ -110,6 +110,16 @@ def test_resolve_adapters_run_checkpoint_or_adapter_directory(pipe, tmp_path):
     assert resolve_adapters(run / "checkpoints" / "step-00000100")[1]["step"] == 100
     with pytest.raises(FileNotFoundError, match="--lora"):
         resolve_adapters(tmp_path / "empty")
+    # a promotion pointer (scheduled retraining's promoted.json), or the directory holding it
+    retrain = tmp_path / "retrain"
+    retrain.mkdir()
+    old = run / "checkpoints" / "step-00000100"
+    (retrain / "promoted.json").write_text(json.dumps({"checkpoint": str(old), "version": "v-1"}))
+    assert resolve_adapters(retrain / "promoted.json") == (old / "adapters", {"step": 100, "base": "b"})
+    assert resolve_adapters(retrain)[0] == old / "adapters"
+    (retrain / "promoted.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="promotion pointer"):
+        resolve_adapters(retrain)
 
 
 def test_from_pretrained_refuses_adapters_of_another_base(pipe, tmp_path):
