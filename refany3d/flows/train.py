@@ -155,10 +155,11 @@ def train(
     result = fit(cfg, resume)
     arts.publish_training(result)
     checkpoint = list_checkpoints(run_dir)[-1]
-    adapters = {"candidate": checkpoint.url, **({"promoted": promoted["checkpoint"]} if promoted else {})}
+    where = checkpoint.url if "://" in checkpoint.url else os.path.abspath(checkpoint.url)  # any cwd
+    adapters = {"candidate": where, **({"promoted": promoted["checkpoint"]} if promoted else {})}
     decision = evaluate_candidate(cfg, adapters, evaluation)
     record = {
-        "version": version.version, "dataset": version.root, "run": run_dir, "checkpoint": checkpoint.url,
+        "version": version.version, "dataset": version.root, "run": run_dir, "checkpoint": where,
         "step": checkpoint.step, "base": checkpoint.manifest.get("base"), "promote": decision["promote"],
         "reason": decision["reason"], "metrics": decision["candidate"], "comparison": decision["comparison"],
         "previous": promoted, "warm_start": cfg.checkpoint.init_adapters or None,

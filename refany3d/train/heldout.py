@@ -63,8 +63,8 @@ def generate(
     """(image (R, R, 3) uint8, point map (R, R, 3) float in [0, 1]) of one held-out sample from its
     own references and caption, `checkpoint.sample_steps` steps at `checkpoint.guidance`."""
     model = components.transformer
-    param = next(model.flux.parameters())
-    enc = {k: v.to(param.device, param.dtype) for k, v in encode_sample(components, raw).items()}
+    device, dtype = settings.runtime.device, getattr(torch, settings.runtime.dtype)  # the base's
+    enc = {k: v.to(device, dtype) for k, v in encode_sample(components, raw).items()}
     token_px = 2 * components.vae_scale_factor
     side, cond_side = settings.data.resolution // token_px, settings.data.condition_resolution // token_px
     conditions = None
