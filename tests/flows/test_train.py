@@ -136,6 +136,7 @@ def test_deploy_registers_train_on_the_gpu_pool(prefect_server):
         dep = client.read_deployment_by_name("train/gpu")
     assert dep.entrypoint == "refany3d.flows.train.train" and dep.work_pool_name == "gpu"
     assert dep.parameters["resume"] and dep.parameters["settings"]["runtime"]["device"] == "cuda"
+    assert dep.parameters["settings"]["data"]["holdout_fraction"] > 0  # each version is evaluated
 
 
 SERVE_ON_INTERVAL = """
