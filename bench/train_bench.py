@@ -141,13 +141,12 @@ def encode_cost(tr, n: int) -> dict:
     reader = data_mod._GroupReader()
     refs = [r for g in tr.groups for r in g][:n]
     raws = [data_mod.decode_row(reader.row(r), tr.settings.data, tr.settings.model.num_views) for r in refs]
+    keys = [tr_key(tr, reader.row(r)) for r in refs]
     c = tr.components
     encode_sample(c, raws[0])  # warm-up
     whole, vae, text = [], [], []
-    for raw, ref in zip(raws, refs):
-        whole.append(
-            _timed(lambda raw=raw, ref=ref: tr.cache.put(tr_key(tr, ref.sample_id), encode_sample(c, raw)))
-        )
+    for raw, key in zip(raws, keys):
+        whole.append(_timed(lambda raw=raw, key=key: tr.cache.put(key, encode_sample(c, raw))))
         images = torch.cat([raw.image[None], raw.point_map[None], raw.views_rgb, raw.views_point_map])
         vae.append(_timed(lambda images=images: encode_images(c, images)))
         text.append(_timed(lambda raw=raw: encode_prompts(c, [raw.caption])))
@@ -160,10 +159,10 @@ def encode_cost(tr, n: int) -> dict:
     }
 
 
-def tr_key(tr, sample_id: str) -> str:
+def tr_key(tr, row: dict) -> str:
     from refany3d.train.encode import cache_key
 
-    return cache_key(sample_id, tr.preprocessing)
+    return cache_key(data_mod.content_key(row, tr.settings.model.num_views), tr.preprocessing)
 
 
 def model_step_times(tr, warmup: int, steps: int) -> list[float]:

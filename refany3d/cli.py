@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--lora",
         metavar="DIR",
-        help="a training run's directory (its newest checkpoint) or one checkpoint's; none = untrained adapters",
+        help="a training run's directory (its newest checkpoint), one checkpoint's, or a promoted.json "
+        "pointer of scheduled retraining; none = untrained adapters",
     )
     sample.add_argument(
         "--out", required=True, metavar="DIR", help="directory for the images and contact sheet"

@@ -343,6 +343,12 @@ class DataSettings(_Section):
     drop_references_prob: float = _opt(0.1, "probability of zeroing all reference views", ge=0.0, le=1.0)
     num_workers: int = _opt(0, "data loader processes", ge=0)
     cache: str = _opt("", "latent + text-embedding cache URL; empty = <dataset>/cache (shared by runs)")
+    holdout_fraction: float = _opt(
+        0.0,
+        "fraction of samples held out of training for evaluation, picked by a hash of the sample id (stable across dataset versions)",
+        ge=0.0,
+        lt=1.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -395,6 +401,27 @@ class CheckpointSettings(_Section):
     guidance: float = _opt(3.5, "guidance embedding when sampling", ge=0.0)
     sample_count: int = _opt(2, "dataset samples whose references and captions the previews use", ge=1)
     log_every: int = _opt(10, "log loss / learning rate / samples per second every N steps", ge=1)
+    init_adapters: str = _opt(
+        "",
+        "adapters a fresh run starts from (a run, checkpoint, adapter directory or promotion pointer); empty = new",
+    )
+
+
+@dataclass(frozen=True)
+class RetrainSettings(_Section):
+    """The scheduled retraining of the `train` flow: warm start, held-out evaluation, promotion."""
+
+    warm_start: bool = _opt(
+        True, "start a new dataset version's run from the promoted adapters (false = fresh)"
+    )
+    eval_samples: int = _opt(
+        8, "held-out samples (data.holdout_fraction) each candidate is evaluated on", ge=1
+    )
+    tolerance: float = _opt(
+        0.0,
+        "a metric may be this much worse than the promoted run's without counting as a regression",
+        ge=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -410,6 +437,7 @@ class TrainSettings(_Section):
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
 
 
 # --------------------------------------------------------------------------- sample / evaluate sections

@@ -30,6 +30,7 @@ from refany3d.stages.read_source import SourceBatch, plan_source
 from refany3d.storage.card import ensure_build_id, write_card
 from refany3d.storage.shards import DATA_DIR, list_tables, prune_outputs, write_rejects
 from refany3d.storage.store import ArtifactStore, join
+from refany3d.storage.versions import write_version
 
 
 class _Outputs:
@@ -96,8 +97,15 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any]:
     write_card(out, settings.dataset_name, stats, to_dict(settings), truth, settings.until, shards)
     store = ArtifactStore(settings.storage.artifacts or join(out, "artifacts"))
     report.finish(out, shards, outputs.gallery, store, truth)
-    logger.info("wrote %d shard(s), card and stats to %s", len(shards), out)
-    return {"stats": stats, "shards": shards, "out": out, "flow_run_id": str(flow_run.id)}
+    version = write_version(out, shards)  # last: a version exists only for a finished build
+    logger.info("wrote %d shard(s), card and stats to %s (dataset %s)", len(shards), out, version.version)
+    return {
+        "stats": stats,
+        "shards": shards,
+        "out": out,
+        "version": version.version,
+        "flow_run_id": str(flow_run.id),
+    }
 
 
 def _count_batch(

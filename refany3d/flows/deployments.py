@@ -18,6 +18,7 @@ from refany3d import __version__
 from refany3d.config import BuildSettings, override, to_dict
 
 POOLS = ("cpu", "gpu")
+HOLDOUT_FRACTION = 0.05  # of the samples, held out of scheduled retraining to evaluate each version
 # Environment of flow-run processes: stage loggers reach the UI, headless GL for the renderer.
 JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "refany3d", "PYOPENGL_PLATFORM": "egl"}
 
@@ -48,10 +49,11 @@ def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, 
 
 def train_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
     """Default parameters of the train deployment: the build's output as the dataset (its newest
-    version is resolved at run time), resume from the newest checkpoint, bf16 on CUDA on `gpu`."""
+    version is resolved at run time), `HOLDOUT_FRACTION` of the samples held out for the promotion
+    evaluation, an interrupted run resumed, bf16 on CUDA on `gpu`."""
     from refany3d.config import TrainSettings
 
-    settings = TrainSettings()
+    settings = override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
     if pool == "gpu":
         settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
     dataset = (base or BuildSettings()).storage.out

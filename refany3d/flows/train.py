@@ -1,8 +1,14 @@
-"""The `train` flow: train RefAny3D on the newest dataset version, resuming from the newest checkpoint.
+"""The `train` flow: scheduled retraining, one run per dataset version, promoted when it does not regress.
 
-Thin: resolve the dataset, run the training loop (in the flow's process, or `processes` ranks through
-torchrun on a multi-GPU worker), publish the artifacts (loss curve, sample gallery, checkpoint links,
-summary table). The loop itself is `refany3d.train.run_training`; nothing here knows the model.
+As TFX does it: resolve the newest dataset version (`storage/versions.py`); skip when that version
+was already trained and decided; otherwise train a new run (warm-started from the last promoted
+adapters), evaluate it and the promoted run on the same held-out samples (`train/heldout.py`) and
+promote it (`OUT/promoted.json` + a Prefect artifact) only when no metric regresses. Training runs
+in the flow's process, or `processes` ranks through torchrun on a multi-GPU worker. The loop itself
+is `refany3d.train.run_training`; nothing here knows the model.
+
+    OUT/runs/<version>/     one training run (checkpoints/, metrics.jsonl, summary.json, decision.json)
+    OUT/promoted.json       the promoted run: its checkpoint, dataset version, metrics, the previous one
 """
 
 from __future__ import annotations
@@ -18,9 +24,15 @@ import yaml
 from fsspec.core import url_to_fs
 from prefect import flow, get_run_logger, task
 
-from refany3d.config import TrainSettings, override, to_dict
+from refany3d.config import EvaluateSettings, SettingsError, TrainSettings, override, to_dict
 from refany3d.storage.store import join
+from refany3d.storage.versions import read_version
+from refany3d.train.checkpoint import POINTER, list_checkpoints, read_pointer, write_pointer
 from refany3d.train.data import shard_files
+from refany3d.train.trainer import write_json
+
+RUNS = "runs"  # out/runs/<dataset version>/: one training run per version
+DECISION = "decision.json"  # written last in a run directory: the version is done
 
 
 def newest_dataset(url: str) -> str:
@@ -86,6 +98,22 @@ def fit(settings: TrainSettings, resume: bool) -> dict[str, Any]:
     return {"name": settings.name, **result}
 
 
+@task(task_run_name="evaluate-{settings.name}")
+def evaluate_candidate(
+    settings: TrainSettings, adapters: dict[str, str], evaluation: EvaluateSettings | None
+) -> dict[str, Any]:
+    """Held-out reports of the candidate (and the promoted run) and the promotion decision."""
+    from refany3d.train.heldout import decide, evaluate_adapters
+
+    reports = evaluate_adapters(settings, adapters, evaluation)
+    return {"reports": reports, **decide(reports, settings.retrain.tolerance)}
+
+
+def _read_json(url: str) -> dict[str, Any] | None:
+    fs, path = url_to_fs(url)
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
 @flow(name="train", log_prints=True)
 def train(
     dataset: str = "out/dataset",
@@ -94,23 +122,54 @@ def train(
     steps: int = 0,
     resume: bool = True,
     settings: TrainSettings | None = None,
+    evaluation: EvaluateSettings | None = None,
 ) -> dict[str, Any]:
-    """Train on the newest version of `dataset` into `out` (resuming from its newest checkpoint when
-    `resume`); `base_weights` = FLUX.1-dev snapshot directory (empty: the tiny random model);
-    `steps` = 0 keeps `settings.optim.steps`."""
-    from refany3d.flows.train_artifacts import publish_training
+    """Scheduled retraining: once per dataset version of `dataset` (its newest finished build),
+    train into `out/runs/<version>` (from the promoted adapters with `retrain.warm_start`), evaluate
+    on held-out samples against the promoted run and promote (`out/promoted.json`) unless a metric
+    regresses. A version already decided completes at once ("dataset unchanged"). `resume`
+    continues an interrupted run of the version; `steps` = 0 keeps `settings.optim.steps`;
+    `base_weights` = FLUX.1-dev snapshot directory (empty: the tiny random model)."""
+    from refany3d.flows import train_artifacts as arts
 
     logger = get_run_logger()
-    cfg = train_settings(dataset, out, base_weights, steps, settings)
-    logger.info("training %s on %s into %s", cfg.name, cfg.data.shards, cfg.checkpoint.dir)
-    result = fit(cfg, resume)
-    publish_training(result)
-    s = result["summary"]
+    version = read_version(newest_dataset(dataset))
+    run_dir = join(out, RUNS, version.version)
+    name = (settings or TrainSettings()).name
+    decided = _read_json(join(run_dir, DECISION))
+    if decided is not None:
+        message = arts.publish_unchanged(name, version.version, run_dir, decided)
+        logger.info(message)
+        return {"status": "unchanged", "version": version.version, "out": run_dir}
+    promoted = read_pointer(out)
+    cfg = train_settings(version.root, run_dir, base_weights, steps, settings)
+    if cfg.data.holdout_fraction <= 0:  # before any work: every version is evaluated on held-out samples
+        raise SettingsError("data.holdout_fraction: 0 holds no samples out to evaluate on; set e.g. 0.05")
+    if cfg.retrain.warm_start and promoted:
+        cfg = override(cfg, **{"checkpoint.init_adapters": promoted["checkpoint"]})
     logger.info(
-        "finished at step %d (resumed from %s), loss %s -> %s",
-        s["steps"],
-        s["resumed_from"],
-        s["first_loss"],
-        s["last_loss"],
-    )
-    return {"summary": s, "out": cfg.checkpoint.dir}
+        "training %s on dataset %s (%s) into %s, %s",
+        cfg.name, version.version, version.root, run_dir,
+        f"warm start from {promoted['checkpoint']}" if cfg.checkpoint.init_adapters else "fresh adapters",
+    )  # fmt: skip
+    result = fit(cfg, resume)
+    arts.publish_training(result)
+    checkpoint = list_checkpoints(run_dir)[-1]
+    where = checkpoint.url if "://" in checkpoint.url else os.path.abspath(checkpoint.url)  # any cwd
+    adapters = {"candidate": where, **({"promoted": promoted["checkpoint"]} if promoted else {})}
+    decision = evaluate_candidate(cfg, adapters, evaluation)
+    record = {
+        "version": version.version, "dataset": version.root, "run": run_dir, "checkpoint": where,
+        "step": checkpoint.step, "base": checkpoint.manifest.get("base"), "promote": decision["promote"],
+        "reason": decision["reason"], "metrics": decision["candidate"], "comparison": decision["comparison"],
+        "previous": promoted, "warm_start": cfg.checkpoint.init_adapters or None,
+    }  # fmt: skip
+    if decision["promote"]:
+        write_pointer(out, record)
+    write_json(run_dir, DECISION, record)
+    logger.info(arts.publish_decision(name, record, join(out, POINTER)))
+    return {
+        "status": "promoted" if decision["promote"] else "refused",
+        "version": version.version,
+        "out": run_dir,
+    }

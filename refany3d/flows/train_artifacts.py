@@ -101,3 +101,46 @@ def publish_training(result: dict) -> list[str]:
     ]
     create_table_artifact(rows, key=keys[3], description=f"run summary of {name}")
     return keys
+
+
+def publish_unchanged(name: str, version: str, run_dir: str, decided: dict) -> str:
+    """The artifact of a scheduled run that found no new dataset version; returns its message."""
+    outcome = "promoted" if decided.get("promote") else "not promoted"
+    message = (
+        f"dataset unchanged: version {version} was already trained in {run_dir} "
+        f"({outcome}: {decided.get('reason', '-')}); nothing to do"
+    )
+    create_markdown_artifact(
+        f"# {name}: dataset unchanged\n\n{message}.\n",
+        key=artifact_key(name, "dataset-unchanged"),
+        description=f"no new dataset version since {version}",
+    )
+    return message
+
+
+def publish_decision(name: str, record: dict, pointer: str) -> str:
+    """The evaluation table and the promotion artifact of a retrained version; returns its message."""
+    rows = [
+        {
+            "metric": r["metric"],
+            "better": r["better"],
+            "candidate": f"{r['candidate']:.5f}",
+            "promoted": f"{r['promoted']:.5f}",
+            "regressed": "yes" if r["regressed"] else "no",
+        }
+        for r in record["comparison"]
+    ] or [{"metric": m, "candidate": f"{v:.5f}"} for m, v in record["metrics"].items()]
+    create_table_artifact(
+        rows, key=artifact_key(name, "evaluation"), description=f"held-out metrics of {record['version']}"
+    )
+    verdict = "promoted" if record["promote"] else "not promoted"
+    message = f"{record['version']} {verdict}: {record['reason']}"
+    where = (
+        f"`{pointer}` now points at `{record['checkpoint']}`" if record["promote"] else "pointer unchanged"
+    )
+    create_markdown_artifact(
+        f"# {name}: {message}\n\nrun `{record['run']}`, step {record['step']}; {where}.\n",
+        key=artifact_key(name, "promotion"),
+        description=verdict,
+    )
+    return message

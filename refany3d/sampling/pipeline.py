@@ -25,16 +25,20 @@ import trimesh
 from refany3d.config import SampleSettings, SettingsError, to_dict
 from refany3d.models.flux.components import (
     FluxComponents,
+    blank_references,
     decode_latents,
     encode_images,
     encode_prompts,
     load_components,
 )
-from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters
+from refany3d.models.flux.io import load_adapters
 from refany3d.render.mesh import mesh_to_glb, normalize_mesh
 from refany3d.sampling.assets import ConditionViews, load_asset, render_conditions
 from refany3d.sampling.sampler import Conditions, sample_latents
 from refany3d.sampling.sheet import contact_sheet, to_uint8
+from refany3d.train.checkpoint import resolve_adapters
+
+__all__ = ["RefAny3DPipeline", "SampleOutput", "resolve_adapters"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_JSON = "sample.json"  # what `refany3d evaluate` reads back
@@ -85,30 +89,6 @@ def _write_png16(path: Path, unit: np.ndarray) -> None:
 
     rgb16 = np.round(np.clip(unit, 0, 1) * 65535.0).astype(np.uint16)
     cv2.imwrite(str(path), np.ascontiguousarray(rgb16[..., ::-1]))
-
-
-def resolve_adapters(lora: str | os.PathLike) -> tuple[Path, dict]:
-    """(adapter directory, checkpoint manifest or {}) of `lora`: a training run (its newest
-    checkpoint, `train.checkpoint.list_checkpoints`), one checkpoint (manifest.json + adapters/),
-    or an adapter directory itself (what `save_adapters` writes). FileNotFoundError naming
-    `--lora` otherwise."""
-    from refany3d.train.checkpoint import MANIFEST, list_checkpoints
-
-    root = Path(lora)
-    if (root / "checkpoints" / MANIFEST).is_file():
-        found = list_checkpoints(str(root))
-        if not found:
-            raise FileNotFoundError(f"--lora {str(root)!r}: the run has no finished checkpoint yet")
-        root = Path(found[-1].url)
-    if (root / "adapters" / SWITCHER_WEIGHTS).is_file():
-        manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
-        return root / "adapters", manifest
-    if (root / SWITCHER_WEIGHTS).is_file():
-        return root, {}
-    raise FileNotFoundError(
-        f"--lora {str(lora)!r}: not a training run (checkpoints/{MANIFEST}), a checkpoint "
-        f"(adapters/{SWITCHER_WEIGHTS}) or an adapter directory ({SWITCHER_WEIGHTS})"
-    )
 
 
 class RefAny3DPipeline:
@@ -164,6 +144,11 @@ class RefAny3DPipeline:
             else None,
             size=(cond_side, cond_side),
         )
+        blank = None
+        if s.sampler.image_guidance != 1.0:  # the references training's dropout blanked
+            lat = blank_references(self.components, len(views.rgb), s.render.resolution)[None]
+            lat = lat.to(conditions.rgb)
+            blank = Conditions(lat, None if conditions.point_map is None else lat, conditions.size)
         latents = sample_latents(
             self.components.transformer,
             text,
@@ -175,6 +160,7 @@ class RefAny3DPipeline:
             image_guidance=s.sampler.image_guidance,
             generator=torch.Generator().manual_seed(seed),
             cache_conditions=s.sampler.cache_conditions,
+            blank=blank,
         )
         image = to_uint8(self._decode(latents.rgb, target_side))
         point_map = None if latents.point_map is None else self._decode(latents.point_map, target_side)

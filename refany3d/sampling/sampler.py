@@ -4,7 +4,8 @@ The model predicts v = eps - x0 at x_t = (1 - t) x0 + t eps, so an Euler step fr
 x_t' = x_t + (t' - t) v. Steps follow FLUX.1-dev's schedule: t linear from 1 to 1/steps, shifted
 towards 1 by mu, which grows with the number of target tokens (`flux_timesteps`). Guidance 3.5 is
 FLUX.1-dev's guidance embedding (the distilled model has no second pass for it). Image guidance S
-(optional) adds a pass with blank (zero) references: v = v_blank + S (v_ref - v_blank); S = 1 is off.
+(optional) adds a pass with blank references (`blank`: `components.blank_references`, what training's
+reference dropout puts in): v = v_blank + S (v_ref - v_blank); S = 1 is off.
 
 With independent conditions (`RefAny3DTransformer.independent_conditions`) the condition tokens'
 keys and values are computed once per image and reused by every step (`cache_conditions`).
@@ -31,11 +32,6 @@ class Conditions:
     rgb: torch.Tensor
     point_map: torch.Tensor | None
     size: tuple[int, int]
-
-    def blank(self) -> Conditions:
-        """All references zeroed, as training drops them (the image-guidance pass)."""
-        pm = None if self.point_map is None else torch.zeros_like(self.point_map)
-        return Conditions(torch.zeros_like(self.rgb), pm, self.size)
 
 
 @dataclass(frozen=True)
@@ -110,13 +106,18 @@ def sample_latents(
     image_guidance: float = 1.0,
     generator: torch.Generator | None = None,
     cache_conditions: bool = True,
+    blank: Conditions | None = None,
 ) -> SampledLatents:
     """Denoise the targets from seeded noise in `steps` Euler steps.
 
     text (B, T, joint_attention_dim), pooled (B, pooled_projection_dim): the encoded prompt;
     conditions: the encoded references (None = unconditioned); target_size (h, w) of the packed
-    target grid; generator: seeds the initial noise (drawn on its device, then moved).
+    target grid; generator: seeds the initial noise (drawn on its device, then moved); blank: the
+    blank references of the image-guidance pass (needed when image_guidance != 1).
     """
+    guided = conditions is not None and image_guidance != 1.0
+    if guided and blank is None:
+        raise ValueError("image_guidance != 1 needs the blank references (components.blank_references)")
     b, device, dtype = text.shape[0], text.device, text.dtype
     shape = (b, target_size[0] * target_size[1], model.flux.config.in_channels)
     gen_device = generator.device if generator is not None else "cpu"
@@ -126,16 +127,14 @@ def sample_latents(
         pm = torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
     with torch.no_grad():
         velocity = _Velocity(model, text, pooled, conditions, target_size, guidance, cache_conditions)
-        blank = None
-        if conditions is not None and image_guidance != 1.0:
-            blank = _Velocity(
-                model, text, pooled, conditions.blank(), target_size, guidance, cache_conditions
-            )
+        unconditional = None
+        if guided:
+            unconditional = _Velocity(model, text, pooled, blank, target_size, guidance, cache_conditions)
         times = flux_timesteps(steps, shape[1]).tolist()
         for t, t_next in zip(times[:-1], times[1:]):
             v_rgb, v_pm = velocity(rgb, pm, t)
-            if blank is not None:
-                b_rgb, b_pm = blank(rgb, pm, t)
+            if unconditional is not None:
+                b_rgb, b_pm = unconditional(rgb, pm, t)
                 v_rgb = b_rgb + image_guidance * (v_rgb - b_rgb)
                 v_pm = None if pm is None else b_pm + image_guidance * (v_pm - b_pm)
             rgb = rgb + (t_next - t) * v_rgb

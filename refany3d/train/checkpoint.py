@@ -31,12 +31,14 @@ from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from refany3d.models.flux.io import load_adapters, save_adapters
+from refany3d.config import SettingsError
+from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
 from refany3d.storage.store import join, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+POINTER = "promoted.json"  # the promoted run of scheduled retraining (flows/train.py)
 FORMAT = 1
 
 
@@ -87,6 +89,17 @@ def list_checkpoints(out: str) -> list[CheckpointInfo]:
         return []
     entries = json.loads(fs.cat_file(path))["checkpoints"]
     return [CheckpointInfo(e["step"], e["position"], join(out, CHECKPOINTS, e["dir"]), e) for e in entries]
+
+
+def refuse_used_out(out: str) -> None:
+    """Fail (SettingsError naming checkpoint.dir) when `out` already holds anything: a fresh run
+    there would prune the other run's checkpoints as its own and overwrite its metrics.jsonl."""
+    fs, root = url_to_fs(out)
+    if fs.isdir(root) and fs.ls(root, detail=False):
+        raise SettingsError(
+            f"checkpoint.dir: {out!r} is not empty (another run's checkpoints or logs); "
+            "pass --resume to continue that run, or choose an empty --out"
+        )
 
 
 def save_checkpoint(
@@ -172,3 +185,46 @@ def copy_adapters(info: CheckpointInfo, dest: str | Path) -> Path:
         shutil.rmtree(dest)
     fs.get(join(root, "adapters"), str(dest), recursive=True)
     return dest
+
+
+def resolve_adapters(lora: str | Path) -> tuple[Path, dict]:
+    """(adapter directory, checkpoint manifest or {}) of `lora`: a promotion pointer
+    (`promoted.json`, or the retraining directory holding it: its checkpoint), a training run
+    (its newest checkpoint), one checkpoint (manifest.json + adapters/), or an adapter directory
+    itself (what `save_adapters` writes). FileNotFoundError naming `--lora` otherwise."""
+    root = Path(lora)
+    pointer = root if root.is_file() else root / POINTER
+    if pointer.is_file():
+        try:
+            root = Path(json.loads(pointer.read_text())["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            raise FileNotFoundError(f"--lora {str(lora)!r}: {pointer} is not a promotion pointer") from None
+    if (root / CHECKPOINTS / MANIFEST).is_file():
+        found = list_checkpoints(str(root))
+        if not found:
+            raise FileNotFoundError(f"--lora {str(root)!r}: the run has no finished checkpoint yet")
+        root = Path(found[-1].url)
+    if (root / "adapters" / SWITCHER_WEIGHTS).is_file():
+        manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
+        return root / "adapters", manifest
+    if (root / SWITCHER_WEIGHTS).is_file():
+        return root, {}
+    raise FileNotFoundError(
+        f"--lora {str(lora)!r}: not a promotion pointer ({POINTER}), a training run "
+        f"(checkpoints/{MANIFEST}), a checkpoint (adapters/{SWITCHER_WEIGHTS}) or an adapter "
+        f"directory ({SWITCHER_WEIGHTS})"
+    )
+
+
+def read_pointer(out: str) -> dict[str, Any] | None:
+    """The promotion pointer of a retraining directory (`OUT/promoted.json`), None before the first."""
+    fs, root = url_to_fs(out)
+    path = join(root, POINTER)
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def write_pointer(out: str, record: dict[str, Any]) -> str:
+    """Promote: atomically point `OUT/promoted.json` at `record["checkpoint"]`; returns its URL."""
+    fs, root = url_to_fs(out)
+    write_atomic(fs, join(root, POINTER), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return join(out, POINTER)

@@ -69,8 +69,16 @@ class RowRef:
     sample_id: str
 
 
-def build_index(files: list[str]) -> list[list[RowRef]]:
-    """Row groups of every file, each a list of its rows (reads only `sample_id`)."""
+def held_out(sample_id: str, fraction: float) -> bool:
+    """Whether `sample_id` is in the evaluation split of `fraction`: a hash of the id alone, so a
+    sample stays held out (or trained on) in every dataset version that has it."""
+    digest = hashlib.sha256(f"holdout:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def build_index(files: list[str], holdout: float = 0.0, evaluation: bool = False) -> list[list[RowRef]]:
+    """Row groups of every file, each a list of its rows (reads only `sample_id`): the training
+    rows, or with `evaluation` the rows held out (`held_out(id, holdout)`); empty groups dropped."""
     groups = []
     for path in files:
         fs, p = url_to_fs(path)
@@ -78,7 +86,10 @@ def build_index(files: list[str]) -> list[list[RowRef]]:
             parquet = pq.ParquetFile(fh)
             for g in range(parquet.num_row_groups):
                 ids = parquet.read_row_group(g, columns=["sample_id"]).column(0).to_pylist()
-                groups.append([RowRef(path, g, i, sid) for i, sid in enumerate(ids)])
+                rows = [RowRef(path, g, i, sid) for i, sid in enumerate(ids)]
+                rows = [r for r in rows if held_out(r.sample_id, holdout) == evaluation]
+                if rows:
+                    groups.append(rows)
     return groups
 
 
@@ -104,6 +115,28 @@ def dropout(seed: int, position: int, settings: DataSettings) -> tuple[bool, boo
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+def content_key(row: dict, views: int) -> str:
+    """Hash of exactly the cells the encoders read (caption, image, point map, the first `views`
+    orbit views of each kind): the latent cache's key of a row. A rebuild that changes any of them
+    under the same sample id gets a new key; the sample id itself is not part of it."""
+    h = hashlib.sha256()
+
+    def cell(value) -> None:
+        data = b"" if value is None else (value.get("bytes") or b"")
+        h.update(b"%d:" % (len(data) if value is not None else -1) + data)
+
+    caption = (row.get("caption") or "").encode()
+    h.update(b"%d:" % len(caption) + caption)
+    cell(row.get("image"))
+    cell(row.get("point_map"))
+    for name in ("views_rgb", "views_point_map"):
+        cells = row.get(name) or []
+        h.update(b"%s:%d;" % (name.encode(), min(len(cells), views)))
+        for value in cells[:views]:
+            cell(value)
+    return h.hexdigest()[:32]
 
 
 @dataclass
@@ -203,8 +236,8 @@ class _GroupReader:
 class TrainStream(torch.utils.data.IterableDataset):
     """Micro-batches of one rank from micro-step `start_step` on, forever (epochs roll over).
 
-    `cache` (cache.LatentCache or None) is consulted in the workers: a hit loads the stored
-    encodings and skips decoding the row.
+    `cache` (cache.LatentCache or None) is consulted in the workers, under `cache_key(content_key(row))`
+    (the hash of the cells the encoders read): a hit loads the stored encodings and skips decoding.
     """
 
     def __init__(
@@ -247,18 +280,19 @@ class TrainStream(torch.utils.data.IterableDataset):
                 orders[epoch] = epoch_order(self.groups, self.seed, epoch)
             ref = orders[epoch][index]
             drop_text, drop_refs = dropout(self.seed, position, self.settings)
-            item = Item(position, ref.sample_id, self.cache_key(ref.sample_id), drop_text, drop_refs)
-            item.cached = self.cache.get(item.cache_key) if self.cache is not None else None
-            if item.cached is None:
+            try:
                 try:
-                    try:
-                        row = reader.row(ref)
-                    except Exception as err:  # noqa: BLE001 - a vanished or broken file
-                        raise SkipSample(ROW_UNREADABLE, f"{ref.file}#{ref.group}: {err}") from None
+                    row = reader.row(ref)
+                except Exception as err:  # noqa: BLE001 - a vanished or broken file
+                    raise SkipSample(ROW_UNREADABLE, f"{ref.file}#{ref.group}: {err}") from None
+                key = self.cache_key(content_key(row, self.views))
+                item = Item(position, ref.sample_id, key, drop_text, drop_refs)
+                item.cached = self.cache.get(key) if self.cache is not None else None
+                if item.cached is None:
                     item.raw = decode_row(row, self.settings, self.views)
-                except SkipSample as skip:
-                    logger.warning("skipping sample %s: %s", ref.sample_id, skip)
-                    batch.skipped.append((ref.sample_id, skip.reason, skip.detail[:200]))
-                    continue
+            except SkipSample as skip:
+                logger.warning("skipping sample %s: %s", ref.sample_id, skip)
+                batch.skipped.append((ref.sample_id, skip.reason, skip.detail[:200]))
+                continue
             batch.items.append(item)
         return batch

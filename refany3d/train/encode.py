@@ -2,12 +2,14 @@
 
 Every sample is encoded once (VAE latents of the target RGB, target point map and the N orbit views
 of each kind; T5 + pooled CLIP embeddings of the caption) and stored in the artifact store as one
-safetensors object, keyed by sample id + encoder identity (the base weights) + the preprocessing
-that decides the tensors (resolutions, views, text tokens, dtype). Later epochs and later runs on
+safetensors object, keyed by the row's content (a hash of the cells the encoders read: caption,
+image, point map, the orbit views) + encoder identity (the base weights) + the preprocessing that
+decides the tensors (resolutions, views, text tokens, dtype); the sample id is no part of the key. Later epochs and later runs on
 the same dataset load it instead of re-encoding. Nothing is unpickled: safetensors only.
 
 Dropout happens after the cache, on the encodings: a dropped text is the empty prompt's encoding;
-dropped references are the encodings of all-zero (black) views, both computed once per run.
+dropped references are `blank_references` (black views, also sampling's unconditional image
+branch), both computed once per run.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from refany3d.config import TrainSettings
-from refany3d.models.flux.components import FluxComponents, encode_images, encode_prompts
+from refany3d.models.flux.components import (
+    FluxComponents,
+    blank_references,
+    encode_images,
+    encode_prompts,
+)
 from refany3d.models.flux.loss import FlowBatch
 from refany3d.storage.store import ArtifactStore
 from refany3d.train.data import Item, RawSample
 
 logger = logging.getLogger("refany3d.train")
 
-CACHE_VERSION = 1  # bump when what an entry holds changes
+CACHE_VERSION = 2  # bump when what an entry holds changes
 TENSORS = ("target_rgb", "target_point_map", "cond_rgb", "cond_point_map", "text", "pooled")
 
 
@@ -49,8 +56,10 @@ def preprocessing_key(settings: TrainSettings, components: FluxComponents) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_key(sample_id: str, preprocessing: str) -> str:
-    return f"{preprocessing}/{hashlib.sha256(sample_id.encode()).hexdigest()[:32]}"
+def cache_key(content: str, preprocessing: str) -> str:
+    """`<preprocessing>/<content>`: `content` is the row's `data.content_key` (its encoder cells'
+    hash), never the sample id, so a rebuild that changes a row's images or caption re-encodes it."""
+    return f"{preprocessing}/{content}"
 
 
 class LatentCache:
@@ -102,13 +111,13 @@ def encode_sample(components: FluxComponents, raw: RawSample) -> dict[str, torch
 
 
 def dropout_encodings(components: FluxComponents, settings: TrainSettings) -> dict[str, torch.Tensor]:
-    """Encodings that replace dropped parts: the empty prompt, and all-zero (black) views."""
+    """Encodings that replace dropped parts: the empty prompt, and blank references
+    (`blank_references`, the same latents sampling's image-guidance pass uses)."""
     text, pooled = encode_prompts(components, [""])
     out = {"text": text[0].cpu(), "pooled": pooled[0].cpu()}
     views, size = settings.model.num_views, settings.data.condition_resolution
     if views:
-        zeros = encode_images(components, torch.zeros(1, 3, size, size))[0].cpu()
-        out["cond_rgb"] = out["cond_point_map"] = zeros.expand(views, -1, -1)
+        out["cond_rgb"] = out["cond_point_map"] = blank_references(components, views, size).cpu()
     return out
 
 

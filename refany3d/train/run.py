@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from refany3d.config import TrainSettings
 from refany3d.storage.store import join, write_atomic
 from refany3d.train import data as data_mod
+from refany3d.train.checkpoint import refuse_used_out
 from refany3d.train.encode import encode_sample, flow_batch
 from refany3d.train.preview import preview_png
 from refany3d.train.trainer import (
@@ -27,6 +28,7 @@ from refany3d.train.trainer import (
     read_metrics,
     save_checkpoint,
     train_step,
+    warm_start,
     write_json,
     write_metrics,
 )
@@ -43,6 +45,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)  # written by this run
     previews: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    warm_start: str | None = None  # adapter directory a fresh run started from
 
 
 def configure_logging() -> None:
@@ -106,12 +109,19 @@ def run_training(
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train to `settings.optim.steps` (resuming from the newest checkpoint in `checkpoint.dir`
-    when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json."""
+    when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json.
+    Without `resume`, `checkpoint.dir` must be empty (SettingsError otherwise): a run never takes
+    over, prunes or overwrites another run's outputs."""
+    if not resume:
+        refuse_used_out(settings.checkpoint.dir)
     tr = build_trainer(settings)
     info = load_checkpoint(tr) if resume else None
+    warm = warm_start(tr) if info is None and settings.checkpoint.init_adapters else None
+    if warm:
+        logger.info("warm start from the adapters in %s", warm)
     main = tr.accelerator.is_main_process
     metrics = read_metrics(tr.out, tr.step) if info else []
-    result = TrainResult(tr.out, tr.step, info.step if info else None, metrics)
+    result = TrainResult(tr.out, tr.step, info.step if info else None, metrics, warm_start=warm)
     if info:
         logger.info("resumed from step %d (%s), data position %d", info.step, info.url, info.position)
     logger.info(
@@ -171,6 +181,7 @@ def _summary(tr: Trainer, result: TrainResult) -> dict[str, Any]:
         **describe_run(tr),
         "steps": result.steps,
         "resumed_from": result.resumed_from,
+        "warm_start": result.warm_start,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "counts": {n: int(v) for n, v in zip(names, total)},

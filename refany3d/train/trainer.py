@@ -127,7 +127,7 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
         model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        groups=data_mod.build_index(files),
+        groups=data_mod.build_index(files, settings.data.holdout_fraction),
         cache=LatentCache(settings.data.cache or join(_dataset_root(settings.data.shards), "cache")),
         preprocessing=preprocessing,
         drops=dropout_encodings(components, settings),
@@ -301,6 +301,22 @@ def load_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
         logger.warning("checkpoint %s was trained with other model settings", info.url)
     tr.step, tr.position = info.step, info.position
     return info
+
+
+def warm_start(tr: Trainer) -> str:
+    """Load `checkpoint.init_adapters` (adapters only: a fresh optimizer, step 0) on every rank;
+    returns the adapter directory. SettingsError when they were trained on another base."""
+    from refany3d.config import SettingsError
+    from refany3d.models.flux.io import load_adapters
+
+    adapters, manifest = ckpt.resolve_adapters(tr.settings.checkpoint.init_adapters)
+    if manifest.get("base", tr.components.label) != tr.components.label:
+        raise SettingsError(
+            f"checkpoint.init_adapters: {str(adapters)!r} was trained on {manifest['base']!r}, "
+            f"not on this run's base {tr.components.label!r}"
+        )
+    load_adapters(tr.accelerator.unwrap_model(tr.model), adapters)
+    return str(adapters)
 
 
 def write_json(out: str, name: str, obj: Any) -> str:

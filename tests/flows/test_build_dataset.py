@@ -22,6 +22,7 @@ from refany3d.flows.scheduler import Scheduler
 from refany3d.records import IMAGE, STAGE_ERROR, StageResult
 from refany3d.stages.dag import STAGES, build_stages
 from refany3d.stages.read_source import plan_source
+from refany3d.storage.versions import read_version
 from tests.flows._runs import artifacts, rejects, shard_bytes, shard_ids, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -80,6 +81,8 @@ def test_build_dataset_rerun_reuses_every_task_and_writes_same_shards(tmp_path, 
     before = shard_bytes(out)
     second = build_dataset(settings)
     assert shard_bytes(out) == before and second["stats"] == first["stats"]
+    # the same content is the same dataset version (what scheduled retraining skips on)
+    assert second["version"] == first["version"] == read_version(str(out)).version
     with get_client(sync_client=True) as client:
         states = {t.name: t.state.name for t in task_runs(client, second["flow_run_id"], expect=8)}
     assert len(states) == 8 and set(states.values()) == {"Cached"}
@@ -159,9 +162,11 @@ def test_artifact_key_is_lowercase_digits_dashes():
 
 def test_build_dataset_other_until_replaces_earlier_shards(tmp_path, s200k_source):
     out = tmp_path / "out"
-    build_dataset(_settings(out, s200k_source))
+    first = build_dataset(_settings(out, s200k_source))
     split_shards = set(shard_bytes(out))
-    build_dataset(_settings(out, s200k_source, until="quality"))
+    second = build_dataset(_settings(out, s200k_source, until="quality"))
+    assert second["version"] != first["version"]  # other shards: a new dataset version
+    assert read_version(str(out)).shards == tuple(sorted(shard_bytes(out)))
     # Only this build's shards remain: no mix of `--until split` and `--until quality` rows.
     assert set(shard_bytes(out)).isdisjoint(split_shards)
     assert len(shard_ids(out)) == 7  # rows that passed the quality filter, no views

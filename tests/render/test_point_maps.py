@@ -28,3 +28,15 @@ def test_encode_point_map_round_trips_16bit():
     back8, mask8 = decode_point_map(png8, lo, hi)
     np.testing.assert_array_equal(mask8, mask)
     assert np.abs(back8[mask] - xyz[mask]).max() <= (hi - lo).max() / 255
+
+
+def test_normalize_point_map_clips_positions_outside_the_box_to_its_faces():
+    # a posed render's surface can poke out of the box it is normalised over (another mesh's
+    # bounds, rasterisation at silhouettes); unclipped, 8-bit encoding wraps -0.1 to 230/255
+    lo, hi = np.zeros(3), np.ones(3)
+    xyz = np.array([[[-0.1, 0.5, 1.2], [0.25, -3.0, 7.0]]], dtype=np.float32)
+    mask = np.ones((1, 2), bool)
+    unit = normalize_point_map(xyz, mask, lo, hi)
+    np.testing.assert_array_equal(unit, [[[0.0, 0.5, 1.0], [0.25, 0.0, 1.0]]])
+    back, _ = decode_point_map(encode_point_map(xyz, mask, lo, hi)[0], lo, hi)
+    np.testing.assert_allclose(back, [[[0.0, 128 / 255, 1.0], [64 / 255, 0.0, 1.0]]], atol=1e-6)

@@ -110,6 +110,16 @@ def test_resolve_adapters_run_checkpoint_or_adapter_directory(pipe, tmp_path):
     assert resolve_adapters(run / "checkpoints" / "step-00000100")[1]["step"] == 100
     with pytest.raises(FileNotFoundError, match="--lora"):
         resolve_adapters(tmp_path / "empty")
+    # a promotion pointer (scheduled retraining's promoted.json), or the directory holding it
+    retrain = tmp_path / "retrain"
+    retrain.mkdir()
+    old = run / "checkpoints" / "step-00000100"
+    (retrain / "promoted.json").write_text(json.dumps({"checkpoint": str(old), "version": "v-1"}))
+    assert resolve_adapters(retrain / "promoted.json") == (old / "adapters", {"step": 100, "base": "b"})
+    assert resolve_adapters(retrain)[0] == old / "adapters"
+    (retrain / "promoted.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="promotion pointer"):
+        resolve_adapters(retrain)
 
 
 def test_from_pretrained_refuses_adapters_of_another_base(pipe, tmp_path):
@@ -146,3 +156,32 @@ def test_pipeline_runs_from_a_flux_snapshot_directory(asset_file, tmp_path):
     pipe = RefAny3DPipeline.from_pretrained(settings)
     assert pipe.components.label.startswith("FLUX.1-dev from")
     assert pipe(asset_file, "a red box").image.shape == (48, 48, 3)
+
+
+def test_image_guidance_blank_pass_sees_what_reference_dropout_trained_on(pipe, asset_file):
+    import torch
+
+    from refany3d.config import TrainSettings
+    from refany3d.train.data import Item
+    from refany3d.train.encode import dropout_encodings, flow_batch
+
+    guided = RefAny3DPipeline(pipe.components, override(SETTINGS, **{"sampler.image_guidance": 2.0}))
+    seen = []
+    hook = pipe.components.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((kwargs["cond_rgb"], kwargs["cond_point_map"])), with_kwargs=True
+    )
+    try:
+        guided(asset_file, "a red box", seed=0)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 * SETTINGS.sampler.steps  # per step: with the references, then blank
+    train = override(TrainSettings(), **{"data.condition_resolution": 32, "model.num_views": 2})
+    drops = dropout_encodings(pipe.components, train)
+    side = torch.zeros(4, 64)  # a 2x2 target grid; only the references matter here
+    encodings = [{"target_rgb": side, "target_point_map": side, "text": drops["text"], "pooled": drops["pooled"],
+                  "cond_rgb": torch.ones_like(drops["cond_rgb"]), "cond_point_map": torch.ones_like(drops["cond_rgb"])}]  # fmt: skip
+    item = Item(0, "s", "k", drop_text=False, drop_references=True)
+    trained = flow_batch(encodings, [item], drops, train, torch.device("cpu"), torch.float32)
+    rgb, point_map = seen[1]
+    assert not torch.equal(seen[0][0], rgb)  # the first pass had the real references
+    assert torch.equal(rgb, trained.cond_rgb) and torch.equal(point_map, trained.cond_point_map)

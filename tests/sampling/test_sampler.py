@@ -27,6 +27,12 @@ def _inputs(seed: int = 1):
     return text, pooled, conds
 
 
+def _blank(conds: Conditions, value: float = -0.5) -> Conditions:
+    """Stand-in blank references (the pipeline uses `components.blank_references`)."""
+    lat = torch.full_like(conds.rgb, value)
+    return Conditions(lat, lat, conds.size)
+
+
 def test_flux_timesteps_run_from_one_to_zero_shifted_up():
     t = flux_timesteps(28, 1024)
     assert t.shape == (29,) and t[0] == 1.0 and t[-1] == 0.0
@@ -64,6 +70,7 @@ def test_sample_latents_cached_equals_uncached_with_independent_conditions():
             image_guidance=2.0,  # both passes: with the references and blank
             generator=torch.Generator().manual_seed(0),
             cache_conditions=cache,
+            blank=_blank(conds),
         )
         for cache in (True, False)
     ]
@@ -71,24 +78,26 @@ def test_sample_latents_cached_equals_uncached_with_independent_conditions():
     torch.testing.assert_close(out[0].point_map, out[1].point_map, rtol=1e-5, atol=1e-5)
 
 
-def test_sample_latents_image_guidance_uses_the_blank_pass():
+def test_sample_latents_image_guidance_scales_the_reference_direction():
+    # one Euler step from t = 1 to 0 is x1 = noise - (v_blank + S (v_ref - v_blank)): linear in S
     model = _model()
     text, pooled, conds = _inputs()
 
-    def run(s):
+    def run(s, blank=_blank(conds)):
         return sample_latents(
-            model,
-            text,
-            pooled,
-            conds,
-            TARGET_HW,
-            steps=2,
-            image_guidance=s,
+            model, text, pooled, conds, TARGET_HW, steps=1, image_guidance=s, blank=blank,
             generator=torch.Generator().manual_seed(0),
-        ).rgb
+        )  # fmt: skip
 
-    off, on = run(1.0), run(3.0)
-    assert not torch.allclose(off, on)
+    off, two, three = run(1.0), run(2.0), run(3.0)
+    for name in ("rgb", "point_map"):
+        a, b, c = getattr(off, name), getattr(two, name), getattr(three, name)
+        assert (b - a).abs().max() > 1e-3  # the scale changes the sample
+        torch.testing.assert_close(c - a, 2.0 * (b - a), rtol=1e-4, atol=1e-5)
+    other = run(2.0, _blank(conds, 0.5))  # the blank pass really conditions on `blank`
+    assert not torch.allclose(other.rgb, two.rgb)
+    with pytest.raises(ValueError, match="blank references"):
+        run(2.0, None)
 
 
 class _Oracle:

@@ -1,8 +1,8 @@
 """Small training shards in the final shard schema, rendered from the synthetic objects.
 
 Each row is one object at a random pose: `image` (object RGB on white at that pose), `point_map`
-(its canonical point map, DESIGN §5 encoding), N orbit views of RGB + point map (`render_sample`)
-and a caption; written with the real shard writer. Rendering runs once per session (cached on disk).
+(its canonical point map, DESIGN §5 encoding), N orbit views of RGB + point map (`render_sample`),
+a caption and the mesh (GLB, for held-out evaluation); written with the real shard writer. Rendering runs once per session (cached on disk).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ COLUMNS = [
     "point_map",
     "views_rgb",
     "views_point_map",
+    "mesh_glb",
 ]
 
 
@@ -39,6 +40,7 @@ def _png(rgb: np.ndarray) -> bytes:
 def rendered_rows(n: int, size: int = 32, views: int = 2, seed: int = 0) -> list[dict]:
     """`n` shard rows of distinct synthetic objects rendered at `size` px with `views` orbit views."""
     from refany3d.render.cameras import intrinsics_from_fov
+    from refany3d.render.mesh import mesh_to_glb
     from refany3d.render.point_maps import encode_point_map
     from refany3d.render.sample import render_sample
     from refany3d.synthetic.build import _random_pose
@@ -68,6 +70,7 @@ def rendered_rows(n: int, size: int = 32, views: int = 2, seed: int = 0) -> list
                 "point_map": image_cell(pm),
                 "views_rgb": [image_cell(_png(v)) for v in r.orbit_rgb],
                 "views_point_map": [image_cell(p) for p in view_pms],
+                "mesh_glb": mesh_to_glb(mesh),
             }
         )
     return rows

@@ -84,3 +84,15 @@ def test_train_runs_tiny_model_and_labels_it(dataset, tmp_path, capsys):
         ]
     )
     assert code == 0 and "resumed from 2" in capsys.readouterr().out
+
+
+def test_train_into_a_used_out_without_resume_exits_2_in_one_line(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(out), f"--set=data.cache={tmp_path}/c", *TINY]
+    assert main([*args, "--steps", "2"]) == 0
+    capsys.readouterr()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    assert main([*args, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.dir" in err and "--resume" in err
+    assert "Traceback" not in err and (out / "metrics.jsonl").read_bytes() == metrics

@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
+from refany3d.config import SettingsError
 from refany3d.models.flux.loss import flow_matching_losses
 from refany3d.train import encode
 from refany3d.train.checkpoint import list_checkpoints
 from refany3d.train.run import run_training
-from refany3d.train.trainer import build_trainer, load_checkpoint, make_loader, prepare_micro_batch
+from refany3d.train.trainer import (
+    build_trainer,
+    load_checkpoint,
+    make_loader,
+    prepare_micro_batch,
+    train_step,
+)
 from tests.train._shards import write_dataset
 from tests.train.conftest import tiny_settings
 
@@ -82,6 +90,22 @@ def test_run_training_second_epoch_hits_the_latent_cache(dataset, tmp_path, monk
     assert run_training(other).summary["counts"]["encoded"] == 0 and not calls
 
 
+def test_run_training_latent_cache_follows_row_content_not_sample_ids(rows, tmp_path):
+    cache = {"data.cache": str(tmp_path / "cache"), "optim.steps": 4}
+    first = run_training(tiny_settings(write_dataset(tmp_path / "v1", rows), tmp_path / "r1", **cache))
+    assert first.summary["counts"]["encoded"] == 4
+    # a rebuild under the same sample ids: one new caption, one new target image, one new view
+    changed = [dict(r) for r in rows]
+    changed[0]["caption"] = "A different caption."
+    changed[1]["image"] = rows[2]["image"]
+    changed[2]["views_point_map"] = [rows[3]["views_point_map"][0], *rows[2]["views_point_map"][1:]]
+    rebuilt = run_training(tiny_settings(write_dataset(tmp_path / "v2", changed), tmp_path / "r2", **cache))
+    assert rebuilt.summary["counts"]["encoded"] == 3 and rebuilt.summary["counts"]["cache_hits"] == 1
+    # an unchanged rebuild elsewhere reads everything from the cache
+    same = run_training(tiny_settings(write_dataset(tmp_path / "v3", rows), tmp_path / "r3", **cache))
+    assert same.summary["counts"]["encoded"] == 0 and same.summary["counts"]["cache_hits"] == 4
+
+
 def test_run_training_counts_skipped_rows_and_goes_on(rows, tmp_path):
     bad = dict(rows[0], sample_id="broken", image={"bytes": b"\x89PNG broken", "path": None})
     root = write_dataset(tmp_path / "data", [bad, *rows[1:3]])
@@ -143,3 +167,38 @@ def test_run_training_with_only_unreadable_rows_still_finishes(rows, tmp_path):
     result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 3}))
     assert result.steps == 3 and result.summary["counts"]["skipped_image_missing"] == 3
     assert all(r["loss"] == 0 for r in result.metrics)  # weight-0 steps keep ranks in step
+
+
+def test_run_training_refuses_a_used_out_without_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    longer = {"optim.steps": 4, "checkpoint.every": 1, "checkpoint.keep": 2}
+    run_training(tiny_settings(dataset, out, **longer))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SettingsError, match="checkpoint.dir.*not empty.*--resume"):
+        run_training(tiny_settings(dataset, out, **{**longer, "optim.steps": 2}))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert [c.step for c in list_checkpoints(str(out))] == [3, 4]
+
+
+def test_bf16_training_keeps_fp32_masters_that_take_updates_below_bf16_resolution(dataset, tmp_path):
+    # AdamW at lr 1e-5 moves each weight by ~1e-5; a LoRA-A weight (~N(0, 1/16)) has a bf16 spacing
+    # of ~2e-4, so in bf16 the update rounds away. Step 1 trains the zero-init B (A has no gradient
+    # while B = 0); step 2 must move A.
+    settings = tiny_settings(
+        dataset, tmp_path / "run", **NO_DROPOUT,
+        **{"runtime.dtype": "bfloat16", "optim.optimizer": "adamw", "optim.lr": 1e-5, "optim.weight_decay": 0},
+    )  # fmt: skip
+    tr = build_trainer(settings)
+    model = tr.accelerator.unwrap_model(tr.model)
+    assert next(model.flux.transformer_blocks[0].attn.to_q.base_layer.parameters()).dtype == torch.bfloat16
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in named.values()} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.domain_switcher.parameters())
+    stream = iter(make_loader(tr))
+    train_step(tr, [next(stream)])
+    lora_a = {n: p.detach().clone() for n, p in named.items() if "lora_A" in n}
+    train_step(tr, [next(stream)])
+    moved = [(named[n] != before).float().mean().item() for n, before in lora_a.items()]
+    spacing = [torch.finfo(torch.bfloat16).eps * before.abs().median().item() for before in lora_a.values()]
+    assert min(spacing) > 1e-5 * 4  # the updates are well below bf16 resolution
+    assert np.median(moved) > 0.99, moved  # (a few adapters see no tokens in this tiny layout)

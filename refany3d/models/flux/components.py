@@ -332,6 +332,21 @@ def encode_images(components: FluxComponents, images: torch.Tensor) -> torch.Ten
     return pack_latents(z)
 
 
+BLANK_VIEW = -1.0  # a blank reference view: black, in the encoders' [-1, 1] image range
+
+
+@torch.no_grad()
+def blank_references(components: FluxComponents, views: int, size: int) -> torch.Tensor:
+    """(views, Lc, C) packed latents of `views` blank (black, `size` px) reference views.
+
+    The one definition of "no references": training's reference dropout trains on it
+    (`train.encode.dropout_encodings`) and sampling's image-guidance pass conditions on it
+    (`sampling.pipeline`), so the unconditional branch sees what the model learnt as "dropped".
+    """
+    black = torch.full((1, 3, size, size), BLANK_VIEW)
+    return encode_images(components, black)[0].expand(views, -1, -1)
+
+
 @torch.no_grad()
 def decode_latents(components: FluxComponents, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Packed latents (B, h*w, 64) of an (h, w) token grid -> (B, 3, 16h, 16w) RGB in [-1, 1]."""

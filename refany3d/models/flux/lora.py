@@ -88,8 +88,9 @@ def routed_linear(layer: nn.Module, x: torch.Tensor, routes: tuple[Route, ...]) 
     for name, start, stop in routes:
         if name not in layer.lora_A:
             continue
-        down = F.linear(x[:, start:stop], layer.lora_A[name].weight)
-        up = layer.lora_B[name].weight.t().expand(x.shape[0], -1, -1)
+        # fp32 master weights, cast to the compute dtype (the cast is differentiable)
+        down = F.linear(x[:, start:stop], layer.lora_A[name].weight.to(x.dtype))
+        up = layer.lora_B[name].weight.to(x.dtype).t().expand(x.shape[0], -1, -1)
         # in place on the base output's slice: one fused multiply-add, no full-size LoRA temporary
         out[:, start:stop].baddbmm_(down, up, alpha=layer.scaling[name])
     return out

@@ -307,7 +307,13 @@ class RefAny3DTransformer(nn.Module):
         self.flux = flux
         self.lora_configs = add_adapters(flux, lora_rank, lora_alpha, domain_lora)
         param = next(flux.parameters())
-        self.domain_switcher = DomainSwitcher(flux.inner_dim).to(param.device, param.dtype)
+        # fp32 masters under a bf16/fp16 base (as diffusers' LoRA scripts' `cast_training_params`):
+        # peft creates the adapters in the base's dtype, where an optimizer step below the dtype's
+        # resolution (bf16: 2^-8 of the weight) rounds away. Compute casts them to the input's dtype.
+        for p in flux.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.domain_switcher = DomainSwitcher(flux.inner_dim).to(param.device, torch.float32)
         self.shared_positions = shared_positions
         self.text_agnostic = text_agnostic
         self.domain_lora = domain_lora

@@ -1,0 +1,148 @@
+"""Held-out evaluation of trained adapters, and the promotion rule of scheduled retraining.
+
+The held-out samples are the rows `data.holdout_fraction` keeps out of training (a hash of the
+sample id, so the split is the same in every dataset version). Each is generated from its own
+reference views and caption with the adapters under test (the sampler of `sampling/`, the same
+seed for every candidate) and scored with `refany3d evaluate`'s metrics against the row's mesh:
+the weight-free geometric ones always, CLIP / DINO where their weights exist.
+
+A candidate is compared with the promoted run on the same held-out samples (both evaluated now,
+as TFX's Evaluator does with its baseline); it is promoted only when no metric regresses by more
+than `retrain.tolerance`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from refany3d.config import EvaluateSettings, TrainSettings
+from refany3d.evaluate.run import (
+    METRICS,
+    GeneratedSample,
+    build_report,
+    dataset_rows,
+    evaluate_sample,
+    scorers,
+)
+from refany3d.models.flux.components import FluxComponents, decode_latents, load_components
+from refany3d.models.flux.io import load_adapters
+from refany3d.render.mesh import load_mesh
+from refany3d.sampling.sampler import Conditions, sample_latents
+from refany3d.train import data as data_mod
+from refany3d.train.checkpoint import resolve_adapters
+from refany3d.train.encode import encode_sample
+
+
+def heldout_rows(settings: TrainSettings, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` held-out rows (sorted by sample id) with their mesh, of `data.shards`."""
+    files = data_mod.shard_files(settings.data.shards)
+    groups = data_mod.build_index(files, settings.data.holdout_fraction, evaluation=True)
+    refs = sorted((r for g in groups for r in g), key=lambda r: r.sample_id)[:limit]
+    meshes = dataset_rows(settings.data.shards, {r.sample_id for r in refs})
+    reader, rows = data_mod._GroupReader(), []
+    for ref in refs:
+        mesh = meshes.get(ref.sample_id, {}).get("mesh_glb")
+        if mesh:
+            rows.append({**reader.row(ref), "mesh_glb": mesh})
+    return rows
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(
+    components: FluxComponents, raw: data_mod.RawSample, settings: TrainSettings, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image (R, R, 3) uint8, point map (R, R, 3) float in [0, 1]) of one held-out sample from its
+    own references and caption, `checkpoint.sample_steps` steps at `checkpoint.guidance`."""
+    model = components.transformer
+    device, dtype = settings.runtime.device, getattr(torch, settings.runtime.dtype)  # the base's
+    enc = {k: v.to(device, dtype) for k, v in encode_sample(components, raw).items()}
+    token_px = 2 * components.vae_scale_factor
+    side, cond_side = settings.data.resolution // token_px, settings.data.condition_resolution // token_px
+    conditions = None
+    if "cond_rgb" in enc:
+        pm = enc["cond_point_map"][None] if model.point_map_branch else None
+        conditions = Conditions(enc["cond_rgb"][None], pm, (cond_side, cond_side))
+    latents = sample_latents(
+        model, enc["text"][None], enc["pooled"][None], conditions, (side, side),
+        steps=settings.checkpoint.sample_steps, guidance=settings.checkpoint.guidance,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    image = _uint8(decode_latents(components, latents.rgb, (side, side)))[0]
+    if latents.point_map is None:
+        return image, np.ones_like(image, dtype=np.float32)
+    pm = decode_latents(components, latents.point_map, (side, side))[0]
+    return image, ((pm.float().permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+
+
+def evaluate_adapters(
+    settings: TrainSettings, adapters: dict[str, str], evaluation: EvaluateSettings | None = None
+) -> dict[str, dict]:
+    """label -> evaluate report (`evaluate.run.build_report`) of each adapters (a run, checkpoint,
+    adapter directory or pointer) on the same held-out samples. ValueError when there are none."""
+    evaluation = evaluation or EvaluateSettings()
+    rows = heldout_rows(settings, settings.retrain.eval_samples)
+    if not rows:
+        raise ValueError(
+            f"data.holdout_fraction={settings.data.holdout_fraction}: no held-out sample with a mesh "
+            f"in {settings.data.shards!r} to evaluate on"
+        )
+    components = load_components(
+        settings.model, settings.runtime.device, getattr(torch, settings.runtime.dtype)
+    )
+    components.transformer.eval()
+    models, notes = scorers(evaluation)
+    views = settings.model.num_views
+    samples = [data_mod.decode_row(r, settings.data, views) for r in rows]
+    meshes = [load_mesh(r["mesh_glb"], file_type="glb") for r in rows]
+    reports = {}
+    for label, source in adapters.items():
+        load_adapters(components.transformer, resolve_adapters(source)[0])
+        per_sample = {}
+        for raw, mesh in zip(samples, meshes):
+            image, point_map = generate(components, raw, settings, settings.optim.seed)
+            refs = list(_uint8(raw.views_rgb)) if views else []
+            sample = GeneratedSample(raw.sample_id, image, point_map, refs, mesh, raw.caption)
+            per_sample[raw.sample_id] = evaluate_sample(sample, evaluation, models)
+        reports[label] = build_report(per_sample, notes, evaluation)
+    return reports
+
+
+def compare(candidate: dict[str, float], promoted: dict[str, float], tolerance: float) -> list[dict]:
+    """One row per metric both means have (not nan): values, direction, whether the candidate
+    regressed (worse than the promoted run by more than `tolerance`)."""
+    rows = []
+    for name, (_, better, _) in METRICS.items():
+        a, b = candidate.get(name, math.nan), promoted.get(name, math.nan)
+        if math.isnan(a) or math.isnan(b):
+            continue
+        gain = a - b if better == "higher" else b - a
+        rows.append(
+            {"metric": name, "candidate": a, "promoted": b, "better": better, "regressed": gain < -tolerance}
+        )
+    return rows
+
+
+def decide(reports: dict[str, dict], tolerance: float) -> dict[str, Any]:
+    """{"promote": bool, "reason": str, "comparison": rows} of a candidate's reports (and the
+    promoted run's, under "promoted", when there is one)."""
+    candidate = reports["candidate"]["mean"]
+    if "promoted" not in reports:
+        return {"promote": True, "reason": "no promoted run yet", "comparison": [], "candidate": candidate}
+    rows = compare(candidate, reports["promoted"]["mean"], tolerance)
+    worse = [r["metric"] for r in rows if r["regressed"]]
+    if not rows:
+        reason, promote = "no metric to compare with the promoted run", False
+    elif worse:
+        reason, promote = f"regressed on {', '.join(worse)} (tolerance {tolerance})", False
+    else:
+        reason, promote = f"no regression on {', '.join(r['metric'] for r in rows)}", True
+    return {"promote": promote, "reason": reason, "comparison": rows, "candidate": candidate}
