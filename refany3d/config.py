@@ -127,7 +127,19 @@ class SegmenterSettings(_Section):
         True,
         "sam backend: replay the image encoder from CUDA graphs, one per input shape (CUDA only; keeps GPU memory)",
     )
-    truth_boundary_noise: int = _opt(2, "truth backend: boundary erosion/dilation radius in px", ge=0)
+    truth_wobble_px: float = _opt(1.5, "truth backend: amplitude in px of the smooth boundary shift", ge=0.0)
+    truth_bias_px: float = _opt(
+        1.5, "truth backend: the whole mask grown or shrunk by up to this many px", ge=0.0
+    )
+    truth_ragged_px: float = _opt(1.0, "truth backend: amplitude in px of the ragged-edge noise", ge=0.0)
+    truth_bleed_px: float = _opt(
+        5.0, "truth backend: how far in px the mask bleeds onto the background on one stretch", ge=0.0
+    )
+    truth_bleed_arc: float = _opt(
+        0.5,
+        "truth backend: reach of that stretch along the boundary, fraction of the object's radius",
+        ge=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,21 @@ class DepthSettings(_Section):
         "depth-pro: replay the whole network from CUDA graphs, one per input shape (CUDA only; keeps GPU memory)",
     )
     truth_scale_error: float = _opt(0.1, "truth backend: std of the global log-scale error", ge=0.0)
-    truth_noise: float = _opt(0.005, "truth backend: relative per-pixel noise", ge=0.0)
+    truth_low_frequency: float = _opt(
+        0.01, "truth backend: std of the smooth log-depth error field over the image", ge=0.0
+    )
+    truth_noise: float = _opt(0.01, "truth backend: relative per-pixel noise", ge=0.0)
+    truth_flying_px: int = _opt(
+        3, "truth backend: width in px of the depth smeared across the silhouette (flying pixels)", ge=0
+    )
+    truth_backdrop_min: float = _opt(
+        1.15,
+        "truth backend: nearest backdrop depth, multiple of the object's farthest (0 = no backdrop, depth 0 off the object)",
+        ge=0.0,
+    )
+    truth_backdrop_max: float = _opt(
+        2.0, "truth backend: farthest backdrop depth, multiple of the object's farthest", ge=0.0
+    )
     truth_focal_error: float = _opt(0.05, "truth backend: std of the log focal-length error", ge=0.0)
 
 
@@ -250,6 +276,26 @@ class VerifySettings(_Section):
         0.8, "keep samples whose rendered-mask IoU with the SAM mask is above this", ge=0.0, le=1.0
     )
     max_lpips: float = _opt(0.3, "keep samples whose LPIPS to the image crop is below this", ge=0.0)
+    max_depth_offset: float = _opt(
+        0.05,
+        "drop samples whose median depth in the mask's interior is farther than this fraction of the object's size from the posed mesh's",
+        ge=0.0,
+    )
+    min_depth_inliers: float = _opt(
+        0.6,
+        "drop samples where fewer of the mask's interior pixels than this agree with the posed mesh's depth",
+        ge=0.0,
+        le=1.0,
+    )
+    depth_tolerance: float = _opt(
+        0.05, "depth agreement band, fraction of the object's size (plus 3 sigma of the depth noise)", gt=0.0
+    )
+    min_pose_margin: float = _opt(
+        0.02,
+        "drop samples whose pose scores less than this above the estimator's best different answer (pose_margin)",
+        ge=0.0,
+        le=1.0,
+    )
     lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")
     lpips_weights: str = _opt(
         "",

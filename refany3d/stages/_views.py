@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image
 
 from refany3d.records import IMAGE, Sample, StageResult
@@ -37,6 +38,12 @@ def read_view(store: ArtifactStore, sample: Sample) -> Image.Image:
 def read_mask(store: ArtifactStore, uri: str) -> Image.Image:
     """A stored 8-bit mask PNG (255 = object)."""
     return Image.open(io.BytesIO(store.get(uri))).convert("L")
+
+
+def read_depth(store: ArtifactStore, uri: str) -> np.ndarray:
+    """(H, W) float32 metres z-depth of a depth artifact (npz, key "depth"; 0 = unknown)."""
+    with np.load(io.BytesIO(store.get(uri)), allow_pickle=False) as data:
+        return data["depth"].astype(np.float32)
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

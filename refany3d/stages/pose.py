@@ -8,8 +8,6 @@ unit, the calibration), metrics `pose_score` (the estimator's confidence) and
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import trimesh
 
@@ -18,7 +16,7 @@ from refany3d.models.pose import PoseResult, load_pose_estimator
 from refany3d.models.pose.calibrate import depth_outlier_ratio
 from refany3d.records import DEPTH, IMAGE, MASK, MESH, Sample, StageResult
 from refany3d.render.mesh import load_mesh
-from refany3d.stages._views import Outcome, read_mask, read_view, record
+from refany3d.stages._views import Outcome, read_depth, read_mask, read_view, record
 from refany3d.stages.context import StageContext
 
 STAGE = "pose"
@@ -47,11 +45,6 @@ def estimate_pose(
     return load_pose_estimator(options or PoseSettings()).estimate(mesh, depth, mask, K, rgb)
 
 
-def _read_depth(ctx: StageContext, uri: str) -> np.ndarray:
-    with np.load(io.BytesIO(ctx.store.get(uri)), allow_pickle=False) as data:
-        return data["depth"].astype(np.float32)
-
-
 def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) -> Outcome:
     """The kept sample with its pose and scale, or (reason, metric, detail) of its drop."""
     needed = (MESH, DEPTH, MASK, IMAGE) if estimator.needs_rgb else (MESH, DEPTH, MASK)
@@ -59,7 +52,7 @@ def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) ->
     if missing or sample.intrinsics is None:
         return MISSING_INPUT, None, ", ".join(missing or ["intrinsics"])
     mesh = load_mesh(ctx.store.get(sample.artifacts[MESH]), file_type="glb")
-    depth = _read_depth(ctx, sample.artifacts[DEPTH])
+    depth = read_depth(ctx.store, sample.artifacts[DEPTH])
     mask = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
     k = np.asarray(sample.intrinsics, dtype=np.float64).reshape(3, 3)
     rgb = np.asarray(read_view(ctx.store, sample)) if estimator.needs_rgb else None
@@ -73,10 +66,9 @@ def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) ->
     out = sample.replace(
         pose=[float(v) for v in np.asarray(found.pose).ravel()], mesh_scale=float(found.scale)
     )
-    out.metrics.update(
-        pose_score=float(found.score),
-        depth_outlier_ratio=outliers,
-    )
+    out.metrics.update(pose_score=float(found.score), depth_outlier_ratio=outliers)
+    if found.margin is not None:  # how sure the estimator is of this answer over another
+        out.metrics["pose_margin"] = float(found.margin)
     return out
 
 

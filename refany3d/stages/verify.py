@@ -1,7 +1,15 @@
 """Verify stage: render the posed textured mesh and keep the samples where it matches the photo.
 
-Two tests, both kept on the record (`metrics["mask_iou"]`, `metrics["lpips"]`):
+Four tests, their measures kept on the record (`metrics["mask_iou"]`, `metrics["depth_offset"]`,
+`metrics["depth_inliers"]`, `metrics["lpips"]`):
 - silhouette: IoU of the rendered mask with the SAM mask must be above `verify.min_iou`;
+- ambiguity: the pose estimator's margin over its best different answer (`metrics["pose_margin"]`,
+  where the backend reports one) must be at least `verify.min_pose_margin` — a near-symmetric shape
+  whose views cannot tell two poses apart is dropped, not guessed (`pose_ambiguous`);
+- depth: inside the mask's eroded interior, away from depth edges, the posed mesh's depth must agree
+  with the view's: median offset within `verify.max_depth_offset` of the object's size and at least
+  `verify.min_depth_inliers` of the pixels within `verify.depth_tolerance` (`depth_mismatch`). A
+  silhouette cannot see a flip to a look-alike face or a scale (and distance) off by 5 %; depth can;
 - appearance: LPIPS (AlexNet, v0.1 heads) between the rendered object and the photo's object,
   both cut to the same square around the union of the two masks and put on white, must be below
   `verify.max_lpips`. The score is lpips' per-pixel map averaged over the union of the masks:
@@ -19,16 +27,21 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from refany3d.config import BuildSettings
+from refany3d.config import BuildSettings, VerifySettings
 from refany3d.models.perceptual import load_lpips
-from refany3d.records import Sample, StageResult
+from refany3d.models.pose.calibrate import similarity
+from refany3d.models.pose.consistency import DepthConsistency, depth_consistency
+from refany3d.models.pose.model import PoseModel
+from refany3d.records import DEPTH, Sample, StageResult
 from refany3d.render.renderer import MeshScene
 from refany3d.stages._posed import PosedView, missing_inputs, read_posed
-from refany3d.stages._views import record
+from refany3d.stages._views import read_depth, record
 from refany3d.stages.context import StageContext
 
 STAGE = "verify"
 LOW_IOU = "low_iou"
+POSE_AMBIGUOUS = "pose_ambiguous"
+DEPTH_MISMATCH = "depth_mismatch"
 HIGH_LPIPS = "high_lpips"
 MISSING_POSE = "missing_pose"
 
@@ -76,9 +89,42 @@ def _object_crops(
     )
 
 
+def geometric_rejection(
+    iou: float, margin: float | None, depth: DepthConsistency, opts: VerifySettings
+) -> tuple[str, float, str] | None:
+    """(reason, metric, detail) of the first geometric test a posed sample fails, or None: the
+    silhouette IoU, the estimator's margin (None: the backend reports none), the depth agreement."""
+    if not iou > opts.min_iou:
+        return LOW_IOU, iou, f"mask IoU {iou:.3f} <= verify.min_iou {opts.min_iou}"
+    if margin is not None and margin < opts.min_pose_margin:
+        return (
+            POSE_AMBIGUOUS,
+            margin,
+            f"pose margin {margin:.3f} < verify.min_pose_margin {opts.min_pose_margin}",
+        )
+    if abs(depth.offset) > opts.max_depth_offset:
+        return (
+            DEPTH_MISMATCH,
+            depth.offset,
+            (
+                f"median depth offset {depth.offset:+.3f} of the object's size, beyond verify.max_depth_offset "
+                f"{opts.max_depth_offset}"
+            ),
+        )
+    if depth.inliers < opts.min_depth_inliers:
+        return (
+            DEPTH_MISMATCH,
+            depth.inliers,
+            (
+                f"{depth.inliers:.2f} of the interior agrees in depth < verify.min_depth_inliers {opts.min_depth_inliers}"
+            ),
+        )
+    return None
+
+
 def _verify_one(sample: Sample, settings: BuildSettings, ctx: StageContext, metric) -> Sample | tuple:
-    """The kept sample with both metrics, or (reason, metric, detail) of its drop."""
-    lacking = missing_inputs(sample)
+    """The kept sample with its metrics, or (reason, metric, detail) of its drop."""
+    lacking = missing_inputs(sample) or ("" if DEPTH in sample.artifacts else "artifacts['depth']")
     if lacking:
         return MISSING_POSE, None, f"lacks {lacking}"
     view = read_posed(sample, ctx.store)
@@ -86,10 +132,22 @@ def _verify_one(sample: Sample, settings: BuildSettings, ctx: StageContext, metr
     out = MeshScene(view.mesh, normals="none").render(
         view.pose, view.intrinsics, width, height, mode="albedo", exact=True
     )
+    opts = settings.verify
+    depth = depth_consistency(
+        PoseModel(view.mesh),
+        similarity(sample.pose, view.scale),
+        read_depth(ctx.store, sample.artifacts[DEPTH]),
+        view.mask,
+        view.intrinsics,
+        tolerance=opts.depth_tolerance,
+    )
     kept = sample.replace()
-    kept.metrics["mask_iou"] = iou = _iou(out.mask, view.mask)
-    if not iou > settings.verify.min_iou:
-        return LOW_IOU, iou, f"mask IoU {iou:.3f} <= verify.min_iou {settings.verify.min_iou}"
+    kept.metrics.update(
+        mask_iou=_iou(out.mask, view.mask), depth_offset=depth.offset, depth_inliers=depth.inliers
+    )
+    rejection = geometric_rejection(kept.metrics["mask_iou"], sample.metrics.get("pose_margin"), depth, opts)
+    if rejection is not None:
+        return rejection
     white = np.full((height, width, 3), _WHITE, np.uint8)
     photo, rendered, region = _object_crops(view, out.over(white), out.mask, settings)
     kept.metrics["lpips"] = distance = metric.masked_distance(photo, rendered, region)

@@ -2,47 +2,67 @@
 (the same mesh moved into a canonical frame), and the view's depth and mask perturbed the way the
 perception stages err. Used by the pose tests and `bench/pose_bench.py`.
 
-The reference answer accounts for what no estimator can see: a global depth-scale error `d` and a
-focal-length error `e` (the estimator gets K with focal e·f) make the scene that explains both the
-image and the depth the true one scaled by d/e across and d along the optical axis. So the
-reference similarity has the true rotation, scale s·d/e and translation (d/e tx, d/e ty, d tz).
+The reference answer accounts for what no estimator can see: a depth-scale error `d` at the object
+(the global one times the low-frequency field's mean over the object) and a focal-length error `e`
+(the estimator gets K with focal e·f) make the scene that explains both the image and the depth the
+true one scaled by d/e across and d along the optical axis. The reference similarity has the true
+rotation, scale s·d/e and translation (d/e tx, d/e ty, d tz): it reproduces the image exactly and
+the object's distance, but, where e ≠ 1, not its relief (no similarity does), so an estimate may
+be off from it by up to about (object radius / distance) · |1/e - 1| in scale through no fault of
+its own. The accuracy sets (`CLEAN`, `REALISTIC`) therefore use the true focal length; `focal`
+adds the error where a test wants it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
 
+from refany3d.config import DepthSettings, MesherSettings, SegmenterSettings
 from refany3d.render.cameras import intrinsics_from_fov
 from refany3d.render.mesh import normalize_transform
 from refany3d.render.raycast import raycast_maps
+from refany3d.synthetic.perception_errors import DepthErrors, MaskErrors, erred_depth, erred_mask
 
 
 @dataclass(frozen=True)
 class Perturbation:
-    """How the inputs err. depth_scale / focal: std of the global log errors; depth_noise: relative
-    per-pixel noise; flying_px: width of the band at depth edges where depth blends foreground and
-    a background plane (0: no background, depth unknown off the object); mask_px: boundary shift
-    along a smooth random field, up to this many px; mask_bias_px: plus a uniform erosion or
-    dilation of up to this many px; canonical_deg: max rotation of the mesh in its canonical frame.
+    """How the inputs err. depth / mask: the perception errors (`perception_errors`); focal: std
+    of the global log focal-length error; canonical_deg: max rotation of the mesh in its canonical
+    frame; mesher: give the estimator the mesher's surface (the `truth` mesher's re-meshing at
+    `mesher.truth_resolution`, then the mesh stage's clean-up and reduction to
+    `mesher.target_faces`) instead of the source mesh."""
 
-    The defaults are the synthetic source's `truth` backends' (depth and segmenter settings)."""
-
-    depth_scale: float = 0.1
+    depth: DepthErrors
+    mask: MaskErrors
     focal: float = 0.05
-    depth_noise: float = 0.005
-    flying_px: int = 0
-    mask_px: float = 2.0
-    mask_bias_px: float = 0.0
-    canonical_deg: float = 10.0
+    canonical_deg: float = 3.0
+    mesher: bool = True
 
 
-# Harder than the truth backends: flying pixels at edges and masks off by up to ±3 px overall.
-HARSH = Perturbation(flying_px=2, mask_px=2.0, mask_bias_px=1.0)
+NO_DEPTH_ERRORS = DepthErrors(scale=0.0, low_frequency=0.0, noise=0.0, flying_px=0, backdrop=None)
+NO_MASK_ERRORS = MaskErrors(wobble_px=0.0, bias_px=0.0, ragged_px=0.0, bleed_px=0.0, bleed_arc=0.0)
+# Exact ray-cast depth and masks (0 depth off the object); the mesh is still the mesher's.
+CLEAN = Perturbation(NO_DEPTH_ERRORS, NO_MASK_ERRORS, focal=0.0)
+# The `truth` backends' depth and mask errors: what the build's embedded default gives the
+# estimator (at the true focal length, see the module doc).
+REALISTIC = Perturbation(DepthErrors.of(DepthSettings()), MaskErrors.of(SegmenterSettings()), focal=0.0)
+
+
+def mesher_surface(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """What the mesh stage makes of `mesh` with the `truth` mesher: a new closed surface by
+    marching cubes, cleaned and reduced as every generated surface is (same frame and units)."""
+    from refany3d.models.mesher.truth import remesh
+    from refany3d.render.mesh import clean_and_reduce, repair_mesh
+
+    opts = MesherSettings()
+    surface = remesh(repair_mesh(mesh), opts.truth_resolution)
+    if surface is None:
+        raise ValueError("the re-meshed surface is empty")
+    return clean_and_reduce(surface, opts.target_faces, opts.coarse_factor)
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,8 @@ class PoseCase:
 def canonicalize(
     mesh: trimesh.Trimesh, rng: np.random.Generator, max_deg: float
 ) -> tuple[trimesh.Trimesh, np.ndarray]:
-    """(mesh turned by a small random rotation and normalised into [-1, 1]³ like the mesher's
-    output, (4, 4) similarity from the metric frame to that canonical frame)."""
+    """(`mesh` turned by a small random rotation and normalised into [-1, 1]³ like the mesher's
+    output, (4, 4) similarity from `mesh`'s frame to that canonical frame)."""
     turn = np.eye(4)
     turn[:3, :3] = Rotation.from_rotvec(_random_axis(rng) * np.radians(rng.uniform(0, max_deg))).as_matrix()
     turned = mesh.copy()
@@ -105,11 +125,13 @@ def make_case(
     size: int,
     perturb: Perturbation,
     rng: np.random.Generator,
+    surface: trimesh.Trimesh | None = None,
 ) -> PoseCase:
     """A case of metric `mesh` at `pose` seen with `intrinsics` on a size × size view (exact
-    silhouette and depth by ray casting, then perturbed)."""
+    silhouette and depth by ray casting, then perturbed). `surface`: `mesher_surface(mesh)` if
+    already made (it costs seconds; cases of one mesh share it)."""
     maps = raycast_maps(mesh, pose, intrinsics, size, size)
-    return perturb_view(name, mesh, pose, intrinsics, maps["mask"], maps["depth"], perturb, rng)
+    return perturb_view(name, mesh, pose, intrinsics, maps["mask"], maps["depth"], perturb, rng, surface)
 
 
 def perturb_view(
@@ -121,73 +143,37 @@ def perturb_view(
     depth: np.ndarray,
     perturb: Perturbation,
     rng: np.random.Generator,
+    surface: trimesh.Trimesh | None = None,
 ) -> PoseCase:
     """A case from an exact view (mask (H, W) bool, depth (H, W) metres) of metric `mesh` at `pose`."""
     if mask.sum() < 64:
         raise ValueError(f"{name}: the object is not in view")
-    d_scale = float(np.exp(rng.normal(0, perturb.depth_scale)))
+    seen = erred_depth(depth, mask, perturb.depth, rng)
     f_scale = float(np.exp(rng.normal(0, perturb.focal)))
-    seen = np.asarray(depth, dtype=np.float64)
-    if perturb.flying_px > 0:
-        seen = np.where(mask, seen, _background_depth(seen[mask], mask.shape, rng))
-        seen = _flying_pixels(seen, mask, perturb.flying_px)
-    seen = seen * d_scale * (1 + rng.normal(0, perturb.depth_noise, seen.shape))
     k_est = np.asarray(intrinsics, dtype=np.float64).copy()
     k_est[0, 0] *= f_scale
     k_est[1, 1] *= f_scale
-    canonical, to_canonical = canonicalize(mesh, rng, perturb.canonical_deg)
+    given = mesh
+    if perturb.mesher:
+        given = surface if surface is not None else mesher_surface(mesh)
+    canonical, to_canonical = canonicalize(given, rng, perturb.canonical_deg)
     # x_cam = pose · to_canonical⁻¹ · x_can: a similarity with scale 1 / |to_canonical|.
     sim = pose @ np.linalg.inv(to_canonical)
     scale = float(np.cbrt(np.linalg.det(sim[:3, :3])))
-    across = d_scale / f_scale
+    across = seen.local_scale / f_scale
     ref = np.eye(4)
     ref[:3, :3] = sim[:3, :3] / scale
-    ref[:3, 3] = sim[:3, 3] * np.array([across, across, d_scale])
+    ref[:3, 3] = sim[:3, 3] * np.array([across, across, seen.local_scale])
     return PoseCase(
         name=name,
         mesh=canonical,
-        depth=seen.astype(np.float32),
-        mask=noisy_mask(mask, perturb.mask_px, perturb.mask_bias_px, rng),
+        depth=seen.depth,
+        mask=erred_mask(mask, perturb.mask, rng),
         intrinsics=k_est,
         pose=ref,
         scale=scale * across,
         true_mask=mask,
     )
-
-
-def _background_depth(
-    object_depth: np.ndarray, shape: tuple[int, int], rng: np.random.Generator
-) -> np.ndarray:
-    """(H, W) a tilted floor/wall plane behind the object (what flying pixels blend with)."""
-    far = float(object_depth.max()) * rng.uniform(1.3, 2.0)
-    v, u = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
-    return (far * (1.0 + 0.3 * (v - 0.5) + 0.1 * (u - 0.5))).astype(np.float64)
-
-
-def _flying_pixels(depth: np.ndarray, mask: np.ndarray, width: int) -> np.ndarray:
-    """Depth with the pixels within `width` px of the silhouette replaced by a blend of the
-    foreground and background depths (what stereo and monocular networks do at edges)."""
-    if width <= 0:
-        return depth
-    m = mask.astype(np.uint8)
-    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
-    edge = (cv2.dilate(m, kernel) - cv2.erode(m, kernel)).astype(bool)
-    blurred = cv2.blur(depth, (2 * width + 1, 2 * width + 1))
-    return np.where(edge, blurred, depth)
-
-
-def noisy_mask(mask: np.ndarray, field_px: float, bias_px: float, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) bool: `mask` with its boundary moved in and out by up to `field_px` along a smooth
-    random field (the `truth` segmenter's model of a segmenter's error), then eroded or dilated
-    as a whole by a uniform draw in [-bias_px, bias_px]."""
-    if field_px <= 0 and bias_px <= 0:
-        return mask.copy()
-    m = mask.astype(np.uint8)
-    signed = cv2.distanceTransform(m, cv2.DIST_L2, 3) - cv2.distanceTransform(1 - m, cv2.DIST_L2, 3)
-    sigma = 4.0 * max(field_px, 1.0)
-    field = cv2.GaussianBlur(rng.standard_normal(mask.shape).astype(np.float32), (0, 0), sigma)
-    field = np.clip(field / max(float(field.std()), 1e-6) * 0.5, -1.0, 1.0) * field_px
-    return (signed + field + rng.uniform(-bias_px, bias_px)) > 0
 
 
 def default_intrinsics(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from scipy.spatial.transform import Rotation
 from refany3d.config import SettingsError, override
 from refany3d.records import MESH
 from refany3d.render.mesh import load_mesh, mesh_to_glb
-from refany3d.stages.verify import HIGH_LPIPS, LOW_IOU, MISSING_POSE, verify
+from refany3d.stages.verify import DEPTH_MISMATCH, HIGH_LPIPS, LOW_IOU, MISSING_POSE, POSE_AMBIGUOUS, verify
 from tests.stages._posed import posed_samples
 
 
@@ -53,6 +53,40 @@ def test_verify_wrong_pose_drops_low_iou(posed):
     assert all(r.stage == "verify" and r.metric < settings.verify.min_iou for r in result.dropped)
 
 
+def _scaled_about_camera(sample, factor: float):
+    """The sample at `factor` × its scale and distance: the same image, another depth."""
+    pose = np.asarray(sample.pose).reshape(4, 4).copy()
+    pose[:3, 3] *= factor
+    return sample.replace(pose=[float(v) for v in pose.ravel()], mesh_scale=sample.mesh_scale * factor)
+
+
+def test_verify_true_pose_records_depth_agreement(posed):
+    samples, ctx, settings = posed
+    for s in verify(samples, settings, ctx).kept:
+        assert abs(s.metrics["depth_offset"]) < 0.01 and s.metrics["depth_inliers"] > 0.95, s.sample_id
+
+
+@pytest.mark.parametrize("factor", [1.06, 0.92])
+def test_verify_scale_and_distance_off_drops_depth_mismatch(posed, factor):
+    """A silhouette cannot see a pose scaled about the camera (IoU stays ~1); the depth can."""
+    samples, ctx, settings = posed
+    result = verify([_scaled_about_camera(s, factor) for s in samples], settings, ctx)
+    assert not result.kept
+    assert [r.reason for r in result.dropped] == ["depth_mismatch"] * len(samples)
+    assert DEPTH_MISMATCH == "depth_mismatch"
+    assert all(abs(r.metric) > settings.verify.max_depth_offset for r in result.dropped)
+
+
+def test_verify_small_pose_margin_drops_pose_ambiguous(posed):
+    samples, ctx, settings = posed
+    unsure = [s.replace(metrics={**s.metrics, "pose_margin": 0.004}) for s in samples]
+    result = verify(unsure, settings, ctx)
+    assert [r.reason for r in result.dropped] == ["pose_ambiguous"] * len(samples)
+    assert POSE_AMBIGUOUS == "pose_ambiguous" and all(r.metric == 0.004 for r in result.dropped)
+    sure = [s.replace(metrics={**s.metrics, "pose_margin": 0.3}) for s in samples]
+    assert len(verify(sure, settings, ctx).kept) == len(samples)
+
+
 def test_verify_wrong_texture_drops_high_lpips(posed):
     samples, ctx, settings = posed
     result = verify([_grey_textured(s, ctx.store) for s in samples], settings, ctx)
@@ -67,6 +101,9 @@ def test_verify_sample_without_pose_drops_missing_pose(posed):
     result = verify([samples[0].replace(pose=None, mesh_scale=None)], settings, ctx)
     assert [r.reason for r in result.dropped] == ["missing_pose"] and MISSING_POSE == "missing_pose"
     assert "pose" in result.dropped[0].detail and "mesh_scale" in result.dropped[0].detail
+    no_depth = samples[0].replace(artifacts={k: v for k, v in samples[0].artifacts.items() if k != "depth"})
+    dropped = verify([no_depth], settings, ctx).dropped
+    assert [r.reason for r in dropped] == ["missing_pose"] and "depth" in dropped[0].detail
 
 
 def test_verify_missing_lpips_weights_fails_before_any_sample(posed, tmp_path):

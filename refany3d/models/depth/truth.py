@@ -1,4 +1,7 @@
-"""`truth` depth: ground-truth depth with a global log-scale error and relative per-pixel noise."""
+"""`truth` depth: the synthetic view's exact depth erred the way a metric depth network errs (a
+backdrop behind the object, flying pixels across the silhouette, a smooth low-frequency error, a
+global scale error, per-pixel noise; `refany3d.synthetic.perception_errors`) and a focal-length
+error."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from refany3d.config import DepthSettings
 from refany3d.models._truth import TRUTH_LABEL, read_view_truth, truth_rng
 from refany3d.models.depth.base import DepthMap
 from refany3d.records import Sample
+from refany3d.synthetic.perception_errors import DepthErrors, erred_depth
 
 
 class TruthDepthEstimator:
@@ -26,11 +30,8 @@ class TruthDepthEstimator:
         for _image, sample in zip(images, samples, strict=True):
             truth = read_view_truth(sample)
             rng = truth_rng(seed, sample, "depth")
-            # A monocular model gets the scale wrong for the whole image (and its focal length with it).
-            scale = float(np.exp(rng.normal(0.0, options.truth_scale_error)))
-            noise = 1.0 + rng.normal(0.0, options.truth_noise, truth.depth.shape)
-            depth = (truth.depth * scale * noise).astype(np.float32)
-            depth[truth.depth <= 0] = 0.0
+            depth = erred_depth(truth.depth, truth.mask, DepthErrors.of(options), rng).depth
+            # A monocular model gets the focal length wrong for the whole image too.
             focal = float(truth.intrinsics[0, 0]) * float(np.exp(rng.normal(0.0, options.truth_focal_error)))
             out.append(DepthMap(depth, focal))
         return out

@@ -18,11 +18,15 @@ class PoseNotFound(ValueError):
 class PoseResult:
     """pose: (4, 4) float64, maps mesh coordinates MULTIPLIED BY `scale` into the camera frame
     (OpenCV: x right, y down, z forward), i.e. x_cam = R (scale x_mesh) + t. scale: metres per
-    mesh unit (1.0 for an already metric mesh). score: the estimator's own confidence in [0, 1]."""
+    mesh unit (1.0 for an already metric mesh). score: the estimator's own confidence in [0, 1].
+    margin: how much better `score` is than the best-scoring pose that is a different answer (one
+    whose surface lies 2 % of the object's diameter or more away, ADD-S); small where the view
+    cannot tell two poses apart (a near-symmetric shape); None where the backend does not say."""
 
     pose: np.ndarray
     scale: float
     score: float
+    margin: float | None = None
 
 
 class PoseEstimator(Protocol):

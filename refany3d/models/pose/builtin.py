@@ -28,6 +28,19 @@ def _distinct(candidates: list[tuple[float, Similarity]], count: int, min_deg: f
     return chosen
 
 
+def distinct_answers(
+    model: PoseModel, a: Similarity, b: Similarity, threshold: float = 0.02, basin_deg: float = 20.0
+) -> bool:
+    """Whether poses `a` and `b` are different answers: rotations `basin_deg` or more apart whose
+    surfaces, centred and at one scale, lie ADD-S `threshold` of the object's diameter or more
+    apart. A symmetric shape's equivalent rotations are the same answer, and so are two fits in
+    one basin that differ a little in rotation, scale or place (refinement noise)."""
+    cos = (np.trace(a.rotation @ b.rotation.T) - 1.0) / 2.0
+    if cos > np.cos(np.radians(basin_deg)):
+        return False
+    return model.surface_distance(a.rotation.T @ b.rotation, 500) >= threshold * 2.0 * model.radius
+
+
 def _half_turns(pose: Similarity) -> list[Similarity]:
     """`pose` turned by 180° about each of the mesh's axes, through the mesh origin."""
     out = []
@@ -89,4 +102,6 @@ class BuiltinPoseEstimator:
         best = max(fits, key=lambda f: f.score)
         if best.score < opts.min_score:
             raise PoseNotFound(f"best fit scores {best.score:.3f} < pose.min_score {opts.min_score}")
-        return PoseResult(best.pose.matrix(), float(best.pose.scale), float(best.score))
+        others = [f.score for f in fits + screened if distinct_answers(model, best.pose, f.pose)]
+        margin = best.score - max(others, default=0.0)
+        return PoseResult(best.pose.matrix(), float(best.pose.scale), float(best.score), float(margin))

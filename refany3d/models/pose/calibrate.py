@@ -13,8 +13,9 @@ from refany3d.models.pose.observe import depth_noise_std, interior_mask, pixel_r
 
 
 def similarity(pose: np.ndarray, scale: float) -> Similarity:
-    """A contract pose ((4, 4), x_cam = R (scale x_mesh) + t) as a Similarity."""
-    pose = np.asarray(pose, dtype=np.float64)
+    """A contract pose ((4, 4) or its 16 row-major floats, x_cam = R (scale x_mesh) + t) as a
+    Similarity."""
+    pose = np.asarray(pose, dtype=np.float64).reshape(4, 4)
     return Similarity(pose[:3, :3], float(scale), pose[:3, 3])
 
 

@@ -82,6 +82,15 @@ class PoseModel:
         (n,) bool whether the point is inside the grid at all)."""
         return self._closest(points)
 
+    def surface_distance(self, turn: np.ndarray, count: int) -> float:
+        """Mean distance (mesh units) from `count` surface samples turned by the (3, 3) rotation
+        `turn` about the box centre to the surface itself: 0 for a symmetry of the shape."""
+        import open3d as o3d
+
+        points = self.surface[:: max(1, len(self.surface) // count)] - self.center
+        turned = (points @ np.asarray(turn).T + self.center).astype(np.float32)
+        return float(self.scene.compute_distance(o3d.core.Tensor(turned)).numpy().mean())
+
     def cast(self, rays_cam: np.ndarray, pose: Similarity) -> Hits:
         """Cast camera-frame rays (n, 3, z = 1, from the camera centre) at the mesh posed by `pose`."""
         import open3d as o3d

@@ -102,7 +102,7 @@ def observe(
         sdf_grad=np.stack([grad_u, grad_v]).astype(np.float32),
         grid_uv=np.stack([gu, gv], axis=1).astype(np.float64),
         grid_mask=mask[gv, gu],
-        grid_depth=np.where(interior[gv, gu], depth[gv, gu], 0.0),
+        grid_depth=np.where((interior & ~depth_edges(depth))[gv, gu], depth[gv, gu], 0.0),
         band_uv=np.stack([bu, bv], axis=1).astype(np.float64),
         step=step,
         depth_noise=depth_noise_std(depth, interior),
@@ -131,6 +131,16 @@ def interior_mask(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: f
     width = max(np.ptp(xs), np.ptp(ys)) * med / focal if focal > 0 else 0.0
     reach = max(hi - lo, width, 0.01 * med)
     return eroded & (depth > lo - reach) & (depth < hi + reach)
+
+
+def depth_edges(depth: np.ndarray, window: int = 7, jump: float = 0.08) -> np.ndarray:
+    """(H, W) bool: pixels within `window` // 2 px of a depth discontinuity, where the depth of a
+    5 × 5 median-filtered view spans more than `jump` of its value: where a network smears the
+    object into the backdrop (flying pixels). A surface seen at a grazing angle spans less."""
+    smooth = cv2.medianBlur(depth.astype(np.float32), 5)
+    kernel = np.ones((window, window), np.uint8)
+    span = cv2.dilate(smooth, kernel) - cv2.erode(smooth, kernel)
+    return span > jump * np.maximum(smooth, 1e-6)
 
 
 def depth_noise_std(depth: np.ndarray, interior: np.ndarray) -> float:

@@ -23,6 +23,12 @@ from refany3d.models.pose.observe import Observation, pixel_rays, sample_bilinea
 
 MAX_ROTATION_STEP = np.radians(8.0)
 MAX_SCALE_STEP = 0.08  # log scale
+# A segmenter grows or shrinks the whole mask by a px or two, which the outline alone would read as
+# scale: the fit estimates that offset too, held near 0 by a weak prior (σ px, weight relative to
+# the whole silhouette term) so that it is decided by the shape and the depth, not by the mask.
+OFFSET_SIGMA_PX = 1.5
+OFFSET_PRIOR = 0.1
+MAX_OFFSET_PX = 4.0
 DAMPING = 1e-2  # Marquardt damping (fraction of the diagonal)
 
 
@@ -34,6 +40,7 @@ class Fit:
     pose: Similarity
     iou: float
     depth_agreement: float
+    offset: float = 0.0  # px the mask's outline lies outside the model's (a grown or shrunk mask)
 
     @property
     def score(self) -> float:
@@ -72,6 +79,12 @@ def _huber_weights(residual: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 1.0, delta / np.maximum(a, 1e-12))
 
 
+def _cauchy_weights(residual: np.ndarray, scale: float) -> np.ndarray:
+    """IRLS weights of the Cauchy loss: an outlier's pull falls off as 1/r (a stretch of mask
+    that bleeds onto the background), where Huber's stays constant."""
+    return 1.0 / (1.0 + (residual / scale) ** 2)
+
+
 class _Casts:
     """Rays of the observation's grid and band, cast once per pose."""
 
@@ -81,6 +94,7 @@ class _Casts:
         self.band_rays = pixel_rays(obs.band_uv, obs.intrinsics)
         self.band_ij = obs.band_uv.astype(np.int64)
         self.band_obs = obs.mask[self.band_ij[:, 1], self.band_ij[:, 0]]
+        self.band_sdf = obs.sdf[self.band_ij[:, 1], self.band_ij[:, 0]]
         self.grid_q = self.grid_rays * obs.grid_depth[:, None]
 
     def at(self, pose: Similarity):
@@ -99,21 +113,23 @@ class _Casts:
         return out & band_hit
 
 
-def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02) -> Fit:
-    """IoU from the band (pixels off it agree by construction) and the mean Gaussian agreement
-    exp(-½ (r / τ)²) of the grid's observed depth with the rendered surface, τ combining
-    `depth_tol` × object size and the view's depth noise (pixels the render misses count 0)."""
+def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02, offset: float = 0.0) -> Fit:
+    """IoU from the band (pixels off it agree by construction) with the mask's outline moved in
+    by `offset` px, and the mean Gaussian agreement exp(-½ (r / τ)²) of the grid's observed depth
+    with the rendered surface, τ combining `depth_tol` × object size and the view's depth noise
+    (pixels the render misses count 0)."""
     grid, band = hits or casts.at(pose)
     obs = casts.obs
-    area = float(obs.mask.sum())
-    miss = np.count_nonzero(casts.band_obs & ~band.hit)
-    extra = np.count_nonzero(~casts.band_obs & band.hit)
+    shifted = casts.band_sdf < offset
+    area = float(obs.mask.sum()) - np.count_nonzero(casts.band_obs) + np.count_nonzero(shifted)
+    miss = np.count_nonzero(shifted & ~band.hit)
+    extra = np.count_nonzero(~shifted & band.hit)
     iou = (area - miss) / (area + extra)
     observed = obs.grid_depth > 0
     tau = np.hypot(depth_tol * pose.scale * casts.model.radius, 2.0 * obs.depth_noise)
     residual = np.where(grid.hit, grid.depth - obs.grid_depth, np.inf)[observed]
     agreement = float(np.exp(-0.5 * (residual / tau) ** 2).mean()) if residual.size else 0.0
-    return Fit(pose, float(iou), agreement)
+    return Fit(pose, float(iou), agreement, float(offset))
 
 
 def score_pose(model: PoseModel, obs: Observation, pose: Similarity) -> Fit:
@@ -121,11 +137,22 @@ def score_pose(model: PoseModel, obs: Observation, pose: Similarity) -> Fit:
     return evaluate(_Casts(model, obs), pose)
 
 
-def _normal_equations(casts: _Casts, pose: Similarity, hits, depth_sigma: float, sil_sigma: float):
-    """(7, 7) JᵀWJ and (7,) JᵀWr of both residuals at `pose` (each term normalised by its σ)."""
+def _normal_equations(
+    casts: _Casts,
+    pose: Similarity,
+    offset: float,
+    hits,
+    depth_sigma: float,
+    sil_sigma: float,
+    redescend: bool = False,
+):
+    """(8, 8) JᵀWJ and (8,) JᵀWr of both residuals and the offset's prior at `pose` and `offset`
+    (each term normalised by its σ); parameters (ω, σ, δ, offset)."""
     grid, band = hits
     obs = casts.obs
-    h_sum, g_sum = np.zeros((7, 7)), np.zeros(7)
+    h_sum, g_sum = np.zeros((8, 8)), np.zeros(8)
+    h_sum[7, 7] = OFFSET_PRIOR / OFFSET_SIGMA_PX**2
+    g_sum[7] = OFFSET_PRIOR / OFFSET_SIGMA_PX**2 * offset
     size = pose.scale * casts.model.radius
     sel = grid.hit & (obs.grid_depth > 0)
     if sel.any():
@@ -134,14 +161,14 @@ def _normal_equations(casts: _Casts, pose: Similarity, hits, depth_sigma: float,
         r = np.einsum("ij,ij->i", n, p - casts.grid_q[sel]) / size
         jac = np.einsum("ij,ijk->ik", n, _point_jacobian(p, pose.translation)) / size
         w = _huber_weights(r, 1.5 * depth_sigma) / depth_sigma**2 / len(r)
-        h_sum += jac.T @ (jac * w[:, None])
-        g_sum += jac.T @ (w * r)
+        h_sum[:7, :7] += jac.T @ (jac * w[:, None])
+        g_sum[:7] += jac.T @ (w * r)
     edge = casts.contour(band.hit)
     if edge.any():
         p = pose.apply(band.points[edge])
         k = obs.intrinsics
         uv = np.stack([k[0, 0] * p[:, 0] / p[:, 2] + k[0, 2], k[1, 1] * p[:, 1] / p[:, 2] + k[1, 2]], 1)
-        r = sample_bilinear(obs.sdf, uv)
+        r = sample_bilinear(obs.sdf, uv) - offset
         grad = np.stack([sample_bilinear(obs.sdf_grad[0], uv), sample_bilinear(obs.sdf_grad[1], uv)], 1)
         dproj = np.zeros((len(p), 2, 3))
         dproj[:, 0, 0] = k[0, 0] / p[:, 2]
@@ -149,7 +176,9 @@ def _normal_equations(casts: _Casts, pose: Similarity, hits, depth_sigma: float,
         dproj[:, 1, 1] = k[1, 1] / p[:, 2]
         dproj[:, 1, 2] = -k[1, 1] * p[:, 1] / p[:, 2] ** 2
         jac = np.einsum("ij,ijk,ikl->il", grad, dproj, _point_jacobian(p, pose.translation))
-        w = _huber_weights(r, 1.5 * sil_sigma) / sil_sigma**2 / len(r)
+        jac = np.concatenate([jac, -np.ones((len(p), 1))], axis=1)
+        w = _cauchy_weights(r, 1.5 * sil_sigma) if redescend else _huber_weights(r, 1.5 * sil_sigma)
+        w = w / sil_sigma**2 / len(r)
         h_sum += jac.T @ (jac * w[:, None])
         g_sum += jac.T @ (w * r)
     return h_sum, g_sum
@@ -187,22 +216,26 @@ def refine(
     it ranks iterates but cannot gate steps; steps are clamped instead (`_step`). `depth_sigma`:
     depth residual scale as a fraction of the object's size; `sil_sigma_px`: silhouette scale in px."""
     casts = _Casts(model, obs)
-    pose = start
+    pose, offset = start, 0.0
     hits = casts.at(pose)
     best = evaluate(casts, pose, hits)
-    for _ in range(iterations):
-        h_mat, g_vec = _normal_equations(casts, pose, hits, depth_sigma, sil_sigma_px)
+    for step in range(iterations):
+        # Near the answer, outline pixels far off the mask are the mask's errors, not the pose's:
+        # the second half lets their pull fade (from the start it would drop thin parts' outline).
+        redescend = step >= iterations // 2 and iterations >= 8
+        h_mat, g_vec = _normal_equations(casts, pose, offset, hits, depth_sigma, sil_sigma_px, redescend)
         damped = h_mat + DAMPING * np.diag(np.diag(h_mat) + 1e-9)
         try:
             delta = -np.linalg.solve(damped, g_vec)
         except np.linalg.LinAlgError:
             break
         size = pose.scale * model.radius
-        pose = _step(pose, delta, size)
+        pose = _step(pose, delta[:7], size)
+        offset = float(np.clip(offset + delta[7], -MAX_OFFSET_PX, MAX_OFFSET_PX))
         hits = casts.at(pose)
-        fit = evaluate(casts, pose, hits)
+        fit = evaluate(casts, pose, hits, offset=offset)
         if fit.score > best.score:
             best = fit
-        if _converged(delta, size):
+        if _converged(delta[:7], size):
             break
     return best

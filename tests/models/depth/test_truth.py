@@ -11,7 +11,11 @@ def synthetic(tmp_path_factory):
     return synthetic_views(tmp_path_factory.mktemp("truth_depth"))
 
 
-def test_truth_depth_has_one_global_scale_error_and_small_noise(synthetic):
+def test_truth_depth_errs_like_a_depth_network(synthetic):
+    """The whole frame has depth (a backdrop behind the object), smeared across the silhouette;
+    deep inside the object one global scale error and small noise."""
+    import cv2
+
     from refany3d.synthetic import read_truth
 
     views, _, settings = synthetic
@@ -20,9 +24,13 @@ def test_truth_depth_has_one_global_scale_error_and_small_noise(synthetic):
     for sample, dm in zip(views, out, strict=True):
         truth = read_truth(sample.source_ref, sample.side)
         valid = truth.depth > 0
-        ratio = dm.depth[valid] / truth.depth[valid]
-        assert np.all(dm.depth[~valid] == 0)
-        assert np.std(ratio) / np.mean(ratio) < 0.03  # one scale for the view, ~1% noise
+        assert np.all(dm.depth > 0)  # a backdrop, not 0 off the object
+        assert np.median(dm.depth[~valid]) > np.median(dm.depth[valid])  # behind the object
+        deep = cv2.erode(valid.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        ratio = dm.depth[deep] / truth.depth[deep]
+        assert np.std(ratio) / np.mean(ratio) < 0.04  # one scale for the view, ~1% noise
+        edge = valid & ~deep
+        assert np.mean(dm.depth[edge] / truth.depth[edge]) > np.mean(ratio)  # flying pixels: pulled back
         assert dm.focal_px > 0 and abs(np.log(dm.focal_px / truth.intrinsics[0, 0])) < 0.3
 
 
@@ -30,9 +38,15 @@ def test_truth_depth_without_errors_equals_ground_truth(synthetic):
     from refany3d.synthetic import read_truth
 
     views, _, settings = synthetic
-    opts = override(
-        settings, **{"depth.truth_scale_error": 0.0, "depth.truth_noise": 0.0, "depth.truth_focal_error": 0.0}
-    ).depth
+    no_errors = {
+        "depth.truth_scale_error": 0.0,
+        "depth.truth_noise": 0.0,
+        "depth.truth_focal_error": 0.0,
+        "depth.truth_low_frequency": 0.0,
+        "depth.truth_flying_px": 0,
+        "depth.truth_backdrop_min": 0.0,
+    }
+    opts = override(settings, **no_errors).depth
     dm = TruthDepthEstimator().estimate([None], views[:1], opts, 0)[0]
     truth = read_truth(views[0].source_ref, views[0].side)
     np.testing.assert_allclose(dm.depth, truth.depth, rtol=1e-6)

@@ -2,10 +2,17 @@ import numpy as np
 import pytest
 
 from refany3d.models.pose.calibrate import depth_outlier_ratio
-from refany3d.synthetic.pose_cases import Perturbation, make_case
+from refany3d.synthetic.perception_errors import DepthErrors
+from refany3d.synthetic.pose_cases import NO_MASK_ERRORS, Perturbation, make_case
 from tests.models.pose._cases import primitive_meshes
 
-CLEAN = Perturbation(depth_scale=0.0, focal=0.0, depth_noise=0.001, mask_px=0.0, canonical_deg=0.0)
+CLEAN = Perturbation(
+    DepthErrors(scale=0.0, low_frequency=0.0, noise=0.001, flying_px=0, backdrop=None),
+    NO_MASK_ERRORS,
+    focal=0.0,
+    canonical_deg=0.0,
+    mesher=False,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,7 @@ import numpy as np
 import pytest
 
 from refany3d.models.segmenter import TruthSegmenter
-from refany3d.models.segmenter.truth import noisy_boundary
 from tests.models._views import synthetic_views
-
-
-def _disc(size=96, r=25):
-    yy, xx = np.mgrid[:size, :size]
-    return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r
-
-
-def test_noisy_boundary_moves_only_near_the_edge():
-    mask = _disc()
-    noisy = noisy_boundary(mask, 2, np.random.default_rng(0))
-    changed = noisy ^ mask
-    assert changed.any()
-    yy, xx = np.nonzero(changed)
-    radius = np.hypot(yy - 48, xx - 48)
-    assert np.all(np.abs(radius - 25) < 4)
-    iou = (noisy & mask).sum() / (noisy | mask).sum()
-    assert 0.85 < iou < 1.0
-
-
-def test_noisy_boundary_radius_zero_is_identity():
-    mask = _disc()
-    assert np.array_equal(noisy_boundary(mask, 0, np.random.default_rng(0)), mask)
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +21,15 @@ def test_truth_segmenter_mask_overlaps_ground_truth(synthetic):
         true = read_truth(sample.source_ref, sample.side).mask
         assert seg.mask.shape == true.shape and seg.mask.dtype == bool
         assert (seg.mask & true).sum() / (seg.mask | true).sum() > 0.6
+        assert (seg.mask ^ true).any()  # a segmenter's errors (each mode: tests/test_perception_errors.py)
+
+
+def test_truth_segmenter_without_errors_returns_the_true_mask(synthetic):
+    from refany3d.config import override
+    from refany3d.synthetic import read_truth
+
+    views, _, settings = synthetic
+    fields = ("wobble_px", "bias_px", "ragged_px", "bleed_px")
+    opts = override(settings, **{f"segmenter.truth_{f}": 0.0 for f in fields}).segmenter
+    seg = TruthSegmenter().segment([None], [[0, 0, 1, 1]], views[:1], opts, 0)[0]
+    assert np.array_equal(seg.mask, read_truth(views[0].source_ref, views[0].side).mask)
