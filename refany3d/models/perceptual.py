@@ -13,10 +13,11 @@ looks by default. `LpipsMetric` scores (H, W, 3) uint8 RGB image pairs with it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
+import os
 import pickle
-import threading
 import warnings
 from pathlib import Path
 
@@ -141,7 +142,7 @@ class LpipsMetric:
             stacked = np.stack(images).astype(np.float32) / 127.5 - 1.0  # [-1, 1], what LPIPS expects
             return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
-        with torch.inference_mode(), _one_thread(torch):
+        with torch.inference_mode(), _one_thread():
             return model(batch(first), batch(second))[:, 0].numpy()
 
     def distances(self, first: list[np.ndarray], second: list[np.ndarray]) -> list[float]:
@@ -163,21 +164,47 @@ class LpipsMetric:
         return float(values.mean()) if values.size else 0.0
 
 
-_ONE_THREAD_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
-def _one_thread(torch):
+def _one_thread():
     """Run a few small convolutions on one intra-op thread: measured on the 2-core CPU machine
-    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one. The
-    setting is the process's: calls are serialised so each restores what it found."""
-    with _ONE_THREAD_LOCK:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one.
+
+    The setting is the calling thread's own, as `torch.set_num_threads(1)` sets it for the caller
+    (so the values are the same to the bit): OpenMP's team size (`omp_set_num_threads`, read by
+    oneDNN and `at::parallel_for`) and MKL's (`mkl_set_num_threads_local`, its GEMMs) are both kept
+    per thread. `torch.set_num_threads` would also set the count that every thread started
+    meanwhile takes for good (a depth or mesh task's worker), so it is not used."""
+    libs = _thread_libs()
+    if libs is None:  # not the OpenMP + MKL build of torch's Linux wheels: threads as they are
+        yield
+        return
+    omp, mkl = libs
+    before = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(1)
+    mkl_before = mkl.MKL_Set_Num_Threads_Local(1)  # returns the thread's previous setting (0: none)
+    try:
+        yield
+    finally:
+        mkl.MKL_Set_Num_Threads_Local(mkl_before)
+        omp.omp_set_num_threads(before)
+
+
+@functools.cache
+def _thread_libs() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """The GNU OpenMP runtime and the MKL that torch has loaded (its Linux wheels bundle
+    `libgomp.so.1` and link MKL into `libtorch_cpu.so`), or None where torch is built otherwise."""
+    import torch
+
+    info = torch.__config__.parallel_info()
+    if "ATen parallel backend: OpenMP" not in info or "Math Kernel Library" not in info:
+        return None
+    try:  # RTLD_NOLOAD: only the copies already in the process (torch's), never a second one
+        omp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        mkl = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD)
+        mkl.MKL_Set_Num_Threads_Local  # noqa: B018 - the C entry (mkl_set_num_threads_local is Fortran)
+    except (OSError, AttributeError):
+        return None
+    return omp, mkl
 
 
 @functools.lru_cache(maxsize=2)
