@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="converted LPIPS file; empty = the default location")
     args = parser.parse_args()
 
-    from refany3d.models.perceptual import LpipsMetric, default_lpips_path
+    from refany3d.models.perceptual import LpipsMetric
+    from refany3d.models.weights import default_lpips_path
 
     weights = args.weights or str(default_lpips_path())
     metric = LpipsMetric(weights)

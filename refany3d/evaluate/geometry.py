@@ -18,6 +18,7 @@ Metrics (each a float; `nan` when the point map has no foreground):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,18 +57,38 @@ def decode_canonical(point_map: np.ndarray, bbox_min: np.ndarray, bbox_max: np.n
 
 def rgb_silhouette(rgb: np.ndarray, border: float = 0.02, iterations: int = 5) -> np.ndarray:
     """(H, W) bool object silhouette of a (H, W, 3) uint8 image by GrabCut (OpenCV): a frame of
-    `border` x the image size is background, the rest is estimated from the colours. Deterministic
-    (GrabCut's GMM fit is seeded by OpenCV's fixed default RNG)."""
+    `border` x the image size is background, the rest is estimated from the colours. Deterministic:
+    see `_on_fresh_rng`."""
     import cv2
 
     h, w = rgb.shape[:2]
     bx, by = max(1, round(border * w)), max(1, round(border * h))
     mask = np.zeros((h, w), np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(0)
     bgr = np.ascontiguousarray(rgb[..., ::-1])
-    cv2.grabCut(bgr, mask, (bx, by, w - 2 * bx, h - 2 * by), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+    rect = (bx, by, w - 2 * bx, h - 2 * by)
+    _on_fresh_rng(lambda: cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT))
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+
+
+def _on_fresh_rng(call) -> None:
+    """Run `call` on a thread of its own. GrabCut draws its k-means start from OpenCV's RNG, which
+    takes no generator argument and is per thread; a new thread's starts at OpenCV's fixed default
+    state (the one `cv2.setRNGSeed(0)` sets), so the result never depends on what the caller's
+    thread drew before, and the caller's RNG is left as it was."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+
+    worker = threading.Thread(target=run, name="grabcut")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
 
 
 def silhouette_iou(foreground: np.ndarray, silhouette: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from refany3d.models._torch import DEVICE_LOCK
+from refany3d.models._device_lock import DEVICE_LOCK
 
 log = logging.getLogger(__name__)
 

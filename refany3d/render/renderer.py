@@ -19,8 +19,6 @@ import trimesh
 
 from refany3d.render.cameras import CV_TO_GL
 
-os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-
 Mode = Literal["lit", "albedo", "geometry"]
 
 
@@ -56,8 +54,13 @@ class Render:
 
 
 def _pyrender():
-    """Import pyrender headless (pyglet must not open a shadow window first)."""
+    """Import pyrender headless (pyglet must not open a shadow window first), through EGL unless
+    `PYOPENGL_PLATFORM` says otherwise."""
     _load_triton_first()
+    # The one write to the environment, made when the first context is about to be made, not at
+    # import: PyOpenGL picks its platform from this variable when `OpenGL.platform` is first
+    # imported, and pyrender's OffscreenRenderer reads it again; neither takes an argument.
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
     import pyglet
 
     pyglet.options["shadow_window"] = False

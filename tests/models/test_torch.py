@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from refany3d.models._torch import DEVICE_LOCK, accelerate, compile_layers, holds_device_lock
+from refany3d.models._device_lock import DEVICE_LOCK, holds_device_lock
+from refany3d.models._torch import accelerate, compile_layers
 
 
 class _Backend:

@@ -47,3 +47,25 @@ def test_draw_tile_matches_a_single_pass(textured_object):
     np.testing.assert_allclose(window_depth_to_z(tiles_depth[SIZE:, 2 * SIZE :], *planes), depth, rtol=1e-6)
     # a tile's clear leaves its neighbours alone: the first view is still there
     assert (tiles_depth[:SIZE, :SIZE] < 1).any()
+
+
+ENV_SCRIPT = """
+import os
+import refany3d.render, refany3d.render.renderer as r
+assert "PYOPENGL_PLATFORM" not in os.environ, "written at import"
+r.get_renderer()  # the first context: EGL, chosen here
+print(os.environ["PYOPENGL_PLATFORM"], r.gl_renderer_name())
+"""
+
+
+def test_import_renderer_leaves_the_environment_unchanged():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}
+    proc = subprocess.run(
+        [sys.executable, "-c", ENV_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("egl ")

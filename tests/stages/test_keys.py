@@ -152,7 +152,7 @@ def test_verify_key_follows_the_lpips_file(tmp_path):
 
 
 def test_verify_key_reads_the_default_lpips_file_when_the_setting_is_empty():
-    from refany3d.models.perceptual import default_lpips_path
+    from refany3d.models.weights import default_lpips_path
 
     fingerprints = keys.weights_fingerprints(BuildSettings(until="verify"))
     assert fingerprints["verify.lpips_weights"] == keys.weights_fingerprint(str(default_lpips_path()))

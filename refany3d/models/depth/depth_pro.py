@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import DepthSettings
-from refany3d.models._torch import holds_device_lock, torch_device_dtype
+from refany3d.models._device_lock import holds_device_lock
+from refany3d.models._torch import torch_device_dtype
 from refany3d.models.depth.base import DepthMap
 from refany3d.models.weights import DEPTH_PRO, WeightsError, resolve_pretrained
 from refany3d.records import Sample

@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 
 from refany3d.config import DetectorSettings
-from refany3d.models._torch import holds_device_lock, torch_device_dtype
+from refany3d.models._device_lock import holds_device_lock
+from refany3d.models._torch import torch_device_dtype
 from refany3d.models.detector.base import Detection
 from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
 from refany3d.records import Sample

@@ -22,7 +22,8 @@ import trimesh
 from PIL import Image
 
 from refany3d.config import MesherSettings, SettingsError
-from refany3d.models._torch import holds_device_lock, torch_device_dtype
+from refany3d.models._device_lock import holds_device_lock
+from refany3d.models._torch import torch_device_dtype
 from refany3d.models.mesher.base import MesherTimeout
 from refany3d.models.mesher.dense_volume import DenseVolumeDecoder
 from refany3d.models.mesher.torch_mc import marching_cubes

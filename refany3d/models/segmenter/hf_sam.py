@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from PIL import Image
 
 from refany3d.config import SegmenterSettings
-from refany3d.models._torch import holds_device_lock, torch_device_dtype
+from refany3d.models._device_lock import holds_device_lock
+from refany3d.models._torch import torch_device_dtype
 from refany3d.models.segmenter.base import Segmentation
 from refany3d.models.weights import HF_SAM, resolve_pretrained
 from refany3d.records import Sample
