@@ -8,6 +8,7 @@ machine with the package installed (a virtualenv, the docker images) can run the
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,25 @@ def api_url() -> str | None:
     return get_current_settings().api.url
 
 
+def absolute(url: str) -> str:
+    """`url` as any worker reads it: a URL as it is, a path made absolute against this process's
+    working directory (a process worker runs each flow run in a temporary directory it deletes)."""
+    return url if not url or "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def _absolute_paths(settings: BuildSettings) -> BuildSettings:
+    paths = {k: getattr(settings.storage, k) for k in ("out", "artifacts")}
+    paths["data_files"] = settings.source.data_files
+    return override(
+        settings,
+        **{("source." if k == "data_files" else "storage.") + k: absolute(v) for k, v in paths.items()},
+    )
+
+
 def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
-    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA)."""
-    settings = base or BuildSettings()
+    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA), its
+    paths resolved to absolute ones now, at deploy time."""
+    settings = _absolute_paths(base or BuildSettings())
     if pool == "gpu" and not settings.runtime.device.startswith("cuda"):
         settings = override(settings, **{"runtime.device": "cuda"})
     return {"settings": to_dict(settings)}
@@ -56,8 +73,10 @@ def train_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, 
     settings = override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
     if pool == "gpu":
         settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
-    dataset = (base or BuildSettings()).storage.out
-    return {"dataset": dataset, "out": settings.checkpoint.dir, "resume": True, "settings": to_dict(settings)}
+    out = absolute(settings.checkpoint.dir)
+    settings = override(settings, **{"checkpoint.dir": out})
+    dataset = absolute((base or BuildSettings()).storage.out)
+    return {"dataset": dataset, "out": out, "resume": True, "settings": to_dict(settings)}
 
 
 def train_flow() -> Flow | None:
@@ -110,18 +129,21 @@ def deploy(
     ensure_pools(pools)
     done = []
     for pool in pools:
-        _deployment(build_dataset, pool, pool, build_parameters(pool, base), build_cron).apply(
-            work_pool_name=pool
+        params = build_parameters(pool, base)
+        _deployment(build_dataset, pool, pool, params, build_cron).apply(work_pool_name=pool)
+        done.append(
+            Registered(
+                f"build-dataset/{pool}", pool, f"registered, out {params['settings']['storage']['out']}"
+            )
         )
-        done.append(Registered(f"build-dataset/{pool}", pool, "registered"))
     train = train_flow()
     if train is None:
         done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
     elif "gpu" in pools:
-        _deployment(train, "gpu", "gpu", train_parameters("gpu", base), train_cron).apply(
-            work_pool_name="gpu"
-        )
-        done.append(Registered("train/gpu", "gpu", "registered"))
+        params = train_parameters("gpu", base)
+        _deployment(train, "gpu", "gpu", params, train_cron).apply(work_pool_name="gpu")
+        where = f"dataset {params['dataset']}, out {params['out']}"
+        done.append(Registered("train/gpu", "gpu", f"registered, {where}"))
     return done
 
 

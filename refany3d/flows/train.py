@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 from fsspec.core import url_to_fs
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed, State
 
 from refany3d.config import EvaluateSettings, SettingsError, TrainSettings, override, to_dict
+from refany3d.flows.runtime import refuse_relative
 from refany3d.storage.store import join
 from refany3d.storage.versions import read_version
 from refany3d.train.checkpoint import POINTER, list_checkpoints, read_pointer, write_pointer
@@ -123,7 +125,7 @@ def train(
     resume: bool = True,
     settings: TrainSettings | None = None,
     evaluation: EvaluateSettings | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Scheduled retraining: once per dataset version of `dataset` (its newest finished build),
     train into `out/runs/<version>` (from the promoted adapters with `retrain.warm_start`), evaluate
     on held-out samples against the promoted run and promote (`out/promoted.json`) unless a metric
@@ -133,6 +135,11 @@ def train(
     from refany3d.flows import train_artifacts as arts
 
     logger = get_run_logger()
+    try:  # a relative path in a deployment run names the worker's temporary directory
+        refuse_relative(dataset=dataset, out=out, base_weights=base_weights)
+    except SettingsError as err:
+        logger.error("%s", err)
+        return Failed(message=str(err))
     version = read_version(newest_dataset(dataset))
     run_dir = join(out, RUNS, version.version)
     name = (settings or TrainSettings()).name

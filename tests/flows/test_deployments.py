@@ -162,3 +162,22 @@ def test_serve_runs_triggered_build_in_process(prefect_server, s200k_source, tmp
         stop(served)
     assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
     assert len(shard_ids(tmp_path / "out")) == 12
+
+
+def test_deploy_resolves_default_paths_and_a_run_refuses_a_relative_out(prefect_server, deployed_run):
+    with prefect_server.client() as client:
+        build = client.read_deployment_by_name("build-dataset/cpu").parameters
+        train = client.read_deployment_by_name("train/gpu").parameters
+    for path in (build["settings"]["storage"]["out"], train["dataset"], train["out"]):
+        assert os.path.isabs(path), path
+    assert train["dataset"] == build["settings"]["storage"]["out"]
+    assert f"out {build['settings']['storage']['out']}" in deployed_run["deploy"]
+    params = {"settings": {"name": "relative-demo", "storage": {"out": "rel/out"}}}
+    with prefect_server.client() as client:
+        run = run_deployment("build-dataset/cpu", parameters=params, timeout=0, client=client)
+        run = wait_flow_run(client, run.id, timeout=180)
+    assert run.state.is_failed()
+    message = run.state.message
+    assert "\n" not in message and "storage.out: 'rel/out' is relative" in message
+    assert "Traceback" not in deployed_run["worker_log"].read_text()
+    assert not list(deployed_run["worker_log"].parent.rglob("rel"))  # nothing written anywhere
