@@ -94,8 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         choices=["cpu", "gpu"],
         help="work pool (repeatable; default both)",
     )
-    deploy.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployments")
-    deploy.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
+    deploy.add_argument(
+        "--build-cron",
+        metavar="CRON",
+        help="cron schedule of the build deployments (none: remove; default: keep the existing ones)",
+    )
+    deploy.add_argument(
+        "--cron",
+        metavar="CRON",
+        help="cron schedule of the train deployment (none: remove; default: keep the existing ones)",
+    )
     _add_settings_args(deploy, "runtime.gpu_slots=2")
 
     serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")

@@ -181,3 +181,40 @@ def test_deploy_resolves_default_paths_and_a_run_refuses_a_relative_out(prefect_
     assert "\n" not in message and "storage.out: 'rel/out' is relative" in message
     assert "Traceback" not in deployed_run["worker_log"].read_text()
     assert not list(deployed_run["worker_log"].parent.rglob("rel"))  # nothing written anywhere
+
+
+def test_redeploy_keeps_schedules_unless_cron_none(prefect_server, deployed_run):
+    def deploy(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "refany3d"), "deploy", "--pool", "cpu", *args],
+            env=prefect_server.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    def crons() -> list[str]:
+        with prefect_server.client() as client:
+            found = client.read_deployment_by_name("build-dataset/cpu")
+            return [s.schedule.cron for s in client.read_deployment_schedules(found.id)]
+
+    assert "cron '0 3 * * *'" in deploy("--build-cron", "0 3 * * *")
+    assert crons() == ["0 3 * * *"]
+    printed = deploy("--set", "runtime.batch_size=3")  # a plain redeploy, to change a setting
+    assert crons() == ["0 3 * * *"] and "cron '0 3 * * *'" in printed
+    with prefect_server.client() as client:
+        params = client.read_deployment_by_name("build-dataset/cpu").parameters
+    assert params["settings"]["runtime"]["batch_size"] == 3
+    assert "no schedule" in deploy("--build-cron", "none")
+    assert crons() == []
+    bad = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--pool", "cpu", "--build-cron", "every day"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad.stderr and "'every day' is not a cron" in bad.stderr
