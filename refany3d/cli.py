@@ -221,7 +221,9 @@ def _train_settings(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    settings = _train_settings(args)
+    from refany3d.train.trainer import resolve_device
+
+    settings = resolve_device(_train_settings(args))  # cuda without CUDA: one line, before any work
     from refany3d.models.flux.components import check_pretrained
     from refany3d.train.data import shard_files
 

@@ -31,7 +31,7 @@ from refany3d.storage.store import join
 from refany3d.storage.versions import read_version
 from refany3d.train.checkpoint import POINTER, list_checkpoints, read_pointer, write_pointer
 from refany3d.train.data import shard_files
-from refany3d.train.trainer import write_json
+from refany3d.train.trainer import resolve_device, write_json
 
 RUNS = "runs"  # out/runs/<dataset version>/: one training run per version
 DECISION = "decision.json"  # written last in a run directory: the version is done
@@ -150,6 +150,11 @@ def train(
         return {"status": "unchanged", "version": version.version, "out": run_dir}
     promoted = read_pointer(out)
     cfg = train_settings(version.root, run_dir, base_weights, steps, settings)
+    try:  # cuda asked on a machine without it: fail here, in one line, not train on the CPU
+        cfg = resolve_device(cfg)
+    except SettingsError as err:
+        logger.error("%s", err)
+        return Failed(message=str(err))
     if cfg.data.holdout_fraction <= 0:  # before any work: every version is evaluated on held-out samples
         raise SettingsError("data.holdout_fraction: 0 holds no samples out to evaluate on; set e.g. 0.05")
     if cfg.retrain.warm_start and promoted:
