@@ -116,7 +116,17 @@ def _read_json(url: str) -> dict[str, Any] | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-@flow(name="train", log_prints=True)
+def run_name() -> str:
+    """The flow run's name, as the build flow's is its dataset name: the run name (`settings.name`)."""
+    from prefect.runtime import flow_run
+
+    settings = flow_run.parameters.get("settings")
+    if isinstance(settings, dict):  # parameters as the API holds them
+        settings = TrainSettings(name=settings.get("name") or TrainSettings().name)
+    return (settings or TrainSettings()).name
+
+
+@flow(name="train", flow_run_name=run_name, log_prints=True)
 def train(
     dataset: str = "out/dataset",
     out: str = "out/train",
