@@ -310,7 +310,9 @@ def load_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
     found = ckpt.list_checkpoints(tr.out)
     if not found:
         return None
-    info = found[-1]
+    info = ckpt.newest_intact(found, logger.warning)  # a damaged newest one: one line, then older
+    if info is None:
+        raise SettingsError(f"--resume: every checkpoint in {tr.out} is damaged (see the lines above)")
     manifest = ckpt.load_checkpoint(
         info, tr.accelerator.unwrap_model(tr.model), tr.optimizer, tr.lr_scheduler
     )
