@@ -65,13 +65,13 @@ def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, 
     return {"settings": to_dict(settings)}
 
 
-def train_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
+def train_parameters(pool: str, base: BuildSettings | None = None, train: Any = None) -> dict[str, Any]:
     """Default parameters of the train deployment: the build's output as the dataset (its newest
     version is resolved at run time), `HOLDOUT_FRACTION` of the samples held out for the promotion
     evaluation, an interrupted run resumed, bf16 on CUDA on `gpu`."""
     from refany3d.config import TrainSettings
 
-    settings = override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
+    settings = train or override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
     if pool == "gpu":
         settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
     out = absolute(settings.checkpoint.dir)
@@ -169,6 +169,7 @@ def deploy(
     base: BuildSettings | None = None,
     build_cron: str | None = None,
     train_cron: str | None = None,
+    train_base: Any = None,
 ) -> list[Registered]:
     """Register `build-dataset/<pool>` (and `train/gpu` when available) with the API server. A cron
     of None keeps a deployment's existing schedules, `none` removes them."""
@@ -186,7 +187,7 @@ def deploy(
     if train is None:
         done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
     elif "gpu" in pools:
-        params = train_parameters("gpu", base)
+        params = train_parameters("gpu", base, train_base)
         scheduled = _apply(_deployment(train, "gpu", "gpu", params, train_cron), "gpu", train_cron)
         where = f"dataset {params['dataset']}, out {params['out']}"
         done.append(Registered("train/gpu", "gpu", f"registered, {where}; {scheduled}"))

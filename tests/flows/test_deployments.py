@@ -218,3 +218,27 @@ def test_redeploy_keeps_schedules_unless_cron_none(prefect_server, deployed_run)
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr and "'every day' is not a cron" in bad.stderr
+
+
+def test_deploy_train_set_configures_the_train_deployment(prefect_server, deployed_run):
+    done = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--train-set", "optim.lr=0.25", "--train-set", "checkpoint.keep=5"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with prefect_server.client() as client:
+        params = client.read_deployment_by_name("train/gpu").parameters
+    assert params["settings"]["optim"]["lr"] == 0.25 and params["settings"]["checkpoint"]["keep"] == 5
+    assert params["settings"]["data"]["holdout_fraction"] == 0.05  # the deployment's default kept
+    assert params["settings"]["runtime"]["device"] == "cuda" and os.path.isabs(params["out"])
+    bad = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--train-set", "optim.nope=1"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
