@@ -94,9 +94,25 @@ def _parser() -> argparse.ArgumentParser:
         choices=["cpu", "gpu"],
         help="work pool (repeatable; default both)",
     )
-    deploy.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployments")
-    deploy.add_argument("--cron", metavar="CRON", help="cron schedule of the train deployment (retraining)")
+    deploy.add_argument(
+        "--build-cron",
+        metavar="CRON",
+        help="cron schedule of the build deployments (none: remove; default: keep the existing ones)",
+    )
+    deploy.add_argument(
+        "--cron",
+        metavar="CRON",
+        help="cron schedule of the train deployment (none: remove; default: keep the existing ones)",
+    )
     _add_settings_args(deploy, "runtime.gpu_slots=2")
+    deploy.add_argument(
+        "--train-set",
+        dest="train_overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one training setting of train/gpu (repeatable), e.g. --train-set optim.lr=0.5",
+    )
 
     serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")
     serve.add_argument("--build-cron", metavar="CRON", help="cron schedule of the build deployment")
@@ -213,7 +229,9 @@ def _train_settings(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    settings = _train_settings(args)
+    from refany3d.train.trainer import resolve_device
+
+    settings = resolve_device(_train_settings(args))  # cuda without CUDA: one line, before any work
     from refany3d.models.flux.components import check_pretrained
     from refany3d.train.data import shard_files
 
@@ -246,8 +264,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from refany3d.config import TrainSettings
+    from refany3d.flows.deployments import HOLDOUT_FRACTION
+
     base = load_settings(BuildSettings, args.config, parse_overrides(args.overrides))
-    for row in deploy(tuple(args.pools or ("cpu", "gpu")), base, args.build_cron, args.cron):
+    train = {"data.holdout_fraction": HOLDOUT_FRACTION, **parse_overrides(args.train_overrides)}
+    train_base = load_settings(TrainSettings, None, train)
+    pools = tuple(args.pools or ("cpu", "gpu"))
+    for row in deploy(pools, base, args.build_cron, args.cron, train_base):
         print(f"{row.name:22} pool {row.pool:4} {row.status}")
     print(
         f"start a worker per pool: prefect worker start --pool cpu  (and --pool gpu on GPU machines); API {api_url()}"

@@ -337,7 +337,10 @@ class StorageSettings(_Section):
 
 @dataclass(frozen=True)
 class RuntimeSettings(_Section):
-    device: str = _opt("cpu", "torch device for models: cpu, cuda, cuda:N")
+    device: str = _opt(
+        "cpu",
+        "torch device for models: cpu, cuda, cuda:N (an error without CUDA); training: auto (cuda, else cpu)",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = _opt("float32", "model precision on the device")
     batch_size: int = _opt(32, "source rows per flow batch (one task per stage and batch)", ge=1)
     batches_in_flight: int = _opt(4, "batches submitted at once; bounds the flow's memory", ge=1)

@@ -15,11 +15,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
-from refany3d.config import BuildSettings, to_dict
+from refany3d.config import BuildSettings, SettingsError, to_dict
 from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport
 from refany3d.flows.memory import collect_garbage, limit_malloc_arenas
-from refany3d.flows.runtime import result_storage, task_runner
+from refany3d.flows.runtime import refuse_relative, result_storage, task_runner
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
 from refany3d.preflight import preflight
@@ -50,9 +51,16 @@ class _Outputs:
 
 
 @flow(name="build-dataset", flow_run_name="{settings.dataset_name}", log_prints=True)
-def build_dataset(settings: BuildSettings) -> dict[str, Any]:
+def build_dataset(settings: BuildSettings) -> dict[str, Any] | State:
     """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
     logger = get_run_logger()
+    try:  # before anything is written: a relative output would vanish with the worker's temp dir
+        refuse_relative(
+            **{"storage.out": settings.storage.out, "storage.artifacts": settings.storage.artifacts}
+        )
+    except SettingsError as err:
+        logger.error("%s", err)
+        return Failed(message=str(err))
     file_rejects = preflight(settings)  # again: deployment runs do not come through the CLI
     limit_malloc_arenas()  # before the task runner starts its threads
     build_id = ensure_build_id(settings.storage.out)

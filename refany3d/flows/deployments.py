@@ -8,6 +8,7 @@ machine with the package installed (a virtualenv, the docker images) can run the
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,10 @@ from prefect.flows import Flow
 from prefect.types.entrypoint import EntrypointType
 
 from refany3d import __version__
-from refany3d.config import BuildSettings, override, to_dict
+from refany3d.config import BuildSettings, SettingsError, override, to_dict
 
 POOLS = ("cpu", "gpu")
+NO_CRON = "none"  # --cron none / --build-cron none: remove the schedules
 HOLDOUT_FRACTION = 0.05  # of the samples, held out of scheduled retraining to evaluate each version
 # Environment of flow-run processes: stage loggers reach the UI, headless GL for the renderer.
 JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "refany3d", "PYOPENGL_PLATFORM": "egl"}
@@ -39,25 +41,43 @@ def api_url() -> str | None:
     return get_current_settings().api.url
 
 
+def absolute(url: str) -> str:
+    """`url` as any worker reads it: a URL as it is, a path made absolute against this process's
+    working directory (a process worker runs each flow run in a temporary directory it deletes)."""
+    return url if not url or "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def _absolute_paths(settings: BuildSettings) -> BuildSettings:
+    paths = {k: getattr(settings.storage, k) for k in ("out", "artifacts")}
+    paths["data_files"] = settings.source.data_files
+    return override(
+        settings,
+        **{("source." if k == "data_files" else "storage.") + k: absolute(v) for k, v in paths.items()},
+    )
+
+
 def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
-    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA)."""
-    settings = base or BuildSettings()
+    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA), its
+    paths resolved to absolute ones now, at deploy time."""
+    settings = _absolute_paths(base or BuildSettings())
     if pool == "gpu" and not settings.runtime.device.startswith("cuda"):
         settings = override(settings, **{"runtime.device": "cuda"})
     return {"settings": to_dict(settings)}
 
 
-def train_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
+def train_parameters(pool: str, base: BuildSettings | None = None, train: Any = None) -> dict[str, Any]:
     """Default parameters of the train deployment: the build's output as the dataset (its newest
     version is resolved at run time), `HOLDOUT_FRACTION` of the samples held out for the promotion
     evaluation, an interrupted run resumed, bf16 on CUDA on `gpu`."""
     from refany3d.config import TrainSettings
 
-    settings = override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
+    settings = train or override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
     if pool == "gpu":
         settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
-    dataset = (base or BuildSettings()).storage.out
-    return {"dataset": dataset, "out": settings.checkpoint.dir, "resume": True, "settings": to_dict(settings)}
+    out = absolute(settings.checkpoint.dir)
+    settings = override(settings, **{"checkpoint.dir": out})
+    dataset = absolute((base or BuildSettings()).storage.out)
+    return {"dataset": dataset, "out": out, "resume": True, "settings": to_dict(settings)}
 
 
 def train_flow() -> Flow | None:
@@ -90,7 +110,7 @@ def _deployment(flow: Flow, name: str, pool: str | None, parameters: dict[str, A
         name=name,
         work_pool_name=pool,
         parameters=parameters,
-        cron=cron or None,
+        cron=cron if cron and cron != NO_CRON else None,
         job_variables={"env": JOB_ENV} if pool else None,
         entrypoint_type=EntrypointType.MODULE_PATH,
         version=__version__,
@@ -98,30 +118,79 @@ def _deployment(flow: Flow, name: str, pool: str | None, parameters: dict[str, A
     )
 
 
+def check_cron(*crons: str | None) -> None:
+    """A cron that is not one (nor `none`) fails here, in one line, before anything is registered."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    for cron in crons:
+        if cron and cron != NO_CRON:
+            try:
+                CronSchedule(cron=cron)
+            except ValueError:
+                raise SettingsError(f"--cron/--build-cron: {cron!r} is not a cron expression") from None
+
+
+def _describe(schedules: list) -> str:
+    crons = [getattr(s.schedule, "cron", None) or str(s.schedule) for s in schedules]
+    return ", ".join(f"cron {c!r}" + ("" if s.active else " (paused)") for c, s in zip(crons, schedules))
+
+
+def _apply(deployment, pool: str, cron: str | None) -> str:
+    """Register `deployment`; its schedules: kept as they are when `cron` is None, replaced by `cron`,
+    removed with `none`. Returns what is scheduled now, for the report."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+            before = client.read_deployment_schedules(found.id)
+        except ObjectNotFound:
+            before = []
+    deployment_id = deployment.apply(work_pool_name=pool)
+    if cron is None:
+        wanted = [(s.schedule, s.active) for s in before]
+    else:
+        wanted = [] if cron == NO_CRON else [(CronSchedule(cron=cron), True)]
+    with get_client(sync_client=True) as client:
+        now = client.read_deployment_schedules(deployment_id)
+        if [(s.schedule, s.active) for s in now] != wanted:  # replace only what differs
+            for schedule in now:
+                client.delete_deployment_schedule(deployment_id, schedule.id)
+            if wanted:
+                client.create_deployment_schedules(deployment_id, wanted)
+        now = client.read_deployment_schedules(deployment_id)
+    return _describe(now) or "no schedule"
+
+
 def deploy(
     pools: tuple[str, ...] = POOLS,
     base: BuildSettings | None = None,
     build_cron: str | None = None,
     train_cron: str | None = None,
+    train_base: Any = None,
 ) -> list[Registered]:
-    """Register `build-dataset/<pool>` (and `train/gpu` when available) with the API server."""
+    """Register `build-dataset/<pool>` (and `train/gpu` when available) with the API server. A cron
+    of None keeps a deployment's existing schedules, `none` removes them."""
     from refany3d.flows.build_dataset import build_dataset
 
+    check_cron(build_cron, train_cron)
     ensure_pools(pools)
     done = []
     for pool in pools:
-        _deployment(build_dataset, pool, pool, build_parameters(pool, base), build_cron).apply(
-            work_pool_name=pool
-        )
-        done.append(Registered(f"build-dataset/{pool}", pool, "registered"))
+        params = build_parameters(pool, base)
+        scheduled = _apply(_deployment(build_dataset, pool, pool, params, build_cron), pool, build_cron)
+        where = params["settings"]["storage"]["out"]
+        done.append(Registered(f"build-dataset/{pool}", pool, f"registered, out {where}; {scheduled}"))
     train = train_flow()
     if train is None:
         done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
     elif "gpu" in pools:
-        _deployment(train, "gpu", "gpu", train_parameters("gpu", base), train_cron).apply(
-            work_pool_name="gpu"
-        )
-        done.append(Registered("train/gpu", "gpu", "registered"))
+        params = train_parameters("gpu", base, train_base)
+        scheduled = _apply(_deployment(train, "gpu", "gpu", params, train_cron), "gpu", train_cron)
+        where = f"dataset {params['dataset']}, out {params['out']}"
+        done.append(Registered("train/gpu", "gpu", f"registered, {where}; {scheduled}"))
     return done
 
 

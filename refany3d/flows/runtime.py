@@ -13,8 +13,24 @@ from prefect import get_run_logger
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from refany3d.config import BuildSettings
+from refany3d.config import BuildSettings, SettingsError
 from refany3d.storage.store import join
+
+
+def refuse_relative(**paths: str) -> None:
+    """In a deployment's run, a relative path is an error (`SettingsError`, one line): a process
+    worker runs the flow in a temporary directory and deletes it, output included. `paths` maps a
+    parameter's name to its value; empty values and URLs pass."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return
+    for name, url in paths.items():
+        if url and "://" not in url and not os.path.isabs(url):
+            raise SettingsError(
+                f"{name}: {url!r} is relative; a deployment run needs an absolute path or URL "
+                "(the worker's working directory is temporary)"
+            )
 
 
 def result_storage(settings: BuildSettings) -> Path | str:

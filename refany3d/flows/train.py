@@ -23,13 +23,15 @@ from typing import Any
 import yaml
 from fsspec.core import url_to_fs
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed, State
 
 from refany3d.config import EvaluateSettings, SettingsError, TrainSettings, override, to_dict
+from refany3d.flows.runtime import refuse_relative
 from refany3d.storage.store import join
 from refany3d.storage.versions import read_version
 from refany3d.train.checkpoint import POINTER, list_checkpoints, read_pointer, write_pointer
 from refany3d.train.data import shard_files
-from refany3d.train.trainer import write_json
+from refany3d.train.trainer import resolve_device, write_json
 
 RUNS = "runs"  # out/runs/<dataset version>/: one training run per version
 DECISION = "decision.json"  # written last in a run directory: the version is done
@@ -114,7 +116,17 @@ def _read_json(url: str) -> dict[str, Any] | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-@flow(name="train", log_prints=True)
+def run_name() -> str:
+    """The flow run's name, as the build flow's is its dataset name: the run name (`settings.name`)."""
+    from prefect.runtime import flow_run
+
+    settings = flow_run.parameters.get("settings")
+    if isinstance(settings, dict):  # parameters as the API holds them
+        settings = TrainSettings(name=settings.get("name") or TrainSettings().name)
+    return (settings or TrainSettings()).name
+
+
+@flow(name="train", flow_run_name=run_name, log_prints=True)
 def train(
     dataset: str = "out/dataset",
     out: str = "out/train",
@@ -123,7 +135,7 @@ def train(
     resume: bool = True,
     settings: TrainSettings | None = None,
     evaluation: EvaluateSettings | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Scheduled retraining: once per dataset version of `dataset` (its newest finished build),
     train into `out/runs/<version>` (from the promoted adapters with `retrain.warm_start`), evaluate
     on held-out samples against the promoted run and promote (`out/promoted.json`) unless a metric
@@ -133,6 +145,11 @@ def train(
     from refany3d.flows import train_artifacts as arts
 
     logger = get_run_logger()
+    try:  # a relative path in a deployment run names the worker's temporary directory
+        refuse_relative(dataset=dataset, out=out, base_weights=base_weights)
+    except SettingsError as err:
+        logger.error("%s", err)
+        return Failed(message=str(err))
     version = read_version(newest_dataset(dataset))
     run_dir = join(out, RUNS, version.version)
     name = (settings or TrainSettings()).name
@@ -143,6 +160,11 @@ def train(
         return {"status": "unchanged", "version": version.version, "out": run_dir}
     promoted = read_pointer(out)
     cfg = train_settings(version.root, run_dir, base_weights, steps, settings)
+    try:  # cuda asked on a machine without it: fail here, in one line, not train on the CPU
+        cfg = resolve_device(cfg)
+    except SettingsError as err:
+        logger.error("%s", err)
+        return Failed(message=str(err))
     if cfg.data.holdout_fraction <= 0:  # before any work: every version is evaluated on held-out samples
         raise SettingsError("data.holdout_fraction: 0 holds no samples out to evaluate on; set e.g. 0.05")
     if cfg.retrain.warm_start and promoted:

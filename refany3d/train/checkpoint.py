@@ -16,10 +16,12 @@ crash leaves either the old list or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,7 @@ def save_checkpoint(
         (local / "rng.json").write_text(json.dumps(plain))
         (local / "rng.safetensors").write_bytes(save_tensors(tensors))
         manifest["files"] = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        manifest["digests"] = {f: _digest((local / f).read_bytes()) for f in manifest["files"]}
         (local / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         fs, root = url_to_fs(out)
         final = join(root, CHECKPOINTS, name)
@@ -141,6 +144,43 @@ def save_checkpoint(
     for stale in entries[:-keep]:
         fs.rm(join(root, CHECKPOINTS, stale["dir"]), recursive=True)
     return CheckpointInfo(step, position, join(out, CHECKPOINTS, name), manifest)
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def damage(info: CheckpointInfo) -> str | None:
+    """What is wrong with the checkpoint's files (missing, a size or sha256 that differs from its
+    manifest), in a few words; None when it is intact."""
+    fs, root = url_to_fs(info.url)
+    try:
+        manifest = json.loads(fs.cat_file(join(root, MANIFEST)))
+    except (FileNotFoundError, ValueError):
+        return f"{MANIFEST} missing or unreadable"
+    for name in manifest.get("files", []):  # older manifests may list none
+        path = join(root, name)
+        if not fs.exists(path):
+            return f"{name} missing"
+        want = manifest.get("digests", {}).get(name)
+        if want is None:  # a checkpoint written before digests: presence is all it records
+            continue
+        data = fs.cat_file(path)
+        if len(data) != want["size"]:
+            return f"{name} is {len(data)} bytes, its manifest says {want['size']}"
+        if hashlib.sha256(data).hexdigest() != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def newest_intact(found: list[CheckpointInfo], warn) -> CheckpointInfo | None:
+    """The newest of `found` whose files match its manifest; `warn(line)` for each damaged one."""
+    for info in reversed(found):
+        problem = damage(info)
+        if problem is None:
+            return info
+        warn(f"checkpoint step {info.step} ({info.url}) is damaged: {problem}; using an older one")
+    return None
 
 
 def _write_list(out: str, entries: list[dict[str, Any]]) -> None:
@@ -203,7 +243,10 @@ def resolve_adapters(lora: str | Path) -> tuple[Path, dict]:
         found = list_checkpoints(str(root))
         if not found:
             raise FileNotFoundError(f"--lora {str(root)!r}: the run has no finished checkpoint yet")
-        root = Path(found[-1].url)
+        intact = newest_intact(found, lambda line: print(f"warning: {line}", file=sys.stderr))
+        if intact is None:
+            raise FileNotFoundError(f"--lora {str(root)!r}: every checkpoint of the run is damaged")
+        root = Path(intact.url)
     if (root / "adapters" / SWITCHER_WEIGHTS).is_file():
         manifest = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
         return root / "adapters", manifest

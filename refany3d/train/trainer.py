@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from refany3d import __version__
-from refany3d.config import OptimSettings, TrainSettings, settings_hash, to_dict
+from refany3d.config import OptimSettings, SettingsError, TrainSettings, override, settings_hash, to_dict
 from refany3d.models.flux.components import FluxComponents, load_components
 from refany3d.models.flux.loss import FlowBatch, flow_matching_losses
 from refany3d.storage.store import join, write_atomic
@@ -100,6 +100,22 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int):
     )
 
 
+def resolve_device(settings: TrainSettings) -> TrainSettings:
+    """`runtime.device` as this machine can honour it: `cuda`/`cuda:N` without CUDA is an error (one
+    line, never a silent CPU run); `auto` is `cuda` where there is CUDA, else `cpu`, and says so."""
+    device = settings.runtime.device
+    if device == "auto":
+        chosen = "cuda" if torch.cuda.is_available() else "cpu"
+        if chosen == "cpu":
+            logger.warning("runtime.device=auto: no CUDA on this machine, training on the CPU")
+        return override(settings, **{"runtime.device": chosen})
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(
+            f"runtime.device: {device!r}, but this machine has no CUDA; use cpu, or auto to fall back"
+        )
+    return settings
+
+
 def build_trainer(settings: TrainSettings, components: FluxComponents | None = None) -> Trainer:
     """Accelerator, components, optimizer, data index and cache of one run (this rank).
 
@@ -107,6 +123,7 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
     benchmark's full-size random-weight model."""
     from accelerate import Accelerator
 
+    settings = resolve_device(settings)
     cpu = settings.runtime.device == "cpu"
     accelerator = Accelerator(cpu=cpu, mixed_precision="no")
     dtype = getattr(torch, settings.runtime.dtype)
@@ -293,7 +310,9 @@ def load_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
     found = ckpt.list_checkpoints(tr.out)
     if not found:
         return None
-    info = found[-1]
+    info = ckpt.newest_intact(found, logger.warning)  # a damaged newest one: one line, then older
+    if info is None:
+        raise SettingsError(f"--resume: every checkpoint in {tr.out} is damaged (see the lines above)")
     manifest = ckpt.load_checkpoint(
         info, tr.accelerator.unwrap_model(tr.model), tr.optimizer, tr.lr_scheduler
     )

@@ -162,3 +162,83 @@ def test_serve_runs_triggered_build_in_process(prefect_server, s200k_source, tmp
         stop(served)
     assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
     assert len(shard_ids(tmp_path / "out")) == 12
+
+
+def test_deploy_resolves_default_paths_and_a_run_refuses_a_relative_out(prefect_server, deployed_run):
+    with prefect_server.client() as client:
+        build = client.read_deployment_by_name("build-dataset/cpu").parameters
+        train = client.read_deployment_by_name("train/gpu").parameters
+    for path in (build["settings"]["storage"]["out"], train["dataset"], train["out"]):
+        assert os.path.isabs(path), path
+    assert train["dataset"] == build["settings"]["storage"]["out"]
+    assert f"out {build['settings']['storage']['out']}" in deployed_run["deploy"]
+    params = {"settings": {"name": "relative-demo", "storage": {"out": "rel/out"}}}
+    with prefect_server.client() as client:
+        run = run_deployment("build-dataset/cpu", parameters=params, timeout=0, client=client)
+        run = wait_flow_run(client, run.id, timeout=180)
+    assert run.state.is_failed()
+    message = run.state.message
+    assert "\n" not in message and "storage.out: 'rel/out' is relative" in message
+    assert "Traceback" not in deployed_run["worker_log"].read_text()
+    assert not list(deployed_run["worker_log"].parent.rglob("rel"))  # nothing written anywhere
+
+
+def test_redeploy_keeps_schedules_unless_cron_none(prefect_server, deployed_run):
+    def deploy(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "refany3d"), "deploy", "--pool", "cpu", *args],
+            env=prefect_server.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    def crons() -> list[str]:
+        with prefect_server.client() as client:
+            found = client.read_deployment_by_name("build-dataset/cpu")
+            return [s.schedule.cron for s in client.read_deployment_schedules(found.id)]
+
+    assert "cron '0 3 * * *'" in deploy("--build-cron", "0 3 * * *")
+    assert crons() == ["0 3 * * *"]
+    printed = deploy("--set", "runtime.batch_size=3")  # a plain redeploy, to change a setting
+    assert crons() == ["0 3 * * *"] and "cron '0 3 * * *'" in printed
+    with prefect_server.client() as client:
+        params = client.read_deployment_by_name("build-dataset/cpu").parameters
+    assert params["settings"]["runtime"]["batch_size"] == 3
+    assert "no schedule" in deploy("--build-cron", "none")
+    assert crons() == []
+    bad = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--pool", "cpu", "--build-cron", "every day"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad.stderr and "'every day' is not a cron" in bad.stderr
+
+
+def test_deploy_train_set_configures_the_train_deployment(prefect_server, deployed_run):
+    done = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--train-set", "optim.lr=0.25", "--train-set", "checkpoint.keep=5"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with prefect_server.client() as client:
+        params = client.read_deployment_by_name("train/gpu").parameters
+    assert params["settings"]["optim"]["lr"] == 0.25 and params["settings"]["checkpoint"]["keep"] == 5
+    assert params["settings"]["data"]["holdout_fraction"] == 0.05  # the deployment's default kept
+    assert params["settings"]["runtime"]["device"] == "cuda" and os.path.isabs(params["out"])
+    bad = subprocess.run(
+        [str(BIN / "refany3d"), "deploy", "--train-set", "optim.nope=1"],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

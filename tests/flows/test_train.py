@@ -238,3 +238,19 @@ def test_interval_deployment_retrains_each_new_build_and_skips_when_none_landed(
     finally:
         stop(served)
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted([v1.version, v2.version])
+
+
+def test_train_flow_run_is_named_after_the_run(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from refany3d.config import TrainSettings
+    from refany3d.flows.train import train
+
+    settings = TrainSettings(name="nightly-lora")
+    state = train(
+        dataset=str(tmp_path / "no-builds"), out=str(tmp_path / "o"), settings=settings, return_state=True
+    )
+    assert state.is_failed()  # no dataset here: the name is set before the body runs
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.name == "nightly-lora"

@@ -4,8 +4,14 @@ short run on the tiny model prints its label and writes its outputs."""
 from __future__ import annotations
 
 import json
+import logging
+
+import pytest
+import torch
 
 from refany3d.cli import main
+from refany3d.config import TrainSettings, override
+from refany3d.train.trainer import resolve_device
 
 TINY = [
     "--set=data.resolution=32", "--set=data.condition_resolution=32", "--set=model.num_views=2",
@@ -96,3 +102,20 @@ def test_train_into_a_used_out_without_resume_exits_2_in_one_line(dataset, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint.dir" in err and "--resume" in err
     assert "Traceback" not in err and (out / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cuda_without_cuda_exits_2_in_one_line(dataset, tmp_path, capsys):
+    code = main(["train", "--data", str(dataset), "--out", str(tmp_path / "o"), "--set=runtime.device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "runtime.device: 'cuda', but this machine has no CUDA" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_device_auto_falls_back_to_cpu_and_logs_it(caplog):
+    with caplog.at_level(logging.WARNING, logger="refany3d.train"):
+        settings = resolve_device(override(TrainSettings(), **{"runtime.device": "auto"}))
+    assert settings.runtime.device == "cpu"
+    assert "runtime.device=auto: no CUDA on this machine, training on the CPU" in caplog.text

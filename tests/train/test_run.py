@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from refany3d.config import SettingsError
 from refany3d.models.flux.loss import flow_matching_losses
 from refany3d.train import encode
-from refany3d.train.checkpoint import list_checkpoints
+from refany3d.train.checkpoint import list_checkpoints, resolve_adapters
 from refany3d.train.run import run_training
 from refany3d.train.trainer import (
     build_trainer,
@@ -202,3 +203,24 @@ def test_bf16_training_keeps_fp32_masters_that_take_updates_below_bf16_resolutio
     spacing = [torch.finfo(torch.bfloat16).eps * before.abs().median().item() for before in lora_a.values()]
     assert min(spacing) > 1e-5 * 4  # the updates are well below bf16 resolution
     assert np.median(moved) > 0.99, moved  # (a few adapters see no tokens in this tiny layout)
+
+
+def test_run_training_resume_skips_a_damaged_newest_checkpoint(dataset, tmp_path, caplog, capsys):
+    common = {"checkpoint.every": 1, "checkpoint.keep": 3}
+    out = tmp_path / "run"
+    run_training(tiny_settings(dataset, out, **common, **{"optim.steps": 2}))
+    newest, older = list_checkpoints(str(out))[-1], list_checkpoints(str(out))[-2]
+    adapter = sorted((Path(newest.url) / "adapters").glob("*.safetensors"))[0]
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
+    intact = {p: p.read_bytes() for p in Path(older.url).rglob("*") if p.is_file()}
+    capsys.readouterr()  # the training's progress bar
+    adapters, _ = resolve_adapters(out)  # what `sample --lora RUN` loads
+    err = capsys.readouterr().err
+    assert adapters == Path(older.url) / "adapters" and len(err.strip().splitlines()) == 1
+    assert "is damaged" in err and adapter.name in err and "Traceback" not in err
+    with caplog.at_level("WARNING", logger="refany3d.train"):
+        resumed = run_training(tiny_settings(dataset, out, **common, **{"optim.steps": 3}), resume=True)
+    assert resumed.resumed_from == older.step == 1
+    lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and adapter.name in lines[0]
+    assert {p: p.read_bytes() for p in Path(older.url).rglob("*") if p.is_file()} == intact  # nothing lost
