@@ -74,7 +74,7 @@ def verify_pairs(rows: int = 2) -> list[tuple[str, np.ndarray, np.ndarray]]:
     from refany3d.render.renderer import MeshScene
     from refany3d.stages._posed import read_posed
     from refany3d.stages.verify import _object_crops
-    from tests.stages._posed import posed_samples
+    from refany3d.testing.posed import posed_samples
 
     samples, ctx, settings = posed_samples(Path(tempfile.mkdtemp()), rows=rows, size=256)
     pairs = []

@@ -7,7 +7,7 @@ normalisation, the UV atlas (`mesher.uv_unwrapper`,
 `uv_atlas_size`, `uv_partitions`), front-camera fit + projection; seconds per step, and the PSNR of the asset
 re-rendered (ray cast, atlas sampled) at the fitted front camera vs the photo inside the mask.
 
-    PYTHONPATH=. .venv/bin/python bench/mesh_cpu_bench.py --out bench/results/mesh_cpu.json   # reads tests/ fixtures
+    PYTHONPATH=. .venv/bin/python bench/mesh_cpu_bench.py --out bench/results/mesh_cpu.json   # fixtures: refany3d.testing
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from refany3d.render.mesh import clean_and_reduce, compute_uv_atlas, normalize_m
 from refany3d.render.texture import raycast_colours
 from refany3d.stages._views import read_view
 from refany3d.synthetic import read_truth
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 def _psnr(asset, photo, mask, pose, k) -> tuple[float, float]:

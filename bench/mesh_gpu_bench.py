@@ -1,7 +1,7 @@
 """Hunyuan3D-2 shape generation on a GPU with full-size random weights: seconds per asset, split
 into DiT (DINOv2 conditioning + denoising), volume decoding and surface extraction, with peak memory.
 
-Builds the released architecture (`tests.models._hunyuan3d.full_config`: DiT 1024 wide, 16 + 32
+Builds the released architecture (`refany3d.testing.hunyuan3d.full_config`: DiT 1024 wide, 16 + 32
 blocks; VAE 3072 latents; DINOv2-giant 518 px) with hy3dgen's own classes, random fp16 weights,
 directly on the GPU, and runs it through our `Hunyuan3DMesher` (`denoise`, then the VAE's volume
 decoder and surface extractor that `decode` calls). Random weights cost the same as real ones in
@@ -40,7 +40,7 @@ from PIL import Image
 from refany3d.config import MesherSettings
 from refany3d.models.mesher.hunyuan3d import BOX, COMPILED_DECODER_PARTS, MC_LEVEL, Hunyuan3DMesher
 from refany3d.records import Sample
-from tests.models._hunyuan3d import ShapeField, full_config, torus_sdf
+from refany3d.testing.hunyuan3d import ShapeField, full_config, torus_sdf
 
 
 def _cutout(i: int) -> Image.Image:

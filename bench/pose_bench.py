@@ -1,7 +1,7 @@
 """Pose benchmark on this machine: accuracy of the built-in estimator and of the verify stage's
 geometric tests, and CPU seconds per sample.
 
-Sets (meshes from `tests/models/pose/_cases.py`, 5 cm - 2 m, random rotations; the estimator is
+Sets (meshes from `refany3d/testing/pose_sets.py`, 5 cm - 2 m, random rotations; the estimator is
 given what the mesher makes of each mesh: re-meshed by marching cubes, cleaned, reduced):
   * clean: exact ray-cast depth (0 off the object) and exact masks;
   * realistic: the `truth` backends' errors — a backdrop behind the object, flying pixels across the
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from refany3d.models.pose import PoseNotFound  # noqa: E402
 from refany3d.models.pose.calibrate import depth_outlier_ratio  # noqa: E402
 from refany3d.stages.pose import estimate_pose  # noqa: E402
-from refany3d.synthetic.pose_cases import CLEAN, REALISTIC, pose_errors  # noqa: E402
-from tests.models.pose._cases import (  # noqa: E402
+from refany3d.testing.pose_cases import CLEAN, REALISTIC, pose_errors  # noqa: E402
+from refany3d.testing.pose_sets import (  # noqa: E402
     flipped,
     passes,
     primitive_cases,

@@ -2,7 +2,7 @@
 AlexNet at 224², 8 orbit views of 512² RGB + point map, no turntable), wall and process CPU time.
 
 Inputs are posed the way the pose stage hands them on (textured canonical mesh + true pose and
-scale, tests/stages/_posed.py), on two kinds of meshes:
+scale, refany3d/testing/posed.py), on two kinds of meshes:
 - `synthetic`: the synthetic source's own objects at 512² views (what the demo build sees);
 - `mesh_stage_like`: a 40,000-face textured torus with a 1024² atlas (what the mesh stage outputs:
   `mesher.target_faces`, `mesher.uv_atlas_size`), posed to fill a third of a 512² view;
@@ -60,7 +60,7 @@ def torus_samples(root: Path, n: int):
     from refany3d.stages.context import StageContext
     from refany3d.storage.store import ArtifactStore
     from refany3d.synthetic.objects import Part, _checks, assemble
-    from tests.stages._posed import pose_sample
+    from refany3d.testing.posed import pose_sample
 
     rng = np.random.default_rng(0)
     mesh = assemble([Part(textured_torus(40000), _checks(rng))])
@@ -158,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     from refany3d.config import override
     from refany3d.render.renderer import gl_renderer_name
-    from tests.stages._posed import posed_samples
+    from refany3d.testing.posed import posed_samples
 
     root = Path(tempfile.mkdtemp(prefix="verify-render-bench-"))
     load_before = os.getloadavg()

@@ -1,4 +1,6 @@
-"""The package's import arrows run one way: no module reaches itself through its imports."""
+"""The package's import arrows run one way: no module reaches itself through its imports, the
+package's parts (sub-packages and top-level modules) stack in floors, the test and bench fixtures
+(`refany3d.testing`) sit on top, and nothing outside `tests/` imports `tests`."""
 
 import ast
 from pathlib import Path
@@ -65,7 +67,57 @@ def test_circle_finds_a_two_module_circle():
 
 
 def test_refany3d_has_no_import_circle():
-    modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    graph = _graph()
     assert "refany3d.models.weights" in graph["refany3d.models.perceptual"]  # the walk sees imports
     assert _circle(graph) is None, " -> ".join(_circle(graph))
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _part(module: str) -> str:
+    """The part of the package `module` belongs to: `refany3d.models.pose.refine` → `refany3d.models`."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_only_tests_and_benches_import_the_testing_fixtures():
+    importers = [
+        name
+        for name, targets in _graph().items()
+        if _part(name) != "refany3d.testing" and any(_part(t) == "refany3d.testing" for t in targets)
+    ]
+    assert importers == []
+
+
+def _outside_tests() -> list[Path]:
+    """The repository's Python files outside `tests/` (and outside hidden folders and virtualenvs)."""
+    files = [p for p in ROOT.glob("*.py")]
+    for top in sorted(ROOT.iterdir()):
+        if (
+            top.is_dir()
+            and top.name != "tests"
+            and not top.name.startswith(".")
+            and not (top / "pyvenv.cfg").exists()
+        ):
+            files += top.rglob("*.py")
+    return files
+
+
+def test_nothing_outside_tests_imports_tests():
+    found = []
+    files = _outside_tests()
+    assert ROOT / "bench" / "pose_bench.py" in files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n == "tests" or n.startswith("tests.")
+            ]
+    assert found == []

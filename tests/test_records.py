@@ -13,7 +13,7 @@ from refany3d.stages.render import render
 from refany3d.stages.shard import shard
 from refany3d.stages.verify import verify
 from refany3d.storage.shards import list_tables
-from tests.stages._posed import posed_samples
+from refany3d.testing.posed import posed_samples
 
 FINAL_ROW = [
     "sample_id", "caption", "item", "category", "source", "image", "mask", "point_map", "point_map_raw",

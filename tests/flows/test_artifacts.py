@@ -7,7 +7,7 @@ from PIL import Image
 from refany3d.config import override
 from refany3d.flows.artifacts import ORBIT_PX, gallery_markdown
 from refany3d.stages.render import render
-from tests.stages._posed import posed_samples
+from refany3d.testing.posed import posed_samples
 
 
 def test_gallery_markdown_shows_image_overlay_point_map_and_orbit_views(tmp_path):

@@ -17,8 +17,8 @@ from refany3d.flows.build_dataset import build_dataset
 from refany3d.models.detector.truth import TruthDetector
 from refany3d.records import STAGE_ERROR
 from refany3d.stages.mesh import MESH_TIMEOUT
+from refany3d.testing.checkpoints import tiny_sam_checkpoint
 from tests.flows._runs import rejects, shard_ids, task_runs
-from tests.models._views import tiny_sam_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -164,7 +164,7 @@ def _synthetic_surface(tmp_path, index: int, grid: int) -> trimesh.Trimesh:
     """The `truth` raw surface of synthetic view `index` at `grid` cells per side."""
     from refany3d.config import MesherSettings
     from refany3d.models.mesher.truth import TruthMesher
-    from tests.models._views import synthetic_views
+    from refany3d.testing.views import synthetic_views
 
     views, _, _ = synthetic_views(tmp_path, rows=index // 2 + 1, size=64)
     settings = MesherSettings(truth_resolution=grid)

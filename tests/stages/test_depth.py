@@ -11,7 +11,7 @@ from refany3d.stages.depth import INVALID_DEPTH, depth
 from refany3d.stages.detect import detect
 from refany3d.stages.segment import segment
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, synthetic_views
+from refany3d.testing.views import drawn_views, perception_settings, synthetic_views
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from refany3d.stages import detect as detect_module
 from refany3d.stages.context import StageContext
 from refany3d.stages.detect import EMPTY_PROMPT, NO_DETECTION, _prompt, detect
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, synthetic_views
+from refany3d.testing.views import drawn_views, perception_settings, synthetic_views
 
 
 class _StubDetector:

@@ -21,7 +21,7 @@ from refany3d.stages.mesh import (
     mesh,
 )
 from refany3d.stages.segment import segment
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 FAST = {"mesher.uv_atlas_size": 512, "mesher.target_faces": 6000, "texturer.fit_resolution": 128}
 

@@ -12,8 +12,8 @@ from refany3d.stages import pose as pose_module
 from refany3d.stages.context import StageContext
 from refany3d.stages.pose import MISSING_INPUT, POSE_FAILED, estimate_pose, pose
 from refany3d.storage.store import ArtifactStore
-from refany3d.synthetic.pose_cases import pose_errors
-from tests.models.pose._cases import primitive_cases
+from refany3d.testing.pose_cases import pose_errors
+from refany3d.testing.pose_sets import primitive_cases
 
 
 def _png(mask: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ from refany3d.render.cameras import project
 from refany3d.render.mesh import load_mesh
 from refany3d.render.point_maps import decode_point_map
 from refany3d.stages.render import EMPTY_RENDER, MISSING_POSE, render
-from tests.stages._posed import posed_samples
+from refany3d.testing.posed import posed_samples
 
 
 @pytest.fixture(scope="module")

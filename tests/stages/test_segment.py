@@ -12,7 +12,7 @@ from refany3d.stages.context import StageContext
 from refany3d.stages.detect import detect
 from refany3d.stages.segment import MASK_FRAGMENTED, MASK_TOO_LARGE, MASK_TOO_SMALL, MISSING_BOX, segment
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, synthetic_views
+from refany3d.testing.views import drawn_views, perception_settings, synthetic_views
 
 
 @pytest.fixture(scope="module")

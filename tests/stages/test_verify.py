@@ -8,7 +8,7 @@ from refany3d.config import SettingsError, override
 from refany3d.records import MESH
 from refany3d.render.mesh import load_mesh, mesh_to_glb
 from refany3d.stages.verify import DEPTH_MISMATCH, HIGH_LPIPS, LOW_IOU, MISSING_POSE, POSE_AMBIGUOUS, verify
-from tests.stages._posed import posed_samples
+from refany3d.testing.posed import posed_samples
 
 
 @pytest.fixture(scope="module")

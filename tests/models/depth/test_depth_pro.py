@@ -8,7 +8,8 @@ from refany3d.records import DEPTH
 from refany3d.stages.context import StageContext
 from refany3d.stages.depth import depth
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, run_batched, tiny_depth_pro
+from refany3d.testing.checkpoints import tiny_depth_pro
+from refany3d.testing.views import drawn_views, perception_settings, run_batched
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 
 from refany3d.config import override
 from refany3d.models.depth import TruthDepthEstimator
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from refany3d.models.weights import WeightsError  # noqa: E402
 from refany3d.stages.context import StageContext  # noqa: E402
 from refany3d.stages.detect import detect  # noqa: E402
 from refany3d.storage.store import ArtifactStore  # noqa: E402
-from tests.models._views import drawn_views, perception_settings, run_batched, tiny_groundingdino_py  # noqa: E402
+from refany3d.testing.checkpoints import tiny_groundingdino_py  # noqa: E402
+from refany3d.testing.views import drawn_views, perception_settings, run_batched  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from refany3d.models.detector import HfGroundingDinoDetector, load_detector
 from refany3d.stages.context import StageContext
 from refany3d.stages.detect import detect
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, run_batched, tiny_hf_grounding_dino
+from refany3d.testing.checkpoints import tiny_hf_grounding_dino
+from refany3d.testing.views import drawn_views, perception_settings, run_batched
 
 
 @pytest.fixture(scope="module")

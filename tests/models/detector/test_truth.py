@@ -4,7 +4,7 @@ import pytest
 from refany3d.models.detector import TruthDetector, load_detector
 from refany3d.models.detector.truth import perturb_box
 from refany3d.stages._views import read_view
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 @pytest.fixture(scope="module")

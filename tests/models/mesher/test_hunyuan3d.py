@@ -9,7 +9,7 @@ from refany3d.models.mesher import MesherTimeout, load_mesher
 from refany3d.models.mesher.hunyuan3d import Hunyuan3DMesher
 from refany3d.models.weights import WeightsError, check_mesher_weights, resolve_hunyuan3d
 from refany3d.records import Sample
-from tests.models._hunyuan3d import ShapeField, save_hunyuan3d, sphere_sdf, tiny_config
+from refany3d.testing.hunyuan3d import ShapeField, save_hunyuan3d, sphere_sdf, tiny_config
 
 OCTREE = 32  # 33³ volume queries: seconds on the CPU
 

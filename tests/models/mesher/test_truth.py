@@ -8,7 +8,7 @@ from refany3d.models.mesher import load_mesher
 from refany3d.models.mesher.truth import CAMERA_TO_FRONT, signed_distance
 from refany3d.render.mesh import normalize_mesh, repair_mesh
 from refany3d.synthetic import read_truth
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 @pytest.fixture(scope="module")

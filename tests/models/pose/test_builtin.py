@@ -15,14 +15,14 @@ from refany3d.models.pose import PoseNotFound, load_pose_estimator
 from refany3d.models.pose.builtin import BuiltinPoseEstimator
 from refany3d.stages.pose import estimate_pose
 from refany3d.synthetic.perception_errors import DepthErrors, MaskErrors
-from refany3d.synthetic.pose_cases import (
+from refany3d.testing.pose_cases import (
     NO_DEPTH_ERRORS,
     NO_MASK_ERRORS,
     Perturbation,
     make_case,
     pose_errors,
 )
-from tests.models.pose._cases import (
+from refany3d.testing.pose_sets import (
     flipped,
     passes,
     primitive_cases,

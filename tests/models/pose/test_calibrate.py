@@ -3,8 +3,8 @@ import pytest
 
 from refany3d.models.pose.calibrate import depth_outlier_ratio
 from refany3d.synthetic.perception_errors import DepthErrors
-from refany3d.synthetic.pose_cases import NO_MASK_ERRORS, Perturbation, make_case
-from tests.models.pose._cases import primitive_meshes
+from refany3d.testing.pose_cases import NO_MASK_ERRORS, Perturbation, make_case
+from refany3d.testing.pose_sets import primitive_meshes
 
 CLEAN = Perturbation(
     DepthErrors(scale=0.0, low_frequency=0.0, noise=0.001, flying_px=0, backdrop=None),

@@ -32,7 +32,7 @@ def test_foundationpose_adapter_registers_the_calibrated_metric_mesh(monkeypatch
 
     import numpy as np
 
-    from tests.models.pose._cases import primitive_cases
+    from refany3d.testing.pose_sets import primitive_cases
 
     case = primitive_cases(views=1, seed=4)[5]
     seen = {}

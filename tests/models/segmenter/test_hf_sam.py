@@ -7,7 +7,8 @@ from refany3d.stages._views import read_mask, read_view
 from refany3d.stages.context import StageContext
 from refany3d.stages.segment import segment
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, run_batched, tiny_hf_sam
+from refany3d.testing.checkpoints import tiny_hf_sam
+from refany3d.testing.views import drawn_views, perception_settings, run_batched
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from refany3d.records import MASK
 from refany3d.stages.context import StageContext
 from refany3d.stages.segment import segment
 from refany3d.storage.store import ArtifactStore
-from tests.models._views import drawn_views, perception_settings, run_batched, tiny_sam_checkpoint
+from refany3d.testing.checkpoints import tiny_sam_checkpoint
+from refany3d.testing.views import drawn_views, perception_settings, run_batched
 
 
 @pytest.fixture(scope="module")

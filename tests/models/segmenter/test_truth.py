@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from refany3d.models.segmenter import TruthSegmenter
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Posed view samples built from the synthetic ground truth, as the pose stage would hand them on:
 the SAM mask, a textured canonical mesh (CONTRACTS: bounding box centred, largest half-extent 1)
-and the true pose and scale (x_cam = R (s x_canonical) + t). Used until the mesh and pose stages
-run in these tests."""
+and the true pose and scale (x_cam = R (s x_canonical) + t), for the tests and benches of the
+stages after pose without running the mesh and pose stages."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from refany3d.render.mesh import mesh_to_glb, normalize_mesh
 from refany3d.stages.context import StageContext
 from refany3d.storage.store import ArtifactStore
 from refany3d.synthetic.perception_errors import DepthErrors, erred_depth
-from tests.models._views import synthetic_views
+from refany3d.testing.views import synthetic_views
 
 
 def canonical_pose(true_pose: np.ndarray, to_canonical: np.ndarray) -> tuple[np.ndarray, float]:

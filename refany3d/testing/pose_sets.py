@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
-from refany3d.synthetic.pose_cases import (
+from refany3d.testing.pose_cases import (
     REALISTIC,
     Perturbation,
     PoseCase,
