@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from refany3d.code_fingerprints import module_closure, module_fingerprint
 from refany3d.config import BuildSettings
 from refany3d.render.cameras import backproject, invert_pose, project, transform_points
 from refany3d.render.raycast import raycast_maps
-from refany3d.stages._code import module_closure, module_fingerprint
 from refany3d.stages.context import StageContext
 from refany3d.stages.read_source import plan_batches, read_source, resolve_files
 from refany3d.stages.split_pair import split_pair
@@ -179,6 +179,8 @@ def test_ensure_synthetic_regenerates_after_a_generator_code_change(tmp_path):
 
 def test_generator_fingerprint_covers_the_generator_and_what_it_imports():
     closure = module_closure("refany3d.synthetic.build")
-    assert {"refany3d.synthetic.objects", "refany3d.render.renderer", "refany3d.stages._code"} <= set(closure)
+    assert {"refany3d.synthetic.objects", "refany3d.render.renderer", "refany3d.code_fingerprints"} <= set(
+        closure
+    )
     assert "refany3d.stages.keys" not in closure  # key changes alone do not regenerate rows
     assert generator_fingerprint() == module_fingerprint("refany3d.synthetic.build")

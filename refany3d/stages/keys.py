@@ -13,8 +13,9 @@ same shard names, in any directory. Weights are content too: a weights setting e
 a fingerprint of the files it names (`weights_fingerprint`), not as its path.
 
 The code fingerprint of a stage hashes the modules of this package that its module imports,
-transitively, as syntax trees without docstrings (`_code.py`): a changed comment or docstring in
-`render/` re-runs nothing, a changed line of code re-runs exactly the stages that import it.
+transitively, as syntax trees without docstrings (`refany3d/code_fingerprints.py`): a changed
+comment or docstring in `render/` re-runs nothing, a changed line of code re-runs exactly the
+stages that import it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from refany3d.code_fingerprints import PACKAGE, code_digest, module_closure, module_fingerprint
 from refany3d.config import BuildSettings
-from refany3d.stages._code import PACKAGE, code_digest, module_closure, module_fingerprint
 from refany3d.stages.dag import DEVICE_FIELDS, STAGES, build_stages, plan_inputs, shard_columns
 
 __all__ = [

@@ -203,7 +203,7 @@ def generate(out_dir: str, n: int, seed: int, *, view_size: int = VIEW_SIZE, pro
 def generator_fingerprint() -> str:
     """Hash of the generator's code: this module and every package module it imports (objects,
     renderer, cameras), docstrings and comments left out (`stages/keys.py`)."""
-    from refany3d.stages._code import module_fingerprint
+    from refany3d.code_fingerprints import module_fingerprint
 
     return module_fingerprint(__name__)
 

@@ -1,8 +1,9 @@
 """Code fingerprints: a hash of the code of a package module and every package module it imports,
 transitively (import statements anywhere in a module, and module names written as strings for late
-imports), as syntax trees without docstrings and comments. Keys (`keys.py`) and the synthetic
-source's marker use them; this module imports nothing of the package, so a module that asks for
-its own fingerprint does not pull the key machinery into it."""
+imports), as syntax trees without docstrings and comments. The stage keys (`stages/keys.py`) and
+the synthetic source's marker use them; this module imports nothing of the package, so a module
+that asks for its own fingerprint does not pull the key machinery into it, and it sits on the
+bottom floor, below `synthetic/` (which the stages import), not in `stages/`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = "refany3d"
-_ROOT = Path(__file__).resolve().parents[1]  # the refany3d package directory
+_ROOT = Path(__file__).resolve().parent  # the refany3d package directory
 
 
 def _hash(value: Any) -> str:
