@@ -31,8 +31,8 @@ from flux_bench import FULL_FLUX_CONFIG
 
 from refany3d.models.flux import RefAny3DTransformer
 from refany3d.models.flux.positions import TokenLayout, token_ids
+from refany3d.models.flux.sampler import Conditions, sample_latents
 from refany3d.models.flux.transformer import TINY_FLUX_CONFIG
-from refany3d.sampling.sampler import Conditions, sample_latents
 
 STEPS = 28
 

@@ -82,6 +82,15 @@ def _part(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def test_refany3d_parts_have_no_upward_arrow():
+    parts: dict[str, set[str]] = {}
+    for name, targets in _graph().items():
+        parts.setdefault(_part(name), set()).update(_part(t) for t in targets if _part(t) != _part(name))
+    assert "refany3d.models" in parts["refany3d.stages"]  # the walk sees imports between parts
+    # a circle of parts is an arrow pointing up: the parts could not be stacked in floors
+    assert _circle(parts) is None, " -> ".join(_circle(parts))
+
+
 def test_only_tests_and_benches_import_the_testing_fixtures():
     importers = [
         name

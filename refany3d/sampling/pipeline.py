@@ -32,9 +32,9 @@ from refany3d.models.flux.components import (
     load_components,
 )
 from refany3d.models.flux.io import load_adapters
+from refany3d.models.flux.sampler import Conditions, sample_latents
 from refany3d.render.mesh import mesh_to_glb, normalize_mesh
 from refany3d.sampling.assets import ConditionViews, load_asset, render_conditions
-from refany3d.sampling.sampler import Conditions, sample_latents
 from refany3d.sampling.sheet import contact_sheet, to_uint8
 from refany3d.train.checkpoint import resolve_adapters
 

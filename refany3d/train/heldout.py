@@ -30,8 +30,8 @@ from refany3d.evaluate.run import (
 )
 from refany3d.models.flux.components import FluxComponents, decode_latents, load_components
 from refany3d.models.flux.io import load_adapters
+from refany3d.models.flux.sampler import Conditions, sample_latents
 from refany3d.render.mesh import load_mesh
-from refany3d.sampling.sampler import Conditions, sample_latents
 from refany3d.train import data as data_mod
 from refany3d.train.checkpoint import resolve_adapters
 from refany3d.train.encode import encode_sample

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refany3d.models.flux import RefAny3DTransformer
+from refany3d.models.flux.transformer import RefAny3DTransformer
 
 # FLUX.1-dev's scheduler config: shift 0.5 at 256 image tokens, 1.15 at 4096, linear in between.
 BASE_TOKENS, MAX_TOKENS, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15

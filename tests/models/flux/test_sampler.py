@@ -3,7 +3,7 @@ import torch
 
 from refany3d.config import ModelSettings
 from refany3d.models.flux import build_model
-from refany3d.sampling.sampler import Conditions, flux_timesteps, sample_latents
+from refany3d.models.flux.sampler import Conditions, flux_timesteps, sample_latents
 
 TARGET_HW, COND_HW, VIEWS = (2, 3), (2, 2), 2
 
