@@ -29,6 +29,25 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def ready_samples(
+    samples: Sequence[Sample],
+    result: StageResult,
+    stage: str,
+    lacks: Callable[[Sample], tuple[str, str] | None],
+) -> list[Sample]:
+    """The samples that have what `stage` reads, in order; each other one is dropped into `result`
+    with the (reason, detail) that `lacks` gives it. Checked before the model loads, so that a
+    batch with nothing to do loads none."""
+    ready = []
+    for sample in samples:
+        missing = lacks(sample)
+        if missing is None:
+            ready.append(sample)
+        else:
+            result.drop(sample, stage, missing[0], detail=missing[1])
+    return ready
+
+
 def read_view(store: ArtifactStore, sample: Sample) -> Image.Image:
     """The sample's S×S view as an RGB PIL image."""
     image = Image.open(io.BytesIO(store.get(sample.artifacts[IMAGE])))

@@ -12,7 +12,7 @@ import numpy as np
 from refany3d.config import BuildSettings
 from refany3d.models.detector import Detection, load_detector
 from refany3d.records import Sample, StageResult
-from refany3d.stages._views import Outcome, batched, pipelined, read_views, record
+from refany3d.stages._views import Outcome, batched, pipelined, read_views, ready_samples, record
 from refany3d.stages.context import StageContext
 
 STAGE = "detect"
@@ -24,6 +24,10 @@ def _prompt(item: str) -> str:
     """Grounding-DINO caption: lowercase, ending with '.' ('' when there is nothing to look for)."""
     text = " ".join(item.lower().split()).rstrip(". ")
     return f"{text}." if text else ""
+
+
+def _lacks_prompt(sample: Sample) -> tuple[str, str] | None:
+    return None if _prompt(sample.item) else (EMPTY_PROMPT, "sample.item is empty")
 
 
 def _best_box(det: Detection, box_threshold: float, size: tuple[int, int]) -> tuple[np.ndarray, float] | None:
@@ -58,12 +62,7 @@ def _outcome(sample: Sample, image_size: tuple[int, int], det: Detection, box_th
 def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     opts = settings.detector
-    todo = []
-    for sample in samples:
-        if _prompt(sample.item):
-            todo.append(sample)
-        else:
-            result.drop(sample, STAGE, EMPTY_PROMPT, detail="sample.item is empty")
+    todo = ready_samples(samples, result, STAGE, _lacks_prompt)
     if not todo:
         return result
     detector = load_detector(settings)

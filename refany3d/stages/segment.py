@@ -16,7 +16,15 @@ from PIL import Image
 from refany3d.config import BuildSettings, SegmenterSettings
 from refany3d.models.segmenter import Segmentation, load_segmenter
 from refany3d.records import MASK, Sample, StageResult
-from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_views, record
+from refany3d.stages._views import (
+    Outcome,
+    batched,
+    parallel_map,
+    pipelined,
+    read_views,
+    ready_samples,
+    record,
+)
 from refany3d.stages.context import StageContext
 
 STAGE = "segment"
@@ -58,12 +66,7 @@ def _finish(sample: Sample, seg: Segmentation, opts: SegmenterSettings, ctx: Sta
 def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     opts = settings.segmenter
-    todo = []
-    for sample in samples:
-        if sample.box is None:
-            result.drop(sample, STAGE, MISSING_BOX)
-        else:
-            todo.append(sample)
+    todo = ready_samples(samples, result, STAGE, lambda s: (MISSING_BOX, "") if s.box is None else None)
     if not todo:
         return result
     segmenter = load_segmenter(settings)
