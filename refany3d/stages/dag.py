@@ -21,9 +21,9 @@ def _always(settings: BuildSettings) -> bool:
 
 
 def _pose_on_device(settings: BuildSettings) -> bool:
-    """The built-in estimator runs on the CPU (numpy, Open3D) whatever `runtime.device` says;
-    FoundationPose runs on the device."""
-    return settings.pose.backend != "builtin"
+    """FoundationPose runs on the device; the built-in estimator on a CUDA device takes its GPU
+    path (torch, float32 rasterisation), elsewhere the CPU path (numpy, Open3D)."""
+    return settings.pose.backend != "builtin" or settings.runtime.device.startswith("cuda")
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ def estimate_pose(
     return load_pose_estimator(options or PoseSettings()).estimate(mesh, depth, mask, K, rgb)
 
 
-def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) -> Outcome:
-    """The kept sample with its pose and scale, or (reason, metric, detail) of its drop."""
+def _inputs(sample: Sample, estimator, ctx: StageContext):
+    """(mesh, depth, mask, K, rgb) of the sample, or (reason, metric, detail) of its drop."""
     needed = (MESH, DEPTH, MASK, IMAGE) if estimator.needs_rgb else (MESH, DEPTH, MASK)
     missing = [role for role in needed if role not in sample.artifacts]
     if missing or sample.intrinsics is None:
@@ -56,12 +56,16 @@ def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) ->
     mask = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
     k = np.asarray(sample.intrinsics, dtype=np.float64).reshape(3, 3)
     rgb = np.asarray(read_view(ctx.store, sample)) if estimator.needs_rgb else None
-    try:
-        found = estimator.estimate(mesh, depth, mask, k, rgb)
-    except Exception as err:  # any estimator failure is this sample's, never the run's
-        return POSE_FAILED, None, f"{type(err).__name__}: {err}"
+    return mesh, depth, mask, k, rgb
+
+
+def _finish(sample: Sample, view, found: PoseResult | Exception, opts: PoseSettings) -> Outcome:
+    """The kept sample with its pose and scale, or (reason, metric, detail) of its drop."""
+    if isinstance(found, Exception):  # any estimator failure is this sample's, never the run's
+        return POSE_FAILED, None, f"{type(found).__name__}: {found}"
     if not (np.isfinite(found.pose).all() and np.isfinite(found.scale) and found.scale > 0):
         return POSE_FAILED, None, f"non-finite pose or scale {found.scale}"
+    mesh, depth, mask, k, _ = view
     outliers = depth_outlier_ratio(mesh, found.pose, found.scale, depth, mask, k, opts.outlier_tolerance)
     out = sample.replace(
         pose=[float(v) for v in np.asarray(found.pose).ravel()], mesh_scale=float(found.scale)
@@ -72,11 +76,32 @@ def _finish(sample: Sample, estimator, opts: PoseSettings, ctx: StageContext) ->
     return out
 
 
+def _estimate_one(estimator, view) -> PoseResult | Exception:
+    try:
+        return estimator.estimate(*view)
+    except Exception as err:
+        return err
+
+
 def pose(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     if not samples:
         return result
     estimator = load_pose_estimator(settings)
-    outcomes = [_finish(sample, estimator, settings.pose, ctx) for sample in samples]
+    views = [_inputs(sample, estimator, ctx) for sample in samples]
+    ready = [i for i, view in enumerate(views) if len(view) == 5]
+    found: dict[int, PoseResult | Exception] | None = None
+    batched = getattr(estimator, "estimate_many", None)  # the GPU path poses a batch at once
+    if batched is not None:
+        try:
+            found = dict(zip(ready, batched([views[i][:4] for i in ready]), strict=True))
+        except Exception:  # the batch failed (out of memory, say): each sample alone
+            found = None
+    if found is None:
+        found = {i: _estimate_one(estimator, views[i]) for i in ready}
+    outcomes = [
+        _finish(sample, views[i], found[i], settings.pose) if i in found else views[i]
+        for i, sample in enumerate(samples)
+    ]
     record(result, STAGE, estimator.name, samples, outcomes)
     return result

@@ -108,11 +108,16 @@ def primitive_meshes() -> dict[str, trimesh.Trimesh]:
     }  # fmt: skip
 
 
-def primitive_cases(views: int, seed: int, perturb: Perturbation = REALISTIC) -> list[PoseCase]:
-    """`views` random views of every primitive mesh, any rotation, perturbed like the `truth`
-    backends (by default), the estimator given the mesher's surface (when `perturb.mesher`)."""
+def primitive_cases(
+    views: int, seed: int, perturb: Perturbation = REALISTIC, names: tuple[str, ...] = ()
+) -> list[PoseCase]:
+    """`views` random views of every primitive mesh (or of those in `names`: the same cases as in
+    the full set), any rotation, perturbed like the `truth` backends (by default), the estimator
+    given the mesher's surface (when `perturb.mesher`)."""
     cases = []
     for index, (name, mesh) in enumerate(primitive_meshes().items()):
+        if names and name not in names:
+            continue
         surface = mesher_surface(mesh) if perturb.mesher else None
         for view in range(views):
             rng = np.random.default_rng([seed, index, view])

@@ -122,3 +122,47 @@ def test_estimate_pose_with_empty_mask_raises_pose_not_found(staged):
     case = cases[0]
     with pytest.raises(PoseNotFound):
         estimate_pose(case.mesh, case.depth, np.zeros_like(case.mask), case.intrinsics)
+
+
+def test_pose_on_the_gpu_path_poses_the_batch_at_once_and_drops_alone(staged, monkeypatch):
+    """The stage hands the GPU path (here on the CPU) the whole batch in one call; a sample
+    without depth is dropped by its own reason, the others are posed as the CPU path poses them."""
+    from refany3d.config import PoseSettings
+    from refany3d.models.pose.batched import BatchedPoseEstimator
+
+    ctx, cases, samples = staged
+    quick = PoseSettings(view_directions=14, in_plane_steps=4, icp_keep=12)
+    estimator = BatchedPoseEstimator(quick, "cpu")
+    calls = []
+    many = estimator.estimate_many
+    monkeypatch.setattr(estimator, "estimate_many", lambda views: calls.append(len(views)) or many(views))
+    monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
+    empty = _sample(ctx, cases[0], 9, depth=np.zeros_like(cases[0].depth))
+    result = pose([empty, samples[1]], BuildSettings(), ctx)
+    assert calls == [2]
+    assert [r.reason for r in result.dropped] == [POSE_FAILED] and "PoseNotFound" in result.dropped[0].detail
+    (kept,) = result.kept
+    errors = pose_errors(cases[1], np.array(kept.pose).reshape(4, 4), kept.mesh_scale)
+    assert errors.add_s < 0.05 and errors.scale < 0.06
+
+
+class _BatchFails(_Raising):
+    name = "stub"
+
+    def __init__(self):
+        self.single = 0
+
+    def estimate_many(self, views):
+        raise MemoryError("CUDA out of memory")
+
+    def estimate(self, mesh, depth, mask, intrinsics, rgb=None):
+        self.single += 1
+        return PoseResult(np.eye(4), 1.0, 1.0)
+
+
+def test_pose_falls_back_to_one_sample_at_a_time_when_the_batch_fails(staged, monkeypatch):
+    ctx, _, samples = staged
+    estimator = _BatchFails()
+    monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
+    result = pose(samples, BuildSettings(), ctx)
+    assert estimator.single == len(samples) and len(result.kept) == len(samples)

@@ -20,10 +20,18 @@ __all__ = ["BACKENDS", "PoseEstimator", "PoseNotFound", "PoseResult", "load_pose
 
 
 def load_pose_estimator(settings: BuildSettings | PoseSettings) -> PoseEstimator:
-    """The pose backend of `settings`, built once per process per pose settings."""
-    return _load(settings.pose if isinstance(settings, BuildSettings) else settings)
+    """The pose backend of `settings`, built once per process per pose settings and device.
+    The built-in estimator takes its GPU path (`batched`) where `runtime.device` is CUDA; given
+    pose settings alone, it runs on the CPU."""
+    if isinstance(settings, PoseSettings):
+        return _load(settings, "cpu")
+    return _load(settings.pose, settings.runtime.device)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(options: PoseSettings) -> PoseEstimator:
+def _load(options: PoseSettings, device: str) -> PoseEstimator:
+    if options.backend == "builtin" and device.startswith("cuda"):
+        from refany3d.models.pose.batched import BatchedPoseEstimator  # imports torch
+
+        return BatchedPoseEstimator(options, device)
     return BACKENDS[options.backend](options)

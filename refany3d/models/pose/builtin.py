@@ -1,7 +1,10 @@
 """The built-in pose estimator: coarse rotation search + scaled ICP, then render-and-compare over
-all 7 DoF (DESIGN §4, "6D pose"). CPU only, Open3D ray casting, no learned weights."""
+all 7 DoF (DESIGN §4, "6D pose"). This is the CPU path (numpy, Open3D ray casting), no learned
+weights; `batched` runs the same search in torch on a GPU."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import trimesh
@@ -13,8 +16,12 @@ from refany3d.models.pose.model import PoseModel, Similarity
 from refany3d.models.pose.observe import NoObservation, observe
 from refany3d.models.pose.refine import Fit, refine
 
+SURFACE_CHECK = 500  # surface samples that `distinct_answers` turns
 
-def _distinct(candidates: list[tuple[float, Similarity]], count: int, min_deg: float) -> list[Similarity]:
+
+def distinct_poses(
+    candidates: list[tuple[float, Similarity]], count: int, min_deg: float
+) -> list[Similarity]:
     """The best `count` poses, skipping any within `min_deg` of a better one (ICP converges many
     starts to the same basin; refining it twice is wasted work)."""
     chosen: list[Similarity] = []
@@ -29,19 +36,28 @@ def _distinct(candidates: list[tuple[float, Similarity]], count: int, min_deg: f
 
 
 def distinct_answers(
-    model: PoseModel, a: Similarity, b: Similarity, threshold: float = 0.02, basin_deg: float = 20.0
+    model: PoseModel,
+    a: Similarity,
+    b: Similarity,
+    threshold: float = 0.02,
+    basin_deg: float = 20.0,
+    distance: Callable[[np.ndarray], float] | None = None,
 ) -> bool:
     """Whether poses `a` and `b` are different answers: rotations `basin_deg` or more apart whose
     surfaces, centred and at one scale, lie ADD-S `threshold` of the object's diameter or more
     apart. A symmetric shape's equivalent rotations are the same answer, and so are two fits in
-    one basin that differ a little in rotation, scale or place (refinement noise)."""
+    one basin that differ a little in rotation, scale or place (refinement noise). `distance`:
+    the mean distance of `SURFACE_CHECK` samples turned by a rotation to the surface
+    (default: `model.surface_distance`, Open3D)."""
     cos = (np.trace(a.rotation @ b.rotation.T) - 1.0) / 2.0
     if cos > np.cos(np.radians(basin_deg)):
         return False
-    return model.surface_distance(a.rotation.T @ b.rotation, 500) >= threshold * 2.0 * model.radius
+    turn = a.rotation.T @ b.rotation
+    moved = distance(turn) if distance else model.surface_distance(turn, SURFACE_CHECK)
+    return moved >= threshold * 2.0 * model.radius
 
 
-def _half_turns(pose: Similarity) -> list[Similarity]:
+def half_turns(pose: Similarity) -> list[Similarity]:
     """`pose` turned by 180° about each of the mesh's axes, through the mesh origin."""
     out = []
     for axis in np.eye(3):
@@ -85,7 +101,7 @@ class BuiltinPoseEstimator:
         # the most promising ones: refinement costs far more per pose than ranking.
         screened: list[Fit] = [
             refine(model, obs, start, opts.screen_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
-            for start in _distinct(coarse, opts.refine_candidates, 25.0)
+            for start in distinct_poses(coarse, opts.refine_candidates, 25.0)
         ]
         if not screened:
             raise PoseNotFound("no pose hypothesis survived")
@@ -94,7 +110,7 @@ class BuiltinPoseEstimator:
         # A handle or a drawer front is a small part of the surface: the mirror basin of the body
         # (the best pose turned half a turn about a mesh axis) screens about as well as the true
         # one and only a full refinement tells them apart.
-        finalists += _half_turns(screened[0].pose)
+        finalists += half_turns(screened[0].pose)
         fits = [
             refine(model, obs, start, opts.refine_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
             for start in finalists

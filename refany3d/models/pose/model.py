@@ -55,8 +55,6 @@ class PoseModel:
     """A mesh (in its own frame, any scale) prepared for registration and render-and-compare."""
 
     def __init__(self, mesh: trimesh.Trimesh, seed: int = 0) -> None:
-        import open3d as o3d
-
         self.vertices = np.asarray(mesh.vertices, dtype=np.float64)
         self.faces = np.asarray(mesh.faces, dtype=np.int64)
         if len(self.faces) == 0:
@@ -64,8 +62,6 @@ class PoseModel:
         tri = self.vertices[self.faces]
         normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
         self.face_normals = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-        self.scene = o3d.t.geometry.RaycastingScene()
-        self.scene.add_triangles(self.vertices.astype(np.float32), self.faces.astype(np.uint32))
         lo, hi = self.vertices.min(axis=0), self.vertices.max(axis=0)
         self.center = (lo + hi) / 2.0
         self.radius = float(np.linalg.norm(hi - lo) / 2.0)  # half the box diagonal
@@ -73,9 +69,30 @@ class PoseModel:
         self.tree = cKDTree(self.surface)
 
     @functools.cached_property
+    def scene(self):
+        """Open3D's ray-casting structure, built on first use: the GPU path casts in torch and
+        needs none (nor Open3D)."""
+        import open3d as o3d
+
+        scene = o3d.t.geometry.RaycastingScene()
+        scene.add_triangles(self.vertices.astype(np.float32), self.faces.astype(np.uint32))
+        return scene
+
+    def surface_samples(self, count: int) -> np.ndarray:
+        """An even subset of about `count` of `surface`, centred on the box centre (what
+        `surface_distance` turns)."""
+        return self.surface[:: max(1, len(self.surface) // count)] - self.center
+
+    @functools.cached_property
     def _closest(self) -> _ClosestGrid:
         """Built on first use: only the coarse search needs it, scoring and calibration do not."""
         return _ClosestGrid(self.surface, self.tree, self.center, 1.6 * self.radius, CLOSEST_CELLS)
+
+    @property
+    def closest_table(self) -> np.ndarray:
+        """(CLOSEST_CELLS³,) int64 index into `surface` of each grid cell's nearest sample: what
+        `closest` looks up (cells of a cube 3.2 radii wide about `center`, x-major)."""
+        return self._closest.index
 
     def closest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """((n, 3) surface sample nearest each (n, 3) mesh-frame point — to within a grid cell —,
@@ -87,7 +104,7 @@ class PoseModel:
         `turn` about the box centre to the surface itself: 0 for a symmetry of the shape."""
         import open3d as o3d
 
-        points = self.surface[:: max(1, len(self.surface) // count)] - self.center
+        points = self.surface_samples(count)
         turned = (points @ np.asarray(turn).T + self.center).astype(np.float32)
         return float(self.scene.compute_distance(o3d.core.Tensor(turned)).numpy().mean())
 
