@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one training setting of train/gpu (repeatable), e.g. --train-set optim.lr=0.5",
+        help="override one training setting of train/cpu and train/gpu (repeatable), e.g. --train-set optim.lr=0.5",
     )
 
     serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")
