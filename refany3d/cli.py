@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--data-files", metavar="GLOB", help="Subjects200K-format Parquet files (glob or fsspec URL)"
     )
-    build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows")
+    build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows (0 = all rows)")
     build.add_argument("--out", metavar="URL", help="output directory or fsspec URL")
     build.add_argument(
         "--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it"
@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train RefAny3D on shards (one process, or each rank under torchrun / accelerate launch)",
     )
     train.add_argument(
-        "--data", metavar="URL", help="dataset directory, shard directory or glob (data.shards)"
+        "--data",
+        metavar="URL",
+        help="dataset directory, shard directory, glob or one shard file (data.shards)",
     )
     train.add_argument("--out", metavar="DIR", help="checkpoints, samples and logs (checkpoint.dir)")
     train.add_argument("--steps", type=int, metavar="N", help="train up to step N (optim.steps)")
@@ -156,10 +158,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
-    config = sub.add_parser("config", help="print every build setting with its default and doc")
+    config = sub.add_parser(
+        "config", help="print every build setting with its value and doc (--config/--set applied)"
+    )
     config.add_argument("--train", action="store_true", help="training settings instead")
     config.add_argument("--sample", action="store_true", help="sampling settings instead")
     config.add_argument("--evaluate", action="store_true", help="evaluation settings instead")
+    _add_settings_args(config, "verify.min_iou=0.85 (a setting of the chosen command)")
     return parser
 
 
@@ -359,8 +364,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
         )
         if flag
     ]
-    for name, default, doc in describe(chosen[0] if chosen else BuildSettings):
-        print(f"{name:34} {default!r:28} {doc}")
+    cls = chosen[0] if chosen else BuildSettings
+    # the values the command would run with (file < environment < --set), as the command loads them
+    current = load_settings(cls, args.config, parse_overrides(args.overrides))
+    for name, value, doc, default in describe(cls, current):
+        changed = "" if value == default else f" [default {default!r}]"
+        print(f"{name:34} {value!r:28} {doc}{changed}")
     return 0
 
 

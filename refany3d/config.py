@@ -734,15 +734,18 @@ def settings_hash(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, default, doc) for every field; used by `refany3d config`."""
+def describe(cls: type, settings: Any = None, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
+    """(dotted name, value in `settings` (default: the defaults), doc, default) for every field;
+    used by `refany3d config`."""
     rows = []
     hints = typing.get_type_hints(cls)
     default = cls()
+    settings = default if settings is None else settings
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+        name, hint = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(hint):
-            rows += describe(hint, f"{prefix}{f.name}.")
+            rows += describe(hint, getattr(settings, f.name), f"{name}.")
         else:
-            rows.append((f"{prefix}{f.name}", getattr(default, f.name), f.metadata.get("doc", "")))
+            doc = f.metadata.get("doc", "")
+            rows.append((name, getattr(settings, f.name), doc, getattr(default, f.name)))
     return rows

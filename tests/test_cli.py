@@ -108,6 +108,7 @@ def test_help_lists_build_options():
     proc = subprocess.run(CLI + ["build", "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--source", "--data-files", "--limit", "--out", "--config", "--until", "--set"):
         assert flag in proc.stdout
+    assert "0 = all rows" in " ".join(proc.stdout.split())
 
 
 def test_build_missing_mesher_weights_fails_before_any_work(tmp_path):
@@ -205,3 +206,16 @@ def test_each_command_help_shows_one_of_its_own_settings(command):
     example = re.search(r"e\.g\. --set (\S+=\S+)", text)
     assert example, text
     load_settings(_COMMAND_SETTINGS[command], overrides=parse_overrides([example[1]]), environ={})
+
+
+def test_config_shows_the_effect_of_set_and_config(tmp_path):
+    (tmp_path / "s.yaml").write_text("optim:\n  lr: 0.5\n")
+    args = ["config", "--train", "--config", str(tmp_path / "s.yaml"), "--set", "model.num_views=2"]
+    proc = subprocess.run(CLI + args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert rows["model.num_views"].split()[1] == "2" and "[default 8]" in rows["model.num_views"]
+    assert rows["optim.lr"].split()[1] == "0.5" and "[default 1.0]" in rows["optim.lr"]
+    assert "[default" not in rows["optim.steps"]
+    bad = subprocess.run(CLI + ["config", "--set", "nope.x=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -152,9 +152,10 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
 
 
 def _dataset_root(url: str) -> str:
-    """The dataset directory of a shards URL (`ROOT/data/*.parquet` or `ROOT/data` -> ROOT)."""
+    """The dataset directory of a shards URL (`ROOT/data/*.parquet`, `ROOT/data/x.parquet` or
+    `ROOT/data` -> ROOT)."""
     head = url.rstrip("/")
-    if any(c in head.rsplit("/", 1)[-1] for c in "*?["):
+    if any(c in head.rsplit("/", 1)[-1] for c in "*?[") or head.endswith(".parquet"):
         head = head.rsplit("/", 1)[0]
     return head.rsplit("/", 1)[0] if head.endswith("/data") else head
 
