@@ -225,18 +225,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _train_settings(args: argparse.Namespace):
-    from refany3d.config import TrainSettings
+    """(settings, the keys the user set: a resumed run takes the others from its checkpoint)."""
+    from refany3d.config import TrainSettings, explicit_keys
 
     flags = {"data.shards": args.data, "checkpoint.dir": args.out, "optim.steps": args.steps}
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_overrides(args.overrides))
-    return load_settings(TrainSettings, args.config, overrides)
+    settings = load_settings(TrainSettings, args.config, overrides)
+    return settings, explicit_keys(TrainSettings, args.config, overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from refany3d.train.trainer import resolve_device
 
-    settings = resolve_device(_train_settings(args))  # cuda without CUDA: one line, before any work
+    settings, explicit = _train_settings(args)
+    settings = resolve_device(settings)  # cuda without CUDA: one line, before any work
     from refany3d.models.flux.components import check_pretrained
     from refany3d.train.data import shard_files
 
@@ -247,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from refany3d.train.run import configure_logging, run_training
 
     configure_logging()
-    result = run_training(settings, resume=args.resume)
+    result = run_training(settings, resume=args.resume, explicit=explicit)
     if int(os.environ.get("RANK", "0")) == 0:
         s = result.summary
         print(f"base model: {s['base']}")
@@ -322,14 +325,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     except AssetError as err:
         print(f"refany3d sample: error: {err}", file=sys.stderr)
         return 2
+    from refany3d.config import explicit_keys
     from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
 
     if args.lora:
         resolve_adapters(args.lora)  # a wrong --lora fails before the weights load
     else:
         print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
-    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora)
-    out = pipe(mesh, args.prompt).save(args.out, settings)
+    # the model flags come from the checkpoint; only those the user set can conflict with it
+    explicit = explicit_keys(SampleSettings, args.config, overrides)
+    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora, explicit)
+    try:
+        sample = pipe(mesh, args.prompt)
+    except AssetError as err:  # e.g. an orbit view that shows nothing of the asset
+        print(
+            f"refany3d sample: error: {str(err).replace('asset:', f'asset {args.asset!r}:', 1)}",
+            file=sys.stderr,
+        )
+        return 2
+    out = sample.save(args.out, pipe.settings)
     print(f"wrote {out / 'image.png'}, point_map.png and contact_sheet.png ({pipe.components.label})")
     return 0
 

@@ -719,6 +719,26 @@ def load_settings(
     return settings
 
 
+def explicit_keys(
+    cls: type,
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    """The dotted keys that `load_settings` with these arguments takes from the user (the file, the
+    environment, the overrides) rather than from the defaults."""
+
+    def flat(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in tree.items():
+            keys |= flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}"}
+        return keys
+
+    keys = flat(read_file(config_file)) if config_file else set()
+    keys |= set(_from_env(os.environ if environ is None else environ, cls))
+    return frozenset(keys | set(overrides or {}))
+
+
 def override(settings: T, **dotted: Any) -> T:
     """A new settings object with dotted-key changes: `override(s, **{"render.views": 4})`."""
     return _merge(type(settings), settings, _nest(dotted))

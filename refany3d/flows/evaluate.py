@@ -64,7 +64,9 @@ def _gallery(paths: list[Path], report: dict, limit: int) -> str:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         values = report["samples"].get(path.name, {})
-        caption = ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m in METRICS)
+        caption = ", ".join(
+            f"{m} {'-' if v is None else format(v, '.3f')}" for m, v in values.items() if m in METRICS
+        )
         lines += [
             f"**{path.name}** — {caption}",
             "",

@@ -6,6 +6,7 @@ A checkpoint is a directory under `OUT/checkpoints/` holding
     optimizer.pt       optimizer state dict   } torch.save of tensors and numbers only, read back
     lr_scheduler.pt    LR scheduler state     } with torch.load(weights_only=True)
     rng.json           python / numpy RNG states; rng.safetensors: torch CPU (+ CUDA) RNG states
+    config.json        the model flags the adapters were trained with (`model_config`) and the base
     manifest.json      step, data position (next global sample position), run facts, file list
 
 and `OUT/checkpoints/manifest.json` lists the finished checkpoints in step order. The step of a
@@ -33,13 +34,28 @@ from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from refany3d.config import SettingsError
+from refany3d import __version__
+from refany3d.config import ModelSettings, SettingsError, override
 from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
 from refany3d.storage.store import join, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"  # the model flags of a checkpoint (docs/training.md)
+# ModelSettings fields that decide what the trained adapters are and what they were trained for:
+# sampling or resuming takes them from the checkpoint's config.json.
+MODEL_FLAGS = (
+    "num_views",
+    "point_map_branch",
+    "shared_positions",
+    "text_agnostic",
+    "independent_conditions",
+    "domain_lora",
+    "lora_rank",
+    "lora_alpha",
+)
+WEIGHT_FLAGS = ("domain_lora", "lora_rank", "lora_alpha")  # those the adapter tensors' shapes follow
 POINTER = "promoted.json"  # the promoted run of scheduled retraining (flows/train.py)
 FORMAT = 1
 
@@ -104,6 +120,68 @@ def refuse_used_out(out: str) -> None:
         )
 
 
+def model_config(settings: ModelSettings, model: RefAny3DTransformer, base: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a checkpoint: the model flags (`MODEL_FLAGS`), each adapter's peft config
+    (rank, alpha, target modules), the domain switcher's sizes and the base model (`base`: its id or
+    path, label, fingerprint): what rebuilding the trained model needs."""
+    from refany3d.models.flux.lora import TARGET_MODULES
+
+    switcher = model.domain_switcher
+    return {
+        "_class_name": "RefAny3DTransformer",
+        "_refany3d_version": __version__,
+        **{flag: getattr(settings, flag) for flag in MODEL_FLAGS},
+        "adapters": {
+            name: {"r": c.r, "lora_alpha": c.lora_alpha, "target_modules": TARGET_MODULES}
+            for name, c in model.lora_configs.items()
+        },
+        "domain_switcher": {
+            "domains": ["rgb", "point_map"],
+            "embedding_dim": switcher.embedding.embedding_dim,
+            "inner_dim": switcher.linear_2.out_features,
+        },
+        "base": base,
+    }
+
+
+def read_config(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The config.json of a checkpoint directory (or of the checkpoint an `adapters/` directory is
+    in; any fsspec URL); None for a checkpoint written before checkpoints had one."""
+    fs, root = url_to_fs(str(checkpoint))
+    root = root.rstrip("/")
+    parent = root.rsplit("/", 1)[0]
+    for path in (join(root, CONFIG), *([join(parent, CONFIG)] if root.endswith("/adapters") else [])):
+        if fs.isfile(path):
+            return json.loads(fs.cat_file(path))
+    return None
+
+
+def settings_from_config(
+    model: ModelSettings,
+    config: dict[str, Any] | None,
+    explicit: frozenset[str] | set[str],
+    where: str,
+    flags: tuple[str, ...] = MODEL_FLAGS,
+) -> tuple[ModelSettings, list[str]]:
+    """`model` with the checkpoint's `flags` from `config` (its config.json), and the flags it
+    changed. A flag the user set (`model.<flag>` in `explicit`) to another value than the
+    checkpoint's is a SettingsError naming it: the adapters were trained with the checkpoint's."""
+    if not config:
+        return model, []
+    changes = {}
+    for flag in flags:
+        if flag not in config or getattr(model, flag) == config[flag]:
+            continue
+        if f"model.{flag}" in explicit:
+            raise SettingsError(
+                f"model.{flag}: {getattr(model, flag)!r} was asked, but {where} was trained with "
+                f"{config[flag]!r}; drop the override (the checkpoint's config.json sets it)"
+            )
+        changes[f"model.{flag}"] = config[flag]
+    merged = override(model, **{k.removeprefix("model."): v for k, v in changes.items()})
+    return merged, [f"{k}={v!r}" for k, v in changes.items()]
+
+
 def save_checkpoint(
     out: str,
     model: RefAny3DTransformer,
@@ -113,14 +191,18 @@ def save_checkpoint(
     position: int,
     facts: dict[str, Any],
     keep: int,
+    config: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
-    """Write the checkpoint of `step` (call on one process only) and prune to the `keep` newest."""
+    """Write the checkpoint of `step` (call on one process only) and prune to the `keep` newest;
+    `config`: its config.json (`model_config`)."""
     name = f"step-{step:08d}"
     plain, tensors = rng_states()
     manifest = {"format": FORMAT, "step": step, "position": position, "dir": name, **facts}
     with tempfile.TemporaryDirectory(prefix="refany3d-ckpt-") as tmp:
         local = Path(tmp) / name
         save_adapters(model, local / "adapters")
+        if config is not None:
+            (local / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         (local / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
         (local / "lr_scheduler.pt").write_bytes(_torch_bytes(lr_scheduler.state_dict()))
         (local / "rng.json").write_text(json.dumps(plain))

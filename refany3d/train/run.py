@@ -26,6 +26,7 @@ from refany3d.train.trainer import (
     load_checkpoint,
     make_loader,
     read_metrics,
+    run_model_settings,
     save_checkpoint,
     train_step,
     warm_start,
@@ -107,13 +108,17 @@ def run_training(
     settings: TrainSettings,
     resume: bool = False,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    explicit: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Train to `settings.optim.steps` (resuming from the newest checkpoint in `checkpoint.dir`
     when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json.
     Without `resume`, `checkpoint.dir` must be empty (SettingsError otherwise): a run never takes
-    over, prunes or overwrites another run's outputs."""
+    over, prunes or overwrites another run's outputs. A resumed run takes its model flags from its
+    checkpoint's config.json; one in `explicit` (set by the user) that conflicts is a SettingsError."""
     if not resume:
         refuse_used_out(settings.checkpoint.dir)
+    else:
+        settings = run_model_settings(settings, explicit)
     tr = build_trainer(settings)
     info = load_checkpoint(tr) if resume else None
     warm = warm_start(tr) if info is None and settings.checkpoint.init_adapters else None

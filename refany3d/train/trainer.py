@@ -12,6 +12,7 @@ data position, so step k after a resume has the loss of step k of an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -292,6 +293,11 @@ def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
             "refany3d": __version__,
         }
         unwrapped = tr.accelerator.unwrap_model(tr.model)
+        base = {
+            "name_or_path": tr.settings.model.pretrained,
+            "label": tr.components.label,
+            "fingerprint": tr.components.identity,
+        }
         info = ckpt.save_checkpoint(
             tr.out,
             unwrapped,
@@ -301,6 +307,7 @@ def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
             tr.position,
             facts,
             tr.settings.checkpoint.keep,
+            config=ckpt.model_config(tr.settings.model, unwrapped, base),
         )
     tr.accelerator.wait_for_everyone()
     return info
@@ -323,6 +330,21 @@ def load_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
     return info
 
 
+def run_model_settings(settings: TrainSettings, explicit: frozenset[str] = frozenset()) -> TrainSettings:
+    """`settings` with the model flags of the run being resumed (its newest intact checkpoint's
+    config.json): a resumed run goes on as it was trained. A flag in `explicit` (set by the user)
+    that conflicts is a SettingsError naming it; before any model is built or file written."""
+    found = ckpt.list_checkpoints(settings.checkpoint.dir)
+    info = ckpt.newest_intact(found, lambda line: None) if found else None  # load_checkpoint warns
+    if info is None:
+        return settings
+    where = f"the run in {settings.checkpoint.dir!r} (step {info.step})"
+    model, changed = ckpt.settings_from_config(settings.model, ckpt.read_config(info.url), explicit, where)
+    if changed:
+        logger.warning("resuming with the model settings of %s: %s", where, ", ".join(changed))
+    return dataclasses.replace(settings, model=model)
+
+
 def warm_start(tr: Trainer) -> str:
     """Load `checkpoint.init_adapters` (adapters only: a fresh optimizer, step 0) on every rank;
     returns the adapter directory. SettingsError when they were trained on another base."""
@@ -330,6 +352,11 @@ def warm_start(tr: Trainer) -> str:
     from refany3d.models.flux.io import load_adapters
 
     adapters, manifest = ckpt.resolve_adapters(tr.settings.checkpoint.init_adapters)
+    where = f"checkpoint.init_adapters {str(adapters)!r}"
+    weight_flags = frozenset(f"model.{f}" for f in ckpt.WEIGHT_FLAGS)  # the run's own: never adopted
+    ckpt.settings_from_config(
+        tr.settings.model, ckpt.read_config(adapters), weight_flags, where, ckpt.WEIGHT_FLAGS
+    )
     if manifest.get("base", tr.components.label) != tr.components.label:
         raise SettingsError(
             f"checkpoint.init_adapters: {str(adapters)!r} was trained on {manifest['base']!r}, "

@@ -14,6 +14,7 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from refany3d.config import SettingsError
 from refany3d.models.flux.transformer import RefAny3DTransformer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +41,10 @@ def load_adapters(model: RefAny3DTransformer, directory: str | Path) -> None:
     for name, config in model.lora_configs.items():
         saved = LoraConfig.from_pretrained(directory / name)
         if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
-            raise ValueError(f"{directory / name}: rank/alpha {saved.r}/{saved.lora_alpha} != model's")
+            raise SettingsError(
+                f"model.lora_rank / model.lora_alpha: {config.r} / {config.lora_alpha}, but the adapters "
+                f"in {directory / name} have {saved.r} / {saved.lora_alpha}; set them to match"
+            )
         state = load_file(directory / name / ADAPTER_WEIGHTS, device=str(device))
         result = set_peft_model_state_dict(model.flux, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
