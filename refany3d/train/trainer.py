@@ -214,9 +214,6 @@ def prepare_micro_batch(tr: Trainer, mb: data_mod.MicroBatch) -> tuple[FlowBatch
     """(batch, noise, loss weight) of a micro-batch: encodings from the cache (or encoded and
     stored now), dropout applied; an empty micro-batch reuses the last one with weight 0 (ranks
     must still run a backward together)."""
-    for sample_id, reason, detail in mb.skipped:
-        tr.counts[f"skipped_{reason}"] += 1
-        logger.info("skipped %s (%s) %s", sample_id, reason, detail)
     if not mb.items:
         return (*(tr.last_batch or _placeholder_batch(tr)), 0.0)
     encodings = []
@@ -248,17 +245,35 @@ def _placeholder_batch(tr: Trainer) -> tuple[FlowBatch, tuple]:
     return batch, sample_noise([item], batch, tr.settings.optim.seed)
 
 
-def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[str, float]:
-    """One optimisation step over `micro_batches` (gradient accumulation); returns its metrics."""
+def _count_skipped(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> None:
+    for mb in micro_batches:
+        for sample_id, reason, detail in mb.skipped:
+            tr.counts[f"skipped_{reason}"] += 1
+            logger.info("skipped %s (%s) %s", sample_id, reason, detail)
+
+
+def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[str, float] | None:
+    """One optimisation step over `micro_batches` (gradient accumulation); returns its metrics.
+    None when every sample of every rank's micro-batches was skipped: no step is taken and no loss
+    logged (none was computed); the data position moves on past them."""
     acc, model = tr.accelerator, tr.model
+    _count_skipped(tr, micro_batches)
+    tr.position += tr.samples_per_micro_step * len(micro_batches)
+    # non-empty micro-batches over all ranks: every rank decides alike whether to step, and the
+    # loss is their mean (an empty one still runs a weight-0 backward so that DDP's ranks meet)
+    local = torch.tensor([float(sum(1 for mb in micro_batches if mb.items))], device=acc.device)
+    filled = float(acc.reduce(local, reduction="sum").item())
+    if filled == 0:
+        return None
     model.train()
-    losses = []  # per micro-batch: [rgb, point map]
+    losses = []  # per micro-batch: [rgb, point map], weighted
+    scale = acc.num_processes / filled  # DDP averages gradients over ranks: this makes it the mean
     for i, mb in enumerate(micro_batches):
         batch, noise, weight = prepare_micro_batch(tr, mb)
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             parts = [part * weight for part in flow_matching_losses(model, batch, noise=noise)]
-            acc.backward(sum(parts) / len(micro_batches))
+            acc.backward(sum(parts) * scale)
         losses.append(torch.stack([p.detach() for p in parts]))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, tr.settings.optim.grad_clip)
@@ -266,8 +281,7 @@ def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[st
     tr.lr_scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    tr.position += tr.samples_per_micro_step * len(micro_batches)
-    parts = acc.reduce(torch.stack(losses).mean(dim=0), reduction="mean").tolist()
+    parts = (acc.reduce(torch.stack(losses).sum(dim=0), reduction="sum") / filled).tolist()
     row = {"step": tr.step, "loss": sum(parts), "loss_rgb": parts[0], "grad_norm": float(grad_norm)}
     if len(parts) > 1:
         row["loss_point_map"] = parts[1]
