@@ -7,6 +7,7 @@ A checkpoint is a directory under `OUT/checkpoints/` holding
     lr_scheduler.pt    LR scheduler state     } with torch.load(weights_only=True)
     rng.json           python / numpy RNG states; rng.safetensors: torch CPU (+ CUDA) RNG states
     config.json        the model flags the adapters were trained with (`model_config`) and the base
+    README.md          model card: Hugging Face metadata (base model, library, tags, dataset, metrics)
     manifest.json      step, data position (next global sample position), run facts, file list
 
 and `OUT/checkpoints/manifest.json` lists the finished checkpoints in step order. The step of a
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -43,6 +45,7 @@ from refany3d.storage.store import join, write_atomic
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"  # the model flags of a checkpoint (docs/training.md)
+MODEL_CARD = "README.md"  # its Hugging Face model card
 # ModelSettings fields that decide what the trained adapters are and what they were trained for:
 # sampling or resuming takes them from the checkpoint's config.json.
 MODEL_FLAGS = (
@@ -144,6 +147,40 @@ def model_config(settings: ModelSettings, model: RefAny3DTransformer, base: dict
     }
 
 
+def model_card(config: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """README.md of a checkpoint: Hugging Face model-card metadata (base model, library, tags, the
+    dataset version and the training metrics at this step) and how to use it."""
+    base = config["base"]
+    facts = {
+        "step": manifest["step"],
+        "dataset_version": manifest.get("dataset_version") or None,
+        "metrics": manifest.get("metrics") or {},
+    }
+    front = {
+        "base_model": base.get("name_or_path") or None,
+        "library_name": "peft",
+        "pipeline_tag": "text-to-image",
+        "tags": ["refany3d", "flux", "lora", "point-map", "3d-asset-conditioned"],
+        "refany3d": facts,
+    }
+    flags = "\n".join(f"| `{flag}` | `{config[flag]!r}` |" for flag in MODEL_FLAGS)
+    tiny = " (the embedded tiny random-weight model: this checkpoint shows the pipeline, not quality)"
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + f"# RefAny3D adapters, step {manifest['step']}\n\n"
+        + "Reference- and Domain-LoRA (peft, `adapters/`) and the domain switcher of RefAny3D on "
+        + f"`{base.get('name_or_path') or base.get('label')}`{tiny if not base.get('name_or_path') else ''}.\n"
+        + f"Trained on dataset version `{facts['dataset_version']}`; training losses at this step: "
+        + (", ".join(f"{k} {v:.5g}" for k, v in facts["metrics"].items()) or "none")
+        + ".\n\n| model flag (`config.json`) | value |\n|---|---|\n"
+        + flags
+        + "\n\nSample with it: `refany3d sample --lora <this directory> --asset mesh.glb --prompt ...` "
+        + "(the model flags come from `config.json`).\n"
+    )
+
+
 def read_config(checkpoint: str | Path) -> dict[str, Any] | None:
     """The config.json of a checkpoint directory (or of the checkpoint an `adapters/` directory is
     in; any fsspec URL); None for a checkpoint written before checkpoints had one."""
@@ -200,9 +237,13 @@ def save_checkpoint(
     manifest = {"format": FORMAT, "step": step, "position": position, "dir": name, **facts}
     with tempfile.TemporaryDirectory(prefix="refany3d-ckpt-") as tmp:
         local = Path(tmp) / name
-        save_adapters(model, local / "adapters")
+        base_id = (config or {}).get("base", {}).get("name_or_path") or (config or {}).get("base", {}).get(
+            "label", ""
+        )
+        save_adapters(model, local / "adapters", base_id)
         if config is not None:
             (local / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+            (local / MODEL_CARD).write_text(model_card(config, manifest))
         (local / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
         (local / "lr_scheduler.pt").write_bytes(_torch_bytes(lr_scheduler.state_dict()))
         (local / "rng.json").write_text(json.dumps(plain))

@@ -172,7 +172,7 @@ def run_training(
         if _due(tr.step, cfg.every, last):
             if main:  # metrics first: a listed checkpoint always has its history on disk
                 write_metrics(tr.out, result.metrics)
-            saved = save_checkpoint(tr)
+            saved = save_checkpoint(tr, row)
             if main:
                 result.checkpoints.append(saved.url)
         if main and previews is not None and _due(tr.step, cfg.sample_every, last):

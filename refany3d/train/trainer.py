@@ -27,6 +27,7 @@ from refany3d.config import OptimSettings, SettingsError, TrainSettings, overrid
 from refany3d.models.flux.components import FluxComponents, load_components
 from refany3d.models.flux.loss import FlowBatch, flow_matching_losses
 from refany3d.storage.store import join, write_atomic
+from refany3d.storage.versions import version_id
 from refany3d.train import checkpoint as ckpt
 from refany3d.train import data as data_mod
 from refany3d.train.encode import (
@@ -64,6 +65,7 @@ class Trainer:
     step: int = 0  # optimisation steps done
     position: int = 0  # next global sample position
     counts: Counter = field(default_factory=Counter)  # skipped_<reason>, encoded, cache_hits
+    dataset_version: str = ""  # version id of the shard files read (storage/versions.py)
     last_batch: tuple | None = None  # (FlowBatch, noise) of the last non-empty micro-batch
 
     @property
@@ -149,6 +151,7 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
         cache=LatentCache(settings.data.cache or join(_dataset_root(settings.data.shards), "cache")),
         preprocessing=preprocessing,
         drops=dropout_encodings(components, settings),
+        dataset_version=version_id(files),
     )
 
 
@@ -294,11 +297,14 @@ def _lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group["lr"] * group.get("d", 1.0))
 
 
-def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
-    """Write this step's checkpoint on the main process (others wait); returns it there."""
+def save_checkpoint(tr: Trainer, metrics: dict[str, float] | None = None) -> ckpt.CheckpointInfo | None:
+    """Write this step's checkpoint on the main process (others wait); returns it there.
+    `metrics`: this step's row (its model card and manifest record them)."""
     info = None
     if tr.accelerator.is_main_process:
         facts = {
+            "dataset_version": tr.dataset_version,
+            "metrics": {k: v for k, v in (metrics or {}).items() if k.startswith("loss")},
             "base": tr.components.label,
             "tiny": tr.components.tiny,
             "encoders": tr.components.identity,

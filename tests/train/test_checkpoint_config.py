@@ -91,3 +91,30 @@ def test_sample_takes_views_from_the_checkpoint_and_records_its_provenance(train
     assert meta["base"]["label"].startswith("tiny") and meta["base"]["fingerprint"]
     assert meta["seed"] == 3 and meta["settings"]["sampler"]["seed"] == 3
     assert meta["settings"]["model"]["num_views"] == 2 and meta["settings"]["render"]["views"] == 2
+
+
+def test_checkpoint_has_a_model_card_and_peft_adapters_that_name_their_base(trained, dataset):
+    import yaml
+    from peft import PeftConfig
+    from safetensors import safe_open
+
+    from refany3d.storage.versions import version_id
+    from refany3d.train.data import shard_files
+
+    (step,) = (trained / "run" / "checkpoints").glob("step-*")
+    card = (step / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and {"refany3d", "flux", "lora"} <= set(front["tags"])
+    assert front["base_model"] is None  # the tiny default has no hub id: the card's text says what it is
+    assert "tiny random-weight" in card and "| `num_views` | `2` |" in card
+    facts = front["refany3d"]
+    assert facts["step"] == 1 and facts["dataset_version"] == version_id(shard_files(str(dataset)))
+    assert facts["metrics"]["loss"] > 0
+    for name in ("reference", "domain"):
+        config = PeftConfig.from_pretrained(step / "adapters" / name)
+        assert config.base_model_name_or_path.startswith("tiny random-weight")
+        with safe_open(step / "adapters" / name / "adapter_model.safetensors", "pt") as f:
+            meta = f.metadata()
+        assert meta["base_model_name_or_path"] == config.base_model_name_or_path and meta["part"] == name
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert "README.md" in manifest["digests"] and manifest["dataset_version"] == facts["dataset_version"]
