@@ -199,6 +199,7 @@ def settings_from_config(
     explicit: frozenset[str] | set[str],
     where: str,
     flags: tuple[str, ...] = MODEL_FLAGS,
+    fix: str = "drop the override (the checkpoint's config.json sets it)",
 ) -> tuple[ModelSettings, list[str]]:
     """`model` with the checkpoint's `flags` from `config` (its config.json), and the flags it
     changed. A flag the user set (`model.<flag>` in `explicit`) to another value than the
@@ -212,7 +213,7 @@ def settings_from_config(
         if f"model.{flag}" in explicit:
             raise SettingsError(
                 f"model.{flag}: {getattr(model, flag)!r} was asked, but {where} was trained with "
-                f"{config[flag]!r}; drop the override (the checkpoint's config.json sets it)"
+                f"{config[flag]!r}; {fix}"
             )
         changes[f"model.{flag}"] = config[flag]
     merged = override(model, **{k.removeprefix("model."): v for k, v in changes.items()})

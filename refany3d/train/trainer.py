@@ -374,9 +374,9 @@ def warm_start(tr: Trainer) -> str:
     adapters, manifest = ckpt.resolve_adapters(tr.settings.checkpoint.init_adapters)
     where = f"checkpoint.init_adapters {str(adapters)!r}"
     weight_flags = frozenset(f"model.{f}" for f in ckpt.WEIGHT_FLAGS)  # the run's own: never adopted
-    ckpt.settings_from_config(
-        tr.settings.model, ckpt.read_config(adapters), weight_flags, where, ckpt.WEIGHT_FLAGS
-    )
+    fix = "set it to match, or start from other adapters"
+    config = ckpt.read_config(adapters)
+    ckpt.settings_from_config(tr.settings.model, config, weight_flags, where, ckpt.WEIGHT_FLAGS, fix)
     if manifest.get("base", tr.components.label) != tr.components.label:
         raise SettingsError(
             f"checkpoint.init_adapters: {str(adapters)!r} was trained on {manifest['base']!r}, "

@@ -118,3 +118,19 @@ def test_checkpoint_has_a_model_card_and_peft_adapters_that_name_their_base(trai
         assert meta["base_model_name_or_path"] == config.base_model_name_or_path and meta["part"] == name
     manifest = json.loads((step / "manifest.json").read_text())
     assert "README.md" in manifest["digests"] and manifest["dataset_version"] == facts["dataset_version"]
+
+
+def test_warm_start_from_adapters_of_another_rank_fails_naming_the_setting(dataset, trained, tmp_path):
+    from refany3d.config import SettingsError
+    from refany3d.train.run import run_training
+    from tests.train.conftest import tiny_settings
+
+    before = _snapshot(trained / "run")
+    settings = tiny_settings(
+        dataset, tmp_path / "run", **{"checkpoint.init_adapters": trained / "run", "model.lora_rank": 8}
+    )
+    with pytest.raises(
+        SettingsError, match=r"model.lora_rank: 8 was asked, but checkpoint.init_adapters .* 16; set it"
+    ):
+        run_training(settings)
+    assert _snapshot(trained / "run") == before and not list((tmp_path / "run").rglob("*.safetensors"))
