@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--data-files", metavar="GLOB", help="Subjects200K-format Parquet files (glob or fsspec URL)"
     )
-    build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows")
+    build.add_argument("--limit", type=int, metavar="N", help="read at most N source rows (0 = all rows)")
     build.add_argument("--out", metavar="URL", help="output directory or fsspec URL")
     build.add_argument(
         "--until", choices=list(STAGES), help="run STAGE and its ancestors only, write what reached it"
@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train RefAny3D on shards (one process, or each rank under torchrun / accelerate launch)",
     )
     train.add_argument(
-        "--data", metavar="URL", help="dataset directory, shard directory or glob (data.shards)"
+        "--data",
+        metavar="URL",
+        help="dataset directory, shard directory, glob or one shard file (data.shards)",
     )
     train.add_argument("--out", metavar="DIR", help="checkpoints, samples and logs (checkpoint.dir)")
     train.add_argument("--steps", type=int, metavar="N", help="train up to step N (optim.steps)")
@@ -111,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one training setting of train/gpu (repeatable), e.g. --train-set optim.lr=0.5",
+        help="override one training setting of train/cpu and train/gpu (repeatable), e.g. --train-set optim.lr=0.5",
     )
 
     serve = sub.add_parser("serve", help="serve the deployments from this process (no work pool or worker)")
@@ -156,10 +158,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
-    config = sub.add_parser("config", help="print every build setting with its default and doc")
+    config = sub.add_parser(
+        "config", help="print every build setting with its value and doc (--config/--set applied)"
+    )
     config.add_argument("--train", action="store_true", help="training settings instead")
     config.add_argument("--sample", action="store_true", help="sampling settings instead")
     config.add_argument("--evaluate", action="store_true", help="evaluation settings instead")
+    _add_settings_args(config, "verify.min_iou=0.85 (a setting of the chosen command)")
     return parser
 
 
@@ -220,18 +225,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _train_settings(args: argparse.Namespace):
-    from refany3d.config import TrainSettings
+    """(settings, the keys the user set: a resumed run takes the others from its checkpoint)."""
+    from refany3d.config import TrainSettings, explicit_keys
 
     flags = {"data.shards": args.data, "checkpoint.dir": args.out, "optim.steps": args.steps}
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_overrides(args.overrides))
-    return load_settings(TrainSettings, args.config, overrides)
+    settings = load_settings(TrainSettings, args.config, overrides)
+    return settings, explicit_keys(TrainSettings, args.config, overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from refany3d.train.trainer import resolve_device
 
-    settings = resolve_device(_train_settings(args))  # cuda without CUDA: one line, before any work
+    settings, explicit = _train_settings(args)
+    settings = resolve_device(settings)  # cuda without CUDA: one line, before any work
     from refany3d.models.flux.components import check_pretrained
     from refany3d.train.data import shard_files
 
@@ -242,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from refany3d.train.run import configure_logging, run_training
 
     configure_logging()
-    result = run_training(settings, resume=args.resume)
+    result = run_training(settings, resume=args.resume, explicit=explicit)
     if int(os.environ.get("RANK", "0")) == 0:
         s = result.summary
         print(f"base model: {s['base']}")
@@ -317,14 +325,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     except AssetError as err:
         print(f"refany3d sample: error: {err}", file=sys.stderr)
         return 2
+    from refany3d.config import explicit_keys
     from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
 
     if args.lora:
         resolve_adapters(args.lora)  # a wrong --lora fails before the weights load
     else:
         print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
-    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora)
-    out = pipe(mesh, args.prompt).save(args.out, settings)
+    # the model flags come from the checkpoint; only those the user set can conflict with it
+    explicit = explicit_keys(SampleSettings, args.config, overrides)
+    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora, explicit)
+    try:
+        sample = pipe(mesh, args.prompt)
+    except AssetError as err:  # e.g. an orbit view that shows nothing of the asset
+        print(
+            f"refany3d sample: error: {str(err).replace('asset:', f'asset {args.asset!r}:', 1)}",
+            file=sys.stderr,
+        )
+        return 2
+    out = sample.save(args.out, pipe.settings)
     print(f"wrote {out / 'image.png'}, point_map.png and contact_sheet.png ({pipe.components.label})")
     return 0
 
@@ -359,8 +378,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
         )
         if flag
     ]
-    for name, default, doc in describe(chosen[0] if chosen else BuildSettings):
-        print(f"{name:34} {default!r:28} {doc}")
+    cls = chosen[0] if chosen else BuildSettings
+    # the values the command would run with (file < environment < --set), as the command loads them
+    current = load_settings(cls, args.config, parse_overrides(args.overrides))
+    for name, value, doc, default in describe(cls, current):
+        changed = "" if value == default else f" [default {default!r}]"
+        print(f"{name:34} {value!r:28} {doc}{changed}")
     return 0
 
 

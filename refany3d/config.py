@@ -719,6 +719,26 @@ def load_settings(
     return settings
 
 
+def explicit_keys(
+    cls: type,
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    """The dotted keys that `load_settings` with these arguments takes from the user (the file, the
+    environment, the overrides) rather than from the defaults."""
+
+    def flat(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in tree.items():
+            keys |= flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}"}
+        return keys
+
+    keys = flat(read_file(config_file)) if config_file else set()
+    keys |= set(_from_env(os.environ if environ is None else environ, cls))
+    return frozenset(keys | set(overrides or {}))
+
+
 def override(settings: T, **dotted: Any) -> T:
     """A new settings object with dotted-key changes: `override(s, **{"render.views": 4})`."""
     return _merge(type(settings), settings, _nest(dotted))
@@ -734,15 +754,18 @@ def settings_hash(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, default, doc) for every field; used by `refany3d config`."""
+def describe(cls: type, settings: Any = None, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
+    """(dotted name, value in `settings` (default: the defaults), doc, default) for every field;
+    used by `refany3d config`."""
     rows = []
     hints = typing.get_type_hints(cls)
     default = cls()
+    settings = default if settings is None else settings
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+        name, hint = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(hint):
-            rows += describe(hint, f"{prefix}{f.name}.")
+            rows += describe(hint, getattr(settings, f.name), f"{name}.")
         else:
-            rows.append((f"{prefix}{f.name}", getattr(default, f.name), f.metadata.get("doc", "")))
+            doc = f.metadata.get("doc", "")
+            rows.append((name, getattr(settings, f.name), doc, getattr(default, f.name)))
     return rows

@@ -108,6 +108,7 @@ def test_help_lists_build_options():
     proc = subprocess.run(CLI + ["build", "--help"], capture_output=True, text=True, timeout=60)
     for flag in ("--source", "--data-files", "--limit", "--out", "--config", "--until", "--set"):
         assert flag in proc.stdout
+    assert "0 = all rows" in " ".join(proc.stdout.split())
 
 
 def test_build_missing_mesher_weights_fails_before_any_work(tmp_path):
@@ -179,13 +180,18 @@ def test_sample_then_evaluate_writes_images_and_metrics(tmp_path):
     args = ["sample", "--asset", str(asset), "--prompt", "a green box", "--out", str(out), "--views", "2"]
     proc = _run([*args, "--steps", "2", "--seed", "1", *small], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "should be kept in float32" not in proc.stderr  # diffusers' warning about an empty list
     assert Image.open(out / "image.png").size == (32, 32)
     proc = _run(["evaluate", "--samples", str(tmp_path / "samples")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CancelledError" not in proc.stderr + proc.stdout
     assert "silhouette_iou" in proc.stdout and "note: metrics.clip_weights is empty" in proc.stdout
-    report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
-    assert set(report["samples"]) == {"s0"}
+    report = json.loads((tmp_path / "samples" / "metrics.json").read_text(), parse_constant=_no_nan)
+    assert set(report["samples"]) == {"s0"} and "mean covers" in proc.stdout
+
+
+def _no_nan(constant):
+    raise AssertionError(f"{constant} in metrics.json: not JSON")
 
 
 _COMMAND_SETTINGS = {
@@ -205,3 +211,16 @@ def test_each_command_help_shows_one_of_its_own_settings(command):
     example = re.search(r"e\.g\. --set (\S+=\S+)", text)
     assert example, text
     load_settings(_COMMAND_SETTINGS[command], overrides=parse_overrides([example[1]]), environ={})
+
+
+def test_config_shows_the_effect_of_set_and_config(tmp_path):
+    (tmp_path / "s.yaml").write_text("optim:\n  lr: 0.5\n")
+    args = ["config", "--train", "--config", str(tmp_path / "s.yaml"), "--set", "model.num_views=2"]
+    proc = subprocess.run(CLI + args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert rows["model.num_views"].split()[1] == "2" and "[default 8]" in rows["model.num_views"]
+    assert rows["optim.lr"].split()[1] == "0.5" and "[default 1.0]" in rows["optim.lr"]
+    assert "[default" not in rows["optim.steps"]
+    bad = subprocess.run(CLI + ["config", "--set", "nope.x=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

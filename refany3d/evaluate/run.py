@@ -36,6 +36,7 @@ from refany3d.render.mesh import load_mesh
 
 SAMPLE_JSON = "sample.json"
 METRICS_JSON = "metrics.json"
+MEAN_OF = "mean covers"  # the table row of how many samples each mean is over
 
 # name: (range, better, what it measures)
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -55,6 +56,15 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "clip_t": ("[-1, 1]", "higher", "CLIP similarity of the image and the prompt"),
     "dino_mean": ("[-1, 1]", "higher", "DINOv2 similarity to the reference views, mean"),
     "dino_max": ("[-1, 1]", "higher", "DINOv2 similarity to the reference views, best view"),
+}
+
+
+# Why a metric of a sample can have no value (null in metrics.json); each null gets a note.
+NULL_REASONS = {
+    "silhouette_iou": "neither the point map nor the RGB image has a foreground",
+    "surface_distance": "the point map has no foreground",
+    "texture_error": "the asset has no texture or vertex colours, or no pixel is foreground in both "
+    "the point map and the RGB silhouette",
 }
 
 
@@ -141,9 +151,11 @@ def scorers(settings: EvaluateSettings) -> tuple[dict[str, Any], list[str]]:
 def evaluate_sample(
     sample: GeneratedSample, settings: EvaluateSettings, models: dict[str, Any]
 ) -> dict[str, float]:
-    """Every available metric of one sample."""
+    """Every available metric of one sample (nan: no value, see `NULL_REASONS`)."""
     silhouette = rgb_silhouette(sample.image, settings.metrics.silhouette_border)
     out = geometry_metrics(sample.image, sample.point_map, sample.mesh, silhouette).as_dict()
+    if sample.mesh.visual.kind is None:  # no colours: the error against trimesh's default grey means nothing
+        out["texture_error"] = float("nan")
     foreground = point_map_foreground(sample.point_map)
     clean = remove_background(sample.image, foreground)
     if "clip" in models and sample.views:
@@ -156,36 +168,60 @@ def evaluate_sample(
 def build_report(
     per_sample: dict[str, dict[str, float]], notes: list[str], settings: EvaluateSettings
 ) -> dict:
-    """metrics.json's content: per-sample values, means over the samples that have them, the
-    metric docs, notes on skipped metrics, the settings."""
+    """metrics.json's content: per-sample values (null where a sample has none, with a note per
+    metric and sample), means over the samples that have a value and how many those are
+    (`count`, of `len(samples)`), the metric docs, notes, the settings."""
     names = [m for m in METRICS if any(m in v for v in per_sample.values())]
-    means = {}
+    samples = {
+        name: {m: None if _missing(x) else x for m, x in values.items()}
+        for name, values in per_sample.items()
+    }
+    notes = list(notes)
+    for name, values in samples.items():
+        for m in names:
+            if m in values and values[m] is None:
+                notes.append(
+                    f"{name}: {m} is null ({NULL_REASONS.get(m, 'no value')}); its mean leaves it out"
+                )
+    means, counts = {}, {}
     for m in names:
-        values = [v[m] for v in per_sample.values() if m in v and not math.isnan(v[m])]
-        means[m] = float(np.mean(values)) if values else float("nan")
+        values = [v[m] for v in samples.values() if v.get(m) is not None]
+        means[m] = float(np.mean(values)) if values else None
+        counts[m] = len(values)
     docs = {m: {"range": METRICS[m][0], "better": METRICS[m][1], "measures": METRICS[m][2]} for m in names}
     return {
-        "samples": per_sample,
+        "samples": samples,
         "mean": means,
+        "count": counts,
         "metrics": docs,
         "notes": notes,
         "settings": to_dict(settings),
     }
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def write_report(root: str | Path, report: dict) -> Path:
     path = Path(root) / METRICS_JSON
-    path.write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=True))
+    # allow_nan=False: a bare NaN is not JSON (parsers reject it); build_report writes null instead
+    path.write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False))
     return path
 
 
 def metrics_table(report: dict) -> list[str]:
-    """Printable lines: one row per sample and the mean, one column per metric (arrow = better)."""
+    """Printable lines: one row per sample, the mean and how many samples each mean covers, one
+    column per metric (arrow = better; `-` = no value)."""
     names = list(report["mean"])
     arrow = {m: "↑" if METRICS[m][1] == "higher" else "↓" for m in names}
-    width = max([len("sample"), len("mean")] + [len(s) for s in report["samples"]])
+    width = max([len("sample"), len(MEAN_OF)] + [len(s) for s in report["samples"]])
     head = f"{'sample':{width}}  " + "  ".join(f"{m + arrow[m]:>17}" for m in names)
     rows = [head]
     for name, values in [*report["samples"].items(), ("mean", report["mean"])]:
-        rows.append(f"{name:{width}}  " + "  ".join(f"{values.get(m, float('nan')):>17.4f}" for m in names))
+        cells = ("-" if _missing(values.get(m)) else f"{values[m]:.4f}" for m in names)
+        rows.append(f"{name:{width}}  " + "  ".join(f"{c:>17}" for c in cells))
+    total = len(report["samples"])
+    covers = (f"{report['count'][m]} of {total}" for m in names)
+    rows.append(f"{MEAN_OF:{width}}  " + "  ".join(f"{c:>17}" for c in covers))
     return rows

@@ -1,5 +1,5 @@
-"""Deployments of the refany3d flows: `build-dataset` on the `cpu` and `gpu` work pools and `train`
-on `gpu` (process type), or served in-process for one-machine setups.
+"""Deployments of the refany3d flows: `build-dataset` and `train` on the `cpu` and `gpu` work pools
+(process type), or served in-process for one-machine setups.
 
 Entry points are module paths (`refany3d.flows.build_dataset.build_dataset`), so a worker on any
 machine with the package installed (a virtualenv, the docker images) can run them; no code upload.
@@ -68,12 +68,14 @@ def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, 
 def train_parameters(pool: str, base: BuildSettings | None = None, train: Any = None) -> dict[str, Any]:
     """Default parameters of the train deployment: the build's output as the dataset (its newest
     version is resolved at run time), `HOLDOUT_FRACTION` of the samples held out for the promotion
-    evaluation, an interrupted run resumed, bf16 on CUDA on `gpu`."""
+    evaluation, an interrupted run resumed, bf16 on CUDA on `gpu`, fp32 on the CPU on `cpu`."""
     from refany3d.config import TrainSettings
 
     settings = train or override(TrainSettings(), **{"data.holdout_fraction": HOLDOUT_FRACTION})
     if pool == "gpu":
         settings = override(settings, **{"runtime.device": "cuda", "runtime.dtype": "bfloat16"})
+    else:  # a cpu worker has no CUDA to honour (train/gpu's cuda would fail there in one line)
+        settings = override(settings, **{"runtime.device": "cpu", "runtime.dtype": "float32"})
     out = absolute(settings.checkpoint.dir)
     settings = override(settings, **{"checkpoint.dir": out})
     dataset = absolute((base or BuildSettings()).storage.out)
@@ -171,8 +173,9 @@ def deploy(
     train_cron: str | None = None,
     train_base: Any = None,
 ) -> list[Registered]:
-    """Register `build-dataset/<pool>` (and `train/gpu` when available) with the API server. A cron
-    of None keeps a deployment's existing schedules, `none` removes them."""
+    """Register `build-dataset/<pool>` and `train/<pool>` with the API server. A cron of None keeps
+    a deployment's existing schedules, `none` removes them; `train_cron` goes to train/gpu when
+    `pools` has gpu, else to train/cpu."""
     from refany3d.flows.build_dataset import build_dataset
 
     check_cron(build_cron, train_cron)
@@ -184,13 +187,18 @@ def deploy(
         where = params["settings"]["storage"]["out"]
         done.append(Registered(f"build-dataset/{pool}", pool, f"registered, out {where}; {scheduled}"))
     train = train_flow()
-    if train is None:
-        done.append(Registered("train/gpu", "gpu", "not available: this version has no training flow yet"))
-    elif "gpu" in pools:
-        params = train_parameters("gpu", base, train_base)
-        scheduled = _apply(_deployment(train, "gpu", "gpu", params, train_cron), "gpu", train_cron)
-        where = f"dataset {params['dataset']}, out {params['out']}"
-        done.append(Registered("train/gpu", "gpu", f"registered, {where}; {scheduled}"))
+    # One retraining schedule: two train deployments on one cron would train each version twice
+    # into the same `out`. It goes to train/gpu when deployed, else train/cpu.
+    cron_pool = "gpu" if "gpu" in pools else "cpu"
+    for pool in pools:
+        if train is None:
+            done.append(Registered(f"train/{pool}", pool, "not available: this version has no training flow"))
+            continue
+        params = train_parameters(pool, base, train_base)
+        cron = train_cron if pool == cron_pool else None
+        scheduled = _apply(_deployment(train, pool, pool, params, cron), pool, cron)
+        where = f"dataset {params['dataset']}, out {params['out']}, device {params['settings']['runtime']['device']}"
+        done.append(Registered(f"train/{pool}", pool, f"registered, {where}; {scheduled}"))
     return done
 
 

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from refany3d.config import EvaluateSettings
 from refany3d.evaluate.run import (
+    MEAN_OF,
     METRICS,
     build_report,
     dataset_rows,
@@ -45,6 +46,8 @@ def evaluate_one(path: Path, settings: EvaluateSettings, dataset: str) -> dict[s
 def _table(report: dict) -> list[dict]:
     rows = [{"sample": name, **values} for name, values in report["samples"].items()]
     rows.append({"sample": "mean", **report["mean"]})
+    total = len(report["samples"])
+    rows.append({"sample": MEAN_OF, **{m: f"{n} of {total}" for m, n in report["count"].items()}})
     return [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows
     ]
@@ -61,7 +64,9 @@ def _gallery(paths: list[Path], report: dict, limit: int) -> str:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         values = report["samples"].get(path.name, {})
-        caption = ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m in METRICS)
+        caption = ", ".join(
+            f"{m} {'-' if v is None else format(v, '.3f')}" for m, v in values.items() if m in METRICS
+        )
         lines += [
             f"**{path.name}** — {caption}",
             "",

@@ -129,7 +129,10 @@ def publish_decision(name: str, record: dict, pointer: str) -> str:
             "regressed": "yes" if r["regressed"] else "no",
         }
         for r in record["comparison"]
-    ] or [{"metric": m, "candidate": f"{v:.5f}"} for m, v in record["metrics"].items()]
+    ] or [
+        {"metric": m, "candidate": "-" if v is None else f"{v:.5f}"}  # a mean of no sample is null
+        for m, v in record["metrics"].items()
+    ]
     create_table_artifact(
         rows, key=artifact_key(name, "evaluation"), description=f"held-out metrics of {record['version']}"
     )

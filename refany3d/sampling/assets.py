@@ -56,12 +56,20 @@ def load_asset(path: str | os.PathLike) -> trimesh.Trimesh:
 
 
 def render_conditions(mesh: trimesh.Trimesh, settings: RenderSettings) -> ConditionViews:
-    """The `settings.views` orbit views of `mesh` (normalised) at `settings.resolution` px."""
+    """The `settings.views` orbit views of `mesh` (normalised) at `settings.resolution` px;
+    `AssetError` when a view shows none of it (a blank condition the model never trained on)."""
     # render_sample also draws a scene view; a 4x4 one from the first orbit camera costs nothing
     k = np.array([[4.0, 0, 1.5], [0, 4.0, 1.5], [0, 0, 1]])
     pose = np.eye(4)
     pose[2, 3] = settings.distance
     renders = render_sample(mesh, pose, k, 4, 4, settings)
+    empty = [i for i, mask in enumerate(renders.orbit_masks) if not mask.any()]
+    if empty:
+        raise AssetError(
+            f"asset: orbit view(s) {', '.join(map(str, empty))} of {len(renders.orbit_masks)} show "
+            "nothing of it (a flat or open mesh seen edge-on or from behind); give a mesh with a "
+            "surface all round"
+        )
     lo, hi = mesh.bounds
     maps = [
         normalize_point_map(xyz, mask, lo, hi)

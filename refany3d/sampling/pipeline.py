@@ -13,16 +13,18 @@ adapters from a training run's newest checkpoint, one checkpoint, or an adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import trimesh
 
-from refany3d.config import SampleSettings, SettingsError, to_dict
+from refany3d.config import SampleSettings, SettingsError, override, to_dict
 from refany3d.models.flux.components import (
     FluxComponents,
     blank_references,
@@ -36,7 +38,7 @@ from refany3d.models.flux.sampler import Conditions, sample_latents
 from refany3d.render.mesh import mesh_to_glb, normalize_mesh
 from refany3d.sampling.assets import ConditionViews, load_asset, render_conditions
 from refany3d.sampling.sheet import contact_sheet, to_uint8
-from refany3d.train.checkpoint import resolve_adapters
+from refany3d.train.checkpoint import CHECKPOINTS, read_config, resolve_adapters, settings_from_config
 
 __all__ = ["RefAny3DPipeline", "SampleOutput", "resolve_adapters"]
 
@@ -48,7 +50,8 @@ SAMPLE_JSON = "sample.json"  # what `refany3d evaluate` reads back
 class SampleOutput:
     """image (S, S, 3) uint8; point_map (S, S, 3) float32 in [0, 1] over `mesh`'s bounding box,
     white background (None without the point-map branch); views: the conditions; mesh: the
-    normalised asset (the frame the point map encodes); label: where the weights came from."""
+    normalised asset (the frame the point map encodes); label: where the weights came from;
+    provenance: the run, checkpoint, step, base model and settings (`RefAny3DPipeline.source`)."""
 
     image: np.ndarray
     point_map: np.ndarray | None
@@ -57,6 +60,7 @@ class SampleOutput:
     prompt: str
     seed: int
     label: str
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def contact_sheet(self) -> np.ndarray:
         return contact_sheet(self.views.rgb, self.views.point_maps, self.image, self.point_map)
@@ -78,10 +82,28 @@ class SampleOutput:
             Image.fromarray(rgb).save(out / "views" / f"rgb_{k:02d}.png")
             Image.fromarray(to_uint8(pm)).save(out / "views" / f"point_map_{k:02d}.png")
         meta = {"prompt": self.prompt, "seed": self.seed, "label": self.label, "views": len(self.views.rgb)}
+        meta.update(self.provenance)
         if settings is not None:
             meta["settings"] = to_dict(settings)
         (out / SAMPLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
+
+
+def _checkpoint_settings(
+    settings: SampleSettings, config: dict[str, Any] | None, explicit: frozenset[str], where: str
+) -> SampleSettings:
+    """`settings` with the checkpoint's model flags, the orbit rendering as many views as it was
+    trained with; SettingsError naming a user's setting that conflicts."""
+    model, _ = settings_from_config(settings.model, config, explicit, where)
+    settings = dataclasses.replace(settings, model=model)
+    if config and settings.render.views != model.num_views:
+        if "render.views" in explicit:
+            raise SettingsError(
+                f"render.views: {settings.render.views} views were asked, but {where} was trained "
+                f"with {model.num_views}; drop the override (the checkpoint's config.json sets it)"
+            )
+        settings = override(settings, **{"render.views": model.num_views})
+    return settings
 
 
 def _write_png16(path: Path, unit: np.ndarray) -> None:
@@ -94,7 +116,9 @@ def _write_png16(path: Path, unit: np.ndarray) -> None:
 class RefAny3DPipeline:
     """Generates images of 3D assets; build once (weights load once), call per asset and prompt."""
 
-    def __init__(self, components: FluxComponents, settings: SampleSettings):
+    def __init__(
+        self, components: FluxComponents, settings: SampleSettings, source: dict[str, Any] | None = None
+    ):
         side = 2 * components.vae_scale_factor  # pixels per packed latent token
         for name, value in (
             ("sampler.resolution", settings.sampler.resolution),
@@ -104,15 +128,39 @@ class RefAny3DPipeline:
                 raise SettingsError(f"{name}: {value} is not a multiple of {side} (one latent token)")
         self.components = components
         self.settings = settings
+        # where the weights came from (sample.json): run, checkpoint, step, base model
+        self.source = source or {"run": None, "checkpoint": None, "step": None}
+        self.source = {**self.source, "base": self._base(components, settings)}
         self._token_px = side
+
+    @staticmethod
+    def _base(components: FluxComponents, settings: SampleSettings) -> dict[str, Any]:
+        return {
+            "name_or_path": settings.model.pretrained,
+            "label": components.label,
+            "fingerprint": components.identity,
+        }
 
     @classmethod
     def from_pretrained(
-        cls, settings: SampleSettings, lora: str | os.PathLike | None = None
+        cls,
+        settings: SampleSettings,
+        lora: str | os.PathLike | None = None,
+        explicit: frozenset[str] = frozenset(),
     ) -> RefAny3DPipeline:
         """Load the network and encoders of `settings.model`, then the adapters of `lora` (None =
-        untrained adapters: the base model's behaviour, for smoke tests)."""
+        untrained adapters: the base model's behaviour, for smoke tests). The model flags come from
+        the checkpoint's config.json; one the user set (`model.<flag>` in `explicit`) to another
+        value is a SettingsError naming it, before any weights load."""
         adapters, manifest = resolve_adapters(lora) if lora is not None else (None, {})
+        source = {"run": None, "checkpoint": None, "step": None}
+        if adapters is not None:
+            settings = _checkpoint_settings(
+                settings, read_config(adapters), explicit, f"--lora {str(lora)!r}"
+            )
+            checkpoint = adapters.parent if adapters.name == "adapters" else adapters
+            run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+            source = {"run": run and str(run), "checkpoint": str(checkpoint), "step": manifest.get("step")}
         device, dtype = settings.runtime.device, DTYPES[settings.runtime.dtype]
         components = load_components(settings.model, device, dtype)
         if manifest.get("base", components.label) != components.label:
@@ -123,7 +171,7 @@ class RefAny3DPipeline:
         if adapters is not None:
             load_adapters(components.transformer, adapters)
         components.transformer.eval()
-        return cls(components, settings)
+        return cls(components, settings, source)
 
     def __call__(
         self, asset: str | os.PathLike | trimesh.Trimesh, prompt: str, seed: int | None = None
@@ -164,7 +212,8 @@ class RefAny3DPipeline:
         )
         image = to_uint8(self._decode(latents.rgb, target_side))
         point_map = None if latents.point_map is None else self._decode(latents.point_map, target_side)
-        return SampleOutput(image, point_map, views, mesh, prompt, seed, self.components.label)
+        provenance = {**self.source, "settings": to_dict(s)}
+        return SampleOutput(image, point_map, views, mesh, prompt, seed, self.components.label, provenance)
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
         """N (R, R, 3) float images in [0, 1] -> (1, N, Lc, C) packed latents."""

@@ -6,6 +6,8 @@ A checkpoint is a directory under `OUT/checkpoints/` holding
     optimizer.pt       optimizer state dict   } torch.save of tensors and numbers only, read back
     lr_scheduler.pt    LR scheduler state     } with torch.load(weights_only=True)
     rng.json           python / numpy RNG states; rng.safetensors: torch CPU (+ CUDA) RNG states
+    config.json        the model flags the adapters were trained with (`model_config`) and the base
+    README.md          model card: Hugging Face metadata (base model, library, tags, dataset, metrics)
     manifest.json      step, data position (next global sample position), run facts, file list
 
 and `OUT/checkpoints/manifest.json` lists the finished checkpoints in step order. The step of a
@@ -29,17 +31,34 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from refany3d.config import SettingsError
+from refany3d import __version__
+from refany3d.config import ModelSettings, SettingsError, override
 from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
 from refany3d.storage.store import join, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"  # the model flags of a checkpoint (docs/training.md)
+MODEL_CARD = "README.md"  # its Hugging Face model card
+# ModelSettings fields that decide what the trained adapters are and what they were trained for:
+# sampling or resuming takes them from the checkpoint's config.json.
+MODEL_FLAGS = (
+    "num_views",
+    "point_map_branch",
+    "shared_positions",
+    "text_agnostic",
+    "independent_conditions",
+    "domain_lora",
+    "lora_rank",
+    "lora_alpha",
+)
+WEIGHT_FLAGS = ("domain_lora", "lora_rank", "lora_alpha")  # those the adapter tensors' shapes follow
 POINTER = "promoted.json"  # the promoted run of scheduled retraining (flows/train.py)
 FORMAT = 1
 
@@ -104,6 +123,103 @@ def refuse_used_out(out: str) -> None:
         )
 
 
+def model_config(settings: ModelSettings, model: RefAny3DTransformer, base: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a checkpoint: the model flags (`MODEL_FLAGS`), each adapter's peft config
+    (rank, alpha, target modules), the domain switcher's sizes and the base model (`base`: its id or
+    path, label, fingerprint): what rebuilding the trained model needs."""
+    from refany3d.models.flux.lora import TARGET_MODULES
+
+    switcher = model.domain_switcher
+    return {
+        "_class_name": "RefAny3DTransformer",
+        "_refany3d_version": __version__,
+        **{flag: getattr(settings, flag) for flag in MODEL_FLAGS},
+        "adapters": {
+            name: {"r": c.r, "lora_alpha": c.lora_alpha, "target_modules": TARGET_MODULES}
+            for name, c in model.lora_configs.items()
+        },
+        "domain_switcher": {
+            "domains": ["rgb", "point_map"],
+            "embedding_dim": switcher.embedding.embedding_dim,
+            "inner_dim": switcher.linear_2.out_features,
+        },
+        "base": base,
+    }
+
+
+def model_card(config: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """README.md of a checkpoint: Hugging Face model-card metadata (base model, library, tags, the
+    dataset version and the training metrics at this step) and how to use it."""
+    base = config["base"]
+    facts = {
+        "step": manifest["step"],
+        "dataset_version": manifest.get("dataset_version") or None,
+        "metrics": manifest.get("metrics") or {},
+    }
+    front = {
+        "base_model": base.get("name_or_path") or None,
+        "library_name": "peft",
+        "pipeline_tag": "text-to-image",
+        "tags": ["refany3d", "flux", "lora", "point-map", "3d-asset-conditioned"],
+        "refany3d": facts,
+    }
+    flags = "\n".join(f"| `{flag}` | `{config[flag]!r}` |" for flag in MODEL_FLAGS)
+    tiny = " (the embedded tiny random-weight model: this checkpoint shows the pipeline, not quality)"
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + f"# RefAny3D adapters, step {manifest['step']}\n\n"
+        + "Reference- and Domain-LoRA (peft, `adapters/`) and the domain switcher of RefAny3D on "
+        + f"`{base.get('name_or_path') or base.get('label')}`{tiny if not base.get('name_or_path') else ''}.\n"
+        + f"Trained on dataset version `{facts['dataset_version']}`; training losses at this step: "
+        + (", ".join(f"{k} {v:.5g}" for k, v in facts["metrics"].items()) or "none")
+        + ".\n\n| model flag (`config.json`) | value |\n|---|---|\n"
+        + flags
+        + "\n\nSample with it: `refany3d sample --lora <this directory> --asset mesh.glb --prompt ...` "
+        + "(the model flags come from `config.json`).\n"
+    )
+
+
+def read_config(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The config.json of a checkpoint directory (or of the checkpoint an `adapters/` directory is
+    in; any fsspec URL); None for a checkpoint written before checkpoints had one."""
+    fs, root = url_to_fs(str(checkpoint))
+    root = root.rstrip("/")
+    parent = root.rsplit("/", 1)[0]
+    for path in (join(root, CONFIG), *([join(parent, CONFIG)] if root.endswith("/adapters") else [])):
+        if fs.isfile(path):
+            return json.loads(fs.cat_file(path))
+    return None
+
+
+def settings_from_config(
+    model: ModelSettings,
+    config: dict[str, Any] | None,
+    explicit: frozenset[str] | set[str],
+    where: str,
+    flags: tuple[str, ...] = MODEL_FLAGS,
+    fix: str = "drop the override (the checkpoint's config.json sets it)",
+) -> tuple[ModelSettings, list[str]]:
+    """`model` with the checkpoint's `flags` from `config` (its config.json), and the flags it
+    changed. A flag the user set (`model.<flag>` in `explicit`) to another value than the
+    checkpoint's is a SettingsError naming it: the adapters were trained with the checkpoint's."""
+    if not config:
+        return model, []
+    changes = {}
+    for flag in flags:
+        if flag not in config or getattr(model, flag) == config[flag]:
+            continue
+        if f"model.{flag}" in explicit:
+            raise SettingsError(
+                f"model.{flag}: {getattr(model, flag)!r} was asked, but {where} was trained with "
+                f"{config[flag]!r}; {fix}"
+            )
+        changes[f"model.{flag}"] = config[flag]
+    merged = override(model, **{k.removeprefix("model."): v for k, v in changes.items()})
+    return merged, [f"{k}={v!r}" for k, v in changes.items()]
+
+
 def save_checkpoint(
     out: str,
     model: RefAny3DTransformer,
@@ -113,14 +229,22 @@ def save_checkpoint(
     position: int,
     facts: dict[str, Any],
     keep: int,
+    config: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
-    """Write the checkpoint of `step` (call on one process only) and prune to the `keep` newest."""
+    """Write the checkpoint of `step` (call on one process only) and prune to the `keep` newest;
+    `config`: its config.json (`model_config`)."""
     name = f"step-{step:08d}"
     plain, tensors = rng_states()
     manifest = {"format": FORMAT, "step": step, "position": position, "dir": name, **facts}
     with tempfile.TemporaryDirectory(prefix="refany3d-ckpt-") as tmp:
         local = Path(tmp) / name
-        save_adapters(model, local / "adapters")
+        base_id = (config or {}).get("base", {}).get("name_or_path") or (config or {}).get("base", {}).get(
+            "label", ""
+        )
+        save_adapters(model, local / "adapters", base_id)
+        if config is not None:
+            (local / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+            (local / MODEL_CARD).write_text(model_card(config, manifest))
         (local / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
         (local / "lr_scheduler.pt").write_bytes(_torch_bytes(lr_scheduler.state_dict()))
         (local / "rng.json").write_text(json.dumps(plain))

@@ -49,11 +49,13 @@ COLUMNS = ["sample_id", "caption", "image", "point_map", "views_rgb", "views_poi
 
 def shard_files(url: str) -> list[str]:
     """Sorted Parquet files of a dataset: a build directory (`URL/data/*.parquet`), a directory of
-    shards, or a glob; any fsspec URL."""
+    shards, a glob, or one shard file; any fsspec URL."""
     fs, path = url_to_fs(url)
     protocol = url.split("://")[0] + "://" if "://" in url else ""
     if any(c in path for c in "*?["):
         found = fs.glob(path)
+    elif fs.isfile(path):
+        found = [path]
     else:
         base = join(path, "data") if fs.isdir(join(path, "data")) else path
         found = fs.glob(join(base, "*.parquet")) if fs.isdir(base) else []

@@ -121,8 +121,8 @@ def compare(candidate: dict[str, float], promoted: dict[str, float], tolerance: 
     regressed (worse than the promoted run by more than `tolerance`)."""
     rows = []
     for name, (_, better, _) in METRICS.items():
-        a, b = candidate.get(name, math.nan), promoted.get(name, math.nan)
-        if math.isnan(a) or math.isnan(b):
+        a, b = candidate.get(name), promoted.get(name)
+        if a is None or b is None or math.isnan(a) or math.isnan(b):  # a mean of no sample is null
             continue
         gain = a - b if better == "higher" else b - a
         rows.append(

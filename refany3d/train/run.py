@@ -12,7 +12,7 @@ import torch
 from fsspec.core import url_to_fs
 from tqdm.auto import tqdm
 
-from refany3d.config import TrainSettings
+from refany3d.config import SettingsError, TrainSettings
 from refany3d.storage.store import join, write_atomic
 from refany3d.train import data as data_mod
 from refany3d.train.checkpoint import refuse_used_out
@@ -26,6 +26,7 @@ from refany3d.train.trainer import (
     load_checkpoint,
     make_loader,
     read_metrics,
+    run_model_settings,
     save_checkpoint,
     train_step,
     warm_start,
@@ -107,13 +108,17 @@ def run_training(
     settings: TrainSettings,
     resume: bool = False,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    explicit: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Train to `settings.optim.steps` (resuming from the newest checkpoint in `checkpoint.dir`
     when `resume`); the main process writes metrics.jsonl, checkpoints, previews and summary.json.
     Without `resume`, `checkpoint.dir` must be empty (SettingsError otherwise): a run never takes
-    over, prunes or overwrites another run's outputs."""
+    over, prunes or overwrites another run's outputs. A resumed run takes its model flags from its
+    checkpoint's config.json; one in `explicit` (set by the user) that conflicts is a SettingsError."""
     if not resume:
         refuse_used_out(settings.checkpoint.dir)
+    else:
+        settings = run_model_settings(settings, explicit)
     tr = build_trainer(settings)
     info = load_checkpoint(tr) if resume else None
     warm = warm_start(tr) if info is None and settings.checkpoint.init_adapters else None
@@ -135,11 +140,21 @@ def run_training(
     stream = iter(make_loader(tr))
     bar = tqdm(total=last, initial=tr.step, disable=not main, desc=settings.name, unit="step")
     tick, tick_step = time.perf_counter(), tr.step
+    per_step = tr.samples_per_micro_step * settings.optim.gradient_accumulation
+    empty, epoch_steps = 0, -(-sum(map(len, tr.groups)) // per_step)  # steps of one pass over the data
     while tr.step < last:
         started = time.perf_counter()
         row = train_step(tr, [next(stream) for _ in range(settings.optim.gradient_accumulation)])
+        if row is None:  # every sample skipped: no step; a whole pass of them is nothing to train on
+            empty += 1
+            if empty > epoch_steps:
+                raise SettingsError(
+                    f"data.shards: no readable sample in a whole pass over {settings.data.shards!r} "
+                    f"({_skips(tr)}); nothing to train on"
+                )
+            continue
+        empty = 0
         seconds = time.perf_counter() - started
-        per_step = tr.samples_per_micro_step * settings.optim.gradient_accumulation
         row = {**row, "step_s": seconds, "samples_per_s": per_step / max(seconds, 1e-9)}
         result.metrics.append(row)
         bar.update(1)
@@ -157,7 +172,7 @@ def run_training(
         if _due(tr.step, cfg.every, last):
             if main:  # metrics first: a listed checkpoint always has its history on disk
                 write_metrics(tr.out, result.metrics)
-            saved = save_checkpoint(tr)
+            saved = save_checkpoint(tr, row)
             if main:
                 result.checkpoints.append(saved.url)
         if main and previews is not None and _due(tr.step, cfg.sample_every, last):
@@ -169,6 +184,10 @@ def run_training(
         write_metrics(tr.out, result.metrics)
         write_json(tr.out, "summary.json", result.summary)
     return result
+
+
+def _skips(tr: Trainer) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(tr.counts.items()) if k.startswith("skipped_")) or "none"
 
 
 def _summary(tr: Trainer, result: TrainResult) -> dict[str, Any]:

@@ -12,6 +12,7 @@ data position, so step k after a resume has the loss of step k of an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from refany3d.config import OptimSettings, SettingsError, TrainSettings, overrid
 from refany3d.models.flux.components import FluxComponents, load_components
 from refany3d.models.flux.loss import FlowBatch, flow_matching_losses
 from refany3d.storage.store import join, write_atomic
+from refany3d.storage.versions import version_id
 from refany3d.train import checkpoint as ckpt
 from refany3d.train import data as data_mod
 from refany3d.train.encode import (
@@ -63,6 +65,7 @@ class Trainer:
     step: int = 0  # optimisation steps done
     position: int = 0  # next global sample position
     counts: Counter = field(default_factory=Counter)  # skipped_<reason>, encoded, cache_hits
+    dataset_version: str = ""  # version id of the shard files read (storage/versions.py)
     last_batch: tuple | None = None  # (FlowBatch, noise) of the last non-empty micro-batch
 
     @property
@@ -148,13 +151,15 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
         cache=LatentCache(settings.data.cache or join(_dataset_root(settings.data.shards), "cache")),
         preprocessing=preprocessing,
         drops=dropout_encodings(components, settings),
+        dataset_version=version_id(files),
     )
 
 
 def _dataset_root(url: str) -> str:
-    """The dataset directory of a shards URL (`ROOT/data/*.parquet` or `ROOT/data` -> ROOT)."""
+    """The dataset directory of a shards URL (`ROOT/data/*.parquet`, `ROOT/data/x.parquet` or
+    `ROOT/data` -> ROOT)."""
     head = url.rstrip("/")
-    if any(c in head.rsplit("/", 1)[-1] for c in "*?["):
+    if any(c in head.rsplit("/", 1)[-1] for c in "*?[") or head.endswith(".parquet"):
         head = head.rsplit("/", 1)[0]
     return head.rsplit("/", 1)[0] if head.endswith("/data") else head
 
@@ -212,9 +217,6 @@ def prepare_micro_batch(tr: Trainer, mb: data_mod.MicroBatch) -> tuple[FlowBatch
     """(batch, noise, loss weight) of a micro-batch: encodings from the cache (or encoded and
     stored now), dropout applied; an empty micro-batch reuses the last one with weight 0 (ranks
     must still run a backward together)."""
-    for sample_id, reason, detail in mb.skipped:
-        tr.counts[f"skipped_{reason}"] += 1
-        logger.info("skipped %s (%s) %s", sample_id, reason, detail)
     if not mb.items:
         return (*(tr.last_batch or _placeholder_batch(tr)), 0.0)
     encodings = []
@@ -246,17 +248,35 @@ def _placeholder_batch(tr: Trainer) -> tuple[FlowBatch, tuple]:
     return batch, sample_noise([item], batch, tr.settings.optim.seed)
 
 
-def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[str, float]:
-    """One optimisation step over `micro_batches` (gradient accumulation); returns its metrics."""
+def _count_skipped(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> None:
+    for mb in micro_batches:
+        for sample_id, reason, detail in mb.skipped:
+            tr.counts[f"skipped_{reason}"] += 1
+            logger.info("skipped %s (%s) %s", sample_id, reason, detail)
+
+
+def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[str, float] | None:
+    """One optimisation step over `micro_batches` (gradient accumulation); returns its metrics.
+    None when every sample of every rank's micro-batches was skipped: no step is taken and no loss
+    logged (none was computed); the data position moves on past them."""
     acc, model = tr.accelerator, tr.model
+    _count_skipped(tr, micro_batches)
+    tr.position += tr.samples_per_micro_step * len(micro_batches)
+    # non-empty micro-batches over all ranks: every rank decides alike whether to step, and the
+    # loss is their mean (an empty one still runs a weight-0 backward so that DDP's ranks meet)
+    local = torch.tensor([float(sum(1 for mb in micro_batches if mb.items))], device=acc.device)
+    filled = float(acc.reduce(local, reduction="sum").item())
+    if filled == 0:
+        return None
     model.train()
-    losses = []  # per micro-batch: [rgb, point map]
+    losses = []  # per micro-batch: [rgb, point map], weighted
+    scale = acc.num_processes / filled  # DDP averages gradients over ranks: this makes it the mean
     for i, mb in enumerate(micro_batches):
         batch, noise, weight = prepare_micro_batch(tr, mb)
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             parts = [part * weight for part in flow_matching_losses(model, batch, noise=noise)]
-            acc.backward(sum(parts) / len(micro_batches))
+            acc.backward(sum(parts) * scale)
         losses.append(torch.stack([p.detach() for p in parts]))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, tr.settings.optim.grad_clip)
@@ -264,8 +284,7 @@ def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[st
     tr.lr_scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    tr.position += tr.samples_per_micro_step * len(micro_batches)
-    parts = acc.reduce(torch.stack(losses).mean(dim=0), reduction="mean").tolist()
+    parts = (acc.reduce(torch.stack(losses).sum(dim=0), reduction="sum") / filled).tolist()
     row = {"step": tr.step, "loss": sum(parts), "loss_rgb": parts[0], "grad_norm": float(grad_norm)}
     if len(parts) > 1:
         row["loss_point_map"] = parts[1]
@@ -278,11 +297,14 @@ def _lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group["lr"] * group.get("d", 1.0))
 
 
-def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
-    """Write this step's checkpoint on the main process (others wait); returns it there."""
+def save_checkpoint(tr: Trainer, metrics: dict[str, float] | None = None) -> ckpt.CheckpointInfo | None:
+    """Write this step's checkpoint on the main process (others wait); returns it there.
+    `metrics`: this step's row (its model card and manifest record them)."""
     info = None
     if tr.accelerator.is_main_process:
         facts = {
+            "dataset_version": tr.dataset_version,
+            "metrics": {k: v for k, v in (metrics or {}).items() if k.startswith("loss")},
             "base": tr.components.label,
             "tiny": tr.components.tiny,
             "encoders": tr.components.identity,
@@ -291,6 +313,11 @@ def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
             "refany3d": __version__,
         }
         unwrapped = tr.accelerator.unwrap_model(tr.model)
+        base = {
+            "name_or_path": tr.settings.model.pretrained,
+            "label": tr.components.label,
+            "fingerprint": tr.components.identity,
+        }
         info = ckpt.save_checkpoint(
             tr.out,
             unwrapped,
@@ -300,6 +327,7 @@ def save_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
             tr.position,
             facts,
             tr.settings.checkpoint.keep,
+            config=ckpt.model_config(tr.settings.model, unwrapped, base),
         )
     tr.accelerator.wait_for_everyone()
     return info
@@ -322,6 +350,21 @@ def load_checkpoint(tr: Trainer) -> ckpt.CheckpointInfo | None:
     return info
 
 
+def run_model_settings(settings: TrainSettings, explicit: frozenset[str] = frozenset()) -> TrainSettings:
+    """`settings` with the model flags of the run being resumed (its newest intact checkpoint's
+    config.json): a resumed run goes on as it was trained. A flag in `explicit` (set by the user)
+    that conflicts is a SettingsError naming it; before any model is built or file written."""
+    found = ckpt.list_checkpoints(settings.checkpoint.dir)
+    info = ckpt.newest_intact(found, lambda line: None) if found else None  # load_checkpoint warns
+    if info is None:
+        return settings
+    where = f"the run in {settings.checkpoint.dir!r} (step {info.step})"
+    model, changed = ckpt.settings_from_config(settings.model, ckpt.read_config(info.url), explicit, where)
+    if changed:
+        logger.warning("resuming with the model settings of %s: %s", where, ", ".join(changed))
+    return dataclasses.replace(settings, model=model)
+
+
 def warm_start(tr: Trainer) -> str:
     """Load `checkpoint.init_adapters` (adapters only: a fresh optimizer, step 0) on every rank;
     returns the adapter directory. SettingsError when they were trained on another base."""
@@ -329,6 +372,11 @@ def warm_start(tr: Trainer) -> str:
     from refany3d.models.flux.io import load_adapters
 
     adapters, manifest = ckpt.resolve_adapters(tr.settings.checkpoint.init_adapters)
+    where = f"checkpoint.init_adapters {str(adapters)!r}"
+    weight_flags = frozenset(f"model.{f}" for f in ckpt.WEIGHT_FLAGS)  # the run's own: never adopted
+    fix = "set it to match, or start from other adapters"
+    config = ckpt.read_config(adapters)
+    ckpt.settings_from_config(tr.settings.model, config, weight_flags, where, ckpt.WEIGHT_FLAGS, fix)
     if manifest.get("base", tr.components.label) != tr.components.label:
         raise SettingsError(
             f"checkpoint.init_adapters: {str(adapters)!r} was trained on {manifest['base']!r}, "

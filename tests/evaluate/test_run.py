@@ -47,7 +47,41 @@ def test_build_report_without_weights_skips_clip_and_dino_with_notes(samples_dir
     assert saved["samples"]["a-perfect"]["texture_error"] < saved["samples"]["b-wrong"]["texture_error"]
     assert saved["metrics"]["surface_distance"]["better"] == "lower"
     lines = metrics_table(saved)
-    assert lines[0].split()[0] == "sample" and lines[-1].startswith("mean") and len(lines) == 4
+    assert lines[0].split()[0] == "sample" and lines[-2].startswith("mean") and len(lines) == 5
+    assert lines[-1].split()[:3] == ["mean", "covers", "2"]
+
+
+def test_report_of_an_untextured_asset_is_json_with_a_null_and_a_note(samples_dir, tmp_path):
+    import shutil
+
+    import trimesh
+
+    root = tmp_path / "samples"
+    shutil.copytree(samples_dir, root, ignore=shutil.ignore_patterns("metrics.json"))
+    shutil.copytree(root / "a-perfect", root / "c-untextured")
+    grey = read_sample(root / "a-perfect").mesh
+    plain = trimesh.Trimesh(grey.vertices, grey.faces, process=False)  # no texture, no colours
+    (root / "c-untextured" / "asset.glb").write_bytes(plain.export(file_type="glb"))
+    settings = EvaluateSettings()
+    per = {p.name: evaluate_sample(read_sample(p), settings, {}) for p in find_samples(root)}
+    text = write_report(root, build_report(per, [], settings)).read_text()
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    saved = json.loads(text, parse_constant=no_nan)
+    assert saved["samples"]["c-untextured"]["texture_error"] is None
+    assert saved["samples"]["c-untextured"]["surface_distance"] is not None
+    assert [n for n in saved["notes"] if "texture_error" in n] == [
+        "c-untextured: texture_error is null (the asset has no texture or vertex colours, or no pixel "
+        "is foreground in both the point map and the RGB silhouette); its mean leaves it out"
+    ]
+    assert saved["count"] == {"silhouette_iou": 3, "surface_distance": 3, "texture_error": 2}
+    cells = {s: saved["samples"][s]["texture_error"] for s in ("a-perfect", "b-wrong")}
+    assert saved["mean"]["texture_error"] == pytest.approx(sum(cells.values()) / 2)
+    table = metrics_table(saved)
+    assert table[-1].split() == ["mean", "covers", "3", "of", "3", "3", "of", "3", "2", "of", "3"]
+    assert table[3].split()[-1] == "-"  # c-untextured's texture_error
 
 
 def test_scorers_with_local_weights_add_clip_and_dino_metrics(samples_dir, clip_dir, dino_dir):

@@ -242,3 +242,36 @@ def test_deploy_train_set_configures_the_train_deployment(prefect_server, deploy
         timeout=180,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_deploy_registers_train_cpu_and_a_cpu_worker_trains_with_it(prefect_server, deployed_run, tmp_path):
+    from tests.train._shards import rendered_rows, write_dataset
+
+    assert re.search(r"train/cpu\s+pool cpu\s+registered, .*device cpu", deployed_run["deploy"])
+    with prefect_server.client() as client:
+        dep = client.read_deployment_by_name("train/cpu")
+    assert (dep.work_pool_name, dep.entrypoint) == ("cpu", "refany3d.flows.train.train")
+    assert dep.parameters["settings"]["runtime"] == {**dep.parameters["settings"]["runtime"], "device": "cpu"}
+    build = write_dataset(tmp_path / "builds" / "b1", rendered_rows(2))
+    (build / "stats.json").write_text("{}")
+    settings = {
+        "name": "cpu-train",
+        "data": {"resolution": 32, "condition_resolution": 32, "holdout_fraction": 0.5},
+        "model": {"num_views": 2, "attention": "grouped", "gradient_checkpointing": False},
+        "checkpoint": {"every": 1, "sample_every": 1, "sample_steps": 1},
+        "retrain": {"eval_samples": 1},
+    }
+    params = {
+        "dataset": str(build.parent),
+        "out": str(tmp_path / "retrain"),
+        "steps": 1,
+        "settings": settings,
+    }
+    with prefect_server.client() as client:
+        run = run_deployment("train/cpu", parameters=params, timeout=0, client=client)
+        run = wait_flow_run(client, run.id, timeout=300)
+    assert run.state.is_completed(), deployed_run["worker_log"].read_text()[-4000:]
+    assert run.name == "cpu-train"
+    pointer = json.loads((tmp_path / "retrain" / "promoted.json").read_text())
+    summary = json.loads((Path(pointer["checkpoint"]).parents[1] / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["steps"] == 1

@@ -24,5 +24,5 @@ def test_evaluate_flow_writes_metrics_and_publishes_table_and_gallery(prefect_ha
     assert set(by_key) == set(keys)
     rows = by_key["eval-test-metrics"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
-    assert [r["sample"] for r in rows] == ["a-perfect", "b-wrong", "mean"]
+    assert [r["sample"] for r in rows] == ["a-perfect", "b-wrong", "mean", "mean covers"]
     assert by_key["eval-test-gallery"].data.count("data:image/png;base64,") == 2

@@ -185,3 +185,16 @@ def test_image_guidance_blank_pass_sees_what_reference_dropout_trained_on(pipe, 
     rgb, point_map = seen[1]
     assert not torch.equal(seen[0][0], rgb)  # the first pass had the real references
     assert torch.equal(rgb, trained.cond_rgb) and torch.equal(point_map, trained.cond_point_map)
+
+
+def test_sample_of_an_asset_with_blank_views_exits_2_in_one_line(tmp_path, capsys):
+    from refany3d.cli import main
+
+    flat = tmp_path / "triangle.obj"
+    trimesh.Trimesh([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], process=False).export(flat)
+    small = ["--set", "sampler.resolution=32", "--set", "render.resolution=32", "--steps", "1"]
+    args = ["sample", "--asset", str(flat), "--prompt", "a sheet", "--out", str(tmp_path / "o"), *small]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the no --lora notice
+    assert err.startswith(f"refany3d sample: error: asset {str(flat)!r}: orbit view(s) 2, 3, 4, 5, 6 of 8")
+    assert "show nothing of it" in err and not (tmp_path / "o").exists()

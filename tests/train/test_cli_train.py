@@ -92,6 +92,16 @@ def test_train_runs_tiny_model_and_labels_it(dataset, tmp_path, capsys):
     assert code == 0 and "resumed from 2" in capsys.readouterr().out
 
 
+def test_train_data_accepts_one_shard_file(dataset, tmp_path, capsys):
+    shard = next((dataset / "data").glob("*.parquet"))
+    (tmp_path / "build" / "data").mkdir(parents=True)
+    one = tmp_path / "build" / "data" / shard.name
+    one.write_bytes(shard.read_bytes())
+    code = main(["train", "--data", str(one), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    assert code == 0, capsys.readouterr().err
+    assert list((tmp_path / "build" / "cache").iterdir())  # the dataset's cache, beside data/
+
+
 def test_train_into_a_used_out_without_resume_exits_2_in_one_line(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(dataset), "--out", str(out), f"--set=data.cache={tmp_path}/c", *TINY]

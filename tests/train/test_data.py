@@ -26,11 +26,12 @@ def _take(stream, n):
     return [next(it) for _ in range(n)]
 
 
-def test_shard_files_accepts_build_dir_shard_dir_and_glob(dataset):
+def test_shard_files_accepts_build_dir_shard_dir_glob_and_one_file(dataset):
     files = data.shard_files(str(dataset))
     assert files and files == data.shard_files(str(dataset / "data")) == data.shard_files(
         str(dataset / "data" / "*.parquet")
     )
+    assert data.shard_files(files[0]) == files[:1]
 
 
 def test_epoch_order_visits_every_row_once_per_epoch_in_another_order(dataset):

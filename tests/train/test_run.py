@@ -162,12 +162,21 @@ def test_run_training_reads_and_writes_fsspec_urls(dataset, tmp_path):
     fs.rm(root, recursive=True)
 
 
-def test_run_training_with_only_unreadable_rows_still_finishes(rows, tmp_path):
+def test_run_training_steps_only_on_batches_that_kept_a_sample(rows, tmp_path):
+    bad = [dict(r, sample_id=f"broken-{i}", point_map=None) for i, r in enumerate(rows[:2])]
+    root = write_dataset(tmp_path / "data", bad + rows[2:])
+    result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 4}))
+    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4]  # a batch of skipped samples is no step
+    assert all(r["loss"] > 0 for r in result.metrics) and result.summary["first_loss"] > 0
+    assert result.summary["counts"]["skipped_image_missing"] >= 2  # each bad row drawn, none a step
+
+
+def test_run_training_with_only_unreadable_rows_stops_in_one_line(rows, tmp_path):
     bad = [dict(r, sample_id=f"broken-{i}", point_map=None) for i, r in enumerate(rows[:2])]
     root = write_dataset(tmp_path / "data", bad)
-    result = run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 3}))
-    assert result.steps == 3 and result.summary["counts"]["skipped_image_missing"] == 3
-    assert all(r["loss"] == 0 for r in result.metrics)  # weight-0 steps keep ranks in step
+    with pytest.raises(SettingsError, match=r"data.shards: no readable sample .*skipped_image_missing 3"):
+        run_training(tiny_settings(root, tmp_path / "run", **{"optim.steps": 3}))
+    assert not (tmp_path / "run").exists()  # no step, so no metrics and no checkpoint
 
 
 def test_run_training_refuses_a_used_out_without_resume(dataset, tmp_path):

@@ -169,9 +169,9 @@ def load_components(
         parts, label, identity, tokens = _pretrained_parts(check_pretrained(settings.pretrained), dtype)
     else:
         parts, label, identity, tokens = _tiny_parts(), TINY_LABEL, "tiny-" + str(TINY_SEED), TINY_TEXT_TOKENS
-    flux = parts.pop("transformer").to(device=device, dtype=dtype)
+    flux = _cast(parts.pop("transformer"), device, dtype)
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        parts[name] = parts[name].to(device=device, dtype=dtype).eval().requires_grad_(False)
+        parts[name] = _cast(parts[name], device, dtype).eval().requires_grad_(False)
     return FluxComponents(
         transformer=wrap_transformer(flux, settings),
         label=label,
@@ -179,6 +179,15 @@ def load_components(
         text_tokens=settings.text_tokens or tokens,
         **parts,
     )
+
+
+def _cast(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """`model.to(device, dtype)`. diffusers' `ModelMixin.to` warns that modules "should be kept in
+    float32" whenever `_keep_in_fp32_modules` is set, even to `[]` (FLUX's transformer and VAE):
+    where there are none to keep, nothing is lost by casting through `nn.Module.to`, silently."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(device=device, dtype=dtype)  # a real warning: let it through
+    return nn.Module.to(model, device=device, dtype=dtype)
 
 
 def wrap_transformer(flux: nn.Module, settings: ModelSettings) -> RefAny3DTransformer:

@@ -9,28 +9,49 @@ Directory layout (safetensors only, nothing is unpickled):
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from refany3d.config import SettingsError
 from refany3d.models.flux.transformer import RefAny3DTransformer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SWITCHER_WEIGHTS = "domain_switcher.safetensors"
 
 
-def save_adapters(model: RefAny3DTransformer, directory: str | Path) -> Path:
-    """Write the adapters and the domain switcher of `model` under `directory`; returns it."""
+def save_adapters(model: RefAny3DTransformer, directory: str | Path, base: str = "") -> Path:
+    """Write the adapters and the domain switcher of `model` under `directory`; returns it.
+    `base`: the base model's id or path, recorded as peft's `base_model_name_or_path` and in each
+    safetensors file's metadata, so a peft user can tell what the adapters adapt."""
     directory = Path(directory)
     for name, config in model.lora_configs.items():
         (directory / name).mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(model.flux, adapter_name=name)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, directory / name / ADAPTER_WEIGHTS)
-        config.save_pretrained(directory / name)
+        meta = _metadata(base, name)
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(tensors, directory / name / ADAPTER_WEIGHTS, metadata=meta)
+        saved = copy.copy(config)  # the model's own config stays as it was built
+        saved.base_model_name_or_path = base or None
+        saved.save_pretrained(directory / name)
     switcher = {k: v.detach().contiguous() for k, v in model.domain_switcher.state_dict().items()}
-    save_file(switcher, directory / SWITCHER_WEIGHTS)
+    save_file(switcher, directory / SWITCHER_WEIGHTS, metadata=_metadata(base, "domain_switcher"))
     return directory
+
+
+def _metadata(base: str, part: str) -> dict[str, str]:
+    """safetensors metadata (strings only) of one saved part."""
+    from refany3d import __version__
+
+    return {
+        "format": "pt",
+        "base_model_name_or_path": base,
+        "part": part,  # reference / domain adapter, or the domain switcher
+        "library": "refany3d",
+        "refany3d_version": __version__,
+    }
 
 
 def load_adapters(model: RefAny3DTransformer, directory: str | Path) -> None:
@@ -40,7 +61,10 @@ def load_adapters(model: RefAny3DTransformer, directory: str | Path) -> None:
     for name, config in model.lora_configs.items():
         saved = LoraConfig.from_pretrained(directory / name)
         if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
-            raise ValueError(f"{directory / name}: rank/alpha {saved.r}/{saved.lora_alpha} != model's")
+            raise SettingsError(
+                f"model.lora_rank / model.lora_alpha: {config.r} / {config.lora_alpha}, but the adapters "
+                f"in {directory / name} have {saved.r} / {saved.lora_alpha}; set them to match"
+            )
         state = load_file(directory / name / ADAPTER_WEIGHTS, device=str(device))
         result = set_peft_model_state_dict(model.flux, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]

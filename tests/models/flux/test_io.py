@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from refany3d.config import SettingsError
 from refany3d.models.flux import load_adapters, save_adapters
 from refany3d.models.flux.io import ADAPTER_WEIGHTS, SWITCHER_WEIGHTS
 
@@ -48,5 +49,5 @@ def test_save_adapters_writes_standard_peft_files(tmp_path):
 
 def test_load_adapters_other_rank_raises(tmp_path):
     save_adapters(make_model(lora_rank=4, lora_alpha=4.0), tmp_path)
-    with pytest.raises(ValueError, match="rank/alpha"):
+    with pytest.raises(SettingsError, match="model.lora_rank"):
         load_adapters(make_model(), tmp_path)
