@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from refany3d.config import SettingsError
 from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join, write_atomic
 
 CHECKPOINTS = "checkpoints"
