@@ -180,3 +180,12 @@ def test_partitioned_deployment_runs_on_the_control_pool_and_holds_no_build_slot
     assert len(mine) == 2 and {c.work_pool_name for c in mine} == {"cpu"}
     assert set(s3_bytes(out)) == set(shard_bytes(cluster["ref"]))
     assert UUID(str(done.id))
+
+
+def test_partitions_on_a_deployment_that_is_not_registered_exit_2_in_one_line(cluster, tmp_path):
+    done = subprocess.run(_build(cluster["files"], str(tmp_path / "out"), "--partitions", "2", "--deployment",
+                                 "build-dataset/nowhere"), env=cluster["server"].env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith(
+        "refany3d build: error: --deployment: 'build-dataset/nowhere' is not registered"
+    ), done.stderr
+    assert done.stderr.count("\n") == 1
