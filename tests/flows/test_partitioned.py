@@ -16,7 +16,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from uuid import UUID
 
 import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -164,7 +163,7 @@ def test_partitioned_deployment_runs_on_the_control_pool_and_holds_no_build_slot
     assert "build-dataset-partitioned/control" in cluster["deploy"]
     out = s3.bucket() + "/builds/deployed"
     params = {"settings": {"name": "deployed", "until": "split", "source": {"kind": "subjects200k",
-              "data_files": cluster["files"]}, "storage": {"out": out}, "runtime": {"batch_size": 1}},
+              "data_files": cluster["files"], "limit": 8}, "storage": {"out": out}, "runtime": {"batch_size": 1}},
               "partitions": 2}  # fmt: skip
     with server.client():
         run = run_deployment("build-dataset-partitioned/control", parameters=params, timeout=0)
@@ -178,8 +177,8 @@ def test_partitioned_deployment_runs_on_the_control_pool_and_holds_no_build_slot
     assert done.work_pool_name == "control"
     mine = [c for c in children if c.parent_task_run_id and c.name.startswith("deployed-")]
     assert len(mine) == 2 and {c.work_pool_name for c in mine} == {"cpu"}
-    assert set(s3_bytes(out)) == set(shard_bytes(cluster["ref"]))
-    assert UUID(str(done.id))
+    written = s3_bytes(out)  # the first 8 rows' batches: the reference build's shards of those rows
+    assert len(written) == 8 and set(written) <= set(shard_bytes(cluster["ref"]))
 
 
 def test_partitions_on_a_deployment_that_is_not_registered_exit_2_in_one_line(cluster, tmp_path):
