@@ -168,7 +168,7 @@ def test_partitioned_deployment_runs_on_the_control_pool_and_holds_no_build_slot
     with server.client():
         run = run_deployment("build-dataset-partitioned/control", parameters=params, timeout=0)
     with server.client() as client:
-        done = wait_flow_run(client, run.id, timeout=300)
+        done = wait_flow_run(client, run.id, timeout=240)
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["partition"]))
         )
