@@ -314,8 +314,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from refany3d.flows.deployments import HEARTBEAT_S, api_url, deploy
+
+    if args.zombie_after <= HEARTBEAT_S:
+        raise SettingsError(
+            f"--zombie-after: {args.zombie_after} s is not longer than the {HEARTBEAT_S} s between "
+            "heartbeats; healthy runs would be marked Crashed"
+        )
     _prefect_defaults()
-    from refany3d.flows.deployments import api_url, deploy
 
     if not api_url():
         print(

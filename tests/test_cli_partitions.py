@@ -1,5 +1,5 @@
 """`refany3d build --partitions N` stops in one line (exit 2) where it cannot run: no Prefect API to
-reach workers through, or N below 1. (With a server: tests/flows/test_partitioned.py.)"""
+reach workers through, or N below 1; `deploy` refuses a zombie window no longer than a heartbeat. (With a server: tests/flows/test_partitioned.py.)"""
 
 from __future__ import annotations
 
@@ -45,3 +45,12 @@ def test_build_partitions_that_cannot_run_exit_2_in_one_line(tmp_path, extra, me
     done = _build(tmp_path, *extra)
     assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_deploy_zombie_window_shorter_than_a_heartbeat_exits_2_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run([sys.executable, "-m", "refany3d.cli", "deploy", "--zombie-after", "20"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("refany3d deploy: error: --zombie-after: 20 s")
+    assert done.stderr.count("\n") == 1
