@@ -387,7 +387,7 @@ def warm_start(tr: Trainer) -> str:
 
 
 def write_json(out: str, name: str, obj: Any) -> str:
-    from fsspec.core import url_to_fs
+    from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
     write_atomic(fs, join(root, name), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -396,7 +396,7 @@ def write_json(out: str, name: str, obj: Any) -> str:
 
 def read_metrics(out: str, up_to: int) -> list[dict[str, float]]:
     """Metrics of earlier steps (<= up_to) of the run in `out` (resumed runs keep their history)."""
-    from fsspec.core import url_to_fs
+    from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
     path = join(root, "metrics.jsonl")
@@ -407,7 +407,7 @@ def read_metrics(out: str, up_to: int) -> list[dict[str, float]]:
 
 
 def write_metrics(out: str, rows: list[dict[str, float]]) -> None:
-    from fsspec.core import url_to_fs
+    from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
     write_atomic(fs, join(root, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
