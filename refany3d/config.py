@@ -425,6 +425,10 @@ class ModelSettings(_Section):
         False,
         "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
     )
+    fp8_base: bool = _opt(
+        False,
+        "frozen base linears of the blocks in FP8 (e4m3, CUDA capability >= 8.9; elsewhere bf16/fp32 and a log line)",
+    )
 
 
 @dataclass(frozen=True)
