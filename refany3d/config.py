@@ -433,7 +433,9 @@ class ModelSettings(_Section):
 
 @dataclass(frozen=True)
 class OptimSettings(_Section):
-    optimizer: Literal["prodigy", "adamw"] = _opt("prodigy", "optimizer")
+    optimizer: Literal["prodigy", "prodigyopt", "adamw"] = _opt(
+        "prodigy", "optimizer (prodigy: prodigyopt's update, fused step; prodigyopt: the library's step)"
+    )
     lr: float = _opt(1.0, "learning rate (1.0 for Prodigy)", gt=0.0)
     weight_decay: float = _opt(0.01, "weight decay", ge=0.0)
     grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)
