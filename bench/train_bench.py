@@ -23,7 +23,8 @@ Modes (issue #26), each timed the same way; the top-level figures are the baseli
   functions of the seed and the sample position), with and without `fp8_base`, through
   `train_step` on the bench's data: FLUX.1-dev's block dimensions (24 x 128, the real linear
   shapes and the paper's 18,944 tokens) with `--agreement-blocks D,S` double/single blocks, fused
-  Prodigy. Both loss curves are written. Tolerance, stated before any run: the median over steps
+  Prodigy; the two runs step in turn, so `--deadline-s` cuts both at the same step. Both loss
+  curves are written. Tolerance, stated before any run: the median over steps
   of |loss_fp8 - loss_bf16| / loss_bf16 <= 2%, and the mean losses of the last half of the steps
   within 1% of each other (`pass`).
 
@@ -273,17 +274,27 @@ def _fp8_linears(tr) -> int:
     return sum(isinstance(m, Float8Linear) for m in tr.model.modules())
 
 
-def loss_agreement(settings: TrainSettings, cuda: bool, steps: int, blocks: tuple[int, int]) -> dict:
-    """The same run with and without fp8_base (same seed, data, dropout and noise): both curves."""
-    curves, linears = {}, {}
+def loss_agreement(
+    settings: TrainSettings, cuda: bool, steps: int, blocks: tuple[int, int], deadline: float = float("inf")
+) -> dict:
+    """The same run with and without fp8_base (same seed, data, dropout and noise): both curves.
+    The two runs step in turn, so that a `deadline` (perf_counter) cuts both at the same step
+    (after at least 10)."""
+    requested, runs, linears = steps, {}, {}
     for name, fp8 in (("bf16", False), ("fp8", True)):
         run = override(settings, **{"model.fp8_base": fp8, "optim.optimizer": "prodigy"})
         tr = _build(run, cuda, num_layers=blocks[0], num_single_layers=blocks[1])
         linears[name] = _fp8_linears(tr)
-        stream = iter(make_loader(tr))
-        curves[name] = [train_step(tr, [next(stream)])["loss"] for _ in range(steps)]
-        del tr, stream
-        _free()
+        runs[name] = (tr, iter(make_loader(tr)))
+    curves = {name: [] for name in runs}
+    for step in range(steps):
+        if step >= 10 and time.perf_counter() > deadline:
+            break
+        for name, (tr, stream) in runs.items():
+            curves[name].append(train_step(tr, [next(stream)])["loss"])
+    del runs, tr, stream
+    _free()
+    steps = len(curves["bf16"])
     rel = [abs(a - b) / b for a, b in zip(curves["fp8"], curves["bf16"])]
     half = steps // 2
     tail = {k: statistics.fmean(v[half:]) for k, v in curves.items()}
@@ -291,6 +302,7 @@ def loss_agreement(settings: TrainSettings, cuda: bool, steps: int, blocks: tupl
     median = statistics.median(rel)
     return {
         "steps": steps,
+        "stopped_at_deadline": steps < requested,
         "blocks": {"double": blocks[0], "single": blocks[1]},
         "fp8_linears": linears,
         "tolerance": {"median_step_rel": AGREEMENT_MEDIAN_RTOL, "tail_mean_rel": AGREEMENT_TAIL_RTOL},
@@ -315,6 +327,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--agreement-blocks", default="2,4", help="double,single blocks of the agreement runs"
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0,
+        help="end the agreement runs this long after the start (0 = never)",
     )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -380,7 +398,10 @@ def main() -> None:
         _free()
     if args.agreement_steps:
         blocks = tuple(int(b) for b in args.agreement_blocks.split(","))
-        results["modes"]["fp8_agreement"] = loss_agreement(settings, cuda, args.agreement_steps, blocks)
+        deadline = started + args.deadline_s if args.deadline_s else float("inf")
+        results["modes"]["fp8_agreement"] = loss_agreement(
+            settings, cuda, args.agreement_steps, blocks, deadline
+        )
         save()
     results["total_s"] = time.perf_counter() - started
     save()
