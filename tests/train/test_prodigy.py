@@ -44,7 +44,8 @@ def _loss(params: list[torch.Tensor], step: int) -> torch.Tensor:
     total = 0.0
     for p in params[:-1]:  # the last one gets no gradient
         target = torch.randn(p.shape, generator=g) + 0.3 * torch.randn(p.shape, generator=noise)
-        total = total + ((p - target) ** 2 * torch.rand(p.shape, generator=g)).sum()
+        weight = torch.rand(p.shape, generator=g)
+        total = total + ((p - target.to(p.device)) ** 2 * weight.to(p.device)).sum()
     return total + (params[0] @ params[1]).square().sum()
 
 
@@ -102,3 +103,18 @@ def test_build_optimizer_prodigy_is_fused_prodigyopt_is_the_library():
     params = _params()
     assert type(build_optimizer(params, OptimSettings(optimizer="prodigy"))) is FusedProdigy
     assert type(build_optimizer(params, OptimSettings(optimizer="prodigyopt"))) is Prodigy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_prodigy_step_equals_prodigyopt_on_cuda_within_tolerance():
+    """The stated CUDA tolerance (prodigy.py): rtol 1e-5 on the parameters and on d."""
+
+    def on_cuda():
+        return [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+
+    want, _ = _run(Prodigy, DESIGN, STEPS, on_cuda())
+    got, _ = _run(FusedProdigy, DESIGN, STEPS, on_cuda())
+    for (wp, wd), (gp, gd) in zip(want, got):
+        assert gd == pytest.approx(wd, rel=1e-5)
+        for a, b in zip(gp, wp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
