@@ -35,6 +35,7 @@ Usage: python bench/train_bench.py --out results.json [--tiny] [--steps 6] [--mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -44,6 +45,7 @@ import platform
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,17 @@ def _timings(tr, steps: int, loop: bool = True) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _recorded(mode: dict, save):
+    """Run one mode; an exception is written into its entry (the next mode still runs)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - a bench records what failed and goes on
+        mode["error"] = "".join(traceback.format_exception_only(exc)).strip()
+        traceback.print_exc()
+    save()
+
+
 def _fp8_linears(tr) -> int:
     from refany3d.models.flux.fp8 import Float8Linear
 
@@ -377,32 +390,32 @@ def main() -> None:
             results.update({k: v for k, v in base.items() if k != "optimizer"}, counts=dict(tr.counts))
             save()
         if "fused_prodigy" in modes:
-            _use_optimizer(tr, "prodigy")
-            results["modes"]["fused_prodigy"] = _timings(tr, args.steps)
-            save()
+            mode = results["modes"]["fused_prodigy"] = {}
+            with _recorded(mode, save):
+                _use_optimizer(tr, "prodigy")
+                mode.update(_timings(tr, args.steps))
         del tr
         _free()
     if "fp8_base" in modes:
-        fp8_settings = override(settings, **{"model.fp8_base": True, "optim.optimizer": "prodigy"})
-        built = time.perf_counter()
-        tr = _build(fp8_settings, cuda)
-        mode = {"build_s": time.perf_counter() - built, "fp8_linears": _fp8_linears(tr)}
-        mode["resident_gib"] = _gib(torch.cuda.memory_allocated)
-        if "encode" not in results:
-            results["encode"] = encode_cost(tr, args.samples)
-        results["modes"]["fp8_base"] = mode
-        save()
-        mode.update(_timings(tr, args.steps))
-        save()
-        del tr
+        mode = results["modes"]["fp8_base"] = {}
+        with _recorded(mode, save):
+            fp8_settings = override(settings, **{"model.fp8_base": True, "optim.optimizer": "prodigy"})
+            built = time.perf_counter()
+            tr = _build(fp8_settings, cuda)
+            mode.update(build_s=time.perf_counter() - built, fp8_linears=_fp8_linears(tr))
+            mode["resident_gib"] = _gib(torch.cuda.memory_allocated)
+            if "encode" not in results:
+                results["encode"] = encode_cost(tr, args.samples)
+            save()
+            mode.update(_timings(tr, args.steps))
+        tr = None
         _free()
     if args.agreement_steps:
         blocks = tuple(int(b) for b in args.agreement_blocks.split(","))
         deadline = started + args.deadline_s if args.deadline_s else float("inf")
-        results["modes"]["fp8_agreement"] = loss_agreement(
-            settings, cuda, args.agreement_steps, blocks, deadline
-        )
-        save()
+        mode = results["modes"]["fp8_agreement"] = {}
+        with _recorded(mode, save):
+            mode.update(loss_agreement(settings, cuda, args.agreement_steps, blocks, deadline))
     results["total_s"] = time.perf_counter() - started
     save()
     print(json.dumps(results, indent=1, default=str))
