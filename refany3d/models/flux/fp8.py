@@ -22,7 +22,9 @@ parameters (not buffers), which DDP does not re-broadcast at every forward.
 `convert_base_to_float8(flux)` swaps the frozen token linears of the double and single blocks in
 place, after the peft adapters were injected: a LoRA layer keeps its adapters and gets a
 `Float8Linear` as its `base_layer` (peft itself never sees an FP8 weight, so it cannot cast the
-adapters to it). The AdaLN modulation linears (`norm*.linear`: one row per sample and token kind,
+adapters to it). The order matters: `Float8Linear` is no `nn.Linear`, so peft refuses to inject
+into an already converted layer; adapters still save and load in the peft format (their state
+dict holds only the `lora_` tensors). The AdaLN modulation linears (`norm*.linear`: one row per sample and token kind,
 nothing to gain) and the embedders / output projection outside the blocks stay as they were.
 
 FP8 GEMMs need CUDA compute capability >= 8.9 (Ada, Hopper and later). `float8_unsupported(device)`

@@ -229,3 +229,24 @@ def test_fp8_base_model_trains_with_compiled_blocks_and_flex_attention_on_cuda(b
     assert _rel(outs[1].rgb, outs[0].rgb) < OUT_RTOL
     grads = [p.grad for n, p in f8.named_parameters() if "lora_B" in n and p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_adapters_trained_over_float8_base_save_and_load_in_peft_format(tmp_path, batch):
+    from safetensors.torch import load_file
+
+    from refany3d.models.flux import load_adapters, save_adapters
+    from refany3d.models.flux.io import ADAPTER_WEIGHTS
+
+    trained, fresh = make_model(), make_model()
+    for m in (trained, fresh):
+        convert_base_to_float8(m.flux, emulate=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trained.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_adapters(trained, tmp_path)
+    keys = load_file(tmp_path / "reference" / ADAPTER_WEIGHTS).keys()
+    assert keys and all("lora_" in k for k in keys)  # no FP8 base tensors in the adapter files
+    load_adapters(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(fresh, batch).rgb, forward(trained, batch).rgb, rtol=0, atol=0)
