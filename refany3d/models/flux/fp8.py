@@ -27,6 +27,10 @@ into an already converted layer; adapters still save and load in the peft format
 dict holds only the `lora_` tensors). The AdaLN modulation linears (`norm*.linear`: one row per sample and token kind,
 nothing to gain) and the embedders / output projection outside the blocks stay as they were.
 
+Why our own module and not torchao's `convert_to_float8_training`: torchao is not in the GPU
+machine's image (device KINDS.md), and its `Float8Linear` computes the weight-gradient GEMM of a
+frozen weight unless compile removes it (DESIGN §4).
+
 FP8 GEMMs need CUDA compute capability >= 8.9 (Ada, Hopper and later). `float8_unsupported(device)`
 says why a device cannot run them; the model then keeps its bf16 base and logs that line
 (transformer.py). `emulate=True` runs the same quantisation with the GEMM in fp32 on dequantised
