@@ -13,26 +13,46 @@ The tokenizers are the embedded character ones (same padded token counts, so the
 - loop: `train_step` on micro-batches from the data stream (Parquet shards, 2 loader workers, cached
   encodings read from the store, moved to the GPU, dropout, per-position noise).
 
-Usage: python bench/train_bench.py --out results.json [--tiny] [--steps 6]
+Modes (issue #26), each timed the same way; the top-level figures are the baseline:
+- baseline: bf16 base, prodigyopt's own Prodigy step (`optim.optimizer=prodigyopt`): today's figures.
+- `modes.fused_prodigy`: the same model, the fused Prodigy step (`optim.optimizer=prodigy`).
+- `modes.fp8_base`: `model.fp8_base=true` (FP8 frozen token linears) + the fused Prodigy step, a
+  fresh model (its peak memory is measured from its own build on).
+- `modes.fp8_agreement` (`--agreement-steps N`, 0 = off): "no loss in what is learnt". The same
+  configuration trained twice from the same seed (adapter init, sample order, dropout and noise are
+  functions of the seed and the sample position), with and without `fp8_base`, through
+  `train_step` on the bench's data: FLUX.1-dev's block dimensions (24 x 128, the real linear
+  shapes and the paper's 18,944 tokens) with `--agreement-blocks D,S` double/single blocks, fused
+  Prodigy; the two runs step in turn, so `--deadline-s` cuts both at the same step. Both loss
+  curves are written. Tolerance, stated before any run: the median over steps
+  of |loss_fp8 - loss_bf16| / loss_bf16 <= 2%, and the mean losses of the last half of the steps
+  within 1% of each other (`pass`).
+
+Usage: python bench/train_bench.py --out results.json [--tiny] [--steps 6] [--modes baseline,fp8_base]
+       [--agreement-steps 100 --agreement-blocks 2,4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import gc
 import io
 import json
 import platform
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from refany3d.config import TrainSettings, load_settings
+from refany3d.config import TrainSettings, load_settings, override
 from refany3d.models.flux.components import (
     FLUX_SCHEDULER_CONFIG,
     FluxComponents,
@@ -45,7 +65,13 @@ from refany3d.records import image_cell
 from refany3d.storage.shards import write_shard
 from refany3d.train import data as data_mod
 from refany3d.train.encode import encode_sample
-from refany3d.train.trainer import build_trainer, make_loader, prepare_micro_batch, train_step
+from refany3d.train.trainer import (
+    build_optimizer,
+    build_trainer,
+    make_loader,
+    prepare_micro_batch,
+    train_step,
+)
 
 FULL_FLUX = {
     "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
@@ -64,8 +90,9 @@ CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12
           "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
 
 
-def full_components(settings: TrainSettings, device: torch.device) -> FluxComponents:
-    """FLUX.1-dev-sized components with random weights, initialised on the device in bf16."""
+def full_components(settings: TrainSettings, device: torch.device, **flux_overrides) -> FluxComponents:
+    """FLUX.1-dev-sized components with random weights, initialised on the device in bf16
+    (`flux_overrides`: e.g. fewer blocks, for the loss-agreement runs)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -73,7 +100,7 @@ def full_components(settings: TrainSettings, device: torch.device) -> FluxCompon
     ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
     torch.manual_seed(0)
     with torch.device(device):
-        flux = FluxTransformer2DModel(**FULL_FLUX).to(torch.bfloat16)
+        flux = FluxTransformer2DModel(**{**FULL_FLUX, **flux_overrides}).to(torch.bfloat16)
         vae = AutoencoderKL(**FULL_VAE).to(torch.bfloat16)
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), **ids, **CLIP_L)).to(torch.bfloat16)
         t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), pad_token_id=0, eos_token_id=3, **T5_XXL))
@@ -194,13 +221,136 @@ def loop_step_times(tr, steps: int) -> list[float]:
     return times
 
 
+AGREEMENT_MEDIAN_RTOL = 0.02  # median over steps of |loss_fp8 - loss_bf16| / loss_bf16
+AGREEMENT_TAIL_RTOL = 0.01  # mean loss of the last half of the steps, fp8 against bf16
+MODES = ("baseline", "fused_prodigy", "fp8_base")
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gib(fn) -> float | None:
+    return fn() / 2**30 if torch.cuda.is_available() else None
+
+
+def _build(settings: TrainSettings, cuda: bool, **flux_overrides):
+    if cuda:
+        components = full_components(settings, torch.device("cuda"), **flux_overrides)
+    else:
+        components = load_components(settings.model)
+    return build_trainer(settings, components)
+
+
+def _use_optimizer(tr, name: str) -> None:
+    """Swap the trainer's optimizer (the model and its compiled blocks stay)."""
+    from refany3d.train.trainer import build_lr_scheduler
+
+    optim = dataclasses.replace(tr.settings.optim, optimizer=name)
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    tr.optimizer = build_optimizer(params, optim)
+    tr.lr_scheduler = build_lr_scheduler(tr.optimizer, optim.warmup_steps)
+    tr.settings = dataclasses.replace(tr.settings, optim=optim)
+
+
+def _timings(tr, steps: int, loop: bool = True) -> dict:
+    model = model_step_times(tr, warmup=2, steps=steps)
+    out = {
+        "optimizer": type(tr.optimizer).__name__,
+        "model_step_s": {"median": statistics.median(model), "all": model},
+    }
+    out["peak_gib"] = _gib(torch.cuda.max_memory_allocated)
+    if loop:
+        times = loop_step_times(tr, steps)
+        out["loop_step_s"] = {"median": statistics.median(times), "all": times}
+        out["loop_over_model"] = statistics.median(times) / statistics.median(model)
+    return out
+
+
+@contextlib.contextmanager
+def _recorded(mode: dict, save):
+    """Run one mode; an exception is written into its entry (the next mode still runs)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - a bench records what failed and goes on
+        mode["error"] = "".join(traceback.format_exception_only(exc)).strip()
+        traceback.print_exc()
+    save()
+
+
+def _fp8_linears(tr) -> int:
+    from refany3d.models.flux.fp8 import Float8Linear
+
+    return sum(isinstance(m, Float8Linear) for m in tr.model.modules())
+
+
+def loss_agreement(
+    settings: TrainSettings, cuda: bool, steps: int, blocks: tuple[int, int], deadline: float = float("inf")
+) -> dict:
+    """The same run with and without fp8_base (same seed, data, dropout and noise): both curves.
+    The two runs step in turn, so that a `deadline` (perf_counter) cuts both at the same step
+    (after at least 10)."""
+    requested, runs, linears = steps, {}, {}
+    for name, fp8 in (("bf16", False), ("fp8", True)):
+        run = override(settings, **{"model.fp8_base": fp8, "optim.optimizer": "prodigy"})
+        tr = _build(run, cuda, num_layers=blocks[0], num_single_layers=blocks[1])
+        linears[name] = _fp8_linears(tr)
+        runs[name] = (tr, iter(make_loader(tr)))
+    curves = {name: [] for name in runs}
+    for step in range(steps):
+        if step >= 10 and time.perf_counter() > deadline:
+            break
+        for name, (tr, stream) in runs.items():
+            curves[name].append(train_step(tr, [next(stream)])["loss"])
+    del runs, tr, stream
+    _free()
+    steps = len(curves["bf16"])
+    rel = [abs(a - b) / b for a, b in zip(curves["fp8"], curves["bf16"])]
+    half = steps // 2
+    tail = {k: statistics.fmean(v[half:]) for k, v in curves.items()}
+    tail_rel = abs(tail["fp8"] - tail["bf16"]) / tail["bf16"]
+    median = statistics.median(rel)
+    return {
+        "steps": steps,
+        "stopped_at_deadline": steps < requested,
+        "blocks": {"double": blocks[0], "single": blocks[1]},
+        "fp8_linears": linears,
+        "tolerance": {"median_step_rel": AGREEMENT_MEDIAN_RTOL, "tail_mean_rel": AGREEMENT_TAIL_RTOL},
+        "median_step_rel": median,
+        "max_step_rel": max(rel),
+        "tail_mean": tail,
+        "tail_mean_rel": tail_rel,
+        "pass": median <= AGREEMENT_MEDIAN_RTOL and tail_rel <= AGREEMENT_TAIL_RTOL,
+        "loss": curves,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="CPU validation with the tiny model at 32 px")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument(
+        "--agreement-steps", type=int, default=0, help="loss-agreement steps per run (0 = off)"
+    )
+    parser.add_argument(
+        "--agreement-blocks", default="2,4", help="double,single blocks of the agreement runs"
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0,
+        help="end the agreement runs this long after the start (0 = never)",
+    )
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.exit(2, f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}\n")
     cuda = not args.tiny
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
@@ -211,44 +361,62 @@ def main() -> None:
         "data.shards": str(root), "data.resolution": size, "data.condition_resolution": size,
         "data.num_workers": 2, "checkpoint.dir": str(tmp / "out"),
         "runtime.device": "cuda" if cuda else "cpu", "runtime.dtype": "bfloat16" if cuda else "float32",
-        "model.attention": "flex" if cuda else "grouped",
+        "model.attention": "flex" if cuda else "grouped", "optim.optimizer": "prodigyopt",
     }  # fmt: skip
     settings = load_settings(TrainSettings, None, {k: str(v) for k, v in dotted.items()}, environ={})
     started = time.perf_counter()
-    if cuda:
-        components = full_components(settings, torch.device("cuda"))
-    else:
-        components = load_components(settings.model)
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "base": components.label,
-        "tokens": {
-            "text": components.text_tokens,
-            "target": 2 * (size // 16) ** 2,
-            "cond": 16 * (size // 16) ** 2,
-        },
-        "optimizer": settings.optim.optimizer,
-        "build_s": time.perf_counter() - started,
+        "tokens": {"text": None, "target": 2 * (size // 16) ** 2, "cond": 16 * (size // 16) ** 2},
+        "optimizer": "prodigyopt",
+        "modes": {},
     }
 
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
 
-    tr = build_trainer(settings, components)
-    results["encode"] = encode_cost(tr, args.samples)
-    save()
-    model = model_step_times(tr, warmup=2, steps=args.steps)
-    results["model_step_s"] = {"median": statistics.median(model), "all": model}
-    if cuda:
-        results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    save()
-    loop = loop_step_times(tr, args.steps)
-    results["loop_step_s"] = {"median": statistics.median(loop), "all": loop}
-    results["loop_over_model"] = statistics.median(loop) / statistics.median(model)
-    results["counts"] = dict(tr.counts)
+    tr = None
+    if {"baseline", "fused_prodigy"} & set(modes):
+        tr = _build(settings, cuda)
+        results["build_s"] = time.perf_counter() - started
+        results["base"], results["tokens"]["text"] = tr.components.label, tr.components.text_tokens
+        results["encode"] = encode_cost(tr, args.samples)  # also fills the latent cache
+        save()
+        if "baseline" in modes:
+            base = _timings(tr, args.steps)
+            results.update({k: v for k, v in base.items() if k != "optimizer"}, counts=dict(tr.counts))
+            save()
+        if "fused_prodigy" in modes:
+            mode = results["modes"]["fused_prodigy"] = {}
+            with _recorded(mode, save):
+                _use_optimizer(tr, "prodigy")
+                mode.update(_timings(tr, args.steps))
+        del tr
+        _free()
+    if "fp8_base" in modes:
+        mode = results["modes"]["fp8_base"] = {}
+        with _recorded(mode, save):
+            fp8_settings = override(settings, **{"model.fp8_base": True, "optim.optimizer": "prodigy"})
+            built = time.perf_counter()
+            tr = _build(fp8_settings, cuda)
+            mode.update(build_s=time.perf_counter() - built, fp8_linears=_fp8_linears(tr))
+            mode["resident_gib"] = _gib(torch.cuda.memory_allocated)
+            if "encode" not in results:
+                results["encode"] = encode_cost(tr, args.samples)
+            save()
+            mode.update(_timings(tr, args.steps))
+        tr = None
+        _free()
+    if args.agreement_steps:
+        blocks = tuple(int(b) for b in args.agreement_blocks.split(","))
+        deadline = started + args.deadline_s if args.deadline_s else float("inf")
+        mode = results["modes"]["fp8_agreement"] = {}
+        with _recorded(mode, save):
+            mode.update(loss_agreement(settings, cuda, args.agreement_steps, blocks, deadline))
+    results["total_s"] = time.perf_counter() - started
     save()
     print(json.dumps(results, indent=1, default=str))
 

@@ -425,11 +425,17 @@ class ModelSettings(_Section):
         False,
         "condition tokens attend to their own view pair only (not text/targets): sampling computes their keys/values once",
     )
+    fp8_base: bool = _opt(
+        False,
+        "frozen base linears of the blocks in FP8 (e4m3, CUDA capability >= 8.9; elsewhere bf16/fp32 and a log line)",
+    )
 
 
 @dataclass(frozen=True)
 class OptimSettings(_Section):
-    optimizer: Literal["prodigy", "adamw"] = _opt("prodigy", "optimizer")
+    optimizer: Literal["prodigy", "prodigyopt", "adamw"] = _opt(
+        "prodigy", "optimizer (prodigy: prodigyopt's update, fused step; prodigyopt: the library's step)"
+    )
     lr: float = _opt(1.0, "learning rate (1.0 for Prodigy)", gt=0.0)
     weight_decay: float = _opt(0.01, "weight decay", ge=0.0)
     grad_clip: float = _opt(0.5, "gradient norm clip", gt=0.0)

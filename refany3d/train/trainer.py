@@ -82,11 +82,15 @@ class Trainer:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], settings: OptimSettings) -> torch.optim.Optimizer:
-    """Prodigy as DESIGN §5 (lr 1, bias correction, safeguard warm-up, weight decay), or AdamW."""
-    if settings.optimizer == "prodigy":
+    """Prodigy as DESIGN §5 (lr 1, bias correction, safeguard warm-up, weight decay), or AdamW.
+    `prodigy` is prodigyopt's update with a fused step (train/prodigy.py), `prodigyopt` the
+    library's own step; their state is the same, so a run may switch between them on resume."""
+    if settings.optimizer in ("prodigy", "prodigyopt"):
         from prodigyopt import Prodigy
 
-        return Prodigy(
+        from refany3d.train.prodigy import FusedProdigy
+
+        return (FusedProdigy if settings.optimizer == "prodigy" else Prodigy)(
             params,
             lr=settings.lr,
             weight_decay=settings.weight_decay,

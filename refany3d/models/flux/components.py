@@ -205,6 +205,7 @@ def wrap_transformer(flux: nn.Module, settings: ModelSettings) -> RefAny3DTransf
         checkpoint_saves_attention=settings.checkpoint_saves_attention,
         compile_blocks=settings.compile_blocks,
         independent_conditions=settings.independent_conditions,
+        fp8_base=settings.fp8_base,
     )
 
 

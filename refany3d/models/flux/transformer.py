@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,11 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from refany3d.models.flux.attention import AttentionKind, ConditionKV, GroupAttention
+from refany3d.models.flux.fp8 import convert_base_to_float8, float8_unsupported
 from refany3d.models.flux.lora import LoraRoutes, Route, add_adapters, lora_routes, routed_linear
 from refany3d.models.flux.positions import TEXT, TokenLayout, token_ids
+
+logger = logging.getLogger("refany3d.models.flux")
 
 # diffusers' own tiny Flux test config, with 64 input channels (packed 16-channel VAE latents).
 TINY_FLUX_CONFIG = {
@@ -169,6 +173,15 @@ def single_block_forward(
     return _gated_residual(hidden_states, out, gate, sizes)
 
 
+def _fp8_or_warn(param: torch.Tensor) -> bool:
+    """Whether the base on `param`'s device can run in FP8; where not, one warning line says why."""
+    reason = float8_unsupported(param.device)
+    if reason:
+        dtype = str(param.dtype).removeprefix("torch.")
+        logger.warning("model.fp8_base: %s; the frozen base stays in %s", reason, dtype)
+    return reason is None
+
+
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
@@ -286,6 +299,9 @@ class RefAny3DTransformer(nn.Module):
             or the targets (off = the paper's attention). Then their keys and values are the same at
             every denoising step: `encode_conditions` computes them once and `forward(conditions=...)`
             reuses them.
+        fp8_base: run the frozen token linears of the blocks in FP8 (fp8.py), converted after the
+            adapters are injected. Where the device cannot (CPU, CUDA below compute capability 8.9)
+            the base stays as it is and one warning line says why.
     """
 
     def __init__(
@@ -302,6 +318,7 @@ class RefAny3DTransformer(nn.Module):
         checkpoint_saves_attention: bool = True,
         compile_blocks: bool = True,
         independent_conditions: bool = False,
+        fp8_base: bool = False,
     ):
         super().__init__()
         self.flux = flux
@@ -314,6 +331,9 @@ class RefAny3DTransformer(nn.Module):
             if p.requires_grad:
                 p.data = p.data.float()
         self.domain_switcher = DomainSwitcher(flux.inner_dim).to(param.device, torch.float32)
+        self.fp8_base = fp8_base and _fp8_or_warn(param)
+        if self.fp8_base:
+            convert_base_to_float8(flux)
         self.shared_positions = shared_positions
         self.text_agnostic = text_agnostic
         self.domain_lora = domain_lora
