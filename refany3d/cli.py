@@ -133,12 +133,23 @@ def _parser() -> argparse.ArgumentParser:
         "pointer of scheduled retraining; none = untrained adapters",
     )
     sample.add_argument(
+        "--base",
+        metavar="DIR",
+        help="base model (model.pretrained: a FLUX.1-dev snapshot directory); default: the one the "
+        "checkpoint's config.json names",
+    )
+    sample.add_argument(
         "--out", required=True, metavar="DIR", help="directory for the images and contact sheet"
     )
     sample.add_argument(
         "--views", type=int, metavar="N", help="orbit views of the asset (render.views; default 8)"
     )
-    sample.add_argument("--steps", type=int, metavar="N", help="denoising steps (sampler.steps; default 28)")
+    sample.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="denoising steps (sampler.steps; default: the checkpoint's, else 28)",
+    )
     sample.add_argument("--guidance", type=float, metavar="G", help="guidance embedding (default 3.5)")
     sample.add_argument(
         "--image-guidance",
@@ -316,6 +327,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "sampler.guidance": args.guidance,
         "sampler.image_guidance": args.image_guidance,
         "sampler.seed": args.seed,
+        "model.pretrained": args.base,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_overrides(args.overrides))
@@ -334,7 +346,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
     # the model flags come from the checkpoint; only those the user set can conflict with it
     explicit = explicit_keys(SampleSettings, args.config, overrides)
-    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora, explicit)
+    pipe = RefAny3DPipeline.from_pretrained(args.lora, base=args.base, settings=settings, explicit=explicit)
     try:
         sample = pipe(mesh, args.prompt)
     except AssetError as err:  # e.g. an orbit view that shows nothing of the asset

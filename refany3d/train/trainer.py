@@ -327,7 +327,7 @@ def save_checkpoint(tr: Trainer, metrics: dict[str, float] | None = None) -> ckp
             tr.position,
             facts,
             tr.settings.checkpoint.keep,
-            config=ckpt.model_config(tr.settings.model, unwrapped, base),
+            config=ckpt.model_config(tr.settings.model, unwrapped, base, ckpt.pipeline_defaults(tr.settings)),
         )
     tr.accelerator.wait_for_everyone()
     return info
