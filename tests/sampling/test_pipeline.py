@@ -14,7 +14,13 @@ from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
 
 SETTINGS = override(
     SampleSettings(),
-    **{"sampler.resolution": 48, "sampler.steps": 2, "render.resolution": 32, "render.views": 2, "model.num_views": 2},
+    **{
+        "sampler.resolution": 48,
+        "sampler.steps": 2,
+        "render.resolution": 32,
+        "render.views": 2,
+        "model.num_views": 2,
+    },
 )
 
 
