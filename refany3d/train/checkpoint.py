@@ -209,7 +209,10 @@ def model_card(config: dict[str, Any], manifest: dict[str, Any]) -> str:
         + ".\n\n| model flag (`config.json`) | value |\n|---|---|\n"
         + flags
         + "\n\nSample with it: `refany3d sample --lora <this directory> --asset mesh.glb --prompt ...` "
-        + "(the model flags come from `config.json`).\n"
+        + "(the model flags come from `config.json`), or from Python:\n\n```python\n"
+        + "from refany3d.sampling import RefAny3DPipeline\n\n"
+        + 'pipe = RefAny3DPipeline.from_pretrained("<this directory>")\n'
+        + 'out = pipe("mesh.glb", "a prompt")  # out.images[0], out.point_maps[0]\n```\n'
     )
 
 
