@@ -167,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--dataset", metavar="URL", help="shards whose meshes stand in for samples without asset.glb"
     )
+    evaluate.add_argument(
+        "--generate",
+        action="store_true",
+        help="first draw one sample per --dataset asset into --samples with the pipeline of --lora",
+    )
+    evaluate.add_argument(
+        "--lora", metavar="DIR", help="with --generate: the checkpoint (none = untrained adapters)"
+    )
+    evaluate.add_argument(
+        "--limit", type=int, default=0, metavar="N", help="with --generate: the first N assets (0 = all)"
+    )
     _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
     config = sub.add_parser(
@@ -365,11 +376,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from refany3d.evaluate.run import find_samples, metrics_table
 
     settings = load_settings(EvaluateSettings, args.config, parse_overrides(args.overrides))
-    find_samples(args.samples)  # no samples: one line, before Prefect starts
+    if args.generate:  # bad inputs: one line, before Prefect starts
+        from refany3d.evaluate.generate import dataset_assets
+        from refany3d.train.checkpoint import resolve_adapters
+
+        if not args.dataset:
+            raise SettingsError("--generate: needs --dataset (the shards whose assets are drawn)")
+        if args.lora:
+            resolve_adapters(args.lora)
+        if next(dataset_assets(args.dataset, 1), None) is None:
+            raise FileNotFoundError(f"--dataset {args.dataset!r}: no row with a mesh (mesh_glb)")
+    elif args.lora:
+        raise SettingsError("--lora: only with --generate (scoring existing samples needs no model)")
+    else:
+        find_samples(args.samples)  # no samples: one line, before Prefect starts
     _prefect_defaults()
     from refany3d.flows.evaluate import evaluate
 
-    report = evaluate(args.samples, settings, args.dataset or "")
+    report = evaluate(
+        args.samples, settings, args.dataset or "", generate=args.generate, lora=args.lora, limit=args.limit
+    )
     for line in metrics_table(report):
         print(line)
     for note in report["notes"]:
