@@ -49,7 +49,13 @@ def accelerator_kwargs(settings: TrainSettings) -> dict[str, Any]:
     """`Accelerator(...)` arguments of `checkpoint.report_to` ({} for none)."""
     if settings.checkpoint.report_to == "none":
         return {}
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    if not is_tensorboard_available():
+        raise SettingsError(
+            "checkpoint.report_to: 'tensorboard', but the tensorboard package is not installed "
+            "(pip install tensorboard); or set checkpoint.report_to=none"
+        )
 
     directory = logging_dir(settings)
     return {
