@@ -112,15 +112,37 @@ def evaluate_adapters(
     meshes = [load_mesh(r["mesh_glb"], file_type="glb") for r in rows]
     reports = {}
     for label, source in adapters.items():
-        pipe.load_lora_weights(source)
+        drawing = _pipeline_for(pipe, settings, source)
         per_sample = {}
         for raw, mesh in zip(samples, meshes):
-            image, point_map = generate(pipe, raw, settings.optim.seed)
+            image, point_map = generate(drawing, raw, settings.optim.seed)
             refs = list(_uint8(raw.views_rgb)) if views else []
             sample = GeneratedSample(raw.sample_id, image, point_map, refs, mesh, raw.caption)
             per_sample[raw.sample_id] = evaluate_sample(sample, evaluation, models)
         reports[label] = build_report(per_sample, notes, evaluation)
     return reports
+
+
+def _pipeline_for(pipe, settings: TrainSettings, source: str):
+    """`pipe` with the adapters of `source`; where they were trained with other model flags (a
+    promoted run of an earlier version), a pipeline of their own flags on the same base, so each
+    is drawn as it was trained. ValueError for another number of views: not the same rows."""
+    import dataclasses
+
+    from refany3d.config import SettingsError
+    from refany3d.train.checkpoint import read_config, resolve_adapters, settings_from_config
+
+    try:
+        return pipe.load_lora_weights(source)
+    except SettingsError:
+        config = read_config(resolve_adapters(source)[0])
+        model, _ = settings_from_config(settings.model, config, frozenset(), str(source))
+    if model.num_views != settings.model.num_views:
+        raise ValueError(
+            f"{source}: trained with {model.num_views} views, the candidate with "
+            f"{settings.model.num_views}; their held-out samples are not comparable"
+        )
+    return heldout_pipeline(dataclasses.replace(settings, model=model)).load_lora_weights(source)
 
 
 def compare(candidate: dict[str, float], promoted: dict[str, float], tolerance: float) -> list[dict]:

@@ -110,3 +110,25 @@ def test_held_out_samples_are_what_a_users_pipeline_of_the_run_generates(rows, t
     image, point_map = generate(pipe, raw, seed=3)
     mine, mine_pm = user.generate(row_views(raw), raw.caption, generator=torch.Generator().manual_seed(3))
     assert image.shape == (32, 32, 3) and np.array_equal(image, mine) and np.array_equal(point_map, mine_pm)
+
+
+def test_a_promoted_run_of_other_model_flags_is_drawn_with_its_own(rows, tmp_path):
+    import json
+    import shutil
+
+    root = write_dataset(tmp_path / "data", rows)
+    settings = tiny_settings(root, tmp_path / "a", **{"data.holdout_fraction": 0.5, "optim.steps": 1})
+    run_training(settings)
+    shutil.copytree(tmp_path / "a", tmp_path / "old")
+    (step,) = (tmp_path / "old" / "checkpoints").glob("step-*")
+    config = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**config, "text_agnostic": False}))  # an earlier flag
+    (step / "manifest.json").write_text(  # the digest of the edited config.json, as it was written
+        json.dumps({**json.loads((step / "manifest.json").read_text()), "digests": {}})
+    )
+    reports = evaluate_adapters(
+        settings, {"candidate": str(tmp_path / "a"), "promoted": str(tmp_path / "old")}
+    )
+    assert set(reports["promoted"]["samples"]) == set(reports["candidate"]["samples"])
+    # same adapters, another attention rule for the point map: other samples
+    assert reports["promoted"]["mean"] != reports["candidate"]["mean"]
