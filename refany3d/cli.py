@@ -67,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--runner", choices=["thread", "dask"], help="task runner for in-flow fan-out (runtime.runner)"
     )
+    build.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="split the source into N row ranges, each a run of the build deployment on its pool's "
+        "workers (needs PREFECT_API_URL, `refany3d deploy` and workers; docs/operating.md)",
+    )
+    build.add_argument(
+        "--deployment",
+        metavar="NAME",
+        help="the deployment that runs the partitions (default build-dataset/cpu, /gpu for cuda)",
+    )
     _add_settings_args(build, "verify.min_iou=0.85")
 
     synth = sub.add_parser("synth", help="write the embedded synthetic source (Subjects200K format + truth)")
@@ -105,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
         "--cron",
         metavar="CRON",
         help="cron schedule of the train deployment (none: remove; default: keep the existing ones)",
+    )
+    deploy.add_argument(
+        "--zombie-after",
+        type=int,
+        default=90,
+        metavar="SECONDS",
+        help="mark a flow run Crashed after this long without a heartbeat (its worker died); "
+        "a partitioned build then starts its partition again",
     )
     _add_settings_args(deploy, "runtime.gpu_slots=2")
     deploy.add_argument(
@@ -239,11 +259,50 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for reject in preflight(settings):
         print(f"refany3d build: skipping {reject.detail} (source.skip_bad_files)", file=sys.stderr)
     _prefect_defaults()
+    if args.partitions is not None:
+        return _build_partitioned(args, settings)
     from refany3d.flows.build_dataset import build_dataset
 
     result = build_dataset(settings)
     _print_summary(result)
     return 0
+
+
+def _build_partitioned(args: argparse.Namespace, settings: BuildSettings) -> int:
+    """`build --partitions N`: this process is the parent; the pool's workers build the partitions."""
+    from refany3d.flows.deployments import _absolute_paths, api_url
+    from refany3d.flows.partitioned import build_dataset_partitioned, child_deployment
+
+    if args.partitions < 1:
+        raise SettingsError(f"--partitions: {args.partitions} is not a positive number")
+    if not api_url():
+        raise SettingsError(
+            "--partitions: no Prefect API; start a server, set PREFECT_API_URL, run `refany3d deploy` "
+            "and start workers (docs/operating.md)"
+        )
+    deployment = args.deployment or child_deployment(settings)
+    _check_deployment(deployment)
+    settings = _absolute_paths(settings)  # the workers run in other working directories
+    state = build_dataset_partitioned(settings, args.partitions, deployment, return_state=True)
+    if not state.is_completed():
+        print(f"refany3d build: failed: {' '.join((state.message or state.name).split())}", file=sys.stderr)
+        return 1
+    _print_summary(state.result())
+    return 0
+
+
+def _check_deployment(name: str) -> None:
+    """SettingsError (one line) unless deployment `name` is registered with the API server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise SettingsError(
+                f"--deployment: {name!r} is not registered with {client.api_url}; run `refany3d deploy`"
+            ) from None
 
 
 def _train_settings(args: argparse.Namespace):
@@ -285,8 +344,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from refany3d.flows.deployments import HEARTBEAT_S, api_url, deploy
+
+    if args.zombie_after <= HEARTBEAT_S:
+        raise SettingsError(
+            f"--zombie-after: {args.zombie_after} s is not longer than the {HEARTBEAT_S} s between "
+            "heartbeats; healthy runs would be marked Crashed"
+        )
     _prefect_defaults()
-    from refany3d.flows.deployments import api_url, deploy
 
     if not api_url():
         print(
@@ -301,7 +366,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     train = {"data.holdout_fraction": HOLDOUT_FRACTION, **parse_overrides(args.train_overrides)}
     train_base = load_settings(TrainSettings, None, train)
     pools = tuple(args.pools or ("cpu", "gpu"))
-    for row in deploy(pools, base, args.build_cron, args.cron, train_base):
+    for row in deploy(pools, base, args.build_cron, args.cron, train_base, args.zombie_after):
         print(f"{row.name:22} pool {row.pool:4} {row.status}")
     print(
         f"start a worker per pool: prefect worker start --pool cpu  (and --pool gpu on GPU machines); API {api_url()}"

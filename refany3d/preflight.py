@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import uuid
 
-from fsspec.core import url_to_fs
-
 from refany3d.config import BuildSettings, SettingsError
 from refany3d.records import Rejection
+from refany3d.storage.fs import atomic_rename, url_to_fs
 from refany3d.storage.store import join
 
 
@@ -48,7 +47,8 @@ def check_writable(url: str, setting: str) -> None:
     it; SettingsError naming `setting` when that fails (read-only, a file in the way, no access)."""
     try:
         fs, path = url_to_fs(url)
-        fs.makedirs(path, exist_ok=True)
+        if atomic_rename(fs):  # local: create it; an object store has no directories, and the
+            fs.makedirs(path, exist_ok=True)  # bucket must exist (a build never creates one)
         probe = join(path, f".refany3d-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         with fs.open(probe, "wb") as fh:
             fh.write(b"")

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# chromium: the browser of the Prefect UI tests (dev only, not in the worker images).
-bash scripts/install_system_deps.sh chromium
+# chromium: the browser of the Prefect UI tests; postgresql: the throwaway database of the
+# many-workers test (tests/flows/test_partitioned_e2e.py). Dev only, not in the worker images.
+bash scripts/install_system_deps.sh chromium postgresql
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3

@@ -9,3 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server for the session (`tests/s3server.py`); each test takes its own bucket."""
+    from tests.s3server import s3_server
+
+    with s3_server() as server:
+        yield server

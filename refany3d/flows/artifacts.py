@@ -88,6 +88,17 @@ class BuildReport:
         if c["batches"] == self.n_batches or now - self._last_table > self.table_every_s:
             self._publish_table(f"{self._done}/{self._total} tasks")
 
+    def add_counts(self, counts: dict[str, dict[str, int]], reasons: dict[str, dict[str, int]]) -> None:
+        """Add another report's counters (a finished partition's, `counts` and `reasons`)."""
+        for stage, c in counts.items():
+            for k, v in c.items():
+                self.counts[stage][k] += v
+            for reason, n in reasons.get(stage, {}).items():
+                self.reasons[stage][reason] = self.reasons[stage].get(reason, 0) + n
+        self._done = sum(c["batches"] for c in self.counts.values())
+        update_progress_artifact(self._progress_id, 100.0 * self._done / self._total)
+        self._publish_table(f"{self._done}/{self._total} tasks")
+
     def add_file_rejects(self, stage: str, rejections: list[Rejection]) -> None:
         """Count rejects that belong to no batch (whole source files skipped before planning)."""
         self.counts[stage]["dropped"] += len(rejections)

@@ -10,6 +10,7 @@ build's), then writes the dataset card, `stats.json` and the Prefect artifacts.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -29,6 +30,7 @@ from refany3d.stages.dag import build_stages, plan_inputs, uses_truth
 from refany3d.stages.keys import batch_keys, file_fingerprint, weights_fingerprints
 from refany3d.stages.read_source import SourceBatch, plan_source
 from refany3d.storage.card import ensure_build_id, write_card
+from refany3d.storage.partitions import Partition, partition_key, write_partition_marker
 from refany3d.storage.shards import DATA_DIR, list_tables, prune_outputs, write_rejects
 from refany3d.storage.store import ArtifactStore, join
 from refany3d.storage.versions import write_version
@@ -49,10 +51,39 @@ class _Outputs:
         self.markers.add(f"{key}.json")
         self.gallery += result.kept[: max(0, GALLERY_SAMPLES - len(self.gallery))]
 
+    def summary(self, report: BuildReport) -> dict[str, Any]:
+        """What a partition's marker holds (`storage/partitions.py`)."""
+        return {
+            "files": sorted(self.files),
+            "markers": sorted(self.markers),
+            "counts": report.counts,
+            "reasons": report.reasons,
+            "gallery": [dataclasses.asdict(s) for s in self.gallery],
+        }
 
-@flow(name="build-dataset", flow_run_name="{settings.dataset_name}", log_prints=True)
-def build_dataset(settings: BuildSettings) -> dict[str, Any] | State:
-    """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts."""
+    def add_partition(self, summary: dict[str, Any]) -> None:
+        """Take in a finished partition's marker (the parent of a partitioned build)."""
+        self.files.update(summary["files"])
+        self.markers.update(summary["markers"])
+        more = [Sample(**d) for d in summary["gallery"]]
+        self.gallery += more[: max(0, GALLERY_SAMPLES - len(self.gallery))]
+
+
+def _run_name() -> str:
+    """The dataset's name; a partition's run adds the partition (`<name>-part-002-of-004`)."""
+    from prefect.context import FlowRunContext
+
+    params = FlowRunContext.get().parameters
+    settings, part = params["settings"], params.get("partition")  # validated: the settings object
+    return settings.dataset_name + (f"-{part.name}" if part else "")
+
+
+@flow(name="build-dataset", flow_run_name=_run_name, log_prints=True)
+def build_dataset(settings: BuildSettings, partition: Partition | None = None) -> dict[str, Any] | State:
+    """Build the dataset of `settings` up to `settings.until`; returns the per-stage counts.
+
+    With a `partition` (a child run of `build-dataset-partitioned`), build only its rows, commit
+    its partition marker and leave the card, stats and version to the parent."""
     logger = get_run_logger()
     try:  # before anything is written: a relative output would vanish with the worker's temp dir
         refuse_relative(
@@ -65,27 +96,53 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any] | State:
     limit_malloc_arenas()  # before the task runner starts its threads
     build_id = ensure_build_id(settings.storage.out)
     batches = plan_source(settings)
-    storage = result_storage(settings)
-    stages = build_stages(settings.until)
-    tasks = {s: stage_task(s).with_options(result_storage=storage) for s in stages}
-    window = settings.runtime.batches_in_flight
+    keys = plan_keys(settings, batches)
+    if partition is not None:
+        chosen = partition.select(batches)
+        picked = set(chosen)
+        keys = [k for b, k in zip(batches, keys) if b in picked]
+        batches, file_rejects = chosen, []  # the parent counts and writes the file rejects
+    name = settings.dataset_name + (f"-{partition.name}" if partition else "")
+    report = BuildReport(name, build_stages(settings.until), len(batches))
     logger.info(
-        "building %r into %s: %d batch(es) of <= %d rows, %d in flight, stages %s, %s runner",
-        settings.dataset_name, settings.storage.out, len(batches), settings.runtime.batch_size, window,
-        " -> ".join(stages), settings.runtime.runner,
+        "building %r%s into %s: %d batch(es) of <= %d rows, %d in flight, stages %s, %s runner",
+        settings.dataset_name, f" ({partition.name}, rows {partition.start}-{partition.stop})" if partition else "",
+        settings.storage.out, len(batches), settings.runtime.batch_size, settings.runtime.batches_in_flight,
+        " -> ".join(report.stages), settings.runtime.runner,
     )  # fmt: skip
-    report = BuildReport(settings.dataset_name, stages, len(batches))
-    report.add_file_rejects("source", file_rejects)
-    outputs = _Outputs()
-    if file_rejects:
-        outputs.files.add(write_rejects(settings.storage.out, "source-files", file_rejects))
+    outputs = run_batches(settings, batches, keys, build_id, report)
+    if partition is not None:
+        summary = outputs.summary(report)
+        write_partition_marker(
+            settings.storage.out, partition, partition_key([k["shard"] for k in keys]), summary
+        )
+        logger.info("%s: committed %d table(s)", partition.name, len(summary["files"]))
+        return {"stats": report.stats(), "files": summary["files"], "flow_run_id": str(flow_run.id)}
+    return finish_build(settings, report, outputs, file_rejects)
+
+
+def plan_keys(settings: BuildSettings, batches: list[SourceBatch]) -> list[dict[str, str]]:
+    """Each batch's stage content keys (`stages/keys.py`)."""
     file_hashes = {url: file_fingerprint(url) for url in {b.url for b in batches}}
     weights = weights_fingerprints(settings)
-    keys = [batch_keys(settings, b.content_ref, file_hashes[b.url], weights) for b in batches]
+    return [batch_keys(settings, b.content_ref, file_hashes[b.url], weights) for b in batches]
+
+
+def run_batches(
+    settings: BuildSettings,
+    batches: list[SourceBatch],
+    keys: list[dict[str, str]],
+    build_id: str,
+    report: BuildReport,
+) -> _Outputs:
+    """Run every stage task of `batches`, a window of batches in flight; count them in `report`."""
+    storage = result_storage(settings)
+    tasks = {s: stage_task(s).with_options(result_storage=storage) for s in report.stages}
+    outputs = _Outputs()
     todo = list(enumerate(batches))[::-1]
     with task_runner(settings) as runner:
         scheduler = Scheduler(runner, tasks, settings, build_id)
-        for _ in range(min(window, len(todo))):
+        for _ in range(min(settings.runtime.batches_in_flight, len(todo))):
             i, batch = todo.pop()
             scheduler.start(i, batch, keys[i])
         for _ in batches:
@@ -96,7 +153,19 @@ def build_dataset(settings: BuildSettings) -> dict[str, Any] | State:
             if todo:
                 j, batch = todo.pop()
                 scheduler.start(j, batch, keys[j])
+    return outputs
+
+
+def finish_build(
+    settings: BuildSettings, report: BuildReport, outputs: _Outputs, file_rejects: list
+) -> dict[str, Any]:
+    """Finalise a whole build: drop what it did not write, then the card, `stats.json`, the
+    artifacts and, last, the dataset version."""
+    logger = get_run_logger()
     out = settings.storage.out
+    if file_rejects:
+        report.add_file_rejects("source", file_rejects)
+        outputs.files.add(write_rejects(out, "source-files", file_rejects))
     for stale in prune_outputs(out, outputs.files, outputs.markers):
         logger.info("removed %s: not part of this build (an earlier build's output)", stale)
     shards = list_tables(out, DATA_DIR)

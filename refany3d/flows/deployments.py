@@ -1,5 +1,6 @@
-"""Deployments of the refany3d flows: `build-dataset` and `train` on the `cpu` and `gpu` work pools
-(process type), or served in-process for one-machine setups.
+"""Deployments of the refany3d flows: `build-dataset` and `train` on the `cpu` and `gpu` work pools,
+`build-dataset-partitioned` on `control` (process type), or served in-process for one-machine
+setups.
 
 Entry points are module paths (`refany3d.flows.build_dataset.build_dataset`), so a worker on any
 machine with the package installed (a virtualenv, the docker images) can run them; no code upload.
@@ -19,10 +20,22 @@ from refany3d import __version__
 from refany3d.config import BuildSettings, SettingsError, override, to_dict
 
 POOLS = ("cpu", "gpu")
+# The parent of a partitioned build only waits for its children; on its own pool it never takes a
+# slot of the cpu/gpu workers that run them (docs/operating.md, "Many workers").
+CONTROL_POOL = "control"
+PARTITIONS = 4  # default partitions of the build-dataset-partitioned deployment
+HEARTBEAT_S = 30  # flow-run heartbeats (Prefect's minimum), for the zombie automation
+ZOMBIE_AFTER_S = 90  # a running flow run with no heartbeat for this long is marked Crashed
+ZOMBIE_AUTOMATION = "refany3d-crash-zombie-flow-runs"
 NO_CRON = "none"  # --cron none / --build-cron none: remove the schedules
 HOLDOUT_FRACTION = 0.05  # of the samples, held out of scheduled retraining to evaluate each version
 # Environment of flow-run processes: stage loggers reach the UI, headless GL for the renderer.
-JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "refany3d", "PYOPENGL_PLATFORM": "egl"}
+# Heartbeats let the zombie automation mark the run of a dead worker Crashed.
+JOB_ENV = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "refany3d",
+    "PYOPENGL_PLATFORM": "egl",
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,47 @@ def ensure_pools(pools: tuple[str, ...] = POOLS) -> None:
                 pass
 
 
+def ensure_zombie_automation(after_s: int = ZOMBIE_AFTER_S) -> None:
+    """The automation that marks a flow run Crashed when its heartbeats stop for `after_s` seconds
+    (its worker's machine died), as Prefect's docs do for self-hosted servers: the parent of a
+    partitioned build then starts that partition again. Replaced when `after_s` changed."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        found = Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:
+        found = None
+    if found is not None and found.trigger.within == timedelta(seconds=after_s):
+        return
+    if found is not None:
+        found.delete()
+    finals = ("Completed", "Failed", "Cancelled", "Crashed")
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description=f"refany3d: a flow run with no heartbeat for {after_s} s is marked Crashed",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in finals)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED, message=f"no heartbeat for {after_s} s: its worker is gone"
+            )
+        ],
+    ).create()
+
+
 def _deployment(flow: Flow, name: str, pool: str | None, parameters: dict[str, Any], cron: str | None):
     return flow.to_deployment(
         name=name,
@@ -172,20 +226,33 @@ def deploy(
     build_cron: str | None = None,
     train_cron: str | None = None,
     train_base: Any = None,
+    zombie_after_s: int = ZOMBIE_AFTER_S,
 ) -> list[Registered]:
     """Register `build-dataset/<pool>` and `train/<pool>` with the API server. A cron of None keeps
     a deployment's existing schedules, `none` removes them; `train_cron` goes to train/gpu when
     `pools` has gpu, else to train/cpu."""
     from refany3d.flows.build_dataset import build_dataset
+    from refany3d.flows.partitioned import build_dataset_partitioned
 
     check_cron(build_cron, train_cron)
-    ensure_pools(pools)
+    ensure_pools((*pools, CONTROL_POOL))
+    ensure_zombie_automation(zombie_after_s)
     done = []
     for pool in pools:
         params = build_parameters(pool, base)
         scheduled = _apply(_deployment(build_dataset, pool, pool, params, build_cron), pool, build_cron)
         where = params["settings"]["storage"]["out"]
         done.append(Registered(f"build-dataset/{pool}", pool, f"registered, out {where}; {scheduled}"))
+    params = {**build_parameters("cpu", base), "partitions": PARTITIONS}
+    parent = _deployment(build_dataset_partitioned, CONTROL_POOL, CONTROL_POOL, params, None)
+    scheduled = _apply(parent, CONTROL_POOL, None)
+    done.append(
+        Registered(
+            "build-dataset-partitioned/control",
+            CONTROL_POOL,
+            f"registered, {PARTITIONS} partitions on build-dataset/cpu (gpu for runtime.device=cuda); {scheduled}",
+        )
+    )
     train = train_flow()
     # One retraining schedule: two train deployments on one cron would train each version twice
     # into the same `out`. It goes to train/gpu when deployed, else train/cpu.

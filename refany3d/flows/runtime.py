@@ -14,6 +14,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from refany3d.config import BuildSettings, SettingsError
+from refany3d.storage.fs import S3_PROTOCOLS, s3_options
 from refany3d.storage.store import join
 
 
@@ -41,8 +42,18 @@ def result_storage(settings: BuildSettings) -> Path | str:
     if "://" not in url or url.startswith("file://"):
         return Path(os.path.abspath(url.removeprefix("file://")))
     name = "refany3d-results-" + hashlib.sha256(url.encode()).hexdigest()[:12]
-    RemoteFileSystem(basepath=url).save(name, overwrite=True)
+    RemoteFileSystem(basepath=url, settings=_remote_settings(url)).save(name, overwrite=True)
     return f"remote-file-system/{name}"
+
+
+def _remote_settings(url: str) -> dict:
+    """fsspec options of the result store: for s3, the endpoint and region of `s3_options` and no
+    listing cache (other workers write records). Credentials stay out: the block is stored on the
+    server, and each worker's botocore reads its own from the AWS environment variables."""
+    if not url.startswith(S3_PROTOCOLS):
+        return {}
+    options = {k: v for k, v in s3_options().items() if k in ("client_kwargs",)}
+    return {**options, "use_listings_cache": False}
 
 
 def task_runner(settings: BuildSettings) -> TaskRunner:

@@ -21,12 +21,12 @@ import tempfile
 from typing import Any
 
 import yaml
-from fsspec.core import url_to_fs
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 
 from refany3d.config import EvaluateSettings, SettingsError, TrainSettings, override, to_dict
 from refany3d.flows.runtime import refuse_relative
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join
 from refany3d.storage.versions import read_version
 from refany3d.train.checkpoint import POINTER, list_checkpoints, read_pointer, write_pointer

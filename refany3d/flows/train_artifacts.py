@@ -6,11 +6,11 @@ import base64
 import io
 import os
 
-from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from refany3d.flows.artifacts import artifact_key
+from refany3d.storage.fs import url_to_fs
 
 CURVE_SIZE = (640, 240)
 

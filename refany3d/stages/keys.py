@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from refany3d.code_fingerprints import PACKAGE, code_digest, module_closure, module_fingerprint
 from refany3d.config import BuildSettings
 from refany3d.stages.dag import DEVICE_FIELDS, STAGES, build_stages, plan_inputs, shard_columns
+from refany3d.storage.fs import url_to_fs
 
 __all__ = [
     "batch_keys",

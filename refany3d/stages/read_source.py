@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from refany3d.config import BuildSettings, SettingsError
 from refany3d.records import Rejection, Sample, StageResult, error_detail, subjects200k_schema
 from refany3d.stages.context import StageContext
+from refany3d.storage.fs import url_to_fs
 
 STAGE = "source"
 MISSING_FIELD = "missing_field"

@@ -7,9 +7,9 @@ import uuid
 from typing import Any
 
 import yaml
-from fsspec.core import url_to_fs
 
 from refany3d.records import SHARD_SCHEMA_VERSION
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join, write_atomic
 
 

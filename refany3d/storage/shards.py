@@ -21,9 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from refany3d.records import Rejection, reject_schema, shard_schema
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join, write_atomic
 
 DATA_DIR = "data"

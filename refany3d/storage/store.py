@@ -1,7 +1,9 @@
 """Artifact store over fsspec: local paths by default, any fsspec URL (s3://, gs://, memory://).
 
-Writes are atomic: bytes go to a temporary name beside the target and are renamed into place, so
-a reader never sees a partial file. Content-addressed puts name the object by its SHA-256, so the
+Writes are atomic: on a local disk bytes go to a temporary name beside the target and are renamed
+into place; on an object store (s3://) one PUT of the whole object is atomic already (S3 has no
+rename: a "rename" is a copy, and a crash between copy and delete leaves both). So a reader never
+sees a partial file. Content-addressed puts name the object by its SHA-256, so the
 same bytes written twice are one object.
 """
 
@@ -14,7 +16,8 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
-from fsspec.core import url_to_fs
+
+from refany3d.storage.fs import atomic_rename, url_to_fs
 
 
 def join(base: str, *parts: str) -> str:
@@ -34,7 +37,8 @@ class ArtifactStore:
         # Local roots become absolute so the URIs samples carry resolve from any working directory.
         self.root = root if "://" in root else os.path.abspath(root)
         self.fs, self._root_path = url_to_fs(self.root)
-        self.fs.makedirs(self._root_path, exist_ok=True)
+        if atomic_rename(self.fs):  # an object store has no directories (and a build creates no buckets)
+            self.fs.makedirs(self._root_path, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root!r})"
@@ -80,7 +84,11 @@ class ArtifactStore:
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write to a hidden temporary sibling, then rename: readers see all or nothing."""
+    """Write to a hidden temporary sibling, then rename; on an object store, one PUT of the whole
+    object. Readers see all or nothing."""
+    if not atomic_rename(fs):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)

@@ -15,8 +15,7 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fsspec.core import url_to_fs
-
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.shards import DATA_DIR, list_tables
 from refany3d.storage.store import join, write_atomic
 

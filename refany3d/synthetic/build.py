@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import trimesh
-from fsspec.core import url_to_fs
 from PIL import Image
 from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from refany3d.records import subjects200k_schema
 from refany3d.render.cameras import intrinsics_from_fov
 from refany3d.render.renderer import Light, MeshScene
+from refany3d.storage.fs import url_to_fs
 from refany3d.synthetic.objects import OBJECTS, ObjectSpec, build_object
 
 VIEW_SIZE = 512

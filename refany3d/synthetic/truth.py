@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import trimesh
-from fsspec.core import url_to_fs
 from PIL import Image
+
+from refany3d.storage.fs import url_to_fs
 
 SIDES = ("left", "right")
 

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from fsspec.core import url_to_fs
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -40,6 +39,7 @@ from refany3d import __version__
 from refany3d.config import ModelSettings, SettingsError, override
 from refany3d.models.flux.io import SWITCHER_WEIGHTS, load_adapters, save_adapters
 from refany3d.models.flux.transformer import RefAny3DTransformer
+from refany3d.storage.fs import atomic_rename, url_to_fs
 from refany3d.storage.store import join, write_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -292,11 +292,14 @@ def save_checkpoint(
         staging = join(root, CHECKPOINTS, f".tmp-{name}")
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
-        fs.makedirs(join(root, CHECKPOINTS), exist_ok=True)
-        fs.put(str(local), staging, recursive=True)
         if fs.exists(final):  # a rerun of the same step replaces it
             fs.rm(final, recursive=True)
-        fs.mv(staging, final, recursive=True)
+        if atomic_rename(fs):
+            fs.makedirs(join(root, CHECKPOINTS), exist_ok=True)
+            fs.put(str(local), staging, recursive=True)
+            fs.mv(staging, final, recursive=True)
+        else:  # an object store has no rename: the files go to their own keys, and the checkpoint
+            fs.put(str(local), final, recursive=True)  # list written next is the marker readers trust
     entries = [c.manifest for c in list_checkpoints(out) if c.step != step] + [manifest]
     entries.sort(key=lambda e: e["step"])
     _write_list(out, entries[-keep:])

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from fsspec.core import url_to_fs
 from PIL import Image
 
 from refany3d.config import DataSettings
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join
 
 logger = logging.getLogger("refany3d.train")

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fsspec.core import url_to_fs
 from tqdm.auto import tqdm
 
 from refany3d.config import SettingsError, TrainSettings
+from refany3d.storage.fs import url_to_fs
 from refany3d.storage.store import join, write_atomic
 from refany3d.train import data as data_mod
 from refany3d.train.checkpoint import refuse_used_out

@@ -8,7 +8,8 @@ norm, samples/s, seconds per step), at each preview step the preview strip as th
 predecessor logged after the checkpoint (SummaryWriter's `purge_step`), so each step shows once.
 
 metrics.jsonl holds one JSON row per step. It is appended (`MetricsLog`, every `log_every` steps,
-before each checkpoint and at the end), never rewritten whole; a resumed run cuts it back once to
+before each checkpoint and at the end), never rewritten whole on a file system (an object store has
+no append: there the object is written again, old rows and new); a resumed run cuts it back once to
 its checkpoint's step.
 """
 
@@ -19,9 +20,9 @@ import json
 from typing import Any
 
 import numpy as np
-from fsspec.core import url_to_fs
 
 from refany3d.config import SettingsError, TrainSettings, to_dict
+from refany3d.storage.fs import atomic_rename, url_to_fs
 from refany3d.storage.store import join, write_atomic
 
 METRICS = "metrics.jsonl"
@@ -133,10 +134,10 @@ class MetricsLog:
         path = join(root, METRICS)
         fs.makedirs(root, exist_ok=True)
         data = "".join(json.dumps(r) + "\n" for r in self.pending).encode()
-        try:
+        if atomic_rename(fs):  # a file system: append
             with fs.open(path, "ab") as f:
                 f.write(data)
-        except (NotImplementedError, ValueError):  # a store without append: old content + new
+        else:  # an object store has no append: the object again, old rows + new, in one PUT
             old = fs.cat_file(path) if fs.exists(path) else b""
             write_atomic(fs, path, old + data)
         self.pending = []

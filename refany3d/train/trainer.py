@@ -388,7 +388,7 @@ def warm_start(tr: Trainer) -> str:
 
 
 def write_json(out: str, name: str, obj: Any) -> str:
-    from fsspec.core import url_to_fs
+    from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
     write_atomic(fs, join(root, name), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -397,7 +397,7 @@ def write_json(out: str, name: str, obj: Any) -> str:
 
 def read_metrics(out: str, up_to: int) -> list[dict[str, float]]:
     """Metrics of earlier steps (<= up_to) of the run in `out` (resumed runs keep their history)."""
-    from fsspec.core import url_to_fs
+    from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
     path = join(root, METRICS)

@@ -99,7 +99,7 @@ def test_compose_wires_postgres_server_and_workers():
     assert server["environment"]["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
     assert server["environment"]["PREFECT_SERVER_DATABASE_HOST"] == "postgres"
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name, pool in (("worker-cpu", "cpu"), ("worker-gpu", "gpu")):
+    for name, pool in (("worker-cpu", "cpu"), ("worker-gpu", "gpu"), ("worker-control", "control")):
         worker = services[name]
         assert worker["command"][:3] == ["prefect", "worker", "start"] and pool in worker["command"]
         assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
