@@ -153,12 +153,23 @@ def _parser() -> argparse.ArgumentParser:
         "pointer of scheduled retraining; none = untrained adapters",
     )
     sample.add_argument(
+        "--base",
+        metavar="DIR",
+        help="base model (model.pretrained: a FLUX.1-dev snapshot directory); default: the one the "
+        "checkpoint's config.json names",
+    )
+    sample.add_argument(
         "--out", required=True, metavar="DIR", help="directory for the images and contact sheet"
     )
     sample.add_argument(
         "--views", type=int, metavar="N", help="orbit views of the asset (render.views; default 8)"
     )
-    sample.add_argument("--steps", type=int, metavar="N", help="denoising steps (sampler.steps; default 28)")
+    sample.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="denoising steps (sampler.steps; default: the checkpoint's, else 28)",
+    )
     sample.add_argument("--guidance", type=float, metavar="G", help="guidance embedding (default 3.5)")
     sample.add_argument(
         "--image-guidance",
@@ -175,6 +186,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--dataset", metavar="URL", help="shards whose meshes stand in for samples without asset.glb"
+    )
+    evaluate.add_argument(
+        "--generate",
+        action="store_true",
+        help="first draw one sample per --dataset asset into --samples with the pipeline of --lora",
+    )
+    evaluate.add_argument(
+        "--lora", metavar="DIR", help="with --generate: the checkpoint (none = untrained adapters)"
+    )
+    evaluate.add_argument(
+        "--limit", type=int, default=0, metavar="N", help="with --generate: the first N assets (0 = all)"
     )
     _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
@@ -381,6 +403,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "sampler.guidance": args.guidance,
         "sampler.image_guidance": args.image_guidance,
         "sampler.seed": args.seed,
+        "model.pretrained": args.base,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_overrides(args.overrides))
@@ -399,7 +422,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print("refany3d sample: no --lora: untrained adapters (the base model's behaviour)", file=sys.stderr)
     # the model flags come from the checkpoint; only those the user set can conflict with it
     explicit = explicit_keys(SampleSettings, args.config, overrides)
-    pipe = RefAny3DPipeline.from_pretrained(settings, args.lora, explicit)
+    pipe = RefAny3DPipeline.from_pretrained(args.lora, base=args.base, settings=settings, explicit=explicit)
     try:
         sample = pipe(mesh, args.prompt)
     except AssetError as err:  # e.g. an orbit view that shows nothing of the asset
@@ -418,11 +441,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from refany3d.evaluate.run import find_samples, metrics_table
 
     settings = load_settings(EvaluateSettings, args.config, parse_overrides(args.overrides))
-    find_samples(args.samples)  # no samples: one line, before Prefect starts
+    if args.generate:  # bad inputs: one line, before Prefect starts
+        from refany3d.evaluate.generate import dataset_assets
+        from refany3d.train.checkpoint import resolve_adapters
+
+        if not args.dataset:
+            raise SettingsError("--generate: needs --dataset (the shards whose assets are drawn)")
+        if args.lora:
+            resolve_adapters(args.lora)
+        if next(dataset_assets(args.dataset, 1), None) is None:
+            raise FileNotFoundError(f"--dataset {args.dataset!r}: no row with a mesh (mesh_glb)")
+    elif args.lora:
+        raise SettingsError("--lora: only with --generate (scoring existing samples needs no model)")
+    else:
+        find_samples(args.samples)  # no samples: one line, before Prefect starts
     _prefect_defaults()
     from refany3d.flows.evaluate import evaluate
 
-    report = evaluate(args.samples, settings, args.dataset or "")
+    report = evaluate(
+        args.samples, settings, args.dataset or "", generate=args.generate, lora=args.lora, limit=args.limit
+    )
     for line in metrics_table(report):
         print(line)
     for note in report["notes"]:

@@ -460,6 +460,13 @@ class CheckpointSettings(_Section):
         "",
         "adapters a fresh run starts from (a run, checkpoint, adapter directory or promotion pointer); empty = new",
     )
+    report_to: Literal["none", "tensorboard"] = _opt(
+        "none",
+        "experiment tracker (accelerate): tensorboard = loss terms, lr, grad norm, samples/s and previews",
+    )
+    logging_dir: str = _opt(
+        "", "tracker directory (local); empty = DIR/tensorboard (a remote checkpoint.dir needs one)"
+    )
 
 
 @dataclass(frozen=True)

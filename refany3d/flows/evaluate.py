@@ -1,5 +1,9 @@
 """Prefect flow `evaluate`: metrics of generated samples, a metrics table and a gallery artifact.
 
+With `generate`, the flow first draws the samples itself: one per asset of `dataset` (up to
+`limit`) with the `RefAny3DPipeline` of `lora` (None: untrained adapters), written under `samples`
+(task `generate-samples`, the model loaded once), then scores them.
+
 One task per sample (`evaluate-<sample>`); the CLIP / DINO models load once per process (cached
 loaders), and metrics whose weights are not present are skipped with a note. The flow writes
 `SAMPLES/metrics.json` and publishes `<name>-metrics` (table: one row per sample plus the mean)
@@ -18,7 +22,7 @@ from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from refany3d.config import EvaluateSettings
+from refany3d.config import EvaluateSettings, SampleSettings
 from refany3d.evaluate.run import (
     MEAN_OF,
     METRICS,
@@ -76,13 +80,33 @@ def _gallery(paths: list[Path], report: dict, limit: int) -> str:
     return "\n".join(lines)
 
 
+@task(task_run_name="generate-samples")
+def generate_samples(
+    lora: str | None, dataset: str, samples: str, sample_settings: SampleSettings | None, limit: int
+) -> list[str]:
+    """One sample per dataset asset with the pipeline of `lora`; notes for the rows skipped."""
+    from refany3d.evaluate.generate import generate_samples as draw
+
+    return draw(lora, dataset, samples, sample_settings, limit)[1]
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate(
-    samples: str, settings: EvaluateSettings, dataset: str = "", name: str = "refany3d-eval"
+    samples: str,
+    settings: EvaluateSettings,
+    dataset: str = "",
+    name: str = "refany3d-eval",
+    generate: bool = False,
+    lora: str | None = None,
+    sample_settings: SampleSettings | None = None,
+    limit: int = 0,
 ) -> dict:
-    """Metrics of every sample under `samples`; returns the report (also in SAMPLES/metrics.json)."""
+    """Metrics of every sample under `samples` (first drawn there from `dataset`'s assets with the
+    pipeline of `lora` when `generate`); returns the report (also in SAMPLES/metrics.json)."""
+    skipped = generate_samples(lora, dataset, samples, sample_settings, limit) if generate else []
     paths = find_samples(samples)
     _, notes = scorers(settings)  # load the models once here; notes for the skipped ones
+    notes = notes + skipped
     futures = [evaluate_one.submit(p, settings, dataset) for p in paths]
     report = build_report({p.name: f.result() for p, f in zip(paths, futures)}, notes, settings)
     report["path"] = str(write_report(samples, report))

@@ -2,7 +2,7 @@
 
 As TFX does it: resolve the newest dataset version (`storage/versions.py`); skip when that version
 was already trained and decided; otherwise train a new run (warm-started from the last promoted
-adapters), evaluate it and the promoted run on the same held-out samples (`train/heldout.py`) and
+adapters), evaluate it and the promoted run on the same held-out samples (`evaluate/heldout.py`) and
 promote it (`OUT/promoted.json` + a Prefect artifact) only when no metric regresses. Training runs
 in the flow's process, or `processes` ranks through torchrun on a multi-GPU worker. The loop itself
 is `refany3d.train.run_training`; nothing here knows the model.
@@ -105,7 +105,7 @@ def evaluate_candidate(
     settings: TrainSettings, adapters: dict[str, str], evaluation: EvaluateSettings | None
 ) -> dict[str, Any]:
     """Held-out reports of the candidate (and the promoted run) and the promotion decision."""
-    from refany3d.train.heldout import decide, evaluate_adapters
+    from refany3d.evaluate.heldout import decide, evaluate_adapters
 
     reports = evaluate_adapters(settings, adapters, evaluation)
     return {"reports": reports, **decide(reports, settings.retrain.tolerance)}

@@ -59,6 +59,14 @@ MODEL_FLAGS = (
     "lora_alpha",
 )
 WEIGHT_FLAGS = ("domain_lora", "lora_rank", "lora_alpha")  # those the adapter tensors' shapes follow
+# the sampling defaults a checkpoint carries (config.json "pipeline"): what it was trained at
+PIPELINE_KEYS = (
+    "sampler.resolution",
+    "sampler.steps",
+    "sampler.guidance",
+    "sampler.image_guidance",
+    "render.resolution",
+)
 POINTER = "promoted.json"  # the promoted run of scheduled retraining (flows/train.py)
 FORMAT = 1
 
@@ -123,10 +131,33 @@ def refuse_used_out(out: str) -> None:
         )
 
 
-def model_config(settings: ModelSettings, model: RefAny3DTransformer, base: dict[str, Any]) -> dict[str, Any]:
+def pipeline_defaults(settings: Any) -> dict[str, Any]:
+    """The sampling defaults (`PIPELINE_KEYS`) of a training run (`TrainSettings`: the resolutions
+    it trains at, its previews' steps and guidance) or of a pipeline (`SampleSettings`)."""
+    if hasattr(settings, "data"):  # TrainSettings
+        return {
+            "sampler.resolution": settings.data.resolution,
+            "render.resolution": settings.data.condition_resolution,
+            "sampler.steps": settings.checkpoint.sample_steps,
+            "sampler.guidance": settings.checkpoint.guidance,
+        }
+    out = {}
+    for key in PIPELINE_KEYS:
+        section, name = key.split(".")
+        out[key] = getattr(getattr(settings, section), name)
+    return out
+
+
+def model_config(
+    settings: ModelSettings,
+    model: RefAny3DTransformer,
+    base: dict[str, Any],
+    pipeline: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """config.json of a checkpoint: the model flags (`MODEL_FLAGS`), each adapter's peft config
     (rank, alpha, target modules), the domain switcher's sizes and the base model (`base`: its id or
-    path, label, fingerprint): what rebuilding the trained model needs."""
+    path, label, fingerprint): what rebuilding the trained model needs; `pipeline`: its sampling
+    defaults (`pipeline_defaults`)."""
     from refany3d.models.flux.lora import TARGET_MODULES
 
     switcher = model.domain_switcher
@@ -144,6 +175,7 @@ def model_config(settings: ModelSettings, model: RefAny3DTransformer, base: dict
             "inner_dim": switcher.linear_2.out_features,
         },
         "base": base,
+        **({"pipeline": pipeline} if pipeline else {}),
     }
 
 
@@ -177,7 +209,10 @@ def model_card(config: dict[str, Any], manifest: dict[str, Any]) -> str:
         + ".\n\n| model flag (`config.json`) | value |\n|---|---|\n"
         + flags
         + "\n\nSample with it: `refany3d sample --lora <this directory> --asset mesh.glb --prompt ...` "
-        + "(the model flags come from `config.json`).\n"
+        + "(the model flags come from `config.json`), or from Python:\n\n```python\n"
+        + "from refany3d.sampling import RefAny3DPipeline\n\n"
+        + 'pipe = RefAny3DPipeline.from_pretrained("<this directory>")\n'
+        + 'out = pipe("mesh.glb", "a prompt")  # out.images[0], out.point_maps[0]\n```\n'
     )
 
 

@@ -18,6 +18,7 @@ from refany3d.train import data as data_mod
 from refany3d.train.checkpoint import refuse_used_out
 from refany3d.train.encode import encode_sample, flow_batch
 from refany3d.train.preview import preview_png
+from refany3d.train.tracking import MetricsLog, end_tracking, log_preview, log_step, start_tracking
 from refany3d.train.trainer import (
     SKIP_REASONS,
     Trainer,
@@ -31,7 +32,6 @@ from refany3d.train.trainer import (
     train_step,
     warm_start,
     write_json,
-    write_metrics,
 )
 
 logger = logging.getLogger("refany3d.train")
@@ -97,6 +97,7 @@ def write_preview(tr: Trainer, batch) -> str:
     fs, root = url_to_fs(tr.out)
     name = f"samples/step-{tr.step:08d}.png"
     write_atomic(fs, join(root, name), png)
+    log_preview(tr.accelerator, tr.settings, png, tr.step)
     return join(tr.out, name)
 
 
@@ -127,8 +128,29 @@ def run_training(
     main = tr.accelerator.is_main_process
     metrics = read_metrics(tr.out, tr.step) if info else []
     result = TrainResult(tr.out, tr.step, info.step if info else None, metrics, warm_start=warm)
+    log = MetricsLog(tr.out)
+    if main and info:  # the killed run may have logged steps past its checkpoint: cut them, once
+        log.restart(metrics)
     if info:
         logger.info("resumed from step %d (%s), data position %d", info.step, info.url, info.position)
+    start_tracking(tr.accelerator, settings, info.step if info else None)
+    try:
+        _loop(tr, result, log, on_step)
+    finally:
+        end_tracking(tr.accelerator, settings)
+    result.steps = tr.step
+    result.summary = _summary(tr, result)
+    if main:
+        log.flush()
+        write_json(tr.out, "summary.json", result.summary)
+    return result
+
+
+def _loop(
+    tr: Trainer, result: TrainResult, log: MetricsLog, on_step: Callable[[dict[str, float]], None] | None
+) -> None:
+    """Steps to `optim.steps`: metrics (metrics.jsonl, the tracker), logs, checkpoints, previews."""
+    settings, main = tr.settings, tr.accelerator.is_main_process
     logger.info(
         "base model: %s; %d samples, %d process(es)",
         tr.components.label,
@@ -157,6 +179,9 @@ def run_training(
         seconds = time.perf_counter() - started
         row = {**row, "step_s": seconds, "samples_per_s": per_step / max(seconds, 1e-9)}
         result.metrics.append(row)
+        if main:
+            log.add(row)
+        log_step(tr.accelerator, settings, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if on_step:
@@ -169,21 +194,17 @@ def run_training(
                 tr.step, row["loss"], row["lr"], row["grad_norm"], samples / max(now - tick, 1e-9),
             )  # fmt: skip
             tick, tick_step = now, tr.step
+            if main:
+                log.flush()
         if _due(tr.step, cfg.every, last):
             if main:  # metrics first: a listed checkpoint always has its history on disk
-                write_metrics(tr.out, result.metrics)
+                log.flush()
             saved = save_checkpoint(tr, row)
             if main:
                 result.checkpoints.append(saved.url)
         if main and previews is not None and _due(tr.step, cfg.sample_every, last):
             result.previews.append(write_preview(tr, previews))
     bar.close()
-    result.steps = tr.step
-    result.summary = _summary(tr, result)
-    if main:
-        write_metrics(tr.out, result.metrics)
-        write_json(tr.out, "summary.json", result.summary)
-    return result
 
 
 def _skips(tr: Trainer) -> str:

@@ -38,6 +38,7 @@ from refany3d.train.encode import (
     item_encodings,
     preprocessing_key,
 )
+from refany3d.train.tracking import METRICS, accelerator_kwargs
 
 logger = logging.getLogger("refany3d.train")
 SKIP_REASONS = (
@@ -132,7 +133,7 @@ def build_trainer(settings: TrainSettings, components: FluxComponents | None = N
 
     settings = resolve_device(settings)
     cpu = settings.runtime.device == "cpu"
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no", **accelerator_kwargs(settings))
     dtype = getattr(torch, settings.runtime.dtype)
     files = data_mod.shard_files(settings.data.shards)
     if not files:
@@ -331,7 +332,7 @@ def save_checkpoint(tr: Trainer, metrics: dict[str, float] | None = None) -> ckp
             tr.position,
             facts,
             tr.settings.checkpoint.keep,
-            config=ckpt.model_config(tr.settings.model, unwrapped, base),
+            config=ckpt.model_config(tr.settings.model, unwrapped, base, ckpt.pipeline_defaults(tr.settings)),
         )
     tr.accelerator.wait_for_everyone()
     return info
@@ -403,18 +404,11 @@ def read_metrics(out: str, up_to: int) -> list[dict[str, float]]:
     from refany3d.storage.fs import url_to_fs
 
     fs, root = url_to_fs(out)
-    path = join(root, "metrics.jsonl")
+    path = join(root, METRICS)
     if not fs.exists(path):
         return []
     rows = [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
     return [r for r in rows if r["step"] <= up_to]
-
-
-def write_metrics(out: str, rows: list[dict[str, float]]) -> None:
-    from refany3d.storage.fs import url_to_fs
-
-    fs, root = url_to_fs(out)
-    write_atomic(fs, join(root, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def describe_run(tr: Trainer) -> dict[str, Any]:

@@ -14,7 +14,13 @@ from refany3d.sampling.pipeline import RefAny3DPipeline, resolve_adapters
 
 SETTINGS = override(
     SampleSettings(),
-    **{"sampler.resolution": 48, "sampler.steps": 2, "render.resolution": 32, "render.views": 2},
+    **{
+        "sampler.resolution": 48,
+        "sampler.steps": 2,
+        "render.resolution": 32,
+        "render.views": 2,
+        "model.num_views": 2,
+    },
 )
 
 
@@ -27,7 +33,7 @@ def _colored_box() -> trimesh.Trimesh:
 
 @pytest.fixture(scope="module")
 def pipe():
-    return RefAny3DPipeline.from_pretrained(SETTINGS)
+    return RefAny3DPipeline.from_pretrained(settings=SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +133,7 @@ def test_from_pretrained_refuses_adapters_of_another_base(pipe, tmp_path):
     save_adapters(pipe.components.transformer, directory / "adapters")
     (directory / "manifest.json").write_text(json.dumps({"step": 1, "base": "FLUX.1-dev from /models/flux"}))
     with pytest.raises(SettingsError, match="was trained on 'FLUX.1-dev from /models/flux'"):
-        RefAny3DPipeline.from_pretrained(SETTINGS, directory)
+        RefAny3DPipeline.from_pretrained(directory, settings=SETTINGS)
 
 
 def test_from_pretrained_loads_the_trained_adapters(pipe, asset_file, tmp_path):
@@ -140,11 +146,11 @@ def test_from_pretrained_loads_the_trained_adapters(pipe, asset_file, tmp_path):
         for p in trained.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
     save_adapters(trained, tmp_path / "adapters")
-    loaded = RefAny3DPipeline.from_pretrained(SETTINGS, tmp_path / "adapters")
+    loaded = RefAny3DPipeline.from_pretrained(tmp_path / "adapters", settings=SETTINGS)
     for a, b in zip(loaded.components.transformer.trainable_parameters(), trained.trainable_parameters()):
         assert torch.equal(a, b)
     assert not np.array_equal(
-        loaded(asset_file, "a red box", 1).image, pipe(asset_file, "a red box", 1).image
+        loaded(asset_file, "a red box", seed=1).image, pipe(asset_file, "a red box", seed=1).image
     )
 
 
@@ -153,7 +159,7 @@ def test_pipeline_runs_from_a_flux_snapshot_directory(asset_file, tmp_path):
 
     snapshot = save_tiny_flux_snapshot(tmp_path / "flux")
     settings = override(SETTINGS, **{"model.pretrained": str(snapshot)})
-    pipe = RefAny3DPipeline.from_pretrained(settings)
+    pipe = RefAny3DPipeline.from_pretrained(settings=settings)
     assert pipe.components.label.startswith("FLUX.1-dev from")
     assert pipe(asset_file, "a red box").image.shape == (48, 48, 3)
 

@@ -93,6 +93,35 @@ def test_sample_takes_views_from_the_checkpoint_and_records_its_provenance(train
     assert meta["settings"]["model"]["num_views"] == 2 and meta["settings"]["render"]["views"] == 2
 
 
+def test_sample_from_a_checkpoint_directory_needs_no_settings(trained, box, tmp_path):
+    from PIL import Image
+
+    (step,) = (trained / "run" / "checkpoints").glob("step-*")
+    pipeline = json.loads((step / "config.json").read_text())["pipeline"]
+    assert pipeline == {
+        "sampler.resolution": 32,
+        "render.resolution": 32,
+        "sampler.steps": 28,
+        "sampler.guidance": 3.5,
+    }
+    args = [
+        "sample",
+        "--asset",
+        str(box),
+        "--prompt",
+        "a box",
+        "--lora",
+        str(step),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main(args) == 0  # no --set, --views or --steps: the checkpoint's config.json says it all
+    settings = json.loads((tmp_path / "s" / "sample.json").read_text())["settings"]
+    assert (settings["sampler"]["resolution"], settings["render"]["resolution"]) == (32, 32)
+    assert settings["render"]["views"] == settings["model"]["num_views"] == 2
+    assert Image.open(tmp_path / "s" / "image.png").size == (32, 32)
+
+
 def test_checkpoint_has_a_model_card_and_peft_adapters_that_name_their_base(trained, dataset):
     import yaml
     from peft import PeftConfig

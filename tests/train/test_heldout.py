@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from refany3d.evaluate.heldout import compare, decide, evaluate_adapters
 from refany3d.train import data
 from refany3d.train.checkpoint import list_checkpoints
-from refany3d.train.heldout import compare, decide, evaluate_adapters
 from refany3d.train.run import run_training
 from refany3d.train.trainer import build_trainer, warm_start
 from tests.train._shards import write_dataset
@@ -95,3 +95,40 @@ def test_evaluate_adapters_scores_candidate_and_promoted_on_the_same_held_out_sa
     np.testing.assert_equal(again["candidate"]["mean"], reports["candidate"]["mean"])  # seeded
     with pytest.raises(ValueError, match="holdout_fraction"):
         evaluate_adapters(tiny_settings(root, tmp_path / "a"), {"candidate": str(tmp_path / "a")})
+
+
+def test_held_out_samples_are_what_a_users_pipeline_of_the_run_generates(rows, tmp_path):
+    from refany3d.evaluate.heldout import generate, heldout_pipeline, heldout_rows, row_views
+    from refany3d.sampling import RefAny3DPipeline
+
+    root = write_dataset(tmp_path / "data", rows)
+    settings = tiny_settings(root, tmp_path / "run", **{"data.holdout_fraction": 0.5, "optim.steps": 1})
+    run_training(settings)
+    pipe = heldout_pipeline(settings).load_lora_weights(tmp_path / "run")
+    user = RefAny3DPipeline.from_pretrained(tmp_path / "run")  # flags, resolutions, steps: config.json
+    raw = data.decode_row(heldout_rows(settings, 1)[0], settings.data, settings.model.num_views)
+    image, point_map = generate(pipe, raw, seed=3)
+    mine, mine_pm = user.generate(row_views(raw), raw.caption, generator=torch.Generator().manual_seed(3))
+    assert image.shape == (32, 32, 3) and np.array_equal(image, mine) and np.array_equal(point_map, mine_pm)
+
+
+def test_a_promoted_run_of_other_model_flags_is_drawn_with_its_own(rows, tmp_path):
+    import json
+    import shutil
+
+    root = write_dataset(tmp_path / "data", rows)
+    settings = tiny_settings(root, tmp_path / "a", **{"data.holdout_fraction": 0.5, "optim.steps": 1})
+    run_training(settings)
+    shutil.copytree(tmp_path / "a", tmp_path / "old")
+    (step,) = (tmp_path / "old" / "checkpoints").glob("step-*")
+    config = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**config, "text_agnostic": False}))  # an earlier flag
+    (step / "manifest.json").write_text(  # the digest of the edited config.json, as it was written
+        json.dumps({**json.loads((step / "manifest.json").read_text()), "digests": {}})
+    )
+    reports = evaluate_adapters(
+        settings, {"candidate": str(tmp_path / "a"), "promoted": str(tmp_path / "old")}
+    )
+    assert set(reports["promoted"]["samples"]) == set(reports["candidate"]["samples"])
+    # same adapters, another attention rule for the point map: other samples
+    assert reports["promoted"]["mean"] != reports["candidate"]["mean"]

@@ -169,9 +169,9 @@ def load_components(
         parts, label, identity, tokens = _pretrained_parts(check_pretrained(settings.pretrained), dtype)
     else:
         parts, label, identity, tokens = _tiny_parts(), TINY_LABEL, "tiny-" + str(TINY_SEED), TINY_TEXT_TOKENS
-    flux = _cast(parts.pop("transformer"), device, dtype)
+    flux = cast_module(parts.pop("transformer"), device, dtype)
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        parts[name] = _cast(parts[name], device, dtype).eval().requires_grad_(False)
+        parts[name] = cast_module(parts[name], device, dtype).eval().requires_grad_(False)
     return FluxComponents(
         transformer=wrap_transformer(flux, settings),
         label=label,
@@ -181,7 +181,7 @@ def load_components(
     )
 
 
-def _cast(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def cast_module(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """`model.to(device, dtype)`. diffusers' `ModelMixin.to` warns that modules "should be kept in
     float32" whenever `_keep_in_fp32_modules` is set, even to `[]` (FLUX's transformer and VAE):
     where there are none to keep, nothing is lost by casting through `nn.Module.to`, silently."""

@@ -2,7 +2,7 @@
 
 The held-out samples are the rows `data.holdout_fraction` keeps out of training (a hash of the
 sample id, so the split is the same in every dataset version). Each is generated from its own
-reference views and caption with the adapters under test (the sampler of `sampling/`, the same
+reference views and caption with the adapters under test (`RefAny3DPipeline.generate`, the same
 seed for every candidate) and scored with `refany3d evaluate`'s metrics against the row's mesh:
 the weight-free geometric ones always, CLIP / DINO where their weights exist.
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from refany3d.config import EvaluateSettings, TrainSettings
+from refany3d.config import EvaluateSettings, SampleSettings, TrainSettings, override
 from refany3d.evaluate.run import (
     METRICS,
     GeneratedSample,
@@ -28,13 +28,10 @@ from refany3d.evaluate.run import (
     evaluate_sample,
     scorers,
 )
-from refany3d.models.flux.components import FluxComponents, decode_latents, load_components
-from refany3d.models.flux.io import load_adapters
-from refany3d.models.flux.sampler import Conditions, sample_latents
+from refany3d.models.flux.components import FluxComponents, load_components
 from refany3d.render.mesh import load_mesh
+from refany3d.sampling.assets import ConditionViews
 from refany3d.train import data as data_mod
-from refany3d.train.checkpoint import resolve_adapters
-from refany3d.train.encode import encode_sample
 
 
 def heldout_rows(settings: TrainSettings, limit: int) -> list[dict[str, Any]]:
@@ -56,31 +53,44 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-@torch.no_grad()
-def generate(
-    components: FluxComponents, raw: data_mod.RawSample, settings: TrainSettings, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def heldout_pipeline(settings: TrainSettings, components: FluxComponents | None = None):
+    """The sampling pipeline (`RefAny3DPipeline`) a run's held-out samples are generated with: its
+    base model, model flags and runtime; targets at `data.resolution`, `checkpoint.sample_steps`
+    steps at `checkpoint.guidance`."""
+    from refany3d.sampling.pipeline import RefAny3DPipeline
+
+    sample = SampleSettings(model=settings.model, runtime=settings.runtime)
+    sample = override(
+        sample,
+        **{
+            "sampler.resolution": settings.data.resolution,
+            "sampler.steps": settings.checkpoint.sample_steps,
+            "sampler.guidance": settings.checkpoint.guidance,
+            "render.resolution": settings.data.condition_resolution,
+            "render.views": settings.model.num_views,
+        },
+    )
+    if components is None:
+        dtype = getattr(torch, settings.runtime.dtype)
+        components = load_components(settings.model, settings.runtime.device, dtype)
+    components.transformer.eval()
+    return RefAny3DPipeline(components, sample)
+
+
+def row_views(raw: data_mod.RawSample) -> ConditionViews:
+    """A decoded row's own reference views as the pipeline's conditions."""
+    rgb = list(_uint8(raw.views_rgb)) if raw.views_rgb.shape[0] else []
+    maps = [((v.float().permute(1, 2, 0).numpy() + 1.0) / 2.0).clip(0.0, 1.0) for v in raw.views_point_map]
+    return ConditionViews(rgb=rgb, point_maps=maps[: len(rgb)], poses=[])
+
+
+def generate(pipe, raw: data_mod.RawSample, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(image (R, R, 3) uint8, point map (R, R, 3) float in [0, 1]) of one held-out sample from its
-    own references and caption, `checkpoint.sample_steps` steps at `checkpoint.guidance`."""
-    model = components.transformer
-    device, dtype = settings.runtime.device, getattr(torch, settings.runtime.dtype)  # the base's
-    enc = {k: v.to(device, dtype) for k, v in encode_sample(components, raw).items()}
-    token_px = 2 * components.vae_scale_factor
-    side, cond_side = settings.data.resolution // token_px, settings.data.condition_resolution // token_px
-    conditions = None
-    if "cond_rgb" in enc:
-        pm = enc["cond_point_map"][None] if model.point_map_branch else None
-        conditions = Conditions(enc["cond_rgb"][None], pm, (cond_side, cond_side))
-    latents = sample_latents(
-        model, enc["text"][None], enc["pooled"][None], conditions, (side, side),
-        steps=settings.checkpoint.sample_steps, guidance=settings.checkpoint.guidance,
-        generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
-    image = _uint8(decode_latents(components, latents.rgb, (side, side)))[0]
-    if latents.point_map is None:
-        return image, np.ones_like(image, dtype=np.float32)
-    pm = decode_latents(components, latents.point_map, (side, side))[0]
-    return image, ((pm.float().permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+    own references and caption, through the sampling pipeline (`heldout_pipeline`)."""
+    image, point_map = pipe.generate(
+        row_views(raw), raw.caption, generator=torch.Generator().manual_seed(seed)
+    )
+    return image, np.ones_like(image, dtype=np.float32) if point_map is None else point_map
 
 
 def evaluate_adapters(
@@ -95,25 +105,44 @@ def evaluate_adapters(
             f"data.holdout_fraction={settings.data.holdout_fraction}: no held-out sample with a mesh "
             f"in {settings.data.shards!r} to evaluate on"
         )
-    components = load_components(
-        settings.model, settings.runtime.device, getattr(torch, settings.runtime.dtype)
-    )
-    components.transformer.eval()
+    pipe = heldout_pipeline(settings)
     models, notes = scorers(evaluation)
     views = settings.model.num_views
     samples = [data_mod.decode_row(r, settings.data, views) for r in rows]
     meshes = [load_mesh(r["mesh_glb"], file_type="glb") for r in rows]
     reports = {}
     for label, source in adapters.items():
-        load_adapters(components.transformer, resolve_adapters(source)[0])
+        drawing = _pipeline_for(pipe, settings, source)
         per_sample = {}
         for raw, mesh in zip(samples, meshes):
-            image, point_map = generate(components, raw, settings, settings.optim.seed)
+            image, point_map = generate(drawing, raw, settings.optim.seed)
             refs = list(_uint8(raw.views_rgb)) if views else []
             sample = GeneratedSample(raw.sample_id, image, point_map, refs, mesh, raw.caption)
             per_sample[raw.sample_id] = evaluate_sample(sample, evaluation, models)
         reports[label] = build_report(per_sample, notes, evaluation)
     return reports
+
+
+def _pipeline_for(pipe, settings: TrainSettings, source: str):
+    """`pipe` with the adapters of `source`; where they were trained with other model flags (a
+    promoted run of an earlier version), a pipeline of their own flags on the same base, so each
+    is drawn as it was trained. ValueError for another number of views: not the same rows."""
+    import dataclasses
+
+    from refany3d.config import SettingsError
+    from refany3d.train.checkpoint import read_config, resolve_adapters, settings_from_config
+
+    try:
+        return pipe.load_lora_weights(source)
+    except SettingsError:
+        config = read_config(resolve_adapters(source)[0])
+        model, _ = settings_from_config(settings.model, config, frozenset(), str(source))
+    if model.num_views != settings.model.num_views:
+        raise ValueError(
+            f"{source}: trained with {model.num_views} views, the candidate with "
+            f"{settings.model.num_views}; their held-out samples are not comparable"
+        )
+    return heldout_pipeline(dataclasses.replace(settings, model=model)).load_lora_weights(source)
 
 
 def compare(candidate: dict[str, float], promoted: dict[str, float], tolerance: float) -> list[dict]:
