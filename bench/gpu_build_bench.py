@@ -26,7 +26,10 @@ surface extraction on the GPU) are then timed outside the DAG on the DAG's own s
 (`mesh_networks`), in the same process, with every model loaded.
 
     python bench/gpu_build_bench.py --tiny --json /tmp/gpu_build_tiny.json     # CPU, minutes
-    python bench/gpu_build_bench.py --rows 6 --json $OUT/gpu_build_h200.json   # GPU (GPU_BUILD_RUN.md)
+    python bench/gpu_build_bench.py --rows 6 --data .bench-data/source --json $OUT/gpu_build_h200.json
+
+The GPU machine's command, carry list, wheels (`bench/gpu_build_wheels.sh`) and expected time are
+in `bench/GPU_BUILD_RUN.md`.
 """
 
 from __future__ import annotations
