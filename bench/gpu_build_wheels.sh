@@ -11,8 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROWS=${1:-6}
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
-grep -qx '/.bench-data/' "$(git rev-parse --git-path info/exclude)" || echo '/.bench-data/' >> "$(git rev-parse --git-path info/exclude)"
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$EXCLUDE")"
+for d in /.whl/ /.bench-data/; do grep -qx "$d" "$EXCLUDE" 2>/dev/null || echo "$d" >> "$EXCLUDE"; done
 mkdir -p .whl .bench-data
 
 # The bench's own needs: Prefect (the flow, and its server), hy3dgen (no deps: the shape pipeline

@@ -67,6 +67,23 @@ def test_sampler_timeline_and_busy_seconds(bench):
     assert len(out["timeline"]) == 60 and out["timeline"][0] == 1.0 and out["timeline"][-1] == 0.0
 
 
+def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path):
+    stages = {"detect": {"wall_s": 1.0, "cpu_s": 0.5, "gpu_busy_s": 0.8, "kept": 4, "dropped": 0}}
+    row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.5,
+           "gpu_busy_fraction_steady": 0.6, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
+           "timeline": [1.0] * 30 + [0.0] * 30, "stages": stages}  # fmt: skip
+    report = {"machine": {"gpu": "H200"}, "date": "today", "command": "python bench/gpu_build_bench.py",
+              "stages": ["detect", "shard"], "skipped": {"mesh": ["open3d"]}, "replaced": {"detect": "boxes"},
+              "paths": {"fast": {"plain": row, "mesh_networks": {"objects": 2, "s_per_object": 1.0, "wall_s": 2.0}}}}  # fmt: skip
+    md = tmp_path / "page.md"
+    bench.write_markdown(report, md, md.with_suffix(".png"))
+    page = md.read_text()
+    assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 30.0 | 9.0 |" in page
+    assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
+    assert md.with_suffix(".png").stat().st_size > 0 and "![GPU busy over time](page.png)" in page
+    assert "mesh_networks" in bench.summary_table(report)
+
+
 def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_path):
     out = tmp_path / "gpu_build.json"
     report = bench.main(["--tiny", "--rows", "1", "--batch-rows", "1", "--view-size", "160", "--paths", "fast",
