@@ -757,6 +757,8 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     source_s = time.perf_counter() - t
     t = time.perf_counter()
     weights = build_weights(work / "weights", args.tiny, args.device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the build's own blocks: the cases' memory figures start clean
     stages = build_stages(until)
     report: dict[str, Any] = {
         "bench": "gpu_build_bench",
@@ -814,8 +816,29 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
                                                        if k != "timeline"}), flush=True)  # fmt: skip
             _write(report, args)
     sampler.stop()
+    report["at_end"] = {"host_rss_peak_gib": round(_peak_rss_gib(), 2)}
+    if torch.cuda.is_available():  # every model of the run still loaded in this process
+        report["at_end"].update(
+            torch_allocated_gib=round(torch.cuda.memory_allocated() / 2**30, 2),
+            torch_peak_reserved_gib_any_case=max(
+                (
+                    r.get("torch_peak_reserved_gib", 0.0)
+                    for rows in report["paths"].values()
+                    for r in rows.values()
+                ),
+                default=0.0,
+            ),
+        )
     _write(report, args)
     return report
+
+
+def _peak_rss_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 def synthetic_source(args, work: Path) -> tuple[str, str]:
