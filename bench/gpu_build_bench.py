@@ -199,7 +199,8 @@ def _hy3dgen_importable():
     """hy3dgen.shapegen's `__init__` imports its pymeshlab post-processors, whose wheel (98 MB) is
     over the GPU machine's carry limit; the networks and loader live in submodules that never use
     them. Where pymeshlab is missing, register the package from its spec without running that
-    `__init__` (the submodules then import as usual); nothing of hy3dgen is changed."""
+    `__init__` and give it the five names the `__init__` takes from `pipelines` and
+    `preprocessors` (the submodules then import as usual); no hy3dgen code is changed."""
     if not has_module("pymeshlab") and "hy3dgen.shapegen" not in sys.modules:
         from importlib.metadata import version
 
@@ -785,13 +786,17 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         )
     extra = dict(kv.split("=", 1) for kv in args.set)
     sampler = Sampler().start()
+    warmed = False
     for path in [p for p in args.paths.split(",") if p]:
         rows = report["paths"].setdefault(path, {})
         # one warm-up of each kind before it is timed: compiles, CUDA graphs, Prefect's first flow run
         for mode in [m for kind in modes for m in (f"warmup_{kind}", kind)]:
             out = tempfile.mkdtemp(dir=work, prefix=f"{path}-{mode}-")
             settings = build_settings(args, weights, source, path, out, until, args.workers)
-            warm = {"source.limit": args.batch_rows} if mode.startswith("warmup") else {}
+            # the first warm-up takes the whole source: each batch shape compiles (and is captured
+            # in CUDA graphs) once, outside the timed runs; later warm-ups take one batch
+            warm = {"source.limit": args.batch_rows} if mode.startswith("warmup") and warmed else {}
+            warmed = warmed or mode.startswith("warmup")
             settings = override(settings, **extra, **warm)
             try:
                 install_replacements(settings)
