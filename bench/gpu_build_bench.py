@@ -456,9 +456,13 @@ def _task_seconds(flow_run_id: str, sampler: Sampler, start: float, epoch_start:
 
     per: dict[str, dict[str, float]] = {}
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-        )
+        for _ in range(20):  # task-run states arrive as events, shortly after the flow returns
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+            )
+            if all(r.end_time is not None for r in runs):
+                break
+            time.sleep(0.5)
     for run in runs:
         stage = run.name.split("-batch-")[0]
         row = per.setdefault(stage, {"wall_s": 0.0, "gpu_busy_s": 0.0, "tasks": 0})
