@@ -1,0 +1,116 @@
+"""bench/gpu_build_bench.py on the CPU with toy-sized configs, so the GPU bench cannot rot: its
+replacement wrapper, how it cuts the DAG where a stage's libraries are missing, its report, and
+the whole run (the DAG to depth plus the mesh networks in the fast test; the whole DAG through
+Prefect and a plain loop in the slow one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_build_bench", ROOT / "bench" / "gpu_build_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_build_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Network:
+    name = "net"
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def detect(self, images, prompts):
+        self.seen.append((images, prompts))
+        return "network answer"
+
+
+class _Truth:
+    def detect(self, images, prompts):
+        return f"truth for {prompts}"
+
+
+def test_truth_after_runs_the_network_then_returns_the_truth_on_that_instance_only(bench):
+    net, other = _Network(), _Network()
+    wrapper = bench.TruthAfter.install(net, "detect", _Truth())
+    assert net.detect([1], "mug") == "truth for mug"
+    assert net.seen == [([1], "mug")] and wrapper.calls == 1
+    assert bench.TruthAfter.install(net, "detect", _Truth()) is wrapper  # installed once
+    assert net.name == "net+truth" and other.name == "net"
+    assert other.detect([2], "car") == "network answer"
+
+
+def test_runnable_until_keeps_the_depth_branch_without_the_mesh_stage(bench):
+    assert bench.runnable_until("shard", {}) == "render"
+    assert bench.runnable_until("shard", {"mesh": ["pymeshlab"], "render": ["open3d"]}) == "depth"
+    assert bench.runnable_until("segment", {"mesh": ["open3d"]}) == "segment"
+    assert bench.runnable_until("shard", {"verify": ["lpips"]}) == "pose"
+
+
+def test_sampler_timeline_and_busy_seconds(bench):
+    sampler = bench.Sampler()
+    sampler._handle = object()  # as if NVML answered: rows are (t, util %, GPU GiB, RSS GiB)
+    sampler.rows = [(float(t), 100.0 if t < 5 else 0.0, 3.0, 1.0) for t in range(10)]
+    assert sampler.busy_s(0, 4) == pytest.approx(4.0)
+    out = sampler.summary(0, 9)
+    assert out["gpu_busy_fraction"] == 0.5 and out["gpu_used_peak_gib"] == 3.0
+    assert len(out["timeline"]) == 60 and out["timeline"][0] == 1.0 and out["timeline"][-1] == 0.0
+
+
+def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path):
+    stages = {"detect": {"wall_s": 1.0, "cpu_s": 0.5, "gpu_busy_s": 0.8, "kept": 4, "dropped": 0}}
+    row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.5,
+           "gpu_busy_fraction_steady": 0.6, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
+           "timeline": [1.0] * 30 + [0.0] * 30, "stages": stages}  # fmt: skip
+    report = {"machine": {"gpu": "H200"}, "date": "today", "command": "python bench/gpu_build_bench.py",
+              "stages": ["detect", "shard"], "skipped": {"mesh": ["open3d"]}, "replaced": {"detect": "boxes"},
+              "paths": {"fast": {"plain": row, "mesh_networks": {"objects": 2, "s_per_object": 1.0, "wall_s": 2.0}}}}  # fmt: skip
+    md = tmp_path / "page.md"
+    bench.write_markdown(report, md, md.with_suffix(".png"))
+    page = md.read_text()
+    assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 30.0 | 9.0 |" in page
+    assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
+    assert md.with_suffix(".png").stat().st_size > 0 and "![GPU busy over time](page.png)" in page
+    assert "mesh_networks" in bench.summary_table(report)
+
+
+def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_path):
+    out = tmp_path / "gpu_build.json"
+    report = bench.main(["--tiny", "--rows", "1", "--batch-rows", "1", "--view-size", "160", "--paths", "fast",
+                         "--modes", "plain", "--until", "depth", "--work", str(tmp_path / "work"),
+                         "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["stages"] == report["stages"]
+    assert report["stages"] == ["source", "quality", "split", "detect", "segment", "depth", "shard"]
+    plain = report["paths"]["fast"]["plain"]
+    assert "error" not in plain, plain.get("error")
+    assert plain["samples"] == 2 and plain["samples_per_hour"] > 0
+    assert set(plain["stages"]) == set(report["stages"]) and plain["stages"]["depth"]["cpu_s"] > 0
+    assert set(report["replaced"]) == {"detect", "segment", "depth", "mesh"}
+    mesh = report["paths"]["fast"]["mesh_networks"]
+    assert "error" not in mesh, mesh.get("error")
+    assert mesh["objects"] == 2 and all(f > 0 for f in mesh["raw_faces"])
+    page = out.with_suffix(".md").read_text()
+    assert "| fast | plain | 2 |" in page and "Replaced outputs" in page
+
+
+@pytest.mark.slow
+def test_tiny_whole_dag_through_prefect_and_plain_loop(bench, tmp_path):
+    report = bench.main(["--tiny", "--rows", "3", "--batch-rows", "2", "--view-size", "192", "--paths", "fast",
+                         "--modes", "plain,prefect", "--workers", "2", "--work", str(tmp_path / "work"),
+                         "--json", str(tmp_path / "gpu_build.json")])  # fmt: skip
+    assert report["stages"][-2:] == ["render", "shard"] and not report["skipped"]
+    for mode in ("plain", "prefect"):
+        row = report["paths"]["fast"][mode]
+        assert "error" not in row, row.get("error")
+        assert row["samples"] == 4 and row["sharded"] >= 1
+    assert report["paths"]["fast"]["prefect"]["stages"]["mesh"]["tasks"] == 2
