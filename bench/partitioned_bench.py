@@ -1,6 +1,6 @@
 """Partitioned builds on this machine: samples per minute with 1, 2 and 4 Prefect process workers.
 
-A Prefect server on a throwaway PostgreSQL (tests/pgserver.py, Debian's `postgresql`), `refany3d
+A Prefect server on a throwaway PostgreSQL (refany3d/testing/pgserver.py, Debian's `postgresql`), `refany3d
 deploy --pool cpu`, K workers of the `cpu` pool with one slot each, and `refany3d build
 --partitions P` (the CLI process is the parent) over the synthetic source with the `truth`
 backends up to `--until`. Each case builds into a fresh output; a single-process `refany3d build`
@@ -94,8 +94,7 @@ def main() -> None:
     args = p.parse_args()
 
     from refany3d.synthetic import ensure_synthetic
-    from tests.flows.conftest import free_port
-    from tests.pgserver import postgres_server
+    from refany3d.testing.pgserver import free_port, postgres_server
 
     work = Path(tempfile.mkdtemp(prefix="refany3d-pbench-"))
     source = ensure_synthetic(str(work / "source"), args.rows, 0)

@@ -15,14 +15,21 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from refany3d.storage.fs import url_to_fs
 from refany3d.storage.shards import DATA_DIR, REJECTS_DIR
 from refany3d.storage.store import join, write_atomic
 
-if TYPE_CHECKING:
-    from refany3d.stages.read_source import SourceBatch
+
+class SourceBatch(Protocol):
+    """What a partition needs of a source batch (`stages.read_source.SourceBatch`; named here by
+    its shape, so that storage imports nothing of the stages above it)."""
+
+    url: str
+    start: int
+    stop: int
+
 
 PARTITIONS_DIR = ".partitions"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from refany3d.testing.pgserver import free_port
 from tests.s200k import Row, write_subjects200k
 
 BIN = Path(sys.executable).parent
@@ -53,12 +53,6 @@ def synthetic_source(tmp_path_factory) -> str:
     from refany3d.synthetic import ensure_synthetic
 
     return ensure_synthetic(str(tmp_path_factory.mktemp("synthetic")), 3, 0)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -22,9 +22,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.deployments import run_deployment
 
 from refany3d.storage.fs import url_to_fs
+from refany3d.testing.pgserver import free_port, postgres_server
 from tests.flows._runs import artifacts, shard_bytes, task_runs, wait_flow_run
-from tests.flows.conftest import BIN, OFFLINE, PrefectServer, free_port, stop, wait_http
-from tests.pgserver import postgres_server
+from tests.flows.conftest import BIN, OFFLINE, PrefectServer, stop, wait_http
 from tests.s200k import Row, write_subjects200k
 
 pytestmark = pytest.mark.slow

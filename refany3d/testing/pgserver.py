@@ -9,12 +9,18 @@ import glob
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 
-from tests.flows.conftest import free_port
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bindir() -> str | None:
