@@ -546,6 +546,7 @@ def prefect_server(home: Path):
     env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # fmt: skip
+    before = {k: os.environ.get(k) for k in env}  # restored on exit: later runs in this process
     os.environ.update(env)
     log = open(home.parent / "prefect-server.log", "w")  # noqa: SIM115 - open while the server runs
     server = subprocess.Popen(
@@ -571,6 +572,11 @@ def prefect_server(home: Path):
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(30)
         log.close()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------- report
