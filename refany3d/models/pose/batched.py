@@ -205,6 +205,19 @@ class _Poses:
             torch.tensor(owner, dtype=torch.int64, device=device),
         )
 
+    def take(self, index: torch.Tensor) -> _Poses:
+        """The hypotheses at `index` (a tensor of rows)."""
+        return _Poses(self.rotation[index], self.scale[index], self.translation[index], self.owner[index])
+
+    def where(self, chosen: torch.Tensor, other: _Poses) -> _Poses:
+        """Per hypothesis, this pose where (h,) `chosen`, else `other`'s."""
+        return _Poses(
+            torch.where(chosen[:, None, None], self.rotation, other.rotation),
+            torch.where(chosen, self.scale, other.scale),
+            torch.where(chosen[:, None], self.translation, other.translation),
+            self.owner,
+        )
+
     def similarities(self) -> list[Similarity]:
         r, s, t = (x.cpu().numpy() for x in (self.rotation, self.scale, self.translation))
         return [Similarity(r[i], float(s[i]), t[i]) for i in range(len(s))]
@@ -397,7 +410,7 @@ def _refine(views: _Views, start: _Poses, iterations: int, depth_sigma: float, s
     offset = torch.zeros_like(start.scale)
     hits = _cast(views, poses)
     iou, agreement = _evaluate(views, poses, hits, offset)
-    best = _Fits(_Poses(poses.rotation, poses.scale, poses.translation, poses.owner), iou, agreement)
+    best = _Fits(poses, iou, agreement)
     active = torch.ones_like(offset, dtype=torch.bool)
     for step in range(iterations):
         redescend = step >= iterations // 2 and iterations >= 8
@@ -409,23 +422,13 @@ def _refine(views: _Views, start: _Poses, iterations: int, depth_sigma: float, s
         delta = torch.where(active[:, None], -solution[..., 0], 0.0)
         size = poses.scale * views.radius[poses.owner]
         stepped = _step(poses, delta[:, :7], size)
-        poses = _Poses(
-            torch.where(active[:, None, None], stepped.rotation, poses.rotation),
-            torch.where(active, stepped.scale, poses.scale),
-            torch.where(active[:, None], stepped.translation, poses.translation),
-            poses.owner,
-        )
+        poses = stepped.where(active, poses)
         offset = torch.where(active, (offset + delta[:, 7]).clamp(-MAX_OFFSET_PX, MAX_OFFSET_PX), offset)
         hits = _cast(views, poses)
         iou, agreement = _evaluate(views, poses, hits, offset)
         better = active & (iou * agreement > best.score)
         best = _Fits(
-            _Poses(
-                torch.where(better[:, None, None], poses.rotation, best.poses.rotation),
-                torch.where(better, poses.scale, best.poses.scale),
-                torch.where(better[:, None], poses.translation, best.poses.translation),
-                poses.owner,
-            ),
+            poses.where(better, best.poses),
             torch.where(better, iou, best.iou),
             torch.where(better, agreement, best.agreement),
         )
@@ -586,7 +589,7 @@ def _rank(views: _Views, poses: _Poses) -> torch.Tensor:
     """`coarse.rank_score` per hypothesis, rasterised on the grid lattice."""
     out = []
     for part in torch.arange(len(poses.scale), device=views.device).split(HYPOTHESES_PER_RASTER):
-        sub = _Poses(poses.rotation[part], poses.scale[part], poses.translation[part], poses.owner[part])
+        sub = poses.take(part)
         o = sub.owner
         raster = rasterize(_screen(views, sub), _lattice_of(views.grid, o))
         rows, cols = views.grid.shape
@@ -633,9 +636,7 @@ def _coarse(views: _Views, opts: PoseSettings) -> list[list[tuple[float, Similar
     keep = max(opts.icp_keep, per // 2)
     order = torch.argsort(error.reshape(len(clouds), per), dim=1, stable=True)[:, :keep]
     chosen = (order + torch.arange(len(clouds), device=views.device)[:, None] * per).reshape(-1)
-    survivors = _Poses(
-        poses.rotation[chosen], poses.scale[chosen], poses.translation[chosen], poses.owner[chosen]
-    )
+    survivors = poses.take(chosen)
     dense, dense_ok = _subsample(clouds, 400, views.device)
     poses, _ = _scaled_icp(views, dense, dense_ok, survivors, 10, 1.25)
     scores = _rank(views, poses).cpu().numpy()
