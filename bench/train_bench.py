@@ -18,12 +18,18 @@ Modes (issue #26), each timed the same way; the top-level figures are the baseli
 - `modes.fused_prodigy`: the same model, the fused Prodigy step (`optim.optimizer=prodigy`).
 - `modes.fp8_base`: `model.fp8_base=true` (FP8 frozen token linears) + the fused Prodigy step, a
   fresh model (its peak memory is measured from its own build on).
+- `modes.fp8_cudnn`: `fp8_base` + fused Prodigy with the "grouped" attention (three batched SDPA
+  calls, their outputs kept through checkpointing) on cuDNN's fused attention
+  (`model.sdpa_kernel=cudnn`) instead of compiled flex attention.
+Each mode also reports `step_peak_gib`: the peak GPU memory of its model steps alone (its
+`peak_gib` counts from its build on, which holds the bf16 weights while FP8 copies are made).
 - `modes.fp8_agreement` (`--agreement-steps N`, 0 = off): "no loss in what is learnt". The same
   configuration trained twice from the same seed (adapter init, sample order, dropout and noise are
   functions of the seed and the sample position), with and without `fp8_base`, through
   `train_step` on the bench's data: FLUX.1-dev's block dimensions (24 x 128, the real linear
   shapes and the paper's 18,944 tokens) with `--agreement-blocks D,S` double/single blocks, fused
-  Prodigy; the two runs step in turn, so `--deadline-s` cuts both at the same step. Both loss
+  Prodigy; `--agreement-sdpa cudnn` runs the FP8 side as `fp8_cudnn` does (grouped attention on
+  cuDNN) against today's bf16 flex, so that the whole new configuration is compared; the two runs step in turn, so `--deadline-s` cuts both at the same step. Both loss
   curves are written. Tolerance, stated before any run: the median over steps
   of |loss_fp8 - loss_bf16| / loss_bf16 <= 2%, and the mean losses of the last half of the steps
   within 1% of each other (`pass`).
@@ -53,6 +59,7 @@ import torch
 from PIL import Image
 
 from refany3d.config import TrainSettings, load_settings, override
+from refany3d.models.flux.attention import preferred_sdpa
 from refany3d.models.flux.components import (
     FLUX_SCHEDULER_CONFIG,
     FluxComponents,
@@ -199,8 +206,9 @@ def model_step_times(tr, warmup: int, steps: int) -> list[float]:
     params = [p for p in tr.model.parameters() if p.requires_grad]
 
     def step():
-        loss = sum(flow_matching_losses(tr.model, batch, noise=noise))
-        tr.accelerator.backward(loss)
+        with preferred_sdpa(tr.settings.model.sdpa_kernel):  # as train_step holds it
+            loss = sum(flow_matching_losses(tr.model, batch, noise=noise))
+            tr.accelerator.backward(loss)
         tr.accelerator.clip_grad_norm_(params, tr.settings.optim.grad_clip)
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
@@ -223,7 +231,8 @@ def loop_step_times(tr, steps: int) -> list[float]:
 
 AGREEMENT_MEDIAN_RTOL = 0.02  # median over steps of |loss_fp8 - loss_bf16| / loss_bf16
 AGREEMENT_TAIL_RTOL = 0.01  # mean loss of the last half of the steps, fp8 against bf16
-MODES = ("baseline", "fused_prodigy", "fp8_base")
+MODES = ("baseline", "fused_prodigy", "fp8_base", "fp8_cudnn")
+CUDNN_ATTENTION = {"model.attention": "grouped", "model.sdpa_kernel": "cudnn"}
 
 
 def _free() -> None:
@@ -257,12 +266,16 @@ def _use_optimizer(tr, name: str) -> None:
 
 
 def _timings(tr, steps: int, loop: bool = True) -> dict:
+    peak_so_far = _gib(torch.cuda.max_memory_allocated)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     model = model_step_times(tr, warmup=2, steps=steps)
     out = {
         "optimizer": type(tr.optimizer).__name__,
         "model_step_s": {"median": statistics.median(model), "all": model},
     }
-    out["peak_gib"] = _gib(torch.cuda.max_memory_allocated)
+    out["step_peak_gib"] = _gib(torch.cuda.max_memory_allocated)
+    out["peak_gib"] = None if peak_so_far is None else max(peak_so_far, out["step_peak_gib"])
     if loop:
         times = loop_step_times(tr, steps)
         out["loop_step_s"] = {"median": statistics.median(times), "all": times}
@@ -288,14 +301,20 @@ def _fp8_linears(tr) -> int:
 
 
 def loss_agreement(
-    settings: TrainSettings, cuda: bool, steps: int, blocks: tuple[int, int], deadline: float = float("inf")
+    settings: TrainSettings,
+    cuda: bool,
+    steps: int,
+    blocks: tuple[int, int],
+    deadline: float = float("inf"),
+    fp8_attention: dict | None = None,
 ) -> dict:
     """The same run with and without fp8_base (same seed, data, dropout and noise): both curves.
     The two runs step in turn, so that a `deadline` (perf_counter) cuts both at the same step
-    (after at least 10)."""
+    (after at least 10). `fp8_attention`: settings of the FP8 run's attention (default: the same)."""
     requested, runs, linears = steps, {}, {}
     for name, fp8 in (("bf16", False), ("fp8", True)):
-        run = override(settings, **{"model.fp8_base": fp8, "optim.optimizer": "prodigy"})
+        extra = (fp8_attention or {}) if fp8 else {}
+        run = override(settings, **{"model.fp8_base": fp8, "optim.optimizer": "prodigy", **extra})
         tr = _build(run, cuda, num_layers=blocks[0], num_single_layers=blocks[1])
         linears[name] = _fp8_linears(tr)
         runs[name] = (tr, iter(make_loader(tr)))
@@ -317,6 +336,7 @@ def loss_agreement(
         "steps": steps,
         "stopped_at_deadline": steps < requested,
         "blocks": {"double": blocks[0], "single": blocks[1]},
+        "fp8_attention": fp8_attention or "as bf16",
         "fp8_linears": linears,
         "tolerance": {"median_step_rel": AGREEMENT_MEDIAN_RTOL, "tail_mean_rel": AGREEMENT_TAIL_RTOL},
         "median_step_rel": median,
@@ -342,6 +362,12 @@ def main() -> None:
         "--agreement-blocks", default="2,4", help="double,single blocks of the agreement runs"
     )
     parser.add_argument(
+        "--agreement-sdpa",
+        choices=("flash", "cudnn"),
+        default="flash",
+        help="cudnn: the FP8 run of the agreement uses fp8_cudnn's attention (grouped on cuDNN)",
+    )
+    parser.add_argument(
         "--deadline-s",
         type=float,
         default=0,
@@ -352,8 +378,6 @@ def main() -> None:
     if unknown := sorted(set(modes) - set(MODES)):
         parser.exit(2, f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}\n")
     cuda = not args.tiny
-    if cuda:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
     size = 32 if args.tiny else 512
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     root = write_dataset(tmp / "dataset", args.samples, size, 8)
@@ -396,10 +420,15 @@ def main() -> None:
                 mode.update(_timings(tr, args.steps))
         del tr
         _free()
-    if "fp8_base" in modes:
-        mode = results["modes"]["fp8_base"] = {}
+    for name in ("fp8_base", "fp8_cudnn"):
+        if name not in modes:
+            continue
+        mode = results["modes"][name] = {}
         with _recorded(mode, save):
-            fp8_settings = override(settings, **{"model.fp8_base": True, "optim.optimizer": "prodigy"})
+            attention = CUDNN_ATTENTION if name == "fp8_cudnn" else {}
+            fp8_settings = override(
+                settings, **{"model.fp8_base": True, "optim.optimizer": "prodigy", **attention}
+            )
             built = time.perf_counter()
             tr = _build(fp8_settings, cuda)
             mode.update(build_s=time.perf_counter() - built, fp8_linears=_fp8_linears(tr))
@@ -415,7 +444,8 @@ def main() -> None:
         deadline = started + args.deadline_s if args.deadline_s else float("inf")
         mode = results["modes"]["fp8_agreement"] = {}
         with _recorded(mode, save):
-            mode.update(loss_agreement(settings, cuda, args.agreement_steps, blocks, deadline))
+            attention = CUDNN_ATTENTION if args.agreement_sdpa == "cudnn" else None
+            mode.update(loss_agreement(settings, cuda, args.agreement_steps, blocks, deadline, attention))
     results["total_s"] = time.perf_counter() - started
     save()
     print(json.dumps(results, indent=1, default=str))

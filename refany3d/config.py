@@ -416,6 +416,11 @@ class ModelSettings(_Section):
     domain_lora: bool = _opt(True, "Domain-LoRA on point-map tokens")
     point_map_branch: bool = _opt(True, "generate the target point map jointly")
     attention: Literal["flex", "grouped", "dense"] = _opt("flex", "group-attention implementation")
+    sdpa_kernel: Literal["flash", "cudnn"] = _opt(
+        "flash",
+        "SDPA kernel tried first by grouped/dense attention (cudnn: cuDNN's fused attention, faster on Hopper; "
+        "where it refuses a shape the next takes it)",
+    )
     gradient_checkpointing: bool = _opt(True, "recompute block activations in backward")
     checkpoint_saves_attention: bool = _opt(
         True, "keep attention outputs through checkpointing instead of recomputing them (grouped/dense)"

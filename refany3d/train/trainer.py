@@ -24,6 +24,7 @@ import torch
 
 from refany3d import __version__
 from refany3d.config import OptimSettings, SettingsError, TrainSettings, override, settings_hash, to_dict
+from refany3d.models.flux.attention import preferred_sdpa
 from refany3d.models.flux.components import FluxComponents, load_components
 from refany3d.models.flux.loss import FlowBatch, flow_matching_losses
 from refany3d.storage.store import join, write_atomic
@@ -276,13 +277,14 @@ def train_step(tr: Trainer, micro_batches: list[data_mod.MicroBatch]) -> dict[st
     model.train()
     losses = []  # per micro-batch: [rgb, point map], weighted
     scale = acc.num_processes / filled  # DDP averages gradients over ranks: this makes it the mean
-    for i, mb in enumerate(micro_batches):
-        batch, noise, weight = prepare_micro_batch(tr, mb)
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else acc.no_sync(model):
-            parts = [part * weight for part in flow_matching_losses(model, batch, noise=noise)]
-            acc.backward(sum(parts) * scale)
-        losses.append(torch.stack([p.detach() for p in parts]))
+    with preferred_sdpa(tr.settings.model.sdpa_kernel):  # forward and backward alike
+        for i, mb in enumerate(micro_batches):
+            batch, noise, weight = prepare_micro_batch(tr, mb)
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                parts = [part * weight for part in flow_matching_losses(model, batch, noise=noise)]
+                acc.backward(sum(parts) * scale)
+            losses.append(torch.stack([p.detach() for p in parts]))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, tr.settings.optim.grad_clip)
     tr.optimizer.step()

@@ -233,3 +233,21 @@ def test_run_training_resume_skips_a_damaged_newest_checkpoint(dataset, tmp_path
     lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and adapter.name in lines[0]
     assert {p: p.read_bytes() for p in Path(older.url).rglob("*") if p.is_file()} == intact  # nothing lost
+
+
+def test_train_step_holds_the_sdpa_kernel_preference_through_forward_and_backward(dataset, tmp_path):
+    """Compiled blocks take the kernel chosen when traced, and checkpoint recomputation in
+    backward must choose the same: the preference must hold in both."""
+    from torch.nn.attention import SDPBackend
+
+    tr = build_trainer(tiny_settings(dataset, tmp_path / "run", **{"model.sdpa_kernel": "cudnn"}))
+    model = tr.accelerator.unwrap_model(tr.model)
+    seen = {}
+
+    def forward_hook(module, args, output):
+        seen["forward"] = torch._C._get_sdp_priority_order()[0]
+        output.rgb.register_hook(lambda grad: seen.update(backward=torch._C._get_sdp_priority_order()[0]))
+
+    model.register_forward_hook(forward_hook)
+    train_step(tr, [next(iter(make_loader(tr)))])
+    assert seen == {"forward": int(SDPBackend.CUDNN_ATTENTION), "backward": int(SDPBackend.CUDNN_ATTENTION)}

@@ -18,6 +18,7 @@ Implementations (all take and return (B, S, H, D) tensors in joint-sequence orde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Literal
 
@@ -34,6 +35,7 @@ from refany3d.models.flux.positions import (
 )
 
 AttentionKind = Literal["flex", "grouped", "dense"]
+SdpaKernel = Literal["flash", "cudnn"]
 
 
 # Keys and values of the condition tokens of one block: two (B, Lcond, H, D) tensors after RoPE.
@@ -167,6 +169,26 @@ class GroupAttention:
             start = lay.text if self.text_agnostic else 0
             parts.append(attend(q[:, head:], keys[:, start:], values[:, start:]))
         return torch.cat(parts, dim=1)
+
+
+def preferred_sdpa(kernel: SdpaKernel) -> contextlib.AbstractContextManager:
+    """A context in which SDPA tries `kernel` first and falls back, shape by shape, where that
+    kernel refuses one: "cudnn" puts cuDNN's fused attention before flash, memory-efficient and
+    math (on an H200 it runs the Flux shapes ~1.8x faster than PyTorch's flash kernel,
+    bench/results/train_bench.md); "flash" keeps PyTorch's own order. Compiled blocks take the
+    kernel chosen while they are traced, and backward and checkpoint recomputation must see the
+    same one: hold it around the whole step, forward and backward (`train_step` does)."""
+    if kernel == "flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _sdpa(

@@ -94,3 +94,39 @@ def test_group_attention_cached_conditions_equal_full_sequence(text_agnostic):
     attention = GroupAttention(short, "grouped", text_agnostic, "cpu", independent_conditions=True)
     got = attention(q[:, keep], k[:, keep], v[:, keep], conditions=(k[:, head:tail], v[:, head:tail]))
     torch.testing.assert_close(got, expected[:, keep], rtol=1e-5, atol=1e-6)
+
+
+def test_preferred_sdpa_puts_cudnn_first_and_restores_the_order():
+    from torch.nn.attention import SDPBackend
+
+    from refany3d.models.flux.attention import preferred_sdpa
+
+    before = torch._C._get_sdp_priority_order()
+    with preferred_sdpa("flash"):
+        assert torch._C._get_sdp_priority_order() == before
+    with preferred_sdpa("cudnn"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs CUDA")
+def test_grouped_attention_under_cudnn_runs_cudnn_and_matches_flash():
+    from torch.profiler import ProfilerActivity, profile
+
+    from refany3d.models.flux.attention import preferred_sdpa
+
+    layout = TokenLayout(text=64, target=256, cond=256, views=2, point_map=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, layout.joint_len, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+               .requires_grad_() for _ in range(3))  # fmt: skip
+    attention = GroupAttention(layout, "grouped", True, "cuda")
+    flash = attention(q, k, v)
+    flash_grads = torch.autograd.grad(flash.float().square().sum(), (q, k, v))
+    with preferred_sdpa("cudnn"), profile(activities=[ProfilerActivity.CPU]) as prof:
+        cudnn = attention(q, k, v)
+        cudnn_grads = torch.autograd.grad(cudnn.float().square().sum(), (q, k, v))
+    ops = {e.key for e in prof.key_averages()}
+    assert any("cudnn_attention" in op for op in ops), sorted(ops)
+    torch.testing.assert_close(cudnn, flash, rtol=0, atol=1e-2)
+    for a, b in zip(cudnn_grads, flash_grads):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
