@@ -2,10 +2,11 @@
 
     pipe = RefAny3DPipeline.from_pretrained("out/train", base="/models/FLUX.1-dev",
                                             torch_dtype=torch.bfloat16).to("cuda")
-    out = pipe("chair.glb", "a wooden chair in a sunny garden",
-               num_inference_steps=28, guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
-    out.images[0], out.point_maps[0]  # PIL images; out.image / out.point_map: the arrays
-    out.save("out/samples/chair")     # image.png, point_map.png, contact_sheet.png, ...
+    out = pipe("chair.glb", "a wooden chair in a sunny garden", height=512, width=768,
+               num_inference_steps=28, guidance_scale=3.5, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(0))
+    out.images, out.point_maps        # 2 PIL images each; out.image_arrays / .point_map_arrays
+    out.save("out/samples/chair")     # 00/ and 01/: image.png, point_map.png, contact_sheet.png, ...
     pipe.save_pretrained("out/export")  # adapters + config.json + README.md: from_pretrained reads it
 
 Steps: load and normalise the asset, render its N orbit views (RGB + canonical point map) with the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,44 +70,85 @@ SAMPLE_JSON = "sample.json"  # what `refany3d evaluate` reads back
 
 @dataclass(frozen=True)
 class SampleOutput:
-    """What `RefAny3DPipeline.__call__` returns: `images[0]` / `point_maps[0]` as PIL images, and
-    the arrays: image (S, S, 3) uint8; point_map (S, S, 3) float32 in [0, 1] over `mesh`'s bounding box,
-    white background (None without the point-map branch); views: the conditions; mesh: the
-    normalised asset (the frame the point map encodes); label: where the weights came from;
-    provenance: the run, checkpoint, step, base model and settings (`RefAny3DPipeline.source`)."""
+    """What `RefAny3DPipeline.__call__` returns: n = len(prompts) x num_images_per_prompt samples of
+    one asset. `images` / `point_maps`: the n as PIL images (diffusers' `.images`); the arrays:
+    image_arrays n (H, W, 3) uint8; point_map_arrays n (H, W, 3) float32 in [0, 1] over `mesh`'s
+    bounding box, white background (empty without the point-map branch); prompts: each image's
+    prompt; views: the conditions; mesh: the normalised asset (the frame the point maps encode);
+    seed: the generator's initial seed; label: where the weights came from; provenance: the run,
+    checkpoint, step, base model, size and settings (`RefAny3DPipeline.source`).
 
-    image: np.ndarray
-    point_map: np.ndarray | None
+    `image` / `point_map` / `prompt`: the first sample's (the only one for n = 1); `sample(k)`: the
+    k-th alone."""
+
+    image_arrays: tuple[np.ndarray, ...]
+    point_map_arrays: tuple[np.ndarray, ...]
     views: ConditionViews
     mesh: trimesh.Trimesh
-    prompt: str
+    prompts: tuple[str, ...]
     seed: int
     label: str
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        return len(self.image_arrays)
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.image_arrays[0]
+
+    @property
+    def point_map(self) -> np.ndarray | None:
+        return self.point_map_arrays[0] if self.point_map_arrays else None
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts[0]
+
     @property
     def images(self) -> list[Any]:
-        """The generated RGB as a PIL image in a list (diffusers' `.images[0]`)."""
+        """The n generated RGB images as PIL images (diffusers' `.images`)."""
         from PIL import Image
 
-        return [Image.fromarray(self.image)]
+        return [Image.fromarray(image) for image in self.image_arrays]
 
     @property
     def point_maps(self) -> list[Any]:
-        """The generated point map as an 8-bit PIL RGB image in a list (empty without the branch)."""
+        """The n generated point maps as 8-bit PIL RGB images (empty without the branch)."""
         from PIL import Image
 
-        return [] if self.point_map is None else [Image.fromarray(to_uint8(self.point_map))]
+        return [Image.fromarray(to_uint8(pm)) for pm in self.point_map_arrays]
+
+    def sample(self, index: int) -> SampleOutput:
+        """The `index`-th sample alone; its provenance names its place (`image_index`, `num_images`)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"sample({index}): this output holds {n} image(s)")
+        index %= n
+        return dataclasses.replace(
+            self,
+            image_arrays=self.image_arrays[index : index + 1],
+            point_map_arrays=self.point_map_arrays[index : index + 1],
+            prompts=self.prompts[index : index + 1],
+            provenance={**self.provenance, "image_index": index, "num_images": n},
+        )
 
     def contact_sheet(self) -> np.ndarray:
+        """The first sample's: views | RGB | point map (`sheet.contact_sheet`)."""
         return contact_sheet(self.views.rgb, self.views.point_maps, self.image, self.point_map)
 
     def save(self, directory: str | os.PathLike, settings: SampleSettings | None = None) -> Path:
         """Write image.png, point_map.png (8-bit) + point_map16.png, contact_sheet.png, asset.glb
-        (the normalised mesh), views/rgb_KK.png + views/point_map_KK.png and sample.json."""
+        (the normalised mesh), views/rgb_KK.png + views/point_map_KK.png and sample.json; with
+        n > 1 samples, one such directory per sample: `directory/KK/` (what `refany3d evaluate
+        --samples directory` finds)."""
         from PIL import Image
 
         out = Path(directory)
+        if len(self) > 1:
+            for k in range(len(self)):
+                self.sample(k).save(out / f"{k:02d}", settings)
+            return out
         (out / "views").mkdir(parents=True, exist_ok=True)
         Image.fromarray(self.image).save(out / "image.png")
         if self.point_map is not None:
@@ -172,6 +215,18 @@ def _dtype_name(torch_dtype: torch.dtype | str) -> str:
     raise SettingsError(f"torch_dtype: {torch_dtype!r} is not one of {', '.join(DTYPES)}")
 
 
+def _is_int(value: Any) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _prompt_list(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt: {prompt!r} is not a string or a non-empty list of strings")
+    return prompts
+
+
 def _write_png16(path: Path, unit: np.ndarray) -> None:
     import cv2  # PIL cannot write 16-bit RGB
 
@@ -183,8 +238,8 @@ class RefAny3DPipeline:
     """Generates images of 3D assets; build once (weights load once), call per asset and prompt.
 
     The diffusers-style surface: `from_pretrained(checkpoint, base=..., torch_dtype=...)`,
-    `.to(device)`, `__call__(asset, prompt, num_inference_steps=, guidance_scale=, generator=)`,
-    `load_lora_weights(checkpoint)` and `save_pretrained(dir)`."""
+    `.to(device)`, `__call__(asset, prompt, height=, width=, num_inference_steps=, guidance_scale=,
+    num_images_per_prompt=, generator=)`, `load_lora_weights(checkpoint)` and `save_pretrained(dir)`."""
 
     def __init__(
         self, components: FluxComponents, settings: SampleSettings, source: dict[str, Any] | None = None
@@ -354,95 +409,164 @@ class RefAny3DPipeline:
     def __call__(
         self,
         asset: str | os.PathLike | trimesh.Trimesh,
-        prompt: str,
+        prompt: str | list[str],
         *,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         image_guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> SampleOutput:
-        """One sample of `asset` (a mesh file or a `trimesh.Trimesh`) for `prompt`.
+        """Samples of `asset` (a mesh file or a `trimesh.Trimesh`) for `prompt` (one, or a list: each
+        gets `num_images_per_prompt` images, prompt by prompt, as in diffusers).
 
+        height / width: the generated size in px (default `sampler.resolution`, the size the
+        checkpoint was trained at), each a positive multiple of one latent token's pixels (16 for
+        FLUX.1-dev: the VAE's 8 px x the 2 x 2 patch); ValueError naming the argument otherwise.
         num_inference_steps / guidance_scale / image_guidance_scale default to `sampler.steps` /
-        `sampler.guidance` / `sampler.image_guidance`; the initial noise comes from `generator`
-        (as diffusers' pipelines), else from `seed`, else `sampler.seed`. The same inputs and
-        settings give the same output. AssetError for an asset that cannot be a condition."""
+        `sampler.guidance` / `sampler.image_guidance`. All images are drawn in one batch; the initial
+        noise comes from `generator` (as diffusers' pipelines), else from `seed`, else
+        `sampler.seed`, one image after the other, so the same seed gives the same images (and the
+        first of n is the one n = 1 draws). The same inputs and settings give the same output.
+        AssetError for an asset that cannot be a condition."""
+        prompts = _prompt_list(prompt)
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: {num_images_per_prompt!r} is not a positive int")
+        grid = self._target_grid(height, width)  # a bad size fails before the asset renders
         mesh = load_asset(asset) if not isinstance(asset, trimesh.Trimesh) else normalize_mesh(asset)[0]
         views = render_conditions(mesh, self.settings.render)
         if generator is None:
             generator = torch.Generator().manual_seed(self.settings.sampler.seed if seed is None else seed)
         used = generator.initial_seed()
-        image, point_map = self.generate(
-            views, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale, generator=generator,
+        images, point_maps = self._generate(
+            views, prompts, int(num_images_per_prompt), grid, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, generator=generator,
         )  # fmt: skip
-        s = override(
-            self.settings,
-            **{
-                "sampler.steps": num_inference_steps or self.settings.sampler.steps,
-                "sampler.guidance": self.settings.sampler.guidance
-                if guidance_scale is None
-                else guidance_scale,
-                "sampler.image_guidance": self.settings.sampler.image_guidance
-                if image_guidance_scale is None
-                else image_guidance_scale,
-            },
+        sampler = self.settings.sampler
+        ran = {
+            "sampler.steps": num_inference_steps or sampler.steps,
+            "sampler.guidance": sampler.guidance if guidance_scale is None else guidance_scale,
+            "sampler.image_guidance": sampler.image_guidance
+            if image_guidance_scale is None
+            else image_guidance_scale,
+        }
+        size = (grid[0] * self._token_px, grid[1] * self._token_px)
+        if size[0] == size[1]:
+            ran["sampler.resolution"] = size[0]
+        provenance = {
+            **self.source,
+            "height": size[0],
+            "width": size[1],
+            "settings": to_dict(override(self.settings, **ran)),
+        }
+        return SampleOutput(
+            tuple(images),
+            tuple(point_maps or ()),
+            views,
+            mesh,
+            tuple(p for p in prompts for _ in range(num_images_per_prompt)),
+            used,
+            self.components.label,
+            provenance,
         )
-        provenance = {**self.source, "settings": to_dict(s)}
-        return SampleOutput(image, point_map, views, mesh, prompt, used, self.components.label, provenance)
 
-    @torch.no_grad()
     def generate(
         self,
         views: ConditionViews,
         prompt: str,
         *,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         image_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(image (S, S, 3) uint8, point map (S, S, 3) float32 in [0, 1] or None without the point-map
-        branch) from already rendered condition views (e.g. a dataset row's) and `prompt`."""
+        """(image (H, W, 3) uint8, point map (H, W, 3) float32 in [0, 1] or None without the
+        point-map branch) from already rendered condition views (e.g. a dataset row's) and
+        `prompt`; the arguments as in `__call__`."""
+        grid = self._target_grid(height, width)
+        images, point_maps = self._generate(
+            views, [prompt], 1, grid, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, generator=generator,
+        )  # fmt: skip
+        return images[0], None if point_maps is None else point_maps[0]
+
+    def _target_grid(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(h, w) of the packed target latent grid of a height x width px image (None: the
+        `sampler.resolution` side); ValueError naming a size that is not a positive multiple of
+        one token's pixels. The model takes any such grid: its rotary ids, the conditions' shift
+        by -w on the width axis and the schedule's shift (h * w tokens) all follow it."""
+        side = self._token_px
+        grid = []
+        for name, value in (("height", height), ("width", width)):
+            value = self.settings.sampler.resolution if value is None else value
+            if not _is_int(value) or value < side or value % side:
+                raise ValueError(
+                    f"{name}: {value!r} is not a positive multiple of {side} px (one latent token: "
+                    f"the VAE's {side // 2} px x the 2 x 2 patch)"
+                )
+            grid.append(int(value) // side)
+        return grid[0], grid[1]
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        views: ConditionViews,
+        prompts: list[str],
+        per_prompt: int,
+        grid: tuple[int, int],
+        *,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        image_guidance_scale: float | None,
+        generator: torch.Generator | None,
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """B = len(prompts) x per_prompt samples in one batch, prompt by prompt, on the packed target
+        `grid` (h, w): (B (H, W, 3) uint8 images, B point maps or None without the branch)."""
         s = self.settings.sampler
         steps = num_inference_steps or s.steps
         guidance = s.guidance if guidance_scale is None else guidance_scale
         image_guidance = s.image_guidance if image_guidance_scale is None else image_guidance_scale
-        text, pooled = encode_prompts(self.components, [prompt])
+        text, pooled = encode_prompts(self.components, prompts)
+        text, pooled = text.repeat_interleave(per_prompt, 0), pooled.repeat_interleave(per_prompt, 0)
+        b = text.shape[0]
         resolution = views.rgb[0].shape[0] if views.rgb else self.settings.render.resolution
         cond_side = resolution // self._token_px
-        target_side = s.resolution // self._token_px
         conditions = None
         if views.rgb:
+            rgb = self._encode([v / 255.0 for v in views.rgb])
+            branch = self.components.transformer.point_map_branch
+            point_map = self._encode(views.point_maps) if branch else None
             conditions = Conditions(
-                rgb=self._encode([v / 255.0 for v in views.rgb]),
-                point_map=self._encode(views.point_maps)
-                if self.components.transformer.point_map_branch
-                else None,
+                rgb=rgb.expand(b, -1, -1, -1),
+                point_map=None if point_map is None else point_map.expand(b, -1, -1, -1),
                 size=(cond_side, cond_side),
             )
         blank = None
         if conditions is not None and image_guidance != 1.0:  # the references training's dropout blanked
             lat = blank_references(self.components, len(views.rgb), resolution)[None]
-            lat = lat.to(conditions.rgb)
+            lat = lat.to(conditions.rgb).expand(b, -1, -1, -1)
             blank = Conditions(lat, None if conditions.point_map is None else lat, conditions.size)
         latents = sample_latents(
-            self.components.transformer, text, pooled, conditions, (target_side, target_side),
+            self.components.transformer, text, pooled, conditions, grid,
             steps=steps, guidance=guidance, image_guidance=image_guidance,
             generator=generator if generator is not None else torch.Generator().manual_seed(s.seed),
             cache_conditions=s.cache_conditions, blank=blank,
         )  # fmt: skip
-        image = to_uint8(self._decode(latents.rgb, target_side))
-        point_map = None if latents.point_map is None else self._decode(latents.point_map, target_side)
-        return image, point_map
+        images = [to_uint8(image) for image in self._decode(latents.rgb, grid)]
+        point_maps = None if latents.point_map is None else self._decode(latents.point_map, grid)
+        return images, point_maps
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
         """N (R, R, 3) float images in [0, 1] -> (1, N, Lc, C) packed latents."""
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2.0 - 1.0
         return encode_images(self.components, batch)[None]
 
-    def _decode(self, tokens: torch.Tensor, side: int) -> np.ndarray:
-        """(1, Lt, C) packed latents -> (S, S, 3) float32 in [0, 1]."""
-        image = decode_latents(self.components, tokens, (side, side))[0]
-        return ((image.float().permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32)
+    def _decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> list[np.ndarray]:
+        """(B, h*w, C) packed latents of an (h, w) grid -> B (H, W, 3) float32 in [0, 1]."""
+        images = decode_latents(self.components, tokens, grid).float().permute(0, 2, 3, 1).cpu().numpy()
+        return list(((images + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32))

@@ -41,5 +41,5 @@ def write_samples(root, asset, perfect):
     views = ConditionViews(rgb=[rgb, rgb[:, ::-1].copy()], point_maps=[pm, pm], poses=[np.eye(4)] * 2)
     wrong = np.where(mask[..., None], 255 - rgb, rgb)
     for name, image in (("a-perfect", rgb), ("b-wrong", wrong)):
-        SampleOutput(image, pm, views, asset, "a toy robot", 0, "test").save(root / name)
+        SampleOutput((image,), (pm,), views, asset, ("a toy robot",), 0, "test").save(root / name)
     return root

@@ -112,8 +112,9 @@ def sample_latents(
 
     text (B, T, joint_attention_dim), pooled (B, pooled_projection_dim): the encoded prompt;
     conditions: the encoded references (None = unconditioned); target_size (h, w) of the packed
-    target grid; generator: seeds the initial noise (drawn on its device, then moved); blank: the
-    blank references of the image-guidance pass (needed when image_guidance != 1).
+    target grid; generator: seeds the initial noise (drawn on its device, then moved; one image
+    after the other, its RGB then its point map, so image k's noise does not depend on B); blank:
+    the blank references of the image-guidance pass (needed when image_guidance != 1).
     """
     guided = conditions is not None and image_guidance != 1.0
     if guided and blank is None:
@@ -121,10 +122,14 @@ def sample_latents(
     b, device, dtype = text.shape[0], text.device, text.dtype
     shape = (b, target_size[0] * target_size[1], model.flux.config.in_channels)
     gen_device = generator.device if generator is not None else "cpu"
-    rgb = torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
-    pm = None
-    if model.point_map_branch:
-        pm = torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
+    # image by image, RGB then point map: image k starts from the same noise whatever the batch size
+    groups = 2 if model.point_map_branch else 1
+    noise = [
+        [torch.randn(shape[1:], generator=generator, device=gen_device) for _ in range(groups)]
+        for _ in range(b)
+    ]
+    rgb = torch.stack([n[0] for n in noise]).to(device, dtype)
+    pm = torch.stack([n[1] for n in noise]).to(device, dtype) if model.point_map_branch else None
     with torch.no_grad():
         velocity = _Velocity(model, text, pooled, conditions, target_size, guidance, cache_conditions)
         unconditional = None

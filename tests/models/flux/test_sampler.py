@@ -56,6 +56,22 @@ def test_sample_latents_seed_reproduces_and_differs_across_seeds():
     assert not torch.allclose(a.rgb, c.rgb)
 
 
+def test_sample_latents_noise_of_image_k_does_not_depend_on_the_batch():
+    model = _model()
+    text, pooled, conds = _inputs()
+    two = Conditions(conds.rgb.expand(2, -1, -1, -1), conds.point_map.expand(2, -1, -1, -1), COND_HW)
+
+    def run(text, pooled, conds):
+        return sample_latents(
+            model, text, pooled, conds, TARGET_HW, steps=2, generator=torch.Generator().manual_seed(0)
+        )
+
+    one, batch = run(text, pooled, conds), run(text.expand(2, -1, -1), pooled.expand(2, -1), two)
+    torch.testing.assert_close(batch.rgb[:1], one.rgb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.point_map[:1], one.point_map, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batch.rgb[0], batch.rgb[1])  # and image 1 has noise of its own
+
+
 def test_sample_latents_cached_equals_uncached_with_independent_conditions():
     model = _model(independent_conditions=True)
     text, pooled, conds = _inputs()
