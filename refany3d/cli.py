@@ -19,7 +19,7 @@ from refany3d.config import (
     load_settings,
     parse_overrides,
 )
-from refany3d.preflight import preflight
+from refany3d.preflight import check_writable, preflight
 from refany3d.stages.dag import STAGES
 
 
@@ -197,6 +197,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--limit", type=int, default=0, metavar="N", help="with --generate: the first N assets (0 = all)"
+    )
+    evaluate.add_argument(
+        "--out",
+        metavar="URL",
+        help="directory or fsspec URL (s3://...) for metrics.json and, with --generate, the samples "
+        "drawn (default: --samples)",
     )
     _add_settings_args(evaluate, "metrics.gallery_samples=4")
 
@@ -455,11 +461,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise SettingsError("--lora: only with --generate (scoring existing samples needs no model)")
     else:
         find_samples(args.samples)  # no samples: one line, before Prefect starts
+    if args.out:
+        check_writable(args.out, "--out")  # a missing bucket: one line, before any work
     _prefect_defaults()
     from refany3d.flows.evaluate import evaluate
 
     report = evaluate(
-        args.samples, settings, args.dataset or "", generate=args.generate, lora=args.lora, limit=args.limit
+        args.samples,
+        settings,
+        args.dataset or "",
+        generate=args.generate,
+        lora=args.lora,
+        limit=args.limit,
+        out=args.out or "",
     )
     for line in metrics_table(report):
         print(line)

@@ -3,7 +3,8 @@
 A sample is a directory that `refany3d sample` wrote (`sample.json`, `image.png`,
 `point_map16.png` or `point_map.png`, `asset.glb`, `views/rgb_KK.png`). `--samples DIR` is one
 sample or a directory of them. A sample without its own `asset.glb` / views takes them from the
-dataset (`--dataset URL`, shards) through the `sample_id` in its sample.json.
+dataset (`--dataset URL`, shards) through the `sample_id` in its sample.json. metrics.json goes to
+`--out URL` (default: the samples directory), a local directory or an object store.
 
 Which metric means what (range, direction) is in `METRICS`; `docs/evaluate.md` explains them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from refany3d.evaluate.semantic import (
     resolve_weights,
 )
 from refany3d.render.mesh import load_mesh
+from refany3d.storage.fs import url_to_fs
+from refany3d.storage.store import join, put_tree, write_atomic
 
 SAMPLE_JSON = "sample.json"
 METRICS_JSON = "metrics.json"
@@ -203,11 +207,18 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def write_report(root: str | Path, report: dict) -> Path:
-    path = Path(root) / METRICS_JSON
+def write_report(out: str | Path, report: dict, samples: Sequence[Path] = ()) -> str:
+    """`report` as OUT/metrics.json, OUT a directory or any fsspec URL (`s3://...`); returns its
+    URL. `samples` (local sample directories, the ones the run drew) are copied to OUT/<name>/
+    first: metrics.json, one atomic write (on S3 one PUT) after them, is the marker that lists
+    them (an object store has no rename; a reader trusts only what metrics.json names)."""
+    for directory in samples:
+        put_tree(directory, join(str(out), directory.name))
+    fs, root = url_to_fs(str(out))
     # allow_nan=False: a bare NaN is not JSON (parsers reject it); build_report writes null instead
-    path.write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False))
-    return path
+    text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False)
+    write_atomic(fs, join(root, METRICS_JSON), text.encode())
+    return join(str(out), METRICS_JSON)
 
 
 def metrics_table(report: dict) -> list[str]:

@@ -6,8 +6,10 @@ With `generate`, the flow first draws the samples itself: one per asset of `data
 
 One task per sample (`evaluate-<sample>`); the CLIP / DINO models load once per process (cached
 loaders), and metrics whose weights are not present are skipped with a note. The flow writes
-`SAMPLES/metrics.json` and publishes `<name>-metrics` (table: one row per sample plus the mean)
-and `<name>-gallery` (contact sheets: views | RGB | point map).
+`OUT/metrics.json` (`out`: a directory or an object store URL; default `samples`) and publishes
+`<name>-metrics` (table: one row per sample plus the mean) and `<name>-gallery` (contact sheets:
+views | RGB | point map). Samples the flow drew are its output too: with `out` they are copied to
+`OUT/<sample>/` before metrics.json, the marker that lists them (`evaluate.run.write_report`).
 """
 
 from __future__ import annotations
@@ -100,16 +102,19 @@ def evaluate(
     lora: str | None = None,
     sample_settings: SampleSettings | None = None,
     limit: int = 0,
+    out: str = "",
 ) -> dict:
     """Metrics of every sample under `samples` (first drawn there from `dataset`'s assets with the
-    pipeline of `lora` when `generate`); returns the report (also in SAMPLES/metrics.json)."""
+    pipeline of `lora` when `generate`); returns the report (also in OUT/metrics.json, OUT =
+    `out` or `samples`; with `generate` the samples drawn are copied under OUT before it)."""
     skipped = generate_samples(lora, dataset, samples, sample_settings, limit) if generate else []
     paths = find_samples(samples)
     _, notes = scorers(settings)  # load the models once here; notes for the skipped ones
     notes = notes + skipped
     futures = [evaluate_one.submit(p, settings, dataset) for p in paths]
     report = build_report({p.name: f.result() for p, f in zip(paths, futures)}, notes, settings)
-    report["path"] = str(write_report(samples, report))
+    drawn = paths if generate and out and out != samples else []  # this run's output: beside metrics.json
+    report["path"] = write_report(out or samples, report, drawn)
     create_table_artifact(
         _table(report), key=artifact_key(name, "metrics"), description="; ".join(notes) or None
     )

@@ -14,6 +14,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 
@@ -100,3 +101,15 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def put_tree(directory: str | os.PathLike, url: str) -> list[str]:
+    """Copy every file under the local `directory` to the same relative key under `url` (any
+    fsspec URL), each with `write_atomic`; returns the keys, sorted. Nothing marks the copy as
+    whole: the caller writes its marker after it."""
+    fs, root = url_to_fs(url)
+    base = Path(directory)
+    keys = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+    for key in keys:
+        write_atomic(fs, join(root, key), (base / key).read_bytes())
+    return keys

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,8 @@ def test_build_report_without_weights_skips_clip_and_dino_with_notes(samples_dir
     per = {p.name: evaluate_sample(read_sample(p), settings, models) for p in find_samples(samples_dir)}
     report = build_report(per, notes, settings)
     path = write_report(samples_dir, report)
-    saved = json.loads(path.read_text())
+    assert path == f"{samples_dir}/metrics.json"
+    saved = json.loads(Path(path).read_text())
     assert set(saved["mean"]) == {"silhouette_iou", "surface_distance", "texture_error"}
     assert saved["samples"]["a-perfect"]["texture_error"] < saved["samples"]["b-wrong"]["texture_error"]
     assert saved["metrics"]["surface_distance"]["better"] == "lower"
@@ -64,7 +66,7 @@ def test_report_of_an_untextured_asset_is_json_with_a_null_and_a_note(samples_di
     (root / "c-untextured" / "asset.glb").write_bytes(plain.export(file_type="glb"))
     settings = EvaluateSettings()
     per = {p.name: evaluate_sample(read_sample(p), settings, {}) for p in find_samples(root)}
-    text = write_report(root, build_report(per, [], settings)).read_text()
+    text = Path(write_report(root, build_report(per, [], settings))).read_text()
 
     def no_nan(constant):
         raise AssertionError(f"{constant} in metrics.json")

@@ -28,13 +28,19 @@ def test_evaluate_flow_writes_metrics_and_publishes_table_and_gallery(prefect_ha
     assert by_key["eval-test-gallery"].data.count("data:image/png;base64,") == 2
 
 
-def test_evaluate_flow_generates_with_a_checkpoints_pipeline_then_scores(prefect_harness, tmp_path):
+def test_evaluate_cli_generates_with_a_checkpoints_pipeline_into_s3(prefect_harness, s3, tmp_path, capsys):
+    """`refany3d evaluate --generate --out s3://...`: the samples the flow drew, then metrics.json
+    (the marker that lists them) land in the bucket; --samples holds only the local copy."""
+    import io
+
     import numpy as np
     from PIL import Image
 
+    from refany3d.cli import main
     from refany3d.config import SampleSettings, override
     from refany3d.render.mesh import load_mesh
     from refany3d.sampling import RefAny3DPipeline
+    from refany3d.storage.fs import url_to_fs
     from tests.train._shards import rendered_rows, write_dataset
 
     rows = rendered_rows(2)
@@ -42,17 +48,23 @@ def test_evaluate_flow_generates_with_a_checkpoints_pipeline_then_scores(prefect
     small = {"sampler.resolution": 32, "sampler.steps": 2, "render.resolution": 32, "render.views": 2}
     settings = override(SampleSettings(), **small, **{"model.num_views": 2})
     checkpoint = RefAny3DPipeline.from_pretrained(settings=settings).save_pretrained(tmp_path / "ckpt")
-    samples = tmp_path / "samples"
-    report = evaluate(
-        str(samples), EvaluateSettings(), str(dataset), name="gen", generate=True, lora=str(checkpoint)
-    )
+    samples, out = tmp_path / "samples", s3.bucket() + "/evals/gen"
+    args = ["--dataset", str(dataset), "--lora", str(checkpoint), "--samples", str(samples), "--out", out]
+    assert main(["evaluate", "--generate", *args]) == 0, capsys.readouterr().err
+    assert f"wrote {out}/metrics.json" in capsys.readouterr().out
+    fs, root = url_to_fs(out)
+    report = json.loads(fs.cat_file(f"{root}/metrics.json"))
     ids = sorted(r["sample_id"] for r in rows)
     assert sorted(report["samples"]) == ids and report["count"]["silhouette_iou"] == 2
-    meta = json.loads((samples / ids[0] / "sample.json").read_text())
+    assert not (samples / "metrics.json").exists()
+    local = sorted(p.relative_to(samples).as_posix() for p in samples.rglob("*") if p.is_file())
+    assert sorted(p.removeprefix(f"{root}/") for p in fs.find(root)) == sorted([*local, "metrics.json"])
+    meta = json.loads(fs.cat_file(f"{root}/{ids[0]}/sample.json"))
     assert meta["sample_id"] == ids[0] and meta["checkpoint"] == str(checkpoint)
     # what the flow scored is what the checkpoint's pipeline draws for that asset and caption
     row = next(r for r in rows if r["sample_id"] == ids[0])
     mine = RefAny3DPipeline.from_pretrained(checkpoint)(
         load_mesh(row["mesh_glb"], file_type="glb"), row["caption"]
     )
-    assert np.array_equal(np.asarray(Image.open(samples / ids[0] / "image.png")), mine.image)
+    drawn = Image.open(io.BytesIO(fs.cat_file(f"{root}/{ids[0]}/image.png")))
+    assert np.array_equal(np.asarray(drawn), mine.image)

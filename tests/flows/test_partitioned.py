@@ -3,13 +3,15 @@ of the `cpu` pool (one slot each, like GPU machines). `refany3d build --partitio
 s3://...` writes, byte for byte, the shards of a single-process build into a local directory, even
 when one worker is killed (SIGKILL, its flow run with it) while its partition runs: the zombie
 automation marks that run Crashed and the parent starts the partition again on the other worker,
-which reuses the stages the dead run had finished. The deployment `build-dataset-partitioned`
-runs on its own pool, so with one build worker left it still finishes."""
+which reuses the stages the dead run had finished. `train --data s3://...` reads every sample of
+those shards. The deployment `build-dataset-partitioned` runs on its own pool, so with one build
+worker left it still finishes."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.deployments import run_deployment
@@ -113,13 +116,21 @@ def _kill_a_running_partition(server: PrefectServer, workers: dict, deadline: fl
     raise TimeoutError("no partition was running with finished tasks")
 
 
-def test_partitioned_build_into_s3_survives_a_killed_worker_and_equals_a_local_build(cluster, s3):
-    server, out = cluster["server"], s3.bucket() + "/builds/many"
-    parent = subprocess.Popen(_build(cluster["files"], out, "--partitions", "4"), env=server.env,
+@pytest.fixture(scope="module")
+def partitioned(cluster, s3):
+    """`build --partitions 4 --out s3://...` with one worker killed mid-partition: its output URL,
+    the parent's exit code and output, the killed worker's name."""
+    out = s3.bucket() + "/builds/many"
+    parent = subprocess.Popen(_build(cluster["files"], out, "--partitions", "4"), env=cluster["server"].env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    killed = _kill_a_running_partition(server, cluster["workers"], time.monotonic() + 240)
+    killed = _kill_a_running_partition(cluster["server"], cluster["workers"], time.monotonic() + 240)
     stdout, stderr = parent.communicate(timeout=420)
-    assert parent.returncode == 0, f"killed {killed}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return {"out": out, "code": parent.returncode, "stdout": stdout, "stderr": stderr, "killed": killed}
+
+
+def test_partitioned_build_into_s3_survives_a_killed_worker_and_equals_a_local_build(cluster, partitioned):
+    server, out, stdout, stderr = cluster["server"], *(partitioned[k] for k in ("out", "stdout", "stderr"))
+    assert partitioned["code"] == 0, f"killed {partitioned['killed']}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr and "CancelledError" not in stderr
 
     assert s3_bytes(out) == shard_bytes(cluster["ref"]) != {}
@@ -152,6 +163,30 @@ def test_partitioned_build_into_s3_survives_a_killed_worker_and_equals_a_local_b
     assert sum("Crashed" in r["runs"] for r in rows) == 1
     assert "Cached" in states.values()  # the restarted partition reused what the dead run finished
     assert {c.work_pool_name for c in children} == {"cpu"}
+
+
+def test_train_reads_every_sample_of_the_partitioned_build_from_s3(cluster, partitioned, s3, caplog, capsys):
+    """`refany3d train --data s3://...` on that build's bucket: it indexes and decodes every sample
+    of the shards the partitions committed. The build stops at `split` (point maps come from the
+    render stage, minutes here), so each sample is skipped for its missing point map after its
+    image decoded, and after a whole pass the run stops in one line, having written nothing."""
+    from refany3d.cli import main
+    from tests.train.test_cli_train import TINY
+
+    tables = sorted((cluster["ref"] / "data").glob("*.parquet"))
+    ids = {i for t in tables for i in pq.read_table(t, columns=["sample_id"])["sample_id"].to_pylist()}
+    runs = s3.bucket()
+    args = ["train", "--data", partitioned["out"], "--out", f"{runs}/runs/a", f"--set=data.cache={runs}/cache",
+            "--steps", "1", *TINY]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="refany3d.train")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"refany3d train: error: data.shards: no readable sample in a whole pass over {partitioned['out']!r} (skipped_image_missing {len(ids) + 1})" in err  # fmt: skip
+    assert f"; {len(ids)} samples, 1 process(es)" in caplog.text
+    skips = [r.args for r in caplog.records if r.msg == "skipped %s (%s) %s"]
+    assert {a[0] for a in skips} == ids and {a[1:] for a in skips} == {("image_missing", "point_map")}
+    fs, root = url_to_fs(runs)
+    assert fs.find(root) == []  # neither a checkpoint nor a cache entry of a run that had nothing to train on
 
 
 def test_partitioned_deployment_runs_on_the_control_pool_and_holds_no_build_slot(cluster, s3):
