@@ -291,9 +291,10 @@ class VerifySettings(_Section):
         0.05, "depth agreement band, fraction of the object's size (plus 3 sigma of the depth noise)", gt=0.0
     )
     min_pose_margin: float = _opt(
-        0.02,
-        "drop samples whose pose scores less than this above the estimator's best different answer (pose_margin)",
-        ge=0.0,
+        0.25,
+        "drop samples whose pose explains the pixels where it and the estimator's closest different answer "
+        "differ less than this much better (pose_margin, -1..1)",
+        ge=-1.0,
         le=1.0,
     )
     lpips_net: Literal["alex", "vgg"] = _opt("alex", "LPIPS backbone")

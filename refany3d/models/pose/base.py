@@ -19,9 +19,10 @@ class PoseResult:
     """pose: (4, 4) float64, maps mesh coordinates MULTIPLIED BY `scale` into the camera frame
     (OpenCV: x right, y down, z forward), i.e. x_cam = R (scale x_mesh) + t. scale: metres per
     mesh unit (1.0 for an already metric mesh). score: the estimator's own confidence in [0, 1].
-    margin: how much better `score` is than the best-scoring pose that is a different answer (one
-    whose surface lies 2 % of the object's diameter or more away, ADD-S); small where the view
-    cannot tell two poses apart (a near-symmetric shape); None where the backend does not say."""
+    margin: in [-1, 1], how much better the pose explains the view than the closest different
+    answer (one whose surface lies 2 % of the object's diameter or more away, ADD-S) on the pixels
+    where the two tell apart (`refine.answer_margin`); about 0 where the view cannot tell two poses
+    apart (a near-symmetric shape, a hidden handle); None where the backend does not say."""
 
     pose: np.ndarray
     scale: float

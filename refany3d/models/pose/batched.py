@@ -38,6 +38,7 @@ from refany3d.models.pose.refine import (
     MAX_SCALE_STEP,
     OFFSET_PRIOR,
     OFFSET_SIGMA_PX,
+    answer_margin,
 )
 
 HYPOTHESES_PER_RASTER = 256  # hypotheses rasterised at once in the coarse ranking (memory)
@@ -771,14 +772,32 @@ class BatchedPoseEstimator:
                 )
                 continue
             distance = self._surface_distance(views, i) if self.device.type == "cuda" else None
-            others = [
-                score
-                for score, pose in fits + screens
-                if distinct_answers(model, best, pose, distance=distance)
+            rivals = [
+                pose for _, pose in fits + screens if distinct_answers(model, best, pose, distance=distance)
             ]
-            margin = best_score - max(others, default=0.0)
+            margin = self._margin(views, i, best, rivals)
             out.append(PoseResult(best.matrix(), float(best.scale), float(best_score), float(margin)))
         return out
+
+    def _margin(self, views: _Views, sample: int, best: Similarity, rivals: list[Similarity]) -> float:
+        """`refine.margin_against` with the device's casts: the best and its rivals cast at once."""
+        if not rivals:
+            return 1.0
+        grid, band = _cast(views, _Poses.of([best, *rivals], [sample] * (len(rivals) + 1), self.device))
+        m, b = int(views.grid_valid[sample].sum()), int(views.band_valid[sample].sum())
+        g_hit, g_depth = grid.hit[:, :m].cpu().numpy(), grid.depth[:, :m].cpu().numpy()
+        b_hit = band.hit[:, :b].cpu().numpy()
+        obs_depth = views.grid_depth[sample, :m].cpu().numpy()
+        band_obs = views.band_obs[sample, :b].cpu().numpy()
+        tau = float(
+            np.hypot(0.02 * best.scale * float(views.radius[sample]), 2.0 * float(views.noise[sample]))
+        )
+        step = int(round(float(views.grid.stride[sample])))
+        mine = (g_hit[0], g_depth[0], b_hit[0])
+        return min(
+            answer_margin(step, tau, obs_depth, band_obs, mine, (g_hit[k], g_depth[k], b_hit[k]))
+            for k in range(1, len(rivals) + 1)
+        )
 
     def _surface_distance(self, views: _Views, sample: int) -> Callable[[np.ndarray], float]:
         """`PoseModel.surface_distance` on the device (on the CPU, Open3D's is the faster)."""

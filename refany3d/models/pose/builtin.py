@@ -14,7 +14,7 @@ from refany3d.models.pose.base import PoseNotFound, PoseResult
 from refany3d.models.pose.coarse import coarse_candidates
 from refany3d.models.pose.model import PoseModel, Similarity
 from refany3d.models.pose.observe import NoObservation, observe
-from refany3d.models.pose.refine import Fit, refine
+from refany3d.models.pose.refine import Fit, margin_against, refine
 
 SURFACE_CHECK = 500  # surface samples that `distinct_answers` turns
 
@@ -118,6 +118,6 @@ class BuiltinPoseEstimator:
         best = max(fits, key=lambda f: f.score)
         if best.score < opts.min_score:
             raise PoseNotFound(f"best fit scores {best.score:.3f} < pose.min_score {opts.min_score}")
-        others = [f.score for f in fits + screened if distinct_answers(model, best.pose, f.pose)]
-        margin = best.score - max(others, default=0.0)
+        rivals = [f.pose for f in fits + screened if distinct_answers(model, best.pose, f.pose)]
+        margin = margin_against(model, obs, best.pose, rivals)
         return PoseResult(best.pose.matrix(), float(best.pose.scale), float(best.score), float(margin))

@@ -28,7 +28,8 @@ class Observation:
         its (d/du, d/dv). grid_uv: (m, 2) float64 pixels of a coarse grid over the mask's box (depth
         comparison, ranking); grid_mask (m,) bool mask at them, grid_depth (m,) float64 depth at them
         (0 = unknown or outside the eroded mask). band_uv: (b, 2) float64 every pixel within `band_px`
-        of the mask boundary (silhouette comparison at full resolution). step: grid stride in px. depth_noise: robust std
+        of the mask boundary (silhouette comparison at full resolution), band_depth (b,) float64 observed depth at them (0 =
+        unknown). step: grid stride in px. depth_noise: robust std
     of the per-pixel depth noise in metres (from neighbouring pixels inside the eroded mask).
     """
 
@@ -41,6 +42,7 @@ class Observation:
     grid_mask: np.ndarray
     grid_depth: np.ndarray
     band_uv: np.ndarray
+    band_depth: np.ndarray
     step: int
     depth_noise: float
 
@@ -76,6 +78,7 @@ def observe(
         raise ValueError(f"mask {mask.shape} and depth {depth.shape} differ in shape")
     if mask.sum() < 16:
         raise NoObservation(f"mask has {int(mask.sum())} pixels")
+    mask = depth_silhouette(mask, depth)
     interior = interior_mask(mask, depth, erosion_px, float(k[0, 0]))
     vs, us = np.nonzero(interior)
     if us.size < 16:
@@ -104,9 +107,55 @@ def observe(
         grid_mask=mask[gv, gu],
         grid_depth=np.where((interior & ~depth_edges(depth))[gv, gu], depth[gv, gu], 0.0),
         band_uv=np.stack([bu, bv], axis=1).astype(np.float64),
+        band_depth=np.where(depth[bv, bu] > 1e-3, depth[bv, bu], 0.0),
         step=step,
         depth_noise=depth_noise_std(depth, interior),
     )
+
+
+# Depth silhouette (`depth_silhouette`): how far from the segmenter's outline the object's edge may
+# lie (its bias, wobble and bleed together), the reach of the local depth estimates, and the least
+# depth step that counts as an edge (fraction of the depth; a few σ of a network's per-pixel noise).
+SILHOUETTE_BAND_PX = 7
+SILHOUETTE_SIGMA_PX = 8.0
+SILHOUETTE_MIN_STEP = 0.06
+
+
+def depth_silhouette(mask: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the segmenter's `mask` with its outline moved to the depth edge, where the
+    depth shows one. A segmenter grows or shrinks a mask by a px or two and bleeds onto a shadow
+    or a touching surface; the outline then reads as a wrong scale. Where the backdrop lies well
+    behind the object, the depth itself says where the object ends: within
+    `SILHOUETTE_BAND_PX` of the outline, a pixel is the object's when its depth lies nearer the
+    object's local depth (spread from the mask's interior) than the backdrop's (spread from
+    outside the band) — the middle of a network's smear across the edge (flying pixels) is the
+    edge. Where the two depths differ by less than `SILHOUETTE_MIN_STEP` (an object on a table at
+    the contact, no depth, a thin part with no interior), the mask stands."""
+    valid = depth > 1e-3
+    band = SILHOUETTE_BAND_PX
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    m = mask.astype(np.uint8)
+    grown, shrunk = cv2.dilate(m, disc).astype(bool), cv2.erode(m, disc).astype(bool)
+    back = _spread(depth, valid & ~cv2.dilate(m, disc, iterations=2).astype(bool), SILHOUETTE_SIGMA_PX)
+    # the object's own depth: mask pixels off any depth edge, less what lies at the backdrop's depth
+    # (a bleed), spread only a few px (a thin part's depth is its own, not its body's)
+    near = depth < (1.0 - SILHOUETTE_MIN_STEP) * np.nan_to_num(back, nan=np.inf)
+    core = mask & valid & ~depth_edges(depth) & near
+    front = _spread(depth, core, SILHOUETTE_SIGMA_PX / 2)
+    step = back - front
+    decided = grown & ~shrunk & valid & (step > SILHOUETTE_MIN_STEP * front)
+    out = mask.copy()
+    out[decided] = depth[decided] < 0.5 * (front[decided] + back[decided])
+    return out
+
+
+def _spread(depth: np.ndarray, where: np.ndarray, sigma_px: float) -> np.ndarray:
+    """(H, W) depth of the pixels `where`, spread into their neighbourhood by a normalised
+    Gaussian of `sigma_px` (NaN where none is within about 3 σ)."""
+    weight = cv2.GaussianBlur(where.astype(np.float32), (0, 0), sigma_px)
+    total = cv2.GaussianBlur(np.where(where, depth, 0.0).astype(np.float32), (0, 0), sigma_px)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 1e-3, total / weight, np.nan).astype(np.float64)
 
 
 def interior_mask(mask: np.ndarray, depth: np.ndarray, erosion_px: int, focal: float = 0.0) -> np.ndarray:

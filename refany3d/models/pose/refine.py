@@ -132,6 +132,62 @@ def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02
     return Fit(pose, float(iou), agreement, float(offset))
 
 
+# `answer_margin`: an area of disagreement smaller than this (px) cannot decide between two answers
+MARGIN_PRIOR_PX = 20.0
+
+
+def answer_margin(
+    step: int,
+    tau: float,
+    grid_depth: np.ndarray,
+    band_obs: np.ndarray,
+    best: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rival: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> float:
+    """How much better the `best` answer explains the view than `rival` where the two differ, in
+    [-1, 1]: the mean agreement difference over the pixels their renders tell apart — grid pixels
+    with observed depth (`grid_depth` (m,), 0 = none) where one hits and the other not or their
+    depths differ by more than `tau`, each standing for step² px, and band pixels (observed mask
+    `band_obs` (b,)) that one covers and the other not — shrunk towards 0 by `MARGIN_PRIOR_PX`.
+    Per answer: (grid hit (m,), grid depth (m,), band hit (b,)). A knob or a handle decides between
+    a box's faces or a cup's sides however small a part of the whole view it is; where the two
+    answers look the same (a hidden handle), nothing decides and the margin is about 0.
+
+    Agreement as `evaluate`: a grid pixel's is exp(-½ (r / τ)²) (0 where missed), a band pixel's
+    1 where its render matches the mask."""
+    observed = grid_depth > 0
+
+    def agreement(grid_hit, depth, band_hit):
+        g = np.where(grid_hit & observed, np.exp(-0.5 * ((depth - grid_depth) / tau) ** 2), 0.0)
+        return g, (band_hit == band_obs).astype(np.float64)
+
+    (ga, da, ba), (gb, db, bb) = best, rival
+    grid_a, band_a = agreement(ga, da, ba)
+    grid_b, band_b = agreement(gb, db, bb)
+    differ = observed & ((ga != gb) | (np.abs(da - db) > tau))
+    told = ba != bb
+    area = step**2 * np.count_nonzero(differ) + np.count_nonzero(told)
+    evidence = step**2 * (grid_a - grid_b)[differ].sum() + (band_a - band_b)[told].sum()
+    return float(evidence / (area + MARGIN_PRIOR_PX))
+
+
+def margin_against(model: PoseModel, obs: Observation, best: Similarity, rivals: list[Similarity]) -> float:
+    """The least `answer_margin` of `best` over `rivals` (1.0 without any)."""
+    if not rivals:
+        return 1.0
+    casts = _Casts(model, obs)
+    tau = float(np.hypot(0.02 * best.scale * model.radius, 2.0 * obs.depth_noise))
+
+    def rendered(pose):
+        grid, band = casts.at(pose)
+        return grid.hit, grid.depth, band.hit
+
+    mine = rendered(best)
+    return min(
+        answer_margin(obs.step, tau, obs.grid_depth, casts.band_obs, mine, rendered(r)) for r in rivals
+    )
+
+
 def score_pose(model: PoseModel, obs: Observation, pose: Similarity) -> Fit:
     """How well `pose` explains the view (the same measure `refine` ranks its iterates by)."""
     return evaluate(_Casts(model, obs), pose)

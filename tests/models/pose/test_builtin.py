@@ -33,9 +33,10 @@ from refany3d.testing.pose_sets import (
     verdict,
 )
 
-REALISTIC_FLOOR = 0.8  # issue 20's target: 0.95
-PRECISION_FLOOR = 0.9  # of the samples verify keeps, the share within target (target 0.98)
-YIELD_FLOOR = 0.75  # of all samples, the share verify keeps (target 0.85)
+REALISTIC_FLOOR = 0.9  # issue 20's target: 0.95
+SYNTHETIC_FLOOR = 0.85  # the synthetic source's views (its mugs' handles): the same target
+PRECISION_FLOOR = 0.98  # of the samples verify keeps, the share within target (target 0.98)
+YIELD_FLOOR = 0.85  # of all samples, the share verify keeps (target 0.85)
 
 
 @pytest.mark.slow
@@ -44,7 +45,7 @@ def test_estimate_synthetic_source_meets_accuracy_floor(tmp_path):
     assert len(cases) >= 24
     errors = report(cases, [estimate_pose(c.mesh, c.depth, c.mask, c.intrinsics) for c in cases])
     rate = np.mean([passes(e) for e in errors])
-    assert rate >= REALISTIC_FLOOR, f"{rate:.0%} of {len(cases)} synthetic-source samples within target"
+    assert rate >= SYNTHETIC_FLOOR, f"{rate:.0%} of {len(cases)} synthetic-source samples within target"
 
 
 @pytest.fixture(scope="module")
