@@ -245,7 +245,7 @@ class PoseSettings(_Section):
     weights: str = _opt("", "foundationpose: directory of its refiner and scorer weights")
     erosion_px: int = _opt(3, "mask erosion before back-projecting depth (edge pixels fly)", ge=0)
     cloud_points: int = _opt(800, "observed points kept for the coarse registration", ge=16)
-    view_directions: int = _opt(42, "rotation hypotheses: view directions over the sphere", ge=1)
+    view_directions: int = _opt(84, "rotation hypotheses: view directions over the sphere", ge=1)
     in_plane_steps: int = _opt(6, "rotation hypotheses: rolls about the optical axis per direction", ge=1)
     icp_keep: int = _opt(24, "ICP-registered hypotheses ranked by ray-cast IoU and depth", ge=1)
     refine_candidates: int = _opt(6, "distinct coarse poses screened by a short render-and-compare", ge=1)

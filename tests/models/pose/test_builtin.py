@@ -3,8 +3,10 @@ the way the perception networks do (issue 20): the estimator is given the mesher
 with a backdrop, flying pixels and low-frequency error, masks that are grown, ragged and bleed.
 
 Issue 20's targets are ADD-S < 2 % of the diameter and scale error < 3 % on >= 95 % of the
-realistic cases, and an accepted set >= 98 % right at >= 85 % yield; the floors asserted here are
-what the estimator reaches today (bench/results/pose.md), so that any regression fails."""
+realistic cases, and an accepted set >= 98 % right at >= 85 % yield: asserted here on the realistic
+primitive cases (bench/results/pose.md has the per-case tables). The synthetic source's views (its
+mugs, whose handles hide behind the body in some views) are held to a floor of what the estimator
+reaches there, so that a regression fails."""
 
 import cv2
 import numpy as np
@@ -33,10 +35,10 @@ from refany3d.testing.pose_sets import (
     verdict,
 )
 
-REALISTIC_FLOOR = 0.9  # issue 20's target: 0.95
-SYNTHETIC_FLOOR = 0.85  # the synthetic source's views (its mugs' handles): the same target
-PRECISION_FLOOR = 0.98  # of the samples verify keeps, the share within target (target 0.98)
-YIELD_FLOOR = 0.85  # of all samples, the share verify keeps (target 0.85)
+REALISTIC_TARGET = 0.95  # issue 20's target
+SYNTHETIC_FLOOR = 0.85  # the synthetic source's views (see the module doc)
+PRECISION_TARGET = 0.98  # of the samples verify keeps, the share within target
+YIELD_TARGET = 0.85  # of all samples, the share verify keeps
 
 
 @pytest.mark.slow
@@ -59,7 +61,7 @@ def test_estimate_realistic_cases_meet_accuracy_floor(realistic):
     assert len(cases) >= 48
     errors = report(cases, results)
     rate = np.mean([passes(e) for e in errors])
-    assert rate >= REALISTIC_FLOOR, f"{rate:.0%} of {len(cases)} realistic samples within target"
+    assert rate >= REALISTIC_TARGET, f"{rate:.0%} of {len(cases)} realistic samples within target"
 
 
 # No half-turn or other symmetry of these shapes is hidden in any view: a wrong rotation is a flip.
@@ -99,7 +101,7 @@ def test_verify_keeps_a_mostly_right_set_at_a_high_yield(realistic):
     ]
     precision, kept_share = np.mean(kept), len(kept) / len(cases)
     print(f"accepted {len(kept)} of {len(cases)}, {np.sum(kept)} of them within target")
-    assert precision >= PRECISION_FLOOR and kept_share >= YIELD_FLOOR, (precision, kept_share)
+    assert precision >= PRECISION_TARGET and kept_share >= YIELD_TARGET, (precision, kept_share)
 
 
 @pytest.mark.parametrize("factor", [1.07, 0.93, 1.1])
