@@ -166,3 +166,27 @@ def test_pose_falls_back_to_one_sample_at_a_time_when_the_batch_fails(staged, mo
     monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
     result = pose(samples, BuildSettings(), ctx)
     assert estimator.single == len(samples) and len(result.kept) == len(samples)
+
+
+def test_pose_hands_the_mesh_stage_front_pose_to_the_estimator(staged, monkeypatch):
+    """The mesher's view of the object (`Sample.front_pose`) reaches the estimator on the mesh it
+    gets (the `estimate_pose` contract stays as it is)."""
+    from refany3d.models.pose.coarse import FRONT_POSE
+
+    ctx, _, samples = staged
+    seen = []
+
+    class _Recording(_Raising):
+        name = "stub"
+
+        def estimate(self, mesh, depth, mask, intrinsics, rgb=None):
+            seen.append(mesh.metadata.get(FRONT_POSE))
+            return PoseResult(np.eye(4), 1.0, 1.0)
+
+    monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: _Recording())
+    front = np.eye(4)
+    front[:3, :3] = np.diag([1.0, -1.0, -1.0])
+    hinted = samples[0].replace(front_pose=[float(v) for v in front.ravel()])
+    pose([hinted, samples[1]], BuildSettings(), ctx)
+    np.testing.assert_array_equal(seen[0], front)
+    assert seen[1] is None

@@ -26,6 +26,8 @@ from refany3d.models.pose.coarse import (
     RANK_DEPTH_TOLERANCE,
     VISIBLE_CELLS,
     fibonacci_sphere,
+    front_hints,
+    hint_start,
     rotation_hypotheses,
 )
 from refany3d.models.pose.model import CLOSEST_CELLS, PoseModel, Similarity
@@ -715,7 +717,7 @@ class BatchedPoseEstimator:
         """Pose of each (mesh, depth, mask, intrinsics) view, or the PoseNotFound it raised."""
         opts = self.options
         results: list[PoseResult | PoseNotFound | None] = [None] * len(views)
-        models, observations, slots = [], [], []
+        models, observations, hints, slots = [], [], [], []
         for i, (mesh, depth, mask, k) in enumerate(views):
             try:
                 obs = observe(
@@ -728,21 +730,24 @@ class BatchedPoseEstimator:
                 continue
             models.append(model)
             observations.append(obs)
+            hints.append(front_hints(mesh))
             slots.append(i)
         if not slots:
             return results  # type: ignore[return-value]
         with torch.no_grad():
-            found = self._search(_Views(models, observations, self.device))
+            found = self._search(_Views(models, observations, self.device), hints)
         for i, result in zip(slots, found, strict=True):
             results[i] = result
         return results  # type: ignore[return-value]
 
-    def _search(self, views: _Views) -> list[PoseResult | PoseNotFound]:
+    def _search(self, views: _Views, hints: list[list[np.ndarray]]) -> list[PoseResult | PoseNotFound]:
+        """The built-in search over the batch; `hints`: per sample, rotations to start from too."""
         opts = self.options
         coarse = _coarse(views, opts)
         starts, owner = [], []
         for i, candidates in enumerate(coarse):
-            for pose in distinct_poses(candidates, opts.refine_candidates, 25.0):
+            hinted = [hint_start(views.models[i], views.observations[i].cloud, rot) for rot in hints[i]]
+            for pose in distinct_poses(candidates, opts.refine_candidates, 25.0) + hinted:
                 starts.append(pose)
                 owner.append(i)
         screened = self._refine(views, starts, owner, opts.screen_iterations)

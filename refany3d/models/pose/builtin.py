@@ -11,7 +11,7 @@ import trimesh
 
 from refany3d.config import PoseSettings
 from refany3d.models.pose.base import PoseNotFound, PoseResult
-from refany3d.models.pose.coarse import coarse_candidates
+from refany3d.models.pose.coarse import coarse_candidates, front_hints, hint_start
 from refany3d.models.pose.model import PoseModel, Similarity
 from refany3d.models.pose.observe import NoObservation, observe
 from refany3d.models.pose.refine import Fit, margin_against, refine
@@ -99,9 +99,11 @@ class BuiltinPoseEstimator:
         coarse = coarse_candidates(model, obs, opts.view_directions, opts.in_plane_steps, opts.icp_keep)
         # Screen several distinct basins briefly (a handle's side, a box's face), then finish
         # the most promising ones: refinement costs far more per pose than ranking.
+        starts = distinct_poses(coarse, opts.refine_candidates, 25.0)
+        starts += [hint_start(model, obs.cloud, rot) for rot in front_hints(mesh)]  # the mesher's view
         screened: list[Fit] = [
             refine(model, obs, start, opts.screen_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
-            for start in distinct_poses(coarse, opts.refine_candidates, 25.0)
+            for start in starts
         ]
         if not screened:
             raise PoseNotFound("no pose hypothesis survived")

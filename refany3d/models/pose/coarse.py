@@ -67,6 +67,36 @@ def initial_poses(model: PoseModel, cloud: np.ndarray, directions: int, in_plane
     return out
 
 
+# Where a mesher returns the object seen from the input view's side (Hunyuan3D), the mesh stage
+# records that view's camera (`Sample.front_pose`); the pose stage hands it on in the mesh's
+# metadata under this key, and the estimator starts from its rotation too.
+FRONT_POSE = "front_pose"
+
+
+def front_hints(mesh) -> list[np.ndarray]:
+    """(3, 3) object-to-camera rotations the mesh carries as hints (`FRONT_POSE`: a (4, 4) pose
+    whose rotation maps mesh coordinates into the view's camera), none if it carries none."""
+    hint = getattr(mesh, "metadata", {}).get(FRONT_POSE)
+    if hint is None:
+        return []
+    rot = np.asarray(hint, dtype=np.float64).reshape(4, 4)[:3, :3]
+    u, _, vt = np.linalg.svd(rot)  # a scaled or slightly skewed pose still gives its rotation
+    rot = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    return [rot] if np.isfinite(rot).all() else []
+
+
+def hint_start(model: PoseModel, cloud: np.ndarray, rotation: np.ndarray) -> Similarity:
+    """A start at `rotation`: scale from the lateral RMS radii of the observed cloud and of the
+    whole model surface across the viewing direction, centroids matched (refinement then fits
+    scale and place; no ray casting, so both paths build the same start)."""
+    centre = cloud.mean(axis=0)
+    axis = rotation.T @ (centre / np.linalg.norm(centre))  # the viewing ray in mesh coordinates
+    scale = _lateral_rms_radius(cloud, centre / np.linalg.norm(centre)) / max(
+        _lateral_rms_radius(model.surface, axis), 1e-9
+    )
+    return Similarity(rotation, scale, centre - scale * rotation @ model.surface.mean(axis=0))
+
+
 def _umeyama(src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...]:
     """Batched weighted least-squares similarity dst ≈ c R src + b (Umeyama 1991), the same
     estimate as Open3D's `TransformationEstimationPointToPoint(with_scaling=True)`, for (h, n, 3)
