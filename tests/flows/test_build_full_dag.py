@@ -25,6 +25,7 @@ def _build(out: Path, synthetic: str) -> list[str]:
     return [str(BIN / "refany3d"), "build", "--data-files", synthetic, "--source", "synthetic",
             "--limit", str(LIMIT), "--out", str(out), "--set", "runtime.batch_size=1",
             "--set", "render.resolution=128", "--set", "mesher.target_faces=2000",
+            "--set", "pose.view_directions=42",  # the DAG's plumbing; accuracy: tests/models/pose
             "--name", "full-dag-test"]  # fmt: skip
 
 
