@@ -12,9 +12,8 @@ import numpy as np
 import trimesh
 
 from refany3d.config import BuildSettings, PoseSettings
-from refany3d.models.pose import PoseResult, load_pose_estimator
+from refany3d.models.pose import PoseResult, coarse, load_pose_estimator
 from refany3d.models.pose.calibrate import depth_outlier_ratio
-from refany3d.models.pose.coarse import FRONT_POSE
 from refany3d.records import DEPTH, IMAGE, MASK, MESH, Sample, StageResult
 from refany3d.render.mesh import load_mesh
 from refany3d.stages._views import Outcome, read_depth, read_mask, read_view, record
@@ -54,7 +53,7 @@ def _inputs(sample: Sample, estimator, ctx: StageContext):
         return MISSING_INPUT, None, ", ".join(missing or ["intrinsics"])
     mesh = load_mesh(ctx.store.get(sample.artifacts[MESH]), file_type="glb")
     if sample.front_pose is not None:  # the mesher's view of the object: a start for the search
-        mesh.metadata[FRONT_POSE] = np.asarray(sample.front_pose, dtype=np.float64).reshape(4, 4)
+        mesh.metadata[coarse.FRONT_POSE] = np.asarray(sample.front_pose, dtype=np.float64).reshape(4, 4)
     depth = read_depth(ctx.store, sample.artifacts[DEPTH])
     mask = np.asarray(read_mask(ctx.store, sample.artifacts[MASK])) > 127
     k = np.asarray(sample.intrinsics, dtype=np.float64).reshape(3, 3)
