@@ -41,6 +41,7 @@ from refany3d.models.pose.refine import (
     OFFSET_PRIOR,
     OFFSET_SIGMA_PX,
     answer_margin,
+    depth_tau,
 )
 
 HYPOTHESES_PER_RASTER = 256  # hypotheses rasterised at once in the coarse ranking (memory)
@@ -794,9 +795,7 @@ class BatchedPoseEstimator:
         b_hit = band.hit[:, :b].cpu().numpy()
         obs_depth = views.grid_depth[sample, :m].cpu().numpy()
         band_obs = views.band_obs[sample, :b].cpu().numpy()
-        tau = float(
-            np.hypot(0.02 * best.scale * float(views.radius[sample]), 2.0 * float(views.noise[sample]))
-        )
+        tau = depth_tau(best.scale, float(views.radius[sample]), float(views.noise[sample]))
         step = int(round(float(views.grid.stride[sample])))
         mine = (g_hit[0], g_depth[0], b_hit[0])
         return min(

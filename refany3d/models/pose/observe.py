@@ -28,8 +28,7 @@ class Observation:
         its (d/du, d/dv). grid_uv: (m, 2) float64 pixels of a coarse grid over the mask's box (depth
         comparison, ranking); grid_mask (m,) bool mask at them, grid_depth (m,) float64 depth at them
         (0 = unknown or outside the eroded mask). band_uv: (b, 2) float64 every pixel within `band_px`
-        of the mask boundary (silhouette comparison at full resolution), band_depth (b,) float64 observed depth at them (0 =
-        unknown). step: grid stride in px. depth_noise: robust std
+        of the mask boundary (silhouette comparison at full resolution). step: grid stride in px. depth_noise: robust std
     of the per-pixel depth noise in metres (from neighbouring pixels inside the eroded mask).
     """
 
@@ -42,7 +41,6 @@ class Observation:
     grid_mask: np.ndarray
     grid_depth: np.ndarray
     band_uv: np.ndarray
-    band_depth: np.ndarray
     step: int
     depth_noise: float
 
@@ -107,7 +105,6 @@ def observe(
         grid_mask=mask[gv, gu],
         grid_depth=np.where((interior & ~depth_edges(depth))[gv, gu], depth[gv, gu], 0.0),
         band_uv=np.stack([bu, bv], axis=1).astype(np.float64),
-        band_depth=np.where(depth[bv, bu] > 1e-3, depth[bv, bu], 0.0),
         step=step,
         depth_noise=depth_noise_std(depth, interior),
     )

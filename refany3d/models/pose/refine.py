@@ -126,7 +126,7 @@ def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02
     extra = np.count_nonzero(~shifted & band.hit)
     iou = (area - miss) / (area + extra)
     observed = obs.grid_depth > 0
-    tau = np.hypot(depth_tol * pose.scale * casts.model.radius, 2.0 * obs.depth_noise)
+    tau = depth_tau(pose.scale, casts.model.radius, obs.depth_noise, depth_tol)
     residual = np.where(grid.hit, grid.depth - obs.grid_depth, np.inf)[observed]
     agreement = float(np.exp(-0.5 * (residual / tau) ** 2).mean()) if residual.size else 0.0
     return Fit(pose, float(iou), agreement, float(offset))
@@ -134,6 +134,12 @@ def evaluate(casts: _Casts, pose: Similarity, hits=None, depth_tol: float = 0.02
 
 # `answer_margin`: an area of disagreement smaller than this (px) cannot decide between two answers
 MARGIN_PRIOR_PX = 20.0
+
+
+def depth_tau(scale: float, radius: float, noise: float, depth_tol: float = 0.02) -> float:
+    """τ of the depth agreement (`evaluate`, `answer_margin`): `depth_tol` of the object's size
+    (`scale` × mesh `radius`) combined with twice the view's per-pixel depth `noise`."""
+    return float(np.hypot(depth_tol * scale * radius, 2.0 * noise))
 
 
 def answer_margin(
@@ -176,7 +182,7 @@ def margin_against(model: PoseModel, obs: Observation, best: Similarity, rivals:
     if not rivals:
         return 1.0
     casts = _Casts(model, obs)
-    tau = float(np.hypot(0.02 * best.scale * model.radius, 2.0 * obs.depth_noise))
+    tau = depth_tau(best.scale, model.radius, obs.depth_noise)
 
     def rendered(pose):
         grid, band = casts.at(pose)
