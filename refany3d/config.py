@@ -252,6 +252,14 @@ class PoseSettings(_Section):
     screen_iterations: int = _opt(5, "render-and-compare iterations of the screening pass", ge=0)
     finish_candidates: int = _opt(2, "best screened poses refined to the end", ge=1)
     refine_iterations: int = _opt(15, "render-and-compare Levenberg-Marquardt iterations to finish", ge=0)
+    cube_turn_candidates: int = _opt(
+        2, "of the best screened pose's 20 other cube turns (mesh axes), the best-scoring refined too", ge=0
+    )
+    sweep_candidates: int = _opt(
+        2,
+        "of the best answers turned 10-30 degrees about the mesh's axes of revolution, the best screened refined too",
+        ge=0,
+    )
     grid_cells: int = _opt(48, "depth-comparison grid samples along the mask box's longer side", ge=4)
     band_px: float = _opt(
         10.0, "half-width in px of the mask-boundary band compared at full resolution", gt=0.0

@@ -20,7 +20,15 @@ import trimesh
 
 from refany3d.config import PoseSettings
 from refany3d.models.pose.base import PoseNotFound, PoseResult
-from refany3d.models.pose.builtin import SURFACE_CHECK, distinct_answers, distinct_poses, half_turns
+from refany3d.models.pose.builtin import (
+    SURFACE_CHECK,
+    best_of,
+    cube_turns,
+    distinct_answers,
+    distinct_poses,
+    half_turns,
+    sweep_starts,
+)
 from refany3d.models.pose.coarse import (
     ICP_SCHEDULE,
     RANK_DEPTH_TOLERANCE,
@@ -742,30 +750,37 @@ class BatchedPoseEstimator:
         return results  # type: ignore[return-value]
 
     def _search(self, views: _Views, hints: list[list[np.ndarray]]) -> list[PoseResult | PoseNotFound]:
-        """The built-in search over the batch; `hints`: per sample, rotations to start from too."""
+        """The built-in search over the batch, step for step `BuiltinPoseEstimator.estimate`'s;
+        `hints`: per sample, rotations to start from too."""
         opts = self.options
-        coarse = _coarse(views, opts)
-        starts, owner = [], []
-        for i, candidates in enumerate(coarse):
-            hinted = [hint_start(views.models[i], views.observations[i].cloud, rot) for rot in hints[i]]
-            for pose in distinct_poses(candidates, opts.refine_candidates, 25.0) + hinted:
-                starts.append(pose)
-                owner.append(i)
-        screened = self._refine(views, starts, owner, opts.screen_iterations)
-        by_sample = _split(screened, np.asarray(owner), len(coarse))
-        finalists, final_owner = [], []
-        for i, fits in enumerate(by_sample):
+        starts = [
+            distinct_poses(candidates, opts.refine_candidates, 25.0)
+            + [hint_start(views.models[i], views.observations[i].cloud, rot) for rot in hints[i]]
+            for i, candidates in enumerate(_coarse(views, opts))
+        ]
+        by_sample = self._refine_each(views, starts, opts.screen_iterations)
+        for fits in by_sample:
             fits.sort(key=lambda f: -f[0])
-            if not fits:
-                continue
-            picks = [f[1] for f in fits[: opts.finish_candidates]] + half_turns(fits[0][1])
-            finalists += picks
-            final_owner += [i] * len(picks)
-        finished = _split(
-            self._refine(views, finalists, final_owner, opts.refine_iterations),
-            np.asarray(final_owner),
-            len(coarse),
+        top = [fits[0][1] if fits else None for fits in by_sample]
+        turns = [
+            cube_turns(pose, model.center) if pose is not None else []
+            for pose, model in zip(top, views.models)
+        ]
+        finalists = [
+            [f[1] for f in fits[: opts.finish_candidates]]
+            + half_turns(pose)
+            + best_of(turned, opts.cube_turn_candidates)
+            if pose is not None
+            else []
+            for fits, pose, turned in zip(by_sample, top, self._refine_each(views, turns, 0), strict=True)
+        ]
+        finished = self._refine_each(views, finalists, opts.refine_iterations)
+        sweeps = [sweep_starts(model, fits) if fits else [] for model, fits in zip(views.models, finished)]
+        swept = self._refine_each(views, sweeps, opts.screen_iterations)
+        polished = self._refine_each(
+            views, [best_of(s, opts.sweep_candidates) for s in swept], opts.refine_iterations
         )
+        finished = [fits + more for fits, more in zip(finished, polished, strict=True)]
         out: list[PoseResult | PoseNotFound] = []
         for i, (model, fits, screens) in enumerate(zip(views.models, finished, by_sample, strict=True)):
             if not screens:
@@ -828,3 +843,10 @@ class BatchedPoseEstimator:
             opts.silhouette_sigma_px,
         )
         return list(zip(fits.score.cpu().numpy().tolist(), fits.poses.similarities(), strict=True))
+
+    def _refine_each(self, views: _Views, starts: list[list[Similarity]], iterations: int) -> list[list]:
+        """Per sample, (score, pose) of each of its `starts` refined for `iterations`, all
+        samples' in one batch."""
+        flat = [pose for group in starts for pose in group]
+        owner = [i for i, group in enumerate(starts) for _ in group]
+        return _split(self._refine(views, flat, owner, iterations), np.asarray(owner), len(starts))

@@ -4,19 +4,23 @@ weights; `batched` runs the same search in torch on a GPU."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
 import trimesh
+from scipy.spatial.transform import Rotation
 
 from refany3d.config import PoseSettings
 from refany3d.models.pose.base import PoseNotFound, PoseResult
 from refany3d.models.pose.coarse import coarse_candidates, front_hints, hint_start
 from refany3d.models.pose.model import PoseModel, Similarity
 from refany3d.models.pose.observe import NoObservation, observe
-from refany3d.models.pose.refine import Fit, margin_against, refine
+from refany3d.models.pose.refine import Fit, margin_against, refine, score_pose
 
 SURFACE_CHECK = 500  # surface samples that `distinct_answers` turns
+SWEEP_DEG = (10.0, 20.0, 30.0)  # `axis_sweeps`' turns about each mesh axis, both ways
+REVOLUTION_TOLERANCE = 0.05  # `revolution_axes`: mean gap after a 30° turn, in mesh radii
 
 
 def distinct_poses(
@@ -57,13 +61,91 @@ def distinct_answers(
     return moved >= threshold * 2.0 * model.radius
 
 
+def _turned(pose: Similarity, turns: np.ndarray, pivot: np.ndarray | None = None) -> list[Similarity]:
+    """`pose` with each (3, 3) rotation of `turns` applied first, about the mesh point `pivot`
+    (default the mesh origin), which stays where `pose` puts it."""
+    if pivot is None:
+        return [Similarity(pose.rotation @ turn, pose.scale, pose.translation) for turn in turns]
+    at = pose.translation + pose.scale * pose.rotation @ pivot
+    return [
+        Similarity(pose.rotation @ turn, pose.scale, at - pose.scale * pose.rotation @ turn @ pivot)
+        for turn in turns
+    ]
+
+
+def _cube_turns() -> np.ndarray:
+    """(24, 3, 3): the rotations that map the mesh's axes onto themselves (signed permutations of
+    determinant +1), the identity first, then the three half turns about the axes."""
+    turns = [
+        np.eye(3)[list(order)] * np.array(signs)[:, None]
+        for order in itertools.permutations(range(3))
+        for signs in itertools.product((1.0, -1.0), repeat=3)
+    ]
+    turns = [t for t in turns if np.linalg.det(t) > 0]
+    # identity, then diagonal ones (half turns about an axis), then the rest
+    turns.sort(key=lambda t: (not np.allclose(t, np.eye(3)), not np.allclose(t, np.diag(np.diag(t)))))
+    return np.asarray(turns)
+
+
+CUBE_TURNS = _cube_turns()
+
+
 def half_turns(pose: Similarity) -> list[Similarity]:
     """`pose` turned by 180° about each of the mesh's axes, through the mesh origin."""
-    out = []
-    for axis in np.eye(3):
-        turn = 2.0 * np.outer(axis, axis) - np.eye(3)  # rotation by π about `axis`
-        out.append(Similarity(pose.rotation @ turn, pose.scale, pose.translation))
-    return out
+    return _turned(pose, CUBE_TURNS[1:4])
+
+
+def cube_turns(pose: Similarity, pivot: np.ndarray) -> list[Similarity]:
+    """`pose` turned by the other 20 of the mesh axes' cube symmetries (quarter turns about an
+    axis, third turns about a diagonal, half turns about an edge's diagonal): the basins a box a
+    few per cent off a cube confuses (its faces look alike, and ICP from a start 25° away may
+    settle on a neighbouring face)."""
+    return _turned(pose, CUBE_TURNS[4:], pivot)
+
+
+def revolution_axes(model: PoseModel, tolerance: float = REVOLUTION_TOLERANCE) -> list[int]:
+    """The mesh axes about which the surface is nearly a body of revolution: turned 30° through
+    `model.median`, its samples lie on average less than `tolerance` of the radius off it (a
+    cup's body, a bottle, a plate; never a box's axis)."""
+    points = model.surface[:: max(1, len(model.surface) // SURFACE_CHECK)] - model.median
+    axes = []
+    for k, axis in enumerate(np.eye(3)):
+        turn = Rotation.from_rotvec(np.radians(30.0) * axis).as_matrix()
+        gap, _ = model.tree.query(points @ turn.T + model.median)
+        if float(np.mean(gap)) < tolerance * model.radius:
+            axes.append(k)
+    return axes
+
+
+def axis_sweeps(
+    pose: Similarity, pivot: np.ndarray, axes: list[int], degrees: tuple[float, ...] = SWEEP_DEG
+) -> list[Similarity]:
+    """`pose` turned about each of the mesh `axes` through `pivot` by each of `degrees` (and its
+    negative): the turns a body of revolution makes about its own axis, which move nothing but a
+    handle or a spout; refinement, whose robust loss treats that small part's misfit as an
+    outlier, can stall tens of degrees short of them."""
+    turns = [
+        Rotation.from_rotvec(np.radians(signed) * np.eye(3)[k]).as_matrix()
+        for k in axes
+        for angle in degrees
+        for signed in (angle, -angle)
+    ]
+    return _turned(pose, np.asarray(turns).reshape(-1, 3, 3), pivot)
+
+
+def sweep_starts(model: PoseModel, fits: list[tuple[float, Similarity]]) -> list[Similarity]:
+    """`axis_sweeps` of the two best distinct answers among (score, pose) `fits` about the mesh's
+    axes of revolution; none for a mesh without such an axis."""
+    axes = revolution_axes(model)
+    if not axes:
+        return []
+    answers = distinct_poses(sorted(fits, key=lambda f: -f[0]), 2, 25.0)
+    return [start for answer in answers for start in axis_sweeps(answer, model.median, axes)]
+
+
+def best_of(scored: list[tuple[float, Similarity]], count: int) -> list[Similarity]:
+    """The poses of the `count` best-scoring (score, pose) pairs, best first."""
+    return [pose for _, pose in sorted(scored, key=lambda f: -f[0])[: max(count, 0)]]
 
 
 class BuiltinPoseEstimator:
@@ -113,9 +195,24 @@ class BuiltinPoseEstimator:
         # (the best pose turned half a turn about a mesh axis) screens about as well as the true
         # one and only a full refinement tells them apart.
         finalists += half_turns(screened[0].pose)
+        # ... and a box a few per cent off a cube confuses its faces: its other cube turns, ranked
+        # unrefined (a render each).
+        turns = cube_turns(screened[0].pose, model.center)
+        scored = [(score_pose(model, obs, pose).score, pose) for pose in turns]
+        finalists += best_of(scored, opts.cube_turn_candidates)
         fits = [
             refine(model, obs, start, opts.refine_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
             for start in finalists
+        ]
+        # Polish: a body of revolution's best answers turned about its axis, screened, the best
+        # few finished (a cup's handle side, which refinement stalls short of).
+        swept = [
+            refine(model, obs, start, opts.screen_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
+            for start in sweep_starts(model, [(f.score, f.pose) for f in fits])
+        ]
+        fits += [
+            refine(model, obs, start, opts.refine_iterations, opts.depth_sigma, opts.silhouette_sigma_px)
+            for start in best_of([(f.score, f.pose) for f in swept], opts.sweep_candidates)
         ]
         best = max(fits, key=lambda f: f.score)
         if best.score < opts.min_score:
