@@ -20,7 +20,8 @@ from refany3d.models.pose.refine import Fit, margin_against, refine, score_pose
 
 SURFACE_CHECK = 500  # surface samples that `distinct_answers` turns
 SWEEP_DEG = (10.0, 20.0, 30.0)  # `axis_sweeps`' turns about each mesh axis, both ways
-REVOLUTION_TOLERANCE = 0.05  # `revolution_axes`: mean gap after a 30° turn, in mesh radii
+REVOLUTION_GAP = 0.1  # `revolution_axes`: a sample stays if this close, in lateral RMS radii
+REVOLUTION_SHARE = 0.75  # ... and an axis is one of revolution if this share of samples stays
 
 
 def distinct_poses(
@@ -103,16 +104,18 @@ def cube_turns(pose: Similarity, pivot: np.ndarray) -> list[Similarity]:
     return _turned(pose, CUBE_TURNS[4:], pivot)
 
 
-def revolution_axes(model: PoseModel, tolerance: float = REVOLUTION_TOLERANCE) -> list[int]:
-    """The mesh axes about which the surface is nearly a body of revolution: turned 30° through
-    `model.median`, its samples lie on average less than `tolerance` of the radius off it (a
-    cup's body, a bottle, a plate; never a box's axis)."""
+def revolution_axes(model: PoseModel) -> list[int]:
+    """The mesh axes about which the surface is nearly a body of revolution: turned 30° about the
+    axis through `model.median`, at least `REVOLUTION_SHARE` of its samples stay within
+    `REVOLUTION_GAP` of their RMS distance from the axis of the surface (a cup's body, a bottle,
+    a plate; never a box's axis, nor a flat spatula's long one)."""
     points = model.surface[:: max(1, len(model.surface) // SURFACE_CHECK)] - model.median
     axes = []
     for k, axis in enumerate(np.eye(3)):
         turn = Rotation.from_rotvec(np.radians(30.0) * axis).as_matrix()
         gap, _ = model.tree.query(points @ turn.T + model.median)
-        if float(np.mean(gap)) < tolerance * model.radius:
+        lateral = np.sqrt(np.mean((points**2).sum(axis=1) - (points @ axis) ** 2))
+        if float(np.mean(gap < REVOLUTION_GAP * lateral)) >= REVOLUTION_SHARE:
             axes.append(k)
     return axes
 
