@@ -763,8 +763,7 @@ class BatchedPoseEstimator:
             fits.sort(key=lambda f: -f[0])
         top = [fits[0][1] if fits else None for fits in by_sample]
         turns = [
-            cube_turns(pose, model.center) if pose is not None else []
-            for pose, model in zip(top, views.models)
+            cube_turns(pose, model) if pose is not None else [] for pose, model in zip(top, views.models)
         ]
         finalists = [
             [f[1] for f in fits[: opts.finish_candidates]]

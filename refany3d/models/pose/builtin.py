@@ -20,6 +20,7 @@ from refany3d.models.pose.refine import Fit, margin_against, refine, score_pose
 
 SURFACE_CHECK = 500  # surface samples that `distinct_answers` turns
 SWEEP_DEG = (10.0, 20.0, 30.0)  # `axis_sweeps`' turns about each mesh axis, both ways
+CUBE_SIDES = 0.15  # `cube_turns`: sides this close (relative) can trade places
 REVOLUTION_GAP = 0.1  # `revolution_axes`: a sample stays if this close, in lateral RMS radii
 REVOLUTION_SHARE = 0.75  # ... and an axis is one of revolution if this share of samples stays
 
@@ -96,12 +97,16 @@ def half_turns(pose: Similarity) -> list[Similarity]:
     return _turned(pose, CUBE_TURNS[1:4])
 
 
-def cube_turns(pose: Similarity, pivot: np.ndarray) -> list[Similarity]:
-    """`pose` turned by the other 20 of the mesh axes' cube symmetries (quarter turns about an
-    axis, third turns about a diagonal, half turns about an edge's diagonal): the basins a box a
-    few per cent off a cube confuses (its faces look alike, and ICP from a start 25° away may
-    settle on a neighbouring face)."""
-    return _turned(pose, CUBE_TURNS[4:], pivot)
+def cube_turns(pose: Similarity, model: PoseModel) -> list[Similarity]:
+    """`pose` turned, about the mesh box's centre, by those of the other 20 cube symmetries of the
+    mesh axes (quarter turns about an axis, thirds about a diagonal, halves about an edge's
+    diagonal) that map the mesh's box onto itself, sides within `CUBE_SIDES` of each other: the
+    basins a box a few per cent off a cube confuses (its faces look alike, and ICP from a start
+    25° away may settle on a neighbouring face). A box whose sides differ has none."""
+    turns = [
+        t for t in CUBE_TURNS[4:] if np.allclose(np.abs(t) @ model.extent, model.extent, rtol=CUBE_SIDES)
+    ]
+    return _turned(pose, np.asarray(turns).reshape(-1, 3, 3), model.center)
 
 
 def revolution_axes(model: PoseModel) -> list[int]:
@@ -200,7 +205,7 @@ class BuiltinPoseEstimator:
         finalists += half_turns(screened[0].pose)
         # ... and a box a few per cent off a cube confuses its faces: its other cube turns, ranked
         # unrefined (a render each).
-        turns = cube_turns(screened[0].pose, model.center)
+        turns = cube_turns(screened[0].pose, model)
         scored = [(score_pose(model, obs, pose).score, pose) for pose in turns]
         finalists += best_of(scored, opts.cube_turn_candidates)
         fits = [

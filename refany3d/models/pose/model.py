@@ -64,6 +64,7 @@ class PoseModel:
         self.face_normals = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
         lo, hi = self.vertices.min(axis=0), self.vertices.max(axis=0)
         self.center = (lo + hi) / 2.0
+        self.extent = hi - lo  # the box's sides along the mesh axes
         self.radius = float(np.linalg.norm(hi - lo) / 2.0)  # half the box diagonal
         self.surface = _surface_samples(self.vertices, self.faces, SURFACE_SAMPLES, seed)
         self.tree = cKDTree(self.surface)
