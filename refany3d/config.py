@@ -253,7 +253,9 @@ class PoseSettings(_Section):
     finish_candidates: int = _opt(2, "best screened poses refined to the end", ge=1)
     refine_iterations: int = _opt(15, "render-and-compare Levenberg-Marquardt iterations to finish", ge=0)
     cube_turn_candidates: int = _opt(
-        2, "of the best screened pose's 20 other cube turns (mesh axes), the best-scoring refined too", ge=0
+        2,
+        "of the best screened pose's other cube turns (a box whose sides are within 15 %), the best-scoring refined too",
+        ge=0,
     )
     sweep_candidates: int = _opt(
         2,

@@ -65,7 +65,7 @@ class PoseModel:
         lo, hi = self.vertices.min(axis=0), self.vertices.max(axis=0)
         self.center = (lo + hi) / 2.0
         self.extent = hi - lo  # the box's sides along the mesh axes
-        self.radius = float(np.linalg.norm(hi - lo) / 2.0)  # half the box diagonal
+        self.radius = float(np.linalg.norm(self.extent) / 2.0)  # half the box diagonal
         self.surface = _surface_samples(self.vertices, self.faces, SURFACE_SAMPLES, seed)
         self.tree = cKDTree(self.surface)
         # the pivot of `builtin`'s axis sweeps: a handle moves the median less than the mean
