@@ -3,8 +3,8 @@ scored with the weight-free geometric metrics at step 0, at the end, and against
 trained the same way without reference point maps (issue #25.4).
 
 The model: a small FLUX-architecture transformer (random init, `--size small`; `--size tiny` for a
-CPU check) whose base weights train with the adapters (the bench's train-base switch: every
-parameter of the network gets a gradient), the embedded tiny T5 / CLIP text encoders (frozen) and,
+CPU check) whose base weights train with the adapters (`model.train_base`: every parameter of the
+network gets a gradient), the embedded tiny T5 / CLIP text encoders (frozen) and,
 in place of FLUX.1-dev's pretrained VAE, `PatchVAE`: an exact, weight-free 2x2 pixel-unshuffle
 "autoencoder" (decode(encode(x)) == x). A random-weight VAE would decode even perfect latents into
 noise; the check is whether the transformer learns images and point maps consistent with the asset,
@@ -97,6 +97,7 @@ def settings_for(args: argparse.Namespace, shards: str, out: str) -> TrainSettin
         "data.shards": shards, "data.cache": out + "-cache", "data.resolution": args.resolution,
         "data.condition_resolution": args.resolution, "data.holdout_fraction": args.holdout,
         "data.num_workers": args.workers, "model.num_views": args.views, "model.attention": "grouped",
+        "model.train_base": True,
         "model.gradient_checkpointing": False, "optim.optimizer": "adamw", "optim.lr": args.lr,
         "optim.warmup_steps": 50, "optim.batch_size": args.batch, "optim.steps": 10**9,
         "checkpoint.dir": out, "checkpoint.sample_steps": args.sample_steps,
@@ -116,8 +117,7 @@ def components_for(args: argparse.Namespace, model: ModelSettings):
         **SIZES[args.size],
     )  # fmt: skip
     flux = cast_module(flux, args.device, getattr(torch, args.dtype))
-    transformer = wrap_transformer(flux, model)
-    transformer.requires_grad_(True)  # train the base too: a model from scratch (the bench's switch)
+    transformer = wrap_transformer(flux, model)  # model.train_base: every weight trains
     vae = PatchVAE().to(args.device, getattr(torch, args.dtype))
     return dataclasses.replace(
         base,
@@ -223,6 +223,8 @@ def draw(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 GEMMs for the float32 model
     shards = str(Path(args.data) / "data")
     work = Path(tempfile.mkdtemp(prefix="learn-bench-"))
     samples_dir = work / "samples"
@@ -337,7 +339,7 @@ def main() -> None:
     d.add_argument("--sample-steps", type=int, default=20)
     d.add_argument("--workers", type=int, default=4)
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    d.add_argument("--dtype", default="float32", help="float32: the base trains (model.train_base)")
     d.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("score", help="metrics, verdict, contact sheet, results JSON (CPU)")
     c.add_argument("--draw", required=True, help="draw's --out (samples.tar, runs.json)")

@@ -445,6 +445,16 @@ class ModelSettings(_Section):
         False,
         "frozen base linears of the blocks in FP8 (e4m3, CUDA capability >= 8.9; elsewhere bf16/fp32 and a log line)",
     )
+    train_base: bool = _opt(
+        False,
+        "train every Flux weight with the adapters (a small model from scratch, e.g. bench/learn_bench.py's "
+        "check; checkpoints then hold the base too; use runtime.dtype=float32)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_base and self.fp8_base:
+            raise SettingsError("model.train_base: an FP8 base cannot train; turn model.fp8_base off")
 
 
 @dataclass(frozen=True)

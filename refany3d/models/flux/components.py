@@ -206,6 +206,7 @@ def wrap_transformer(flux: nn.Module, settings: ModelSettings) -> RefAny3DTransf
         compile_blocks=settings.compile_blocks,
         independent_conditions=settings.independent_conditions,
         fp8_base=settings.fp8_base,
+        train_base=settings.train_base,
     )
 
 

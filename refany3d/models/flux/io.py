@@ -5,6 +5,8 @@ Directory layout (safetensors only, nothing is unpickled):
     <dir>/reference/adapter_model.safetensors + adapter_config.json   (standard peft format)
     <dir>/domain/adapter_model.safetensors + adapter_config.json      (when the Domain-LoRA is on)
     <dir>/domain_switcher.safetensors
+    <dir>/base_model.safetensors                                      (only under model.train_base:
+                                                                       the trained Flux weights)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from refany3d.models.flux.transformer import RefAny3DTransformer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SWITCHER_WEIGHTS = "domain_switcher.safetensors"
+BASE_WEIGHTS = "base_model.safetensors"
 
 
 def save_adapters(model: RefAny3DTransformer, directory: str | Path, base: str = "") -> Path:
@@ -38,7 +41,14 @@ def save_adapters(model: RefAny3DTransformer, directory: str | Path, base: str =
         saved.save_pretrained(directory / name)
     switcher = {k: v.detach().contiguous() for k, v in model.domain_switcher.state_dict().items()}
     save_file(switcher, directory / SWITCHER_WEIGHTS, metadata=_metadata(base, "domain_switcher"))
+    if model.train_base:
+        save_file(_base_state(model), directory / BASE_WEIGHTS, metadata=_metadata(base, "base"))
     return directory
+
+
+def _base_state(model: RefAny3DTransformer) -> dict:
+    """The Flux weights without the adapters' (peft's `lora_` tensors)."""
+    return {k: v.detach().contiguous() for k, v in model.flux.state_dict().items() if "lora_" not in k}
 
 
 def _metadata(base: str, part: str) -> dict[str, str]:
@@ -73,3 +83,13 @@ def load_adapters(model: RefAny3DTransformer, directory: str | Path) -> None:
                 f"{directory / name}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
     model.domain_switcher.load_state_dict(load_file(directory / SWITCHER_WEIGHTS, device=str(device)))
+    if model.train_base:
+        if not (directory / BASE_WEIGHTS).is_file():
+            raise SettingsError(
+                f"model.train_base: true, but {directory} holds no {BASE_WEIGHTS} (adapters of a frozen base)"
+            )
+        state = load_file(directory / BASE_WEIGHTS, device=str(device))
+        expected = set(_base_state(model))
+        if set(state) != expected:
+            raise ValueError(f"{directory / BASE_WEIGHTS}: other tensors than the model's base")
+        model.flux.load_state_dict(state, strict=False)

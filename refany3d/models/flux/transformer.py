@@ -302,6 +302,8 @@ class RefAny3DTransformer(nn.Module):
         fp8_base: run the frozen token linears of the blocks in FP8 (fp8.py), converted after the
             adapters are injected. Where the device cannot (CPU, CUDA below compute capability 8.9)
             the base stays as it is and one warning line says why.
+        train_base: every Flux weight trains with the adapters (a small model from scratch); the
+            base keeps its dtype (train it in float32), and the saved adapters hold it too (io.py).
     """
 
     def __init__(
@@ -319,8 +321,11 @@ class RefAny3DTransformer(nn.Module):
         compile_blocks: bool = True,
         independent_conditions: bool = False,
         fp8_base: bool = False,
+        train_base: bool = False,
     ):
         super().__init__()
+        if train_base and fp8_base:
+            raise ValueError("train_base: an FP8 base cannot train; turn fp8_base off")
         self.flux = flux
         self.lora_configs = add_adapters(flux, lora_rank, lora_alpha, domain_lora)
         param = next(flux.parameters())
@@ -331,6 +336,9 @@ class RefAny3DTransformer(nn.Module):
             if p.requires_grad:
                 p.data = p.data.float()
         self.domain_switcher = DomainSwitcher(flux.inner_dim).to(param.device, torch.float32)
+        self.train_base = train_base
+        if train_base:  # after the cast above: the base stays in the dtype its linears compute in
+            flux.requires_grad_(True)
         self.fp8_base = fp8_base and _fp8_or_warn(param)
         if self.fp8_base:
             convert_base_to_float8(flux)
@@ -346,7 +354,7 @@ class RefAny3DTransformer(nn.Module):
         self.processor = GroupAttnProcessor()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapters and the domain switcher; the Flux weights stay frozen."""
+        """The adapters and the domain switcher (and every Flux weight under `train_base`)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def group_embeddings(
