@@ -206,8 +206,11 @@ def model_card(config: dict[str, Any], manifest: dict[str, Any]) -> str:
         + f"# RefAny3D adapters, step {manifest['step']}\n\n"
         + "Reference- and Domain-LoRA (peft, `adapters/`) and the domain switcher of RefAny3D on "
         + f"`{base.get('name_or_path') or base.get('label')}`{tiny if not base.get('name_or_path') else ''}.\n"
-        + ("`adapters/base_model.safetensors` holds the Flux weights, trained with them (`train_base`).\n"
-           if config.get("train_base") else "")
+        + (
+            "`adapters/base_model.safetensors` holds the Flux weights, trained with them (`train_base`).\n"
+            if config.get("train_base")
+            else ""
+        )
         + f"Trained on dataset version `{facts['dataset_version']}`; training losses at this step: "
         + (", ".join(f"{k} {v:.5g}" for k, v in facts["metrics"].items()) or "none")
         + ".\n\n| model flag (`config.json`) | value |\n|---|---|\n"

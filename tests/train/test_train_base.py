@@ -76,7 +76,11 @@ def test_adapters_of_a_frozen_base_hold_no_base_weights(tmp_path):
 def test_a_train_base_run_moves_the_base_and_its_checkpoint_holds_it(dataset, tmp_path):
     initial = RefAny3DPipeline.from_pretrained(settings=BASE).components.transformer.flux.state_dict()
     args = ["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--steps", "2"]
-    extra = [f"--set=data.cache={tmp_path}/cache", "--set=model.train_base=true", "--set=optim.optimizer=adamw"]
+    extra = [
+        f"--set=data.cache={tmp_path}/cache",
+        "--set=model.train_base=true",
+        "--set=optim.optimizer=adamw",
+    ]
     assert main([*args, *TINY, *extra, "--set=optim.lr=0.001"]) == 0
     (step,) = (tmp_path / "run" / "checkpoints").glob("step-*")
     base = load_file(step / "adapters" / BASE_WEIGHTS)
