@@ -30,6 +30,7 @@ import json
 import platform
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from hy3dgen.shapegen.models.autoencoders.surface_extractors import MCSurfaceExt
 from PIL import Image
 
 from refany3d.config import MesherSettings
+from refany3d.models import sdpa
 from refany3d.models.mesher.hunyuan3d import BOX, COMPILED_DECODER_PARTS, MC_LEVEL, Hunyuan3DMesher
 from refany3d.records import Sample
 from refany3d.testing.hunyuan3d import ShapeField, full_config, torus_sdf
@@ -93,7 +95,7 @@ def _run(mesher: Hunyuan3DMesher, opts: MesherSettings, batch: int, decode: int)
                   octree_resolution=opts.octree_resolution, enable_pbar=False)  # fmt: skip
     volume, surface, faces, mc = [], [], [], {}
     for latent in latents[:decode]:
-        with torch.inference_mode():
+        with torch.inference_mode(), mesher.decoder_kernels(opts):  # as `decode` runs it
             grid, seconds = _timed(
                 lambda latent=latent: vae.volume_decoder(
                     vae(latent[None] / vae.scale_factor), vae.geo_decoder, **kwargs
@@ -155,9 +157,21 @@ def main() -> None:
     parser.add_argument("--mc-algo", default="torch", choices=["mc", "dmc", "torch"])
     parser.add_argument("--paths", default="", help="comma-separated subset of the paths; default: all")
     parser.add_argument("--profile", action="store_true", help="also list one dense decode's CUDA kernels")
+    parser.add_argument(
+        "--sdpa",
+        default="table",
+        choices=["table", "pytorch"],
+        help="SDPA kernels: refany3d/models/sdpa_table.json's choice per shape, or PyTorch's order",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="standard DiT latents and dense grid: table vs PyTorch's order"
+    )
     args = parser.parse_args()
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
+    if args.sdpa == "pytorch":  # PyTorch's own kernel order (flash first): the before
+        sdpa.TABLE = Path("/nonexistent/sdpa_table.json")
     results = {
+        "sdpa": args.sdpa,
+        "sdpa_table": [r["site"] + ": " + str(r["best"]) for r in sdpa.load_table()],
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -207,6 +221,37 @@ def main() -> None:
         torch.cuda.empty_cache()
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)
+    if args.compare:
+        results["compare"] = _compare_kernels(shared, args.octree)
+        print("compare", json.dumps(results["compare"], indent=1), flush=True)
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def _compare_kernels(shared: dict, octree: int) -> dict:
+    """The standard DiT's latents (same image and seed) and the dense grid of one latent under the
+    table's kernels and under PyTorch's order: max |a - b| / max |b| of each."""
+    mesher = _build("standard", shared)
+    mesher.configure_decoder(False, "torch")
+    opts = MesherSettings(backend="hunyuan3d", dit="standard", steps=50, octree_resolution=octree)
+    samples = [Sample("c0", "c0", "bench", "x#0")]
+    vae = mesher.pipe.vae
+    kwargs = dict(bounds=BOX, mc_level=MC_LEVEL, num_chunks=opts.num_chunks,
+                  octree_resolution=octree, enable_pbar=False)  # fmt: skip
+    out, table = {}, sdpa.TABLE
+    for name, path in (("table", table), ("pytorch", Path("/nonexistent/sdpa_table.json"))):
+        sdpa.TABLE = path
+        latents = mesher.denoise([_cutout(0)], samples, opts, 0, float("inf"))
+        with torch.inference_mode(), mesher.decoder_kernels(opts):
+            grid = vae.volume_decoder(vae(latents / vae.scale_factor), vae.geo_decoder, **kwargs)
+        out[name] = (latents.float(), grid.float())
+    sdpa.TABLE = table
+    (la, ga), (lb, gb) = out["table"], out["pytorch"]
+    return {
+        "latents_rel_diff": float((la - lb).abs().max() / lb.abs().max()),
+        "grid_rel_diff": float((ga - gb).abs().max() / gb.abs().max()),
+        "grid_sign_agreement": float(((ga > 0) == (gb > 0)).float().mean()),
+    }
 
 
 if __name__ == "__main__":

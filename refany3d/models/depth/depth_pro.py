@@ -17,6 +17,7 @@ from refany3d.config import DepthSettings
 from refany3d.models._device_lock import holds_device_lock
 from refany3d.models._torch import torch_device_dtype
 from refany3d.models.depth.base import DepthMap
+from refany3d.models.sdpa import attention_kernels
 from refany3d.models.weights import DEPTH_PRO, WeightsError, resolve_pretrained
 from refany3d.records import Sample
 
@@ -141,6 +142,13 @@ class DepthProEstimator:
         self._gain = torch.tensor(scale / std, device=self.device).view(1, 3, 1, 1)
         self._offset = torch.tensor(-mean / std, device=self.device).view(1, 3, 1, 1)
 
+    def attention_kernels(self):
+        """The SDPA kernel context of the DINOv2 encoders (each patch's tokens attend together)."""
+        vit = self.model.config.patch_model_config
+        tokens = (vit.image_size // vit.patch_size) ** 2 + 1
+        head_dim = vit.hidden_size // vit.num_attention_heads
+        return attention_kernels(head_dim, self.dtype, tokens, tokens, self.device)
+
     def _pixel_values(self, images: Sequence[Image.Image]):
         import torch
         import torch.nn.functional as F
@@ -166,7 +174,8 @@ class DepthProEstimator:
             ]
         height, width = sizes.pop()
         with torch.inference_mode():
-            outputs = self.model(pixel_values=self._pixel_values(images))
+            with self.attention_kernels():  # also while compiled / graphed on the first call
+                outputs = self.model(pixel_values=self._pixel_values(images))
             inverse = outputs.predicted_depth.float()[:, None]  # (B, 1, h, w) canonical inverse depth
             focal = 0.5 * width / torch.tan(0.5 * torch.deg2rad(outputs.field_of_view.float().reshape(-1)))
             inverse = inverse * (width / focal).view(-1, 1, 1, 1)

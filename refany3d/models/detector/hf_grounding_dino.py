@@ -11,6 +11,7 @@ from refany3d.config import DetectorSettings
 from refany3d.models._device_lock import holds_device_lock
 from refany3d.models._torch import torch_device_dtype
 from refany3d.models.detector.base import Detection
+from refany3d.models.sdpa import attention_kernels
 from refany3d.models.weights import HF_GROUNDING_DINO, resolve_pretrained
 from refany3d.records import Sample
 
@@ -186,7 +187,12 @@ class HfGroundingDinoDetector:
             device=self.device,
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        with torch.inference_mode():
+        text = self.model.config.text_config  # BERT: the part of GroundingDINO that runs SDPA
+        tokens = inputs["input_ids"].shape[1]
+        kernels = attention_kernels(
+            text.hidden_size // text.num_attention_heads, self.dtype, tokens, tokens, self.device
+        )
+        with torch.inference_mode(), kernels:
             outputs = self.model(**inputs)
         # Only the best `max_boxes` queries (of 900) can be kept by the detect stage: post-process
         # those, on the host after one copy per batch.

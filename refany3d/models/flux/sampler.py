@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from refany3d.models.flux.transformer import RefAny3DTransformer
+from refany3d.models.sdpa import attention_kernels
 
 # FLUX.1-dev's scheduler config: shift 0.5 at 256 image tokens, 1.15 at 4096, linear in between.
 BASE_TOKENS, MAX_TOKENS, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
@@ -95,6 +96,19 @@ class _Velocity:
         return out.rgb, out.point_map
 
 
+def sampling_kernels(model: RefAny3DTransformer, text: torch.Tensor, conditions, target_size):
+    """The SDPA kernel context (refany3d.models.sdpa) of one denoising pass: all its tokens (text,
+    targets, references) attend in its largest call."""
+    groups = 2 if model.point_map_branch else 1
+    tokens = text.shape[1] + groups * target_size[0] * target_size[1]
+    if conditions is not None:
+        tokens += sum(
+            c.shape[1] * c.shape[2] for c in (conditions.rgb, conditions.point_map) if c is not None
+        )
+    head_dim = model.flux.config.attention_head_dim
+    return attention_kernels(head_dim, text.dtype, tokens, tokens, text.device)
+
+
 def sample_latents(
     model: RefAny3DTransformer,
     text: torch.Tensor,
@@ -130,7 +144,7 @@ def sample_latents(
     ]
     rgb = torch.stack([n[0] for n in noise]).to(device, dtype)
     pm = torch.stack([n[1] for n in noise]).to(device, dtype) if model.point_map_branch else None
-    with torch.no_grad():
+    with torch.no_grad(), sampling_kernels(model, text, conditions, target_size):
         velocity = _Velocity(model, text, pooled, conditions, target_size, guidance, cache_conditions)
         unconditional = None
         if guided:

@@ -27,6 +27,7 @@ from refany3d.models._torch import torch_device_dtype
 from refany3d.models.mesher.base import MesherTimeout
 from refany3d.models.mesher.dense_volume import DenseVolumeDecoder
 from refany3d.models.mesher.torch_mc import marching_cubes
+from refany3d.models.sdpa import attention_kernels
 from refany3d.models.weights import HUNYUAN3D_SUBFOLDERS, resolve_hunyuan3d
 from refany3d.records import Sample
 
@@ -74,6 +75,17 @@ class TorchSurfaceExtractor:
             verts = verts.cpu().numpy() / (octree_resolution + 1) * (hi - lo) + lo
             outputs.append(Latent2MeshOutput(verts.astype(np.float32), faces.cpu().numpy()))
         return outputs
+
+
+def _head_dim(model) -> int:
+    """Head dim of the first attention in `model` (hy3dgen's DiT blocks: hidden_size / num_heads;
+    its VAE's attention: width / heads)."""
+    for module in model.modules():
+        heads = getattr(module, "num_heads", None) or getattr(module, "heads", None)
+        width = getattr(module, "hidden_size", None) or getattr(module, "width", None)
+        if isinstance(heads, int) and isinstance(width, int) and heads > 0:
+            return width // heads
+    return 0
 
 
 def sample_seed(seed: int, sample: Sample) -> int:
@@ -175,6 +187,20 @@ class Hunyuan3DMesher:
             out.append(self.decode(latent[None], options))
         return out
 
+    def dit_kernels(self):
+        """The SDPA kernel context of the DiT's joint attention (latents with image tokens)."""
+        latents = self.pipe.vae.latent_shape[0]
+        return attention_kernels(_head_dim(self.pipe.model), self.dtype, latents, latents, self.device)
+
+    def decoder_kernels(self, options: MesherSettings):
+        """The SDPA kernel context of the geometry decoder's cross-attention: a chunk of volume
+        queries (a dense chunk; FlashVDM's are smaller) on the latents."""
+        vae = self.pipe.vae
+        queries = options.num_chunks // 10 if options.flashvdm else options.num_chunks
+        return attention_kernels(
+            _head_dim(vae.geo_decoder), self.dtype, queries, vae.latent_shape[0], self.device
+        )
+
     def denoise(self, images, samples, options: MesherSettings, seed: int, deadline: float):
         """(B, num_latents, embed_dim) latents of the DiT for B RGBA images, in one batch."""
         import torch
@@ -184,16 +210,17 @@ class Hunyuan3DMesher:
                 raise MesherTimeout(f"hunyuan3d DiT passed its deadline at step {step}")
 
         generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, s)) for s in samples]
-        return self.pipe(
-            image=[im.convert("RGBA") for im in images],
-            num_inference_steps=options.steps or DEFAULT_STEPS[self.dit],
-            guidance_scale=options.guidance,
-            generator=generators,
-            output_type="latent",
-            enable_pbar=False,
-            callback=check_deadline,
-            callback_steps=1,
-        )
+        with self.dit_kernels():  # compiled, it keeps the kernel it was traced with
+            return self.pipe(
+                image=[im.convert("RGBA") for im in images],
+                num_inference_steps=options.steps or DEFAULT_STEPS[self.dit],
+                guidance_scale=options.guidance,
+                generator=generators,
+                output_type="latent",
+                enable_pbar=False,
+                callback=check_deadline,
+                callback_steps=1,
+            )
 
     def decode(self, latent, options: MesherSettings) -> trimesh.Trimesh | None:
         """Mesh of one (1, num_latents, embed_dim) latent in hy3dgen's frame, or None (no surface)."""
@@ -210,7 +237,8 @@ class Hunyuan3DMesher:
         )
         with torch.inference_mode():
             latent = vae(latent / vae.scale_factor)
-            grid = vae.volume_decoder(latent, vae.geo_decoder, **kwargs)
+            with self.decoder_kernels(options):
+                grid = vae.volume_decoder(latent, vae.geo_decoder, **kwargs)
             surfaces = vae.surface_extractor(grid, **kwargs)
         mesh = export_to_trimesh(surfaces)[0]  # hy3dgen's winding fix (faces reversed)
         if mesh is None or len(mesh.faces) == 0:

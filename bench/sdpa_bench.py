@@ -1,0 +1,183 @@
+"""SDPA kernels on the attention shapes our networks run: milliseconds, TFLOP/s and error of flash,
+cuDNN and memory-efficient attention, the fastest one within tolerance per shape, written as the
+table `refany3d.models.sdpa` chooses kernels from (issue #23.3).
+
+Each shape is (batch, heads, queries, keys, head dim, dtype, pass), taken from the full-size
+configs (`refany3d.testing.hunyuan3d.full_config`, the published GroundingDINO-T / Depth Pro /
+FLUX.1-dev configs) at the build's and training's defaults. Every kernel runs alone
+(`sdpa_kernel([kernel])`: a refusal is recorded, not hidden by a fallback), timed with CUDA events
+(median of `--reps`); its output is compared on the first 4,096 queries with fp32 math attention
+(max |kernel - reference| / max |reference|). `best` = the fastest kernel whose error is within
+`refany3d.models.sdpa.TOLERANCE`.
+
+    python bench/sdpa_bench.py --json bench/results/sdpa_h200.json --table refany3d/models/sdpa_table.json
+    python bench/sdpa_bench.py --report bench/results/sdpa_h200.json --md bench/results/sdpa.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from refany3d.models.sdpa import TOLERANCE, sdpa_order  # noqa: E402
+
+# site: (batch, heads, queries, keys, head dim, dtype, backward)
+SHAPES = {
+    "hunyuan3d.dit standard (DiT batch 4 x CFG; 3,072 latents + 1,370 image tokens)": (8, 16, 4442, 4442, 64, "float16", False),
+    "hunyuan3d.dit turbo (DiT batch 4, guidance-distilled)": (4, 16, 4442, 4442, 64, "float16", False),
+    "hunyuan3d.conditioner (DINOv2-giant, 518 px, batch 4)": (4, 24, 1370, 1370, 64, "float16", False),
+    "hunyuan3d.vae (self-attention over the latents)": (1, 16, 3072, 3072, 64, "float16", False),
+    "hunyuan3d.decoder (dense chunk of 200,000 queries on the latents)": (1, 16, 200000, 3072, 64, "float16", False),
+    "hunyuan3d.decoder flashvdm (a refined chunk on selected latents)": (1, 16, 20000, 1024, 64, "float16", False),
+    "depth_pro.patches (35 patches of 384 px per image, batch 8)": (280, 16, 577, 577, 64, "float16", False),
+    "depth_pro.image (the 384 px image encoder, batch 8)": (8, 16, 577, 577, 64, "float16", False),
+    "grounding_dino.text (BERT-base, 32 prompt tokens, batch 8)": (8, 12, 32, 32, 64, "float16", False),
+    "flux.sample (FLUX.1-dev, 18,944 tokens: the group attention's largest call)": (1, 24, 18944, 18944, 128, "bfloat16", False),
+    "flux.train (the same, forward + backward)": (1, 24, 18944, 18944, 128, "bfloat16", True),
+}  # fmt: skip
+KERNELS = ("flash", "cudnn", "efficient")
+REFERENCE_QUERIES = 4096
+
+
+def _flops(b, h, q, k, d, backward) -> float:
+    return 4.0 * b * h * q * k * d * (3.5 if backward else 1.0)
+
+
+def measure(shape: tuple, reps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    b, h, q, k, d, dtype, backward = shape
+    gen = torch.Generator("cuda").manual_seed(0)
+    dt = getattr(torch, dtype)
+    query = torch.randn(b, h, q, d, device="cuda", dtype=dt, generator=gen, requires_grad=backward)
+    key = torch.randn(b, h, k, d, device="cuda", dtype=dt, generator=gen, requires_grad=backward)
+    value = torch.randn(b, h, k, d, device="cuda", dtype=dt, generator=gen, requires_grad=backward)
+    n = min(q, REFERENCE_QUERIES)
+    with torch.no_grad(), sdpa_order(("math",)):
+        reference = F.scaled_dot_product_attention(query[:, :, :n].float(), key.float(), value.float())
+    scale = reference.abs().max().item()
+    out = {"ms": {}, "tflops": {}, "error": {}, "refused": {}}
+    for kernel in KERNELS:
+        with sdpa_order((kernel,)):
+
+            def call():
+                o = F.scaled_dot_product_attention(query, key, value)
+                if backward:
+                    o.backward(torch.ones_like(o))
+                return o
+
+            try:
+                result = call()
+            except RuntimeError as err:  # this kernel does not take the shape
+                out["refused"][kernel] = str(err).splitlines()[0][:200]
+                continue
+            out["error"][kernel] = (result[:, :, :n].float() - reference).abs().max().item() / scale
+            for _ in range(2):
+                call()
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            ms = sorted(times)[len(times) // 2]
+            out["ms"][kernel] = ms
+            out["tflops"][kernel] = _flops(b, h, q, k, d, backward) / ms / 1e9
+        query.grad = key.grad = value.grad = None
+    within = [c for c in out["ms"] if out["error"][c] <= TOLERANCE[dtype]]
+    out["best"] = min(within, key=out["ms"].get) if within else None
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    capability = list(torch.cuda.get_device_capability())
+    rows = []
+    for site, shape in SHAPES.items():
+        b, h, q, k, d, dtype, backward = shape
+        row = {"site": site, "device": name, "capability": capability, "batch": b, "heads": h,
+               "queries": q, "keys": k, "head_dim": d, "dtype": dtype, "backward": backward,
+               **measure(shape, args.reps)}  # fmt: skip
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("site", "ms", "error", "refused", "best")}), flush=True)
+        torch.cuda.empty_cache()
+    return {
+        "bench": "sdpa_bench",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "device": name,
+            "capability": capability,
+            "torch": torch.__version__,
+            "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
+            "priority": [int(p) for p in torch._C._get_sdp_priority_order()],
+        },  # fmt: skip
+        "tolerance": TOLERANCE,
+        "rows": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# SDPA kernels per attention shape ({m['device']}, {report['date']})",
+        "",
+        f"torch {m['torch']}, cuDNN {m['cudnn']}; `python bench/sdpa_bench.py` (median of the "
+        "timed calls; error = max |kernel - fp32 math| / max |fp32 math| on the first 4,096 queries; "
+        f"chosen = the fastest within {report['tolerance']}). `refany3d/models/sdpa_table.json` is "
+        "this table; `refany3d.models.sdpa.attention_kernels` runs the chosen kernel first.",
+        "",
+        "| site | B x H x Q x K x D, dtype | flash ms (TFLOP/s) | cuDNN ms (TFLOP/s) | efficient ms | "
+        "error flash / cuDNN | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r, k):
+        if k in r["refused"]:
+            return "refused"
+        return f"{r['ms'][k]:.3f} ({r['tflops'][k]:.0f})" if k in r["ms"] else "-"
+
+    for r in report["rows"]:
+        err = " / ".join(f"{r['error'][k]:.1e}" if k in r["error"] else "-" for k in ("flash", "cudnn"))
+        shape = f"{r['batch']}x{r['heads']}x{r['queries']}x{r['keys']}x{r['head_dim']}, {r['dtype']}"
+        shape += " fwd+bwd" if r["backward"] else ""
+        lines.append(
+            f"| {r['site']} | {shape} | {cell(r, 'flash')} | {cell(r, 'cudnn')} | "
+            f"{r['ms'].get('efficient', float('nan')):.3f} | {err} | **{r['best']}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="results JSON (measure on this machine's GPU)")
+    p.add_argument("--table", help="also write the kernel table the package reads")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--report", help="an existing results JSON: write its markdown (--md) only")
+    p.add_argument("--md", help="markdown page")
+    args = p.parse_args()
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+    else:
+        report = run(args)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        if args.table:
+            Path(args.table).write_text(json.dumps(report, indent=1))
+    if args.md:
+        Path(args.md).write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
