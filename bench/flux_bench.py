@@ -271,8 +271,6 @@ def main() -> None:
     started = time.perf_counter()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
     dims = TINY_FLUX_CONFIG if args.tiny else FULL_FLUX_CONFIG
     text, target_hw, cond_hw, compact_hw = (
         (8, (4, 4), (4, 4), (2, 2)) if args.tiny else (512, (32, 32), (32, 32), (16, 16))

@@ -760,7 +760,6 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     from refany3d.stages.dag import build_stages
 
     if args.device.startswith("cuda"):
-        torch.backends.cuda.enable_cudnn_sdp(False)  # as every bench and backend does (issue #23.3)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.recompile_limit = 64  # perception batch sizes and prompt lengths
     t = time.perf_counter()

@@ -353,7 +353,6 @@ def main() -> None:
     parser.add_argument("--batches", default="8,1", help="model batch sizes to time")
     args = parser.parse_args()
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention fails on the bench machine
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # batch 8 / batch 1 / per-prompt text lengths: more input shapes per layer than dynamo's default 8
