@@ -69,12 +69,38 @@ def _absolute_paths(settings: BuildSettings) -> BuildSettings:
     )
 
 
+# The `gpu` profile: what the build deployment on the gpu pool runs with, where the deployed settings
+# leave a setting at its default. Each value is a measurement on one H200 (bench/results/, 2026-12):
+GPU_PROFILE: dict[str, Any] = {
+    "runtime.device": "cuda",
+    "runtime.dtype": "float16",  # every GPU bench ran the networks in fp16
+    "detector.batch_size": 8,  # perception.md: 87.5 ms an image at batch 8 (detect + segment + depth)
+    "segmenter.batch_size": 8,
+    "depth.batch_size": 8,
+    "mesher.compile": True,  # mesh_gpu_h200_sdpa.json: standard 6.62 s an asset compiled, 11.4 eager
+    "mesher.batch_size": 4,  # standard compiled: 6.62 s at DiT batch 4, 6.73 at 1
+}
+
+
+def gpu_profile(settings: BuildSettings) -> BuildSettings:
+    """`settings` with `GPU_PROFILE` wherever they hold the default value (what a user set stays)."""
+    defaults = BuildSettings()
+    override(defaults, **GPU_PROFILE)  # a key that is no setting, or a bad value: a SettingsError
+    chosen = {k: v for k, v in GPU_PROFILE.items() if _get(settings, k) == _get(defaults, k)}
+    return override(settings, **chosen)
+
+
+def _get(settings: BuildSettings, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(settings, section), name)
+
+
 def build_parameters(pool: str, base: BuildSettings | None = None) -> dict[str, Any]:
-    """Default parameters of the build deployment on `pool` (the gpu pool builds on CUDA), its
+    """Default parameters of the build deployment on `pool` (the gpu pool: the `gpu` profile), its
     paths resolved to absolute ones now, at deploy time."""
     settings = _absolute_paths(base or BuildSettings())
-    if pool == "gpu" and not settings.runtime.device.startswith("cuda"):
-        settings = override(settings, **{"runtime.device": "cuda"})
+    if pool == "gpu":
+        settings = gpu_profile(settings)
     return {"settings": to_dict(settings)}
 
 

@@ -85,6 +85,8 @@ def test_deploy_registers_build_dataset_on_both_pools(prefect_server, deployed_r
     assert (cpu.work_pool_name, gpu.work_pool_name) == ("cpu", "gpu")
     assert cpu.entrypoint == "refany3d.flows.build_dataset.build_dataset"
     assert gpu.parameters["settings"]["runtime"]["device"] == "cuda"
+    assert gpu.parameters["settings"]["mesher"]["compile"] is True  # the gpu profile
+    assert cpu.parameters["settings"]["mesher"]["compile"] is False
 
 
 def test_worker_runs_triggered_build_to_shards_and_card(prefect_server, deployed_run):
