@@ -146,8 +146,9 @@ def _install_shape_field(mesher) -> None:
 # --------------------------------------------------------------------------- weights
 
 
-def build_weights(root: Path, tiny: bool, device: str) -> dict[str, str]:
-    """Random-weight checkpoints of every backend in `root`, in the layouts the loaders read."""
+def build_weights(root: Path, tiny: bool, device: str, variants=("standard", "turbo")) -> dict[str, str]:
+    """Random-weight checkpoints of every backend in `root`, in the layouts the loaders read
+    (Hunyuan3D: the DiT `variants` the paths run)."""
     from refany3d.testing import checkpoints
     from refany3d.testing.hunyuan3d import full_config, save_hunyuan3d, tiny_config
 
@@ -174,7 +175,7 @@ def build_weights(root: Path, tiny: bool, device: str) -> dict[str, str]:
         import torch
 
         with _hy3dgen_importable(), torch.device(device):  # full size: initialised on the GPU
-            for variant in ("standard", "turbo"):
+            for variant in variants:
                 config = tiny_config(variant) if tiny else full_config(variant)
                 save_hunyuan3d(paths["hunyuan3d"], config, variant)
     _save_random_lpips(paths["lpips"])
@@ -766,7 +767,8 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     source, source_note = synthetic_source(args, work)
     source_s = time.perf_counter() - t
     t = time.perf_counter()
-    weights = build_weights(work / "weights", args.tiny, args.device)
+    variants = sorted({PATHS[p]["mesher.dit"] for p in args.paths.split(",") if p})
+    weights = build_weights(work / "weights", args.tiny, args.device, variants)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the build's own blocks: the cases' memory figures start clean
     stages = build_stages(until)

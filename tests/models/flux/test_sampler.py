@@ -127,7 +127,7 @@ class _Oracle:
         from types import SimpleNamespace
 
         self.flux = SimpleNamespace(
-            config=SimpleNamespace(guidance_embeds=True, in_channels=x0_rgb.shape[-1])
+            config=SimpleNamespace(guidance_embeds=True, in_channels=x0_rgb.shape[-1], attention_head_dim=8)
         )
         self.x0 = (x0_rgb, x0_pm)
         self.seen_t = []
