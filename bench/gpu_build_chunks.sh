@@ -5,14 +5,15 @@
 # any CPython), lpips, pyrender and its GL stack, and the shared libraries Open3D links that the
 # machine's image may lack (libX11, libudev, libusb, libidn2; Debian bookworm's, unpacked under
 # /tmp/sysroot). Together ~230 MB: over one call's 64 MiB. So they travel in parts, one part per
-# call, on calls back to back while the machine stays warm (it keeps ignored folders of the
-# checkout between calls; it goes back after 30 s idle): .gbc1 ... .gbcN, each under 58 MB, with
-# gpu_build_wheels.sh's .whl and .bench-data in the same parts.
+# call, on calls back to back while the machine stays warm (it goes back after 30 s idle): .gbc1
+# ... .gbcN, each under 58 MiB, with gpu_build_wheels.sh's .whl and .bench-data in the same parts.
+# Each call copies its part to /tmp/p: /tmp stays while the machine is warm, the checkout's
+# ignored folders do not (a call's carry replaces them).
 #
 #   bash bench/gpu_build_chunks.sh          # after bench/gpu_build_wheels.sh; prints the calls
 #
-# NOT YET RUN on the device (2026-12-02): the parts, the reassembly and the imports there are
-# untested; see bench/GPU_BUILD_RUN.md, "The whole DAG".
+# Ran on the H200 on 2026-12-02 (bench/results/gpu_build_h200_whole_dag.md); see
+# bench/GPU_BUILD_RUN.md, "The whole DAG".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -50,13 +51,13 @@ for part in /tmp/gbw.part.*; do
 done
 echo "parts: $n (.gbc1 ... .gbc$n), $(du -shc .gbc* | tail -1 | cut -f1)"
 echo "calls, back to back (carry one part each; the last also carries .gl):"
-for k in $(seq 1 $((n - 1))); do echo "  carry [\".gbc$k\"]  command: ls -la .gbc$k"; done
+for k in $(seq 1 $((n - 1))); do echo "  carry [\".gbc$k\"]  command: mkdir -p /tmp/p && cp .gbc$k/* /tmp/p/"; done
 cat <<EOF
   carry [".gbc$n", ".gl"]  command:
-    cat .gbc*/gbw.part.* | tar xf - -C /tmp && for f in .gl/*.deb; do dpkg -x \$f /; done; ldconfig;
+    cp .gbc$n/* /tmp/p/ && cat /tmp/p/gbw.part.* | tar xf - -C /tmp && for f in .gl/*.deb; do dpkg -x \$f /; done; ldconfig;
     mkdir -p /tmp/sysroot && for f in /tmp/.gbw/debs/*.deb; do dpkg -x \$f /tmp/sysroot; done;
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/.whl/*.whl /tmp/.gbw/*.whl && tar xf /tmp/.gbw/meshoptimizer.tar -C /tmp/site || exit;
     export PYTHONPATH=/tmp/site:\$PWD LD_LIBRARY_PATH=/tmp/sysroot/usr/lib/x86_64-linux-gnu:/tmp/sysroot/lib/x86_64-linux-gnu PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYOPENGL_PLATFORM=egl;
     python3 -c "import open3d, pymeshlab, pyrender, xatlas, meshoptimizer, lpips; print('imports ok')" &&
-    timeout 500 python3 bench/gpu_build_bench.py --rows 16 --batch-rows 4 --paths fast --data /tmp/.bench-data/source --work /tmp/gb --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log
+    timeout 500 python3 bench/gpu_build_bench.py --rows 8 --batch-rows 4 --paths fast --data /tmp/.bench-data/source --work /tmp/gb --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log
 EOF
