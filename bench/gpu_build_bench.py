@@ -361,7 +361,7 @@ def runnable_until(requested: str, missing: dict[str, list[str]]) -> str:
     return max(runnable, key=lambda s: (len(ancestors(s)), order.index(s)))
 
 
-def build_settings(args, weights: dict[str, str], source: str, path: str, out: str, until: str, runner):
+def build_settings(args, weights: dict[str, str], source: str, path: str, out: str, until: str, workers: int):
     from refany3d.config import BuildSettings, override
 
     dotted: dict[str, Any] = {
@@ -373,7 +373,7 @@ def build_settings(args, weights: dict[str, str], source: str, path: str, out: s
         "runtime.device": args.device,
         "runtime.dtype": args.dtype,
         "runtime.batch_size": args.batch_rows,
-        "runtime.workers": runner,
+        "runtime.workers": workers,
         "detector.backend": "hf-grounding-dino",
         "detector.weights": weights["gdino"],
         "segmenter.backend": "sam",
