@@ -5,7 +5,7 @@ Hopper, cuDNN is faster for some shapes (head dim 64 in fp16, the Hunyuan3D deco
 TFLOP/s) and not for others. `bench/sdpa_bench.py` times every kernel on the shapes our networks
 run (Hunyuan3D's DiT and decoder, DINOv2, Depth Pro, BERT, Flux sampling and training), checks each
 kernel's output against fp32 math attention, and writes `sdpa_table.json` beside this file: per
-device (name, compute capability, torch version) and shape, the fastest kernel whose error is
+device (name, compute capability) and shape, the fastest kernel whose error is
 within `TOLERANCE`.
 
 `attention_kernels(head_dim, dtype, queries, keys, device)` is the context a network's forward runs in:
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 TABLE = Path(__file__).with_name("sdpa_table.json")
-KERNELS = ("cudnn", "flash", "efficient", "math")
 DEFAULT_ORDER = ("flash", "efficient", "math", "cudnn")  # PyTorch's priority (cuDNN last)
 # Largest max |kernel - fp32 math| / max |fp32 math| a kernel may have to be chosen.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-4}

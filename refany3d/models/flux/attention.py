@@ -33,6 +33,7 @@ from refany3d.models.flux.positions import (
     TEXT,
     TokenLayout,
 )
+from refany3d.models.sdpa import kernel_order, sdpa_order
 
 AttentionKind = Literal["flex", "grouped", "dense"]
 SdpaKernel = Literal["flash", "cudnn"]
@@ -180,15 +181,7 @@ def preferred_sdpa(kernel: SdpaKernel) -> contextlib.AbstractContextManager:
     same one: hold it around the whole step, forward and backward (`train_step` does)."""
     if kernel == "flash":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [
-        SDPBackend.CUDNN_ATTENTION,
-        SDPBackend.FLASH_ATTENTION,
-        SDPBackend.EFFICIENT_ATTENTION,
-        SDPBackend.MATH,
-    ]
-    return sdpa_kernel(order, set_priority=True)
+    return sdpa_order(kernel_order("cudnn"))  # cuDNN, then flash, memory-efficient, math
 
 
 def _sdpa(
