@@ -231,18 +231,25 @@ def draw(args: argparse.Namespace) -> None:
     settings = settings_for(args, shards, str(work / "run"))
     samples = held_out(settings, args.eval)
     started = time.perf_counter()
+    runs = {}
     model = components_for(args, settings.model)
-    runs = {"step0": {"steps": 0}}
-    draw_samples(model, settings, samples, samples_dir / "step0")
-    runs["trained"] = train(settings, model, args.seconds, args.steps)
-    draw_samples(model, settings, samples, samples_dir / "trained")
-    blank = blank_point_map_copy(args.data, work / "ablation")
-    ablation_settings = settings_for(args, str(Path(blank) / "data"), str(work / "ablation-run"))
-    blank_samples = held_out(ablation_settings, args.eval)
-    assert [s.sample_id for s in blank_samples] == [s.sample_id for s in samples]
-    ablation = components_for(args, settings.model)
-    runs["ablation"] = train(ablation_settings, ablation, 10 * args.seconds, runs["trained"]["steps"])
-    draw_samples(ablation, ablation_settings, blank_samples, samples_dir / "ablation")
+    if args.models in ("all", "trained"):
+        runs["step0"] = {"steps": 0}
+        draw_samples(model, settings, samples, samples_dir / "step0")
+        runs["trained"] = train(settings, model, args.seconds, args.steps)
+        draw_samples(model, settings, samples, samples_dir / "trained")
+    if args.models in ("all", "ablation"):
+        blank = blank_point_map_copy(args.data, work / "ablation")
+        ablation_settings = settings_for(args, str(Path(blank) / "data"), str(work / "ablation-run"))
+        blank_samples = held_out(ablation_settings, args.eval)
+        assert [s.sample_id for s in blank_samples] == [s.sample_id for s in samples]
+        ablation = components_for(args, settings.model)
+        # the same number of steps as the trained model: its run here, or --steps from its call
+        steps, seconds = (
+            (runs["trained"]["steps"], 10 * args.seconds) if "trained" in runs else (args.steps, args.seconds)
+        )
+        runs["ablation"] = train(ablation_settings, ablation, seconds, steps)
+        draw_samples(ablation, ablation_settings, blank_samples, samples_dir / "ablation")
     with tarfile.open(out / "samples.tar", "w") as tar:
         tar.add(samples_dir, arcname="samples")
     facts = {
@@ -269,10 +276,13 @@ def score(args: argparse.Namespace) -> None:
     from refany3d.sampling.sheet import contact_sheet
 
     work = Path(tempfile.mkdtemp(prefix="learn-score-"))
-    with tarfile.open(Path(args.draw) / "samples.tar") as tar:
-        tar.extractall(work, filter="data")
-    facts = json.loads((Path(args.draw) / "runs.json").read_text())
-    results, sheets, rows = {}, {}, None
+    calls = []
+    for draw_dir in args.draw:  # one draw call, or the trained and the ablation call
+        with tarfile.open(Path(draw_dir) / "samples.tar") as tar:
+            tar.extractall(work, filter="data")
+        calls.append(json.loads((Path(draw_dir) / "runs.json").read_text()))
+    facts = merge_calls(calls)
+    results, sheets, rows, chance = {}, {}, None, {}
     for model in ("step0", "trained", "ablation"):
         paths = sorted((work / "samples" / model).iterdir())
         if rows is None:
@@ -282,6 +292,8 @@ def score(args: argparse.Namespace) -> None:
         for path in paths:
             sample = read_sample(path, rows)
             per_sample[sample.name] = evaluate_sample(sample, EvaluateSettings(), {})
+            if sample.name not in chance:
+                chance[sample.name] = chance_values(sample.mesh)
             if len(sheets[model]) < 4:
                 pms = [
                     np.asarray(Image.open(v), dtype=np.float32) / 255.0
@@ -289,8 +301,9 @@ def score(args: argparse.Namespace) -> None:
                 ]
                 sheets[model].append(contact_sheet(sample.views, pms, sample.image, sample.point_map))  # fmt: skip
         report = build_report(per_sample, [], EvaluateSettings())
-        results[model] = {m: report["mean"].get(m) for m in METRICS}
+        results[model] = chance_filled_means(report["samples"], chance)
         results[model]["count"] = {m: report["count"].get(m) for m in METRICS}
+        results[model]["scored_only"] = {m: report["mean"].get(m) for m in METRICS}
     checks = verdict(results)
     sheet = Path(args.sheet) if args.sheet else Path(args.out).with_suffix(".png")
     columns = [np.concatenate(sheets[k], axis=0) for k in ("step0", "trained", "ablation")]
@@ -299,6 +312,45 @@ def score(args: argparse.Namespace) -> None:
               "margins": MARGINS, "checks": checks, "passed": all(checks.values()), "sheet": str(sheet)}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     print(json.dumps({"metrics": results, "checks": checks, "passed": report["passed"]}, indent=2))
+
+
+def chance_values(mesh, points: int = 4096, seed: int = 0) -> dict[str, float]:
+    """What a sample without a value for a metric counts as in the verdict: the value of a model
+    that draws noise (no object: IoU 0; coordinates uniform in the asset's bounding box, their
+    distance to its surface; uniform colours against its texture there). The metrics give such a
+    point map no value at all (it has no foreground), so the means over scored samples alone
+    would compare a model with the few samples it got right."""
+    from refany3d.evaluate.geometry import surface_distance, texture_error
+
+    rng = np.random.default_rng(seed)
+    lo, hi = mesh.bounds
+    coords = lo + rng.random((points, 3)) * (hi - lo)
+    colors = rng.integers(0, 256, (points, 3))
+    return {"silhouette_iou": 0.0, "surface_distance": surface_distance(coords, mesh),
+            "texture_error": texture_error(coords, colors, mesh)}  # fmt: skip
+
+
+def chance_filled_means(samples: dict[str, dict], chance: dict[str, dict]) -> dict[str, float]:
+    """Each metric's mean over every sample, a sample without a value counting at its chance value."""
+    return {
+        m: float(np.mean([v[m] if v.get(m) is not None else chance[name][m] for name, v in samples.items()]))
+        for m in METRICS
+    }
+
+
+def merge_calls(calls: list[dict]) -> dict:
+    """One run's facts from the draw calls that made it: their runs together, each call's own
+    facts under `calls`. The ablation must have trained as many steps as the trained model."""
+    runs = {k: v for call in calls for k, v in call["runs"].items()}
+    missing = {"step0", "trained", "ablation"} - set(runs)
+    assert not missing, f"no draw call made {sorted(missing)}"
+    assert runs["ablation"]["steps"] == runs["trained"]["steps"], (
+        "the ablation must train the trained model's steps"
+    )
+    merged = {**calls[0], "runs": runs, "seconds": sum(c["seconds"] for c in calls)}
+    if len(calls) > 1:
+        merged["calls"] = [{k: c[k] for k in ("when", "args", "seconds", "runs")} for c in calls]
+    return merged
 
 
 def verdict(results: dict) -> dict:
@@ -341,8 +393,13 @@ def main() -> None:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--dtype", default="float32", help="float32: the base trains (model.train_base)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--models", choices=("all", "trained", "ablation"), default="all",
+                   help="trained: step 0 and the trained model; ablation: the ablation alone, for --steps "
+                        "(the trained call's) within --seconds; two calls when one cannot hold both")  # fmt: skip
     c = sub.add_parser("score", help="metrics, verdict, contact sheet, results JSON (CPU)")
-    c.add_argument("--draw", required=True, help="draw's --out (samples.tar, runs.json)")
+    c.add_argument(
+        "--draw", required=True, nargs="+", help="draw's --out (samples.tar, runs.json), one per call"
+    )
     c.add_argument("--data", required=True, help="the build directory (its meshes)")
     c.add_argument("--out", required=True, help="results JSON")
     c.add_argument("--sheet", help="contact sheet PNG (default: beside --out)")

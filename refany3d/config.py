@@ -568,7 +568,7 @@ class MetricsSettings(_Section):
         "local DINOv2 directory (transformers Dinov2Model + processor) or cached hub id; empty = DINO skipped",
     )
     silhouette_border: float = _opt(
-        0.02, "GrabCut: image border (fraction of the side) taken as background", gt=0.0, lt=0.5
+        0.02, "GrabCut (RGB silhouette and point-map foreground): image border (fraction of the side) taken as background", gt=0.0, lt=0.5
     )
     gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
     device: str = _opt("cpu", "torch device of the CLIP/DINO models")

@@ -5,6 +5,14 @@ Inputs are one generated sample: `rgb` (H, W, 3) uint8 and `point_map` (H, W, 3)
 the model's point-map image (each axis normalised over the asset's bounding box, white
 background, DESIGN §5), plus the asset (`trimesh.Trimesh`, in the frame the point map encodes).
 
+The point map's foreground (`point_map_foreground`) is segmented by the same rule as the RGB
+silhouette, not by a distance from white: a decoded point map's background is off-white and
+speckled, and the encoding itself puts foreground near white (the bounding box's (1, 1, 1) corner:
+on the synthetic renders ~15 % of the foreground pixels are within 0.1 of white), so no colour
+threshold separates the two. GrabCut, framed by the image border, is then intersected with the
+pixels that differ from the border's colour by more than the border's own noise: an exact render
+keeps exactly its non-white pixels, and an image without an object has no foreground.
+
 Metrics (each a float; `nan` when the point map has no foreground):
 - `silhouette_iou` in [0, 1], higher is better: the point map's foreground against the RGB
   object's silhouette (GrabCut on the RGB, weight-free, seeded with the image border as background).
@@ -26,8 +34,10 @@ import trimesh
 
 from refany3d.render.mesh import surface_colors
 
-# A point-map pixel is background when all three channels are within this of white (8-bit PNGs).
-WHITE_TOLERANCE = 2.0 / 255.0
+# The least background noise of a point map: one 8-bit PNG step either way.
+QUANTISATION = 2.0 / 255.0
+# The share of the border frame's pixels that may be noise beyond the background's own spread.
+FRAME_NOISE_QUANTILE = 0.99
 
 
 @dataclass(frozen=True)
@@ -44,9 +54,35 @@ class GeometryMetrics:
         }
 
 
-def point_map_foreground(point_map: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels of a (H, W, 3) [0, 1] point-map image that are not the white background."""
-    return (np.asarray(point_map) < 1.0 - WHITE_TOLERANCE).any(axis=-1)
+def point_map_foreground(point_map: np.ndarray, border: float = 0.02) -> np.ndarray:
+    """(H, W) bool object pixels of a (H, W, 3) [0, 1] point-map image (module doc): GrabCut's
+    foreground (`rgb_silhouette`, framed by `border`) among the pixels that differ from the
+    frame's median colour by more than the frame's noise (its `FRAME_NOISE_QUANTILE` deviation,
+    at least `QUANTISATION`), in every channel's largest difference."""
+    image = np.clip(np.asarray(point_map, dtype=np.float64), 0.0, 1.0)
+    frame = image[_frame_mask(image.shape[:2], border)]
+    background = np.median(frame, axis=0)
+    noise = max(
+        QUANTISATION, float(np.quantile(np.abs(frame - background).max(axis=-1), FRAME_NOISE_QUANTILE))
+    )
+    differs = np.abs(image - background).max(axis=-1) > noise
+    if not differs.any():
+        return differs
+    return differs & rgb_silhouette(np.round(image * 255.0).astype(np.uint8), border)
+
+
+def _frame_pixels(shape: tuple[int, int], border: float) -> tuple[int, int]:
+    """The border frame's width and height in pixels (at least 1) of an image of `shape` (H, W)."""
+    h, w = shape
+    return max(1, round(border * w)), max(1, round(border * h))
+
+
+def _frame_mask(shape: tuple[int, int], border: float) -> np.ndarray:
+    """(H, W) bool: the border frame that `rgb_silhouette` takes as background."""
+    bx, by = _frame_pixels(shape, border)
+    mask = np.ones(shape, bool)
+    mask[by : shape[0] - by, bx : shape[1] - bx] = False
+    return mask
 
 
 def decode_canonical(point_map: np.ndarray, bbox_min: np.ndarray, bbox_max: np.ndarray) -> np.ndarray:
@@ -62,7 +98,7 @@ def rgb_silhouette(rgb: np.ndarray, border: float = 0.02, iterations: int = 5) -
     import cv2
 
     h, w = rgb.shape[:2]
-    bx, by = max(1, round(border * w)), max(1, round(border * h))
+    bx, by = _frame_pixels((h, w), border)
     mask = np.zeros((h, w), np.uint8)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = np.ascontiguousarray(rgb[..., ::-1])
@@ -122,11 +158,16 @@ def texture_error(points: np.ndarray, colors: np.ndarray, mesh: trimesh.Trimesh)
 
 
 def geometry_metrics(
-    rgb: np.ndarray, point_map: np.ndarray, mesh: trimesh.Trimesh, silhouette: np.ndarray | None = None
+    rgb: np.ndarray,
+    point_map: np.ndarray,
+    mesh: trimesh.Trimesh,
+    silhouette: np.ndarray | None = None,
+    foreground: np.ndarray | None = None,
 ) -> GeometryMetrics:
     """All three metrics of one sample. `silhouette`: the RGB object's (H, W) bool mask when known
-    (e.g. from a segmenter); None = `rgb_silhouette`."""
-    foreground = point_map_foreground(point_map)
+    (e.g. from a segmenter); None = `rgb_silhouette`. `foreground`: the point map's, when the
+    caller has it; None = `point_map_foreground`."""
+    foreground = point_map_foreground(point_map) if foreground is None else foreground
     silhouette = rgb_silhouette(rgb) if silhouette is None else silhouette
     lo, hi = mesh.bounds
     points = decode_canonical(point_map, lo, hi)[foreground]

@@ -157,10 +157,10 @@ def evaluate_sample(
 ) -> dict[str, float]:
     """Every available metric of one sample (nan: no value, see `NULL_REASONS`)."""
     silhouette = rgb_silhouette(sample.image, settings.metrics.silhouette_border)
-    out = geometry_metrics(sample.image, sample.point_map, sample.mesh, silhouette).as_dict()
+    foreground = point_map_foreground(sample.point_map, settings.metrics.silhouette_border)
+    out = geometry_metrics(sample.image, sample.point_map, sample.mesh, silhouette, foreground).as_dict()
     if sample.mesh.visual.kind is None:  # no colours: the error against trimesh's default grey means nothing
         out["texture_error"] = float("nan")
-    foreground = point_map_foreground(sample.point_map)
     clean = remove_background(sample.image, foreground)
     if "clip" in models and sample.views:
         out.update(clip_metrics(models["clip"], clean, sample.views, sample.prompt))
