@@ -195,6 +195,12 @@ class MesherSettings(_Section):
         "hunyuan3d on CUDA: torch.compile the DiT and the dense geometry decoder (compiles on first use)",
     )
     batch_size: int = _opt(4, "objects per DiT batch (FlashVDM decodes them one at a time)", ge=1)
+    post_processes: int = _opt(
+        0,
+        "processes that reduce, unwrap and texture the objects (shared by the stage's tasks in one "
+        "worker; outputs do not depend on it); 0 = on the stage's own worker thread",
+        ge=0,
+    )
     timeout_s: float = _opt(
         600.0, "per-sample budget in seconds; over it the sample drops (mesh_timeout)", gt=0.0
     )
@@ -568,7 +574,10 @@ class MetricsSettings(_Section):
         "local DINOv2 directory (transformers Dinov2Model + processor) or cached hub id; empty = DINO skipped",
     )
     silhouette_border: float = _opt(
-        0.02, "GrabCut (RGB silhouette and point-map foreground): image border (fraction of the side) taken as background", gt=0.0, lt=0.5
+        0.02,
+        "GrabCut (RGB silhouette and point-map foreground): image border (fraction of the side) taken as background",
+        gt=0.0,
+        lt=0.5,
     )
     gallery_samples: int = _opt(8, "contact sheets in the Prefect gallery artifact", ge=0)
     device: str = _opt("cpu", "torch device of the CLIP/DINO models")

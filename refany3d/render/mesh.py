@@ -6,9 +6,11 @@ meshes and never modify their input.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import io
 import os
+import shutil
 import tempfile
 import threading
 
@@ -87,6 +89,16 @@ def reduce_faces(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
 # hy3dgen's post-processors round-trip meshes through NamedTemporaryFile(delete=False) PLYs in the
 # temp directory and never delete them; one holder at a time lets us find and remove exactly ours.
 _HY3DGEN_TEMP_LOCK = threading.Lock()
+
+
+def own_temp_directory() -> None:
+    """Give this process a temp directory of its own (removed at exit). The lock above covers
+    threads, not processes: for a process that shares the temp directory with others doing the
+    same work (the mesh stage's post-processing processes), a call's clean-up would remove the PLYs
+    another process is still writing and reading."""
+    own = tempfile.mkdtemp(prefix=f"refany3d-{os.getpid()}-")
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    tempfile.tempdir = own  # this process's own setting, for the PLYs hy3dgen writes
 
 
 def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: float = 0.0) -> trimesh.Trimesh:

@@ -55,7 +55,7 @@ def code_fingerprint(stage: str) -> str:
 
 # Settings that do not decide what a stage keeps: a sample over its time budget is a transient
 # drop, never cached (`flows/tasks.py`), so the budget decides no cached output.
-_NOT_IN_KEYS = frozenset({"mesher.timeout_s"})
+_NOT_IN_KEYS = frozenset({"mesher.timeout_s", "mesher.post_processes"})
 
 
 def _hash(value: Any) -> str:

@@ -9,7 +9,11 @@ store; the sample gets `front_pose` / `front_intrinsics` and the metrics `mesh_f
 `mesh_uv_charts`, `mesh_front_iou`, `mesh_texture_seen`. The seconds each object took go to the
 log, not the record: shards must be the same bytes on every build.
 
-The mesher of the next chunk runs while this chunk's objects are post-processed on a worker thread.
+The mesher of the next chunk runs while this chunk's objects are post-processed on a worker thread,
+or, with `mesher.post_processes`, in that many processes shared by every mesh task of the worker
+process (`_processes.py`): reduction, the UV atlas and texturing are CPU work that threads would
+serialise behind the GIL while the GPU waits. A post-processing process that dies drops its object
+`mesh_post_process_crashed` (transient) and the build goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pymeshlab  # noqa: F401  (see below)
@@ -33,7 +38,9 @@ from refany3d.render.mesh import (
     is_manifold,
     mesh_to_glb,
     normalize_mesh,
+    own_temp_directory,
 )
+from refany3d.stages._processes import Call, Crashed, SharedProcessPool
 from refany3d.stages._views import Outcome, batched, parallel_map, pipelined, read_mask, read_view, record
 from refany3d.stages.context import StageContext
 
@@ -47,8 +54,9 @@ MESH_NOT_MANIFOLD = "mesh_not_manifold"  # still non-manifold after repair (the 
 UV_ATLAS_FAILED = "uv_atlas_failed"
 MESH_TIMEOUT = "mesh_timeout"  # over `mesher.timeout_s` (checked between steps)
 MESHER_OUT_OF_MEMORY = "mesher_out_of_memory"  # out of memory even for this object alone
+POST_PROCESS_CRASHED = "mesh_post_process_crashed"  # its post-processing process died
 # Drops that say nothing about the sample: the next run tries it again (they are never cached).
-TRANSIENT = (MESH_TIMEOUT, MESHER_OUT_OF_MEMORY)
+TRANSIENT = (MESH_TIMEOUT, MESHER_OUT_OF_MEMORY, POST_PROCESS_CRASHED)
 
 # What the mesher gave one object: its raw surface, None (no surface) or a drop reason.
 Raw = trimesh.Trimesh | None | str
@@ -134,16 +142,26 @@ def _unwrap(mesh: trimesh.Trimesh, settings: BuildSettings) -> tuple[trimesh.Tri
     return unwrapped, charts
 
 
-def _finish(
-    sample: Sample,
-    raw: Raw,
-    view: tuple[np.ndarray, np.ndarray],
-    generation_s: float,
-    settings: BuildSettings,
-    texturer: Texturer,
-    ctx: StageContext,
-) -> Outcome:
-    """The kept sample with its stored textured GLB, or (reason, metric, detail) of its drop."""
+@dataclass(frozen=True)
+class Finished:
+    """One object's post-processed asset: what the stage stores and records (picklable, so it
+    comes back from a post-processing process)."""
+
+    glb: bytes
+    pose: np.ndarray  # (4, 4) fitted front camera, camera-to-world
+    intrinsics: np.ndarray  # (3, 3)
+    faces: int
+    charts: int
+    iou: float
+    seen: float
+    seconds: float
+
+
+def _post_process(
+    raw: Raw, view: tuple[np.ndarray, np.ndarray], generation_s: float, settings: BuildSettings
+) -> Finished | tuple[str, float, str]:
+    """One object's reduced, unwrapped and textured GLB, or (reason, metric, detail) of its drop.
+    Pure CPU work on picklable inputs: it runs on the stage's thread or in a post-processing process."""
     start = time.monotonic()
     budget = settings.mesher.timeout_s
 
@@ -161,41 +179,80 @@ def _finish(
         return MESH_TIMEOUT, elapsed(), "after the UV atlas"
     mesh, charts = unwrapped
     image, mask = view
+    texturer: Texturer = load_texturer(settings)
     done = texturer.texture(mesh, image, mask, settings.mesher.uv_atlas_size, settings.texturer)
     if elapsed() > budget:
         return MESH_TIMEOUT, elapsed(), "after texturing"
+    return Finished(
+        mesh_to_glb(done.mesh),
+        done.pose,
+        done.intrinsics,
+        len(mesh.faces),
+        charts,
+        done.iou,
+        done.seen,
+        elapsed(),
+    )
+
+
+def _keep(sample: Sample, done: Finished | tuple[str, float, str], ctx: StageContext) -> Outcome:
+    """The kept sample with its stored GLB, or the drop as it came."""
+    if not isinstance(done, Finished):
+        return done
     out = sample.replace(
         front_pose=[float(v) for v in done.pose.ravel()],
         front_intrinsics=[float(v) for v in done.intrinsics.ravel()],
     )
-    out.artifacts[MESH] = ctx.store.put_content("mesh", mesh_to_glb(done.mesh), ".glb")
+    out.artifacts[MESH] = ctx.store.put_content("mesh", done.glb, ".glb")
     ctx.log.info(
-        "mesh: %s took %.2f s (%d faces, %d charts)", sample.sample_id, elapsed(), len(mesh.faces), charts
+        "mesh: %s took %.2f s (%d faces, %d charts)", sample.sample_id, done.seconds, done.faces, done.charts
     )
     out.metrics.update(
-        mesh_faces=float(len(mesh.faces)),
-        mesh_uv_charts=float(charts),
+        mesh_faces=float(done.faces),
+        mesh_uv_charts=float(done.charts),
         mesh_front_iou=done.iou,
         mesh_texture_seen=done.seen,
     )
     return out
 
 
+# This worker process's post-processing processes (`mesher.post_processes`), shared by its mesh tasks.
+_POST_PROCESSES = SharedProcessPool(initializer=own_temp_directory)
+
+
+def _post_process_outcome(call: Call) -> Finished | tuple[str, float, str]:
+    try:
+        return call.result()
+    except Crashed as err:
+        return POST_PROCESS_CRASHED, 0.0, str(err)
+
+
 def mesh(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> StageResult:
     result = StageResult()
     if not samples:
         return result
-    mesher, texturer = load_mesher(settings), load_texturer(settings)
+    mesher = load_mesher(settings)
+    processes = settings.mesher.post_processes
 
-    def infer(chunk, views) -> tuple[list[Raw], float]:
+    def infer(chunk, views) -> tuple[list[Raw], float] | list[Call]:
         start = time.monotonic()
         raws = _generate(mesher, [_cutout(*v) for v in views], chunk, settings, ctx.seed)
-        return raws, (time.monotonic() - start) / len(chunk)
+        share = (time.monotonic() - start) / len(chunk)
+        if not processes:
+            return raws, share
+        # Started now, not in `finish`: the post-processing of every chunk in flight shares the pool.
+        return [
+            _POST_PROCESSES.submit(processes, _post_process, raw, view, share, settings)
+            for raw, view in zip(raws, views, strict=True)
+        ]
 
-    def finish(chunk, views, generated) -> list[Outcome]:
-        raws, share = generated
-        jobs = zip(chunk, raws, views, strict=True)
-        return [_finish(s, raw, view, share, settings, texturer, ctx) for s, raw, view in jobs]
+    def finish(chunk, views, made) -> list[Outcome]:
+        if processes:
+            done = [_post_process_outcome(call) for call in made]
+        else:
+            raws, share = made
+            done = [_post_process(r, v, share, settings) for r, v in zip(raws, views, strict=True)]
+        return [_keep(sample, d, ctx) for sample, d in zip(chunk, done, strict=True)]
 
     for chunk, outcomes in pipelined(
         list(batched(samples, settings.mesher.batch_size)),

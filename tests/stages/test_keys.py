@@ -92,9 +92,11 @@ def test_pose_is_keyed_on_the_device_only_where_it_runs_there():
     assert {"runtime.device", "runtime.dtype"} <= set(key_refs(fp, "pose"))
 
 
-def test_mesher_timeout_is_not_in_the_keys():
+def test_mesher_timeout_and_post_processes_are_not_in_the_keys():
     base = BuildSettings(until="mesh")
     assert _keys(override(base, **{"mesher.timeout_s": 1.0})) == _keys(base)
+    assert _keys(override(base, **{"mesher.post_processes": 8})) == _keys(base)
+    assert _keys(override(base, **{"mesher.batch_size": 2})) != _keys(base)  # the check can fail
 
 
 def test_batch_keys_change_with_the_code_fingerprint(monkeypatch):

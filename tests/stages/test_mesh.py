@@ -1,4 +1,6 @@
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from refany3d.stages.mesh import (
     MESH_NOT_MANIFOLD,
     MESH_TIMEOUT,
     MESHER_OUT_OF_MEMORY,
+    POST_PROCESS_CRASHED,
     UV_ATLAS_FAILED,
     mesh,
 )
@@ -208,3 +211,42 @@ def test_mesh_timeout_with_nothing_made_splits_down_to_single_objects(monkeypatc
     assert all(
         r.transient for r in mesh(views, override(settings, **{"mesher.timeout_s": 1e-4}), ctx).dropped
     )
+
+
+def test_mesh_post_processes_give_the_same_assets(meshed, segmented):
+    views, ctx, settings = segmented
+    in_pool = mesh(views, override(settings, **{"mesher.post_processes": 2}), ctx)
+    assert not in_pool.dropped and len(in_pool.kept) == len(meshed.kept)
+    for first, second in zip(meshed.kept, in_pool.kept, strict=True):
+        assert second.artifacts[MESH] == first.artifacts[MESH]  # content-addressed: the same GLB bytes
+        assert second.front_pose == first.front_pose and second.metrics == first.metrics
+
+
+class _DiesWhenUnpickled:
+    """A "mesh" that ends the process that unpickles it: a post-processing process crashing."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (3,)
+
+
+def test_mesh_dead_post_process_drops_mesh_post_process_crashed_and_the_next_chunk_runs(
+    monkeypatch, segmented
+):
+    views, ctx, settings = segmented
+    made = iter([_DiesWhenUnpickled(), trimesh.creation.icosphere(subdivisions=3)])
+    _with_mesher(monkeypatch, _Stub(lambda: next(made)))
+    result = mesh(views, override(settings, **{"mesher.post_processes": 1, "mesher.batch_size": 1}), ctx)
+    assert _reasons(result) == ["mesh_post_process_crashed"] and len(result.kept) == 1
+    assert (
+        POST_PROCESS_CRASHED == "mesh_post_process_crashed" and POST_PROCESS_CRASHED in mesh_module.TRANSIENT
+    )
+    assert result.dropped[0].transient
+
+
+def test_post_processing_processes_have_temp_directories_of_their_own():
+    # hy3dgen's leaked PLYs are removed by name from the temp directory: shared between processes,
+    # one process's clean-up would remove the files another is still using.
+    own = mesh_module._POST_PROCESSES.submit(1, tempfile.gettempdir).result()
+    assert own != tempfile.gettempdir() and Path(own).parent == Path(tempfile.gettempdir())
