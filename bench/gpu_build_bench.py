@@ -76,7 +76,8 @@ REPLACED = {
     "depth": "Depth Pro runs on the views; its depth and focal length are replaced by the truth depth's",
     "mesh": "Hunyuan3D-2 runs on the cut-outs (geometry decoder output = a torus's occupancy, so "
     "FlashVDM and marching cubes see a real surface band); its meshes are replaced by the truth "
-    "mesher's (clean-up, reduction, UV atlas and texturing then run on those)",
+    "mesher's, made once per object in the first warm-up and subdivided to about the faces "
+    "Hunyuan3D made (clean-up, reduction, UV atlas and texturing then run on those)",
     "verify": "LPIPS (random AlexNet + the wheel's v0.1 heads) runs and its score is recorded; "
     "verify.max_lpips is lifted to 1e6 so that random scores drop nothing",
 }
@@ -110,6 +111,33 @@ class TruthAfter:
         return wrapper
 
 
+class MeshTruthAfter(TruthAfter):
+    """The mesher's `TruthAfter`. Hunyuan3D runs in full; each object's truth answer is made once,
+    on its first call (the first warm-up), and kept: the truth mesher re-meshes the true shape on
+    the CPU (a signed distance and marching cubes), work that is no part of a real build. The
+    answer is then subdivided (the same surface) to about the faces of the surface Hunyuan3D made
+    in the same call, so clean-up and reduction get a real build's work."""
+
+    def __init__(self, network, truth) -> None:
+        super().__init__(network, truth)
+        self.made: dict[tuple, Any] = {}
+
+    def __call__(self, images, samples, options, seed, deadline):
+        generated = self.network(images, samples, options, seed, deadline)
+        self.calls += 1
+        out = []
+        for image, sample, surface in zip(images, samples, generated, strict=True):
+            faces = len(surface.faces) if surface is not None else 0
+            key = (sample.sample_id, seed, faces)
+            if key not in self.made:
+                truth = self.truth([image], [sample], options, seed, deadline)[0]
+                while truth is not None and abs(4 * len(truth.faces) - faces) < abs(len(truth.faces) - faces):
+                    truth = truth.subdivide()  # each face into four: nearer Hunyuan3D's count
+                self.made[key] = truth
+            out.append(None if self.made[key] is None else self.made[key].copy())
+        return out
+
+
 def install_replacements(settings) -> dict[str, TruthAfter]:
     """Load the build's backends (cached per process) and wrap each network role's call."""
     from refany3d.models.depth import load_depth
@@ -132,7 +160,7 @@ def install_replacements(settings) -> dict[str, TruthAfter]:
 
         mesher = load_mesher(settings)
         _install_shape_field(mesher)
-        out["mesh"] = TruthAfter.install(mesher, "generate", TruthMesher())
+        out["mesh"] = MeshTruthAfter.install(mesher, "generate", TruthMesher())
     return out
 
 
@@ -283,12 +311,37 @@ class Sampler:
         return out
 
 
+def _spawned_children() -> list[Path]:
+    """/proc entries of this process's multiprocessing children (the mesh stage's post-processing
+    processes), not the Prefect server's."""
+    me, out = str(os.getpid()), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if ppid == me and b"multiprocessing" in (entry / "cmdline").read_bytes():
+                out.append(entry)
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+    return out
+
+
 def _read_rss_gib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
+    """This process's and its post-processing processes' resident memory."""
+    total = 0
+    for entry in [Path("/proc/self"), *_spawned_children()]:
+        with contextlib.suppress(OSError), open(entry / "status") as fh:
+            total += next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+    return total / 2**20
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its post-processing processes so far."""
+    total = time.process_time()
+    for entry in _spawned_children():
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _timeline(rows: list[tuple], t0: float, t1: float, bins: int = 60) -> list[float]:
@@ -419,13 +472,13 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
             parents = plan_inputs(stage, settings.until)
             inputs = batch if stage == "source" else merge_samples([results[p] for p in parents])
             sharded += len(inputs) if stage == "shard" else 0
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), _cpu_s()
             results[stage] = stage_function(stage)(inputs, settings, ctx)
             _sync()
             t1 = time.perf_counter()
             row = per[stage]
             row["wall_s"] += t1 - t0
-            row["cpu_s"] += time.process_time() - c0
+            row["cpu_s"] += _cpu_s() - c0
             row["gpu_busy_s"] += sampler.busy_s(t0, t1) or 0.0
             row["kept"] += len(results[stage].kept)
             row["dropped"] += len(results[stage].dropped)
@@ -784,7 +837,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "replaced": {s: v for s, v in REPLACED.items() if s in stages or (s == "mesh" and "mesh" not in stages)},
         "source": source_note, "source_s": round(source_s, 1), "weights_build_s": round(time.perf_counter() - t, 1),
         "units": "wall_s: whole run; samples: views sharded; stages.*.wall_s: summed stage (plain) or task-run "
-        "(prefect, overlapping) seconds; cpu_s: process CPU seconds during the stage (plain only); "
+        "(prefect, overlapping) seconds; cpu_s: CPU seconds of the process and its post-processing processes during the stage (plain only); "
         "gpu_busy_s: NVML utilisation x seconds over each stage's intervals; gpu_busy_fraction: mean "
         "utilisation over the run (steady: without its first fifth); host_rss_peak_gib: this process "
         "(the Prefect server is another)",

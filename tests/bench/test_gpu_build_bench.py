@@ -8,9 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trimesh
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +51,56 @@ def test_truth_after_runs_the_network_then_returns_the_truth_on_that_instance_on
     assert bench.TruthAfter.install(net, "detect", _Truth()) is wrapper  # installed once
     assert net.name == "net+truth" and other.name == "net"
     assert other.detect([2], "car") == "network answer"
+
+
+class _Mesher:
+    name = "hunyuan3d"
+
+    def __init__(self, faces: int) -> None:
+        self.faces, self.calls = faces, 0
+
+    def generate(self, images, samples, options, seed, deadline):
+        self.calls += 1
+        return [trimesh.creation.box().subdivide_to_size(0.05) if self.faces else None for _ in samples]
+
+
+class _TruthMesher:
+    def __init__(self) -> None:
+        self.made = 0
+
+    def generate(self, images, samples, options, seed, deadline):
+        self.made += len(samples)
+        return [trimesh.creation.icosphere(subdivisions=1) for _ in samples]  # 80 faces
+
+
+def test_mesh_truth_after_makes_each_truth_once_at_about_the_networks_face_count(bench):
+    network, truth = _Mesher(faces=1), _TruthMesher()
+    made_by_network = len(network.generate([None], [None], None, 0, 0.0)[0].faces)
+    wrapper = bench.MeshTruthAfter.install(network, "generate", truth)
+    samples = [SimpleNamespace(sample_id="a"), SimpleNamespace(sample_id="b")]
+    first = network.generate([None, None], samples, None, 0, 0.0)
+    again = network.generate([None, None], samples, None, 0, 0.0)
+    assert network.calls == 3 and wrapper.calls == 2 and truth.made == 2  # the truth made once per object
+    faces = len(first[0].faces)
+    assert 0.4 * made_by_network <= faces < 1.6 * made_by_network and faces % 80 == 0  # the nearest x4 step
+    assert [len(m.faces) for m in again] == [faces, faces] and again[0] is not first[0]
+
+
+def test_cpu_seconds_count_the_post_processing_processes(bench):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(sum, range(1)).result()  # started
+        before_self, before = time.process_time(), bench._cpu_s()
+        pool.submit(_busy, 1.0).result()
+        assert bench._cpu_s() - before > 0.8 + (time.process_time() - before_self)
+
+
+def _busy(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
 
 
 def test_runnable_until_keeps_the_depth_branch_without_the_mesh_stage(bench):
