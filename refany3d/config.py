@@ -209,8 +209,9 @@ class MesherSettings(_Section):
     )
     coarse_factor: float = _opt(
         2.0,
-        "reduction: meshoptimizer pre-pass down to this many times target_faces, then hy3dgen's "
-        "FaceReducer (0 = FaceReducer alone, ~9 s from a 300k-face surface; bench/results/mesh.md)",
+        "reduction: meshoptimizer pre-pass down to this many times target_faces (where that is not "
+        "manifold, 2x and 4x as many), then hy3dgen's FaceReducer (0 = FaceReducer alone, ~9 s "
+        "from a 300k-face surface; bench/results/mesh.md)",
         ge=0.0,
     )
     uv_atlas_size: int = _opt(1024, "texture atlas side in px", ge=64)

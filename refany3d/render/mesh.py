@@ -101,6 +101,11 @@ def own_temp_directory() -> None:
     tempfile.tempdir = own  # this process's own setting, for the PLYs hy3dgen writes
 
 
+# Multiples of the coarse count tried in turn until the result is manifold (bench/results/mesh.md:
+# from ~500k faces, 4 of 6 synthetic surfaces were not at 2x target, and FaceReducer alone took 7-13 s).
+COARSE_STEPS = (1, 2, 4)
+
+
 def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: float = 0.0) -> trimesh.Trimesh:
     """Hunyuan3D's clean-up of a generated surface: hy3dgen's `FloaterRemover` (parts under 0.5 %
     of the faces), `DegenerateFaceRemover`, then `FaceReducer` (pymeshlab quadric edge collapse) to
@@ -110,8 +115,10 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
     `coarse_factor` > 1: a surface with more than `coarse_factor * target_faces` faces is first
     brought down to about that many by meshoptimizer (`reduce_with_coarse_pass`); pymeshlab's
     one-threaded edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw
-    surface, and then does only the last few-fold. Where that result is not manifold after repair (meshoptimizer
-    joined sheets of a thin part), `FaceReducer` alone reduces the surface."""
+    surface, and then does only the last few-fold. Where that result is not manifold after repair
+    (meshoptimizer joined sheets of a thin part), the pre-pass runs again to `COARSE_STEPS` times as
+    many faces (a gentler collapse; 0.7 and 1.5 s from 500k faces), and only where none of them is
+    manifold does `FaceReducer` alone reduce the surface."""
     from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FloaterRemover
 
     pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
@@ -125,8 +132,10 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
             vertices, faces = cleaned.vertex_matrix(), cleaned.face_matrix()
             if len(faces) == 0:  # nothing left: the caller's mesh_empty
                 return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
-            coarse_faces = int(coarse_factor * target_faces)
-            if coarse_factor > 1 and len(faces) > coarse_faces:
+            for step in COARSE_STEPS if coarse_factor > 1 else ():
+                coarse_faces = int(step * coarse_factor * target_faces)
+                if len(faces) <= coarse_faces:
+                    break
                 reduced = repair_mesh(reduce_with_coarse_pass(vertices, faces, coarse_faces, target_faces))
                 if is_manifold(reduced):
                     return reduced

@@ -183,14 +183,44 @@ def test_coarse_reduced_pulls_apart_sheets_meshoptimizer_joins(tmp_path):
     assert 0.95 * 10000 <= len(reduced.faces) <= 10000 and is_manifold(repair_mesh(reduced))
 
 
-def test_clean_and_reduce_falls_back_to_face_reducer_where_the_coarse_pass_breaks_topology(tmp_path):
-    # the third synthetic object at grid 48 (27k faces) has thin parts meshoptimizer fuses beyond
-    # what the split repairs at 6k faces: FaceReducer alone must give the manifold result
-    from refany3d.render.mesh import clean_and_reduce, is_manifold, reduce_with_coarse_pass
+def _coarse_counts(monkeypatch) -> list[int]:
+    """The coarse face counts `clean_and_reduce` tries, in order (the pre-pass spied on)."""
+    from refany3d.render import mesh as render_mesh
+
+    tried, real = [], render_mesh.reduce_with_coarse_pass
+
+    def spy(vertices, faces, coarse_faces, target_faces):
+        tried.append(coarse_faces)
+        return real(vertices, faces, coarse_faces, target_faces)
+
+    monkeypatch.setattr(render_mesh, "reduce_with_coarse_pass", spy)
+    return tried
+
+
+def test_clean_and_reduce_retries_gentler_coarse_passes_where_one_breaks_topology(tmp_path, monkeypatch):
+    # the fifth synthetic object at grid 48 (27k faces) has thin parts meshoptimizer fuses at 4k and
+    # 8k faces beyond what the split repairs; at 16k it does not
+    from refany3d.render.mesh import clean_and_reduce, is_manifold
 
     raw = _synthetic_surface(tmp_path, 4, 48)
+    tried = _coarse_counts(monkeypatch)
+    reduced = clean_and_reduce(raw, 2000, coarse_factor=2.0)
+    assert tried == [4000, 8000, 16000]
+    assert 0.95 * 2000 <= len(reduced.faces) <= 2000 and is_manifold(repair_mesh(reduced))
+
+
+def test_clean_and_reduce_falls_back_to_face_reducer_where_every_coarse_pass_breaks_topology(
+    tmp_path, monkeypatch
+):
+    # the sixth synthetic object at grid 48 (17k faces): not manifold at 6k and 12k faces, and 24k
+    # is more than it has, so FaceReducer alone must give the manifold result
+    from refany3d.render.mesh import clean_and_reduce, is_manifold, reduce_with_coarse_pass
+
+    raw = _synthetic_surface(tmp_path, 5, 48)
     assert not is_manifold(repair_mesh(reduce_with_coarse_pass(raw.vertices, raw.faces, 6000, 3000)))
+    tried = _coarse_counts(monkeypatch)
     reduced = clean_and_reduce(raw, 3000, coarse_factor=2.0)
+    assert tried == [6000, 12000]
     assert 0.95 * 3000 <= len(reduced.faces) <= 3000 and is_manifold(repair_mesh(reduced))
 
 
