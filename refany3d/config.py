@@ -368,7 +368,9 @@ class RuntimeSettings(_Section):
         "size where missing (an existing one keeps its size)",
         ge=1,
     )
-    workers: int = _opt(2, "processes for CPU-heavy stages", ge=1)
+    workers: int = _opt(
+        2, "stage tasks at once: threads of the thread runner, worker processes of a local dask cluster", ge=1
+    )
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
     dask_address: str = _opt("", "dask scheduler address; empty = local cluster")
 

@@ -21,12 +21,17 @@ pytestmark = pytest.mark.slow
 LIMIT = 8  # source rows (the issue's `--limit 8`): up to 16 views, one batch per row
 
 
-def _build(out: Path, synthetic: str) -> list[str]:
+def _build(out: Path, synthetic: str, *extra: str) -> list[str]:
     return [str(BIN / "refany3d"), "build", "--data-files", synthetic, "--source", "synthetic",
             "--limit", str(LIMIT), "--out", str(out), "--set", "runtime.batch_size=1",
             "--set", "render.resolution=128", "--set", "mesher.target_faces=2000",
             "--set", "pose.view_directions=42",  # the DAG's plumbing; accuracy: tests/models/pose
-            "--name", "full-dag-test"]  # fmt: skip
+            "--name", "full-dag-test", *extra]  # fmt: skip
+
+
+# The killed build and its rerun post-process meshes in processes (the reference does not): the
+# output must not depend on it, and the processes die with the build.
+POST_PROCESSES = ("--set", "mesher.post_processes=2")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def test_build_whole_dag_to_loadable_shards_and_resume_after_kill(prefect_server
 
     out = tmp_path / "out"
     results = out / ".prefect-results"
-    victim = subprocess.Popen(_build(out, synthetic_rows), env=env, start_new_session=True,
+    victim = subprocess.Popen(_build(out, synthetic_rows, *POST_PROCESSES), env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 600
     while victim.poll() is None and time.monotonic() < deadline:
@@ -61,6 +66,8 @@ def test_build_whole_dag_to_loadable_shards_and_resume_after_kill(prefect_server
             break
         time.sleep(0.05)
     assert victim.wait(30) == -signal.SIGKILL, "the build finished before it could be killed"
-    rerun = subprocess.run(_build(out, synthetic_rows), env=env, capture_output=True, text=True)
+    rerun = subprocess.run(
+        _build(out, synthetic_rows, *POST_PROCESSES), env=env, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
