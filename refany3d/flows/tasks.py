@@ -77,6 +77,11 @@ def run_stage(
     limit_malloc_arenas()  # in a Dask worker process, too
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
     ctx = StageContext(store=store, seed=settings.source.seed, key=key)
+    whole_stage = contextlib.nullcontext()
+    if STAGES[stage].device_turns:  # the stage holds the slot over its forward passes only
+        ctx.device = lambda: _gpu_slot(stage, settings)
+    else:
+        whole_stage = _gpu_slot(stage, settings)
     if isinstance(inputs, SourceBatch):
         samples_in: Any = inputs
         size = inputs.stop - inputs.start
@@ -87,7 +92,7 @@ def run_stage(
         partial = any(r.transient for r in inputs)
     logger.info("%s: %d %s of batch %s", stage, size, "rows" if stage == "source" else "samples", batch_id)
     start = time.perf_counter()
-    with _gpu_slot(stage, settings):
+    with whole_stage:
         result = run_with_policy(stage, samples_in, settings, ctx)
     if stage == "shard":
         dropped = [r for earlier in inputs for r in earlier.dropped] + result.dropped

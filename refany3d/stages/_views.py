@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import numpy as np
@@ -88,25 +90,33 @@ def pipelined(
     load: Callable[[Sequence[T]], L],
     infer: Callable[[Sequence[T], L], Out],
     finish: Callable[[Sequence[T], L, Out], R],
+    device: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> Iterator[tuple[Sequence[T], R]]:
     """(chunk, finish(chunk, loaded, infer(chunk, loaded))) for each chunk, in order, where
     loaded = load(chunk).
 
-    `infer` (the forward pass) runs on the calling thread, one chunk at a time; the next chunk's
-    `load` (decode, read) and the previous chunks' `finish` (checks, encode, write) run on a worker
-    thread meanwhile, so a stage's host work hides behind the GPU instead of adding to it.
+    `infer` (the forward pass) runs on the calling thread, one chunk at a time, inside one
+    `device()` context (the stage's GPU slot, `StageContext.device`) that is left after the last
+    forward pass: the chunks' remaining `finish` work then holds no slot, and another batch's GPU
+    stage can run meanwhile. The next chunk's `load` (decode, read) runs on a thread of its own and
+    the chunks' `finish` (checks, encode, write) on two others, so a stage's host work hides behind
+    the GPU instead of adding to it, and a slow `finish` never delays the next forward pass.
     """
     if not chunks:
         return
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io") as pool:
-        upcoming: Future = pool.submit(load, chunks[0])
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-load") as loads,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-finish") as finishes,
+    ):
+        upcoming: Future = loads.submit(load, chunks[0])
         finishing: list[Future] = []
-        for index, chunk in enumerate(chunks):
-            loaded = upcoming.result()
-            if index + 1 < len(chunks):
-                upcoming = pool.submit(load, chunks[index + 1])
-            outputs = infer(chunk, loaded)
-            finishing.append(pool.submit(finish, chunk, loaded, outputs))
+        with device():
+            for index, chunk in enumerate(chunks):
+                loaded = upcoming.result()
+                if index + 1 < len(chunks):
+                    upcoming = loads.submit(load, chunks[index + 1])
+                outputs = infer(chunk, loaded)
+                finishing.append(finishes.submit(finish, chunk, loaded, outputs))
         for chunk, done in zip(chunks, finishing, strict=True):
             yield chunk, done.result()
 

@@ -67,6 +67,7 @@ def depth(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> 
         lambda chunk: read_views(ctx.store, chunk),
         lambda chunk, images: estimator.estimate(images, chunk, opts, ctx.seed),
         finish,
+        device=ctx.device,
     ):
         record(result, STAGE, estimator.name, chunk, outcomes)
     return result

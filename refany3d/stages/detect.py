@@ -76,6 +76,7 @@ def detect(samples: list[Sample], settings: BuildSettings, ctx: StageContext) ->
             _outcome(s, im.size, det, opts.box_threshold)
             for s, im, det in zip(chunk, images, detections, strict=True)
         ],
+        device=ctx.device,
     ):
         record(result, STAGE, detector.name, chunk, outcomes)
     return result

@@ -259,6 +259,7 @@ def mesh(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> S
         lambda chunk: parallel_map(lambda s: _read(ctx.store, s), chunk),
         infer,
         finish,
+        device=ctx.device,
     ):
         record(result, STAGE, mesher.name, chunk, outcomes, transient=TRANSIENT)
     return result

@@ -77,6 +77,7 @@ def segment(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -
         lambda chunk, images, masks: parallel_map(
             lambda pair: _finish(*pair, opts, ctx), list(zip(chunk, masks, strict=True))
         ),
+        device=ctx.device,
     ):
         record(result, STAGE, segmenter.name, chunk, outcomes)
     return result

@@ -39,3 +39,40 @@ def test_build_dataset_until_mesh_writes_textured_meshes(tmp_path, synthetic_sou
     for row in rows:
         mesh = trimesh.load(io.BytesIO(row["mesh_glb"]), file_type="glb", force="mesh")
         assert mesh.visual.kind == "texture" and 0 < len(mesh.faces) <= 3000
+
+
+def test_the_mesh_task_gives_the_gpu_slot_back_before_its_last_objects_are_finished(
+    tmp_path, synthetic_source, monkeypatch
+):
+    # the slot is for the forward passes: held over the post-processing of the last chunk, it would
+    # keep every other batch's GPU stage (and so the GPU) waiting on CPU work
+    import contextlib
+    import time
+
+    from refany3d.flows import tasks
+    from refany3d.stages import mesh as mesh_stage
+
+    slots, kept = [], []
+
+    @contextlib.contextmanager
+    def slot(stage, settings):
+        taken = time.monotonic()
+        yield
+        slots.append((stage, taken, time.monotonic()))
+
+    def keep(sample, done, ctx):
+        kept.append(time.monotonic())
+        return real_keep(sample, done, ctx)
+
+    real_keep = mesh_stage._keep
+    monkeypatch.setattr(tasks, "_gpu_slot", slot)
+    monkeypatch.setattr(mesh_stage, "_keep", keep)
+    settings = override(
+        BuildSettings(),
+        **{"source.kind": "synthetic", "source.data_files": synthetic_source, "storage.out": str(tmp_path),
+           "until": "mesh", "source.limit": 1, "mesher.batch_size": 1, "mesher.target_faces": 3000,
+           "mesher.uv_atlas_size": 256, "mesher.truth_resolution": 48, "texturer.fit_resolution": 128},
+    )  # fmt: skip
+    assert build_dataset(settings)["stats"]["mesh"]["kept"] == len(kept) == 2
+    (mesh_slot,) = [s for s in slots if s[0] == "mesh"]
+    assert mesh_slot[2] < max(kept)  # given back while the last object was still being finished

@@ -1,3 +1,4 @@
+import contextlib
 import threading
 
 import pytest
@@ -35,6 +36,48 @@ def test_pipelined_loads_next_chunk_while_inferring():
         return loaded
 
     assert [r for _, r in pipelined([[0], [1]], load, infer, lambda c, loaded, out: out)] == [[0], [1]]
+
+
+def test_pipelined_holds_the_device_over_the_forward_passes_and_not_the_last_finish():
+    events, released = [], threading.Event()
+
+    @contextlib.contextmanager
+    def device():
+        events.append("take")
+        yield
+        events.append("give back")
+        released.set()
+
+    def finish(chunk, loaded, out):
+        if chunk == [2]:  # the last chunk's host work outlasts the forward passes
+            assert released.wait(timeout=10), "the device was still held during the last finish"
+        return out
+
+    def infer(chunk, loaded):
+        events.append(f"infer {chunk[0]}")
+        return loaded
+
+    out = [r for _, r in pipelined([[0], [1], [2]], lambda c: c, infer, finish, device=device)]
+    assert out == [[0], [1], [2]]
+    assert events == ["take", "infer 0", "infer 1", "infer 2", "give back"]
+
+
+def test_pipelined_forward_passes_never_wait_behind_slow_finishes():
+    # every finish waits until all forward passes ran: a finish that took the next chunk's load
+    # thread would stall the forward passes (and time out)
+    inferred = threading.Event()
+
+    def infer(chunk, loaded):
+        if chunk == [3]:
+            inferred.set()
+        return loaded
+
+    def finish(chunk, loaded, out):
+        assert inferred.wait(timeout=10), "a forward pass waited behind the finishes"
+        return out
+
+    chunks = [[0], [1], [2], [3]]
+    assert [r for _, r in pipelined(chunks, lambda c: c, infer, finish)] == chunks
 
 
 def test_pipelined_raises_the_failure_of_a_worker():
