@@ -443,7 +443,12 @@ def build_settings(args, weights: dict[str, str], source: str, path: str, out: s
     if args.tiny:
         dotted.update({"mesher.octree_resolution": 32, "mesher.target_faces": 2000,
                        "mesher.uv_atlas_size": 256, "render.resolution": 64, "render.views": 2})  # fmt: skip
-    return override(BuildSettings(), **dotted)
+    settings = override(BuildSettings(), **dotted)
+    if args.device.startswith("cuda"):  # what `build-dataset/gpu` runs with: the deployed profile
+        from refany3d.flows.deployments import gpu_profile
+
+        settings = gpu_profile(settings)
+    return settings
 
 
 # --------------------------------------------------------------------------- runs

@@ -103,6 +103,20 @@ def _busy(seconds: float) -> None:
         pass
 
 
+def test_cuda_settings_are_the_gpu_pools_profile_where_the_bench_sets_nothing(bench):
+    from refany3d.flows.deployments import GPU_PROFILE
+
+    weights = dict.fromkeys(["gdino", "sam", "depth", "hunyuan3d", "lpips"], "/w")
+    args = SimpleNamespace(device="cuda", dtype="float16", batch_rows=2, tiny=False)
+    cuda = bench.build_settings(args, weights, "/src/*.parquet", "fast", "/out", "shard", 16)
+    assert cuda.mesher.compile is True and cuda.detector.batch_size == GPU_PROFILE["detector.batch_size"]
+    assert cuda.mesher.dit == "turbo" and cuda.runtime.workers == 16  # the bench's own settings stay
+    cpu = bench.build_settings(
+        SimpleNamespace(**{**vars(args), "device": "cpu"}), weights, "/s", "fast", "/o", "shard", 2
+    )
+    assert cpu.mesher.compile is False
+
+
 def test_runnable_until_keeps_the_depth_branch_without_the_mesh_stage(bench):
     assert bench.runnable_until("shard", {}) == "render"
     assert bench.runnable_until("shard", {"mesh": ["pymeshlab"], "render": ["open3d"]}) == "depth"
