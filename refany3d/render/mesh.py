@@ -57,11 +57,14 @@ def normalize_mesh(mesh: trimesh.Trimesh) -> tuple[trimesh.Trimesh, np.ndarray]:
     return out, transform
 
 
-def repair_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """Geometry-only clean-up before unwrapping: merge coincident vertices, drop degenerate and
-    duplicate faces and unreferenced vertices, make winding consistent, fill small holes."""
+def repair_mesh(mesh: trimesh.Trimesh, merge: bool = True) -> trimesh.Trimesh:
+    """Geometry-only clean-up before unwrapping: merge coincident vertices (unless `merge` is
+    False: a surface whose pinches were split on purpose, `_split_pinches`, keeps them apart),
+    drop degenerate and duplicate faces and unreferenced vertices, make winding consistent, fill
+    small holes."""
     out = trimesh.Trimesh(mesh.vertices.copy(), mesh.faces.copy(), process=False)
-    out.merge_vertices(merge_tex=True, merge_norm=True)
+    if merge:
+        out.merge_vertices(merge_tex=True, merge_norm=True)
     out.update_faces(out.nondegenerate_faces() & out.unique_faces())
     out.remove_unreferenced_vertices()
     trimesh.repair.fix_winding(out)
@@ -101,8 +104,8 @@ def own_temp_directory() -> None:
     tempfile.tempdir = own  # this process's own setting, for the PLYs hy3dgen writes
 
 
-# Multiples of the coarse count tried in turn until the result is manifold (bench/results/mesh.md:
-# from ~500k faces, 4 of 6 synthetic surfaces were not at 2x target, and FaceReducer alone took 7-13 s).
+# Multiples of the coarse count tried in turn until the result is manifold (bench/results/mesh.md,
+# 2026-12-03: from ~500k faces, FaceReducer alone takes 7-13 s).
 COARSE_STEPS = (1, 2, 4)
 
 
@@ -115,10 +118,12 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
     `coarse_factor` > 1: a surface with more than `coarse_factor * target_faces` faces is first
     brought down to about that many by meshoptimizer (`reduce_with_coarse_pass`); pymeshlab's
     one-threaded edge collapse costs ~30 µs a collapse, ~9 s from the ~300k faces of a raw
-    surface, and then does only the last few-fold. Where that result is not manifold after repair
-    (meshoptimizer joined sheets of a thin part), the pre-pass runs again to `COARSE_STEPS` times as
-    many faces (a gentler collapse; 0.7 and 1.5 s from 500k faces), and only where none of them is
-    manifold does `FaceReducer` alone reduce the surface."""
+    surface, and then does only the last few-fold. Where the collapses joined sheets of a thin part,
+    their vertices are split apart again, before and after `FaceReducer` (`_split_pinches`; the
+    repair then merges no vertices). Where the result is still not manifold, the pre-pass runs
+    again to `COARSE_STEPS` times as many faces (a gentler collapse; 0.7 and 1.5 s from 500k
+    faces), and only where none of them is manifold does `FaceReducer` alone reduce the surface
+    (whose result is repaired and checked as it is: a raw surface that is not manifold drops)."""
     from hy3dgen.shapegen.postprocessors import DegenerateFaceRemover, FloaterRemover
 
     pattern = os.path.join(tempfile.gettempdir(), "tmp*.ply")
@@ -136,10 +141,12 @@ def clean_and_reduce(mesh: trimesh.Trimesh, target_faces: int, coarse_factor: fl
                 coarse_faces = int(step * coarse_factor * target_faces)
                 if len(faces) <= coarse_faces:
                     break
-                reduced = repair_mesh(reduce_with_coarse_pass(vertices, faces, coarse_faces, target_faces))
+                reduced = repair_mesh(
+                    reduce_with_coarse_pass(vertices, faces, coarse_faces, target_faces), merge=False
+                )
                 if is_manifold(reduced):
                     return reduced
-            return repair_mesh(_face_reduced(_meshset(vertices, faces), target_faces))
+            return repair_mesh(_as_trimesh(_face_reduced(_meshset(vertices, faces), target_faces)))
         finally:
             for leaked in set(glob.glob(pattern)) - before:
                 os.remove(leaked)
@@ -151,17 +158,29 @@ def reduce_with_coarse_pass(
     """meshoptimizer down to about `coarse_faces` (`coarse_reduce`), then hy3dgen's `FaceReducer`
     to at most `target_faces`. Usually manifold, not always: check."""
     meshes = _meshset(*coarse_reduce(vertices, faces, coarse_faces))
-    # where two nearby sheets were collapsed onto one edge, pull them apart again
+    _split_pinches(meshes)
+    reduced = _face_reduced(meshes, target_faces)
+    _split_pinches(reduced)  # FaceReducer's last collapses can pinch the split sheets again
+    return _as_trimesh(reduced)
+
+
+def _split_pinches(meshes) -> None:
+    """Where a collapse joined two nearby sheets (an edge of more than two faces, a vertex of two
+    fans), give each sheet its own copies of the vertices (pymeshlab's split repairs). The copies
+    coincide: a repair that merges coincident vertices would join the sheets again."""
     meshes.apply_filter("meshing_repair_non_manifold_edges", method="Split Vertices")
     meshes.apply_filter("meshing_repair_non_manifold_vertices")
-    return _face_reduced(meshes, target_faces)
 
 
-def _face_reduced(meshes, target_faces: int) -> trimesh.Trimesh:
-    """hy3dgen's `FaceReducer` on a pymeshlab MeshSet, as a trimesh."""
+def _face_reduced(meshes, target_faces: int):
+    """hy3dgen's `FaceReducer` on a pymeshlab MeshSet (the MeshSet it returns)."""
     from hy3dgen.shapegen.postprocessors import FaceReducer
 
-    current = FaceReducer()(meshes, max_facenum=int(target_faces)).current_mesh()
+    return FaceReducer()(meshes, max_facenum=int(target_faces))
+
+
+def _as_trimesh(meshes) -> trimesh.Trimesh:
+    current = meshes.current_mesh()
     return trimesh.Trimesh(current.vertex_matrix(), current.face_matrix(), process=False)
 
 
