@@ -845,7 +845,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "(prefect, overlapping) seconds; cpu_s: CPU seconds of the process and its post-processing processes during the stage (plain only); "
         "gpu_busy_s: NVML utilisation x seconds over each stage's intervals; gpu_busy_fraction: mean "
         "utilisation over the run (steady: without its first fifth); host_rss_peak_gib: this process "
-        "(the Prefect server is another)",
+        "and its post-processing processes (the Prefect server is another)",
         "paths": {},
     }  # fmt: skip
     if "mesh" not in stages:
