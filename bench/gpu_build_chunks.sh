@@ -59,5 +59,5 @@ cat <<EOF
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/.whl/*.whl /tmp/.gbw/*.whl && tar xf /tmp/.gbw/meshoptimizer.tar -C /tmp/site || exit;
     export PYTHONPATH=/tmp/site:\$PWD LD_LIBRARY_PATH=/tmp/sysroot/usr/lib/x86_64-linux-gnu:/tmp/sysroot/lib/x86_64-linux-gnu PATH=/tmp/site/bin:\$PATH PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYOPENGL_PLATFORM=egl;
     python3 -c "import open3d, pymeshlab, pyrender, xatlas, meshoptimizer, lpips; print('imports ok')" &&
-    timeout 500 python3 bench/gpu_build_bench.py --rows 12 --batch-rows 4 --paths fast --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log
+    timeout 420 python3 bench/gpu_build_bench.py --rows 12 --batch-rows 4 --paths fast --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log
 EOF
