@@ -1,5 +1,6 @@
 """The whole build DAG on one worker with every real backend: samples per hour, per-stage seconds,
-GPU busy over time (NVML, every 0.2 s), peak GPU and host memory; through Prefect and as a plain loop,
+GPU busy over time (NVML, every 0.2 s), peak GPU and host memory; through Prefect and as a plain loop
+on the flow's schedule,
 for the `fast` (turbo DiT + FlashVDM) and `standard` mesh paths.
 
 Backends, random weights saved in their published layouts and loaded by the build's own loaders:
@@ -454,9 +455,10 @@ def build_settings(args, weights: dict[str, str], source: str, path: str, out: s
 # --------------------------------------------------------------------------- runs
 
 
-def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
-    """The flow's stage calls over the same batches, one after another, without Prefect; each
-    stage timed on the wall clock, the process CPU clock and the GPU (NVML) over its interval."""
+def run_serial(settings, sampler: Sampler) -> dict[str, Any]:
+    """The flow's stage calls over the same batches, one after another, without Prefect: no overlap,
+    but each stage timed alone on the wall clock, the process CPU clock (with the post-processing
+    processes') and the GPU (NVML) over its interval. A diagnosis, not the worker's speed."""
     from refany3d.records import merge_samples
     from refany3d.stages.context import StageContext
     from refany3d.stages.dag import build_stages, plan_inputs, stage_function
@@ -487,8 +489,104 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
             row["gpu_busy_s"] += sampler.busy_s(t0, t1) or 0.0
             row["kept"] += len(results[stage].kept)
             row["dropped"] += len(results[stage].dropped)
-            write_rejects(settings.storage.out, f"plain-{batch.batch_id}-{stage}", results[stage].dropped)
+            write_rejects(settings.storage.out, f"serial-{batch.batch_id}-{stage}", results[stage].dropped)
         samples += len(results["split"].kept)
+    wall = time.perf_counter() - start
+    return {"samples": samples, "sharded": sharded, "wall_s": wall, "stages": _rounded(per, sampler)}
+
+
+def overlapped(batches: list, stages: list[str], until: str, window: int, workers: int, call):
+    """The flow's schedule (`flows/scheduler.py`) without Prefect: each (batch, stage) call runs on
+    one of `workers` threads once its parents have finished, `window` batches in flight, a serial
+    stage's calls one at a time. `call(stage, inputs)` gets the batch (source) or its parents'
+    results; yields `(batch index, stage, inputs, result, start, end)` as each call finishes."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from refany3d.stages.dag import STAGES, plan_inputs
+
+    parents = {s: list(plan_inputs(s, until)) for s in stages if s != "source"}
+    children = {s: [c for c, ps in parents.items() if s in ps] for s in stages}
+    results: dict[int, dict[str, Any]] = {}
+    pending: dict[Any, tuple[int, str, Any]] = {}
+    waiting: list[tuple[int, str, Any]] = []
+    todo = list(range(len(batches)))[::-1]
+
+    def timed(stage: str, inputs: Any) -> tuple[Any, float, float]:
+        t0 = time.perf_counter()
+        return call(stage, inputs), t0, time.perf_counter()
+
+    with ThreadPoolExecutor(workers) as pool:
+
+        def submit(i: int, stage: str, inputs: Any) -> None:
+            if STAGES[stage].serial and any(s == stage for _, s, _ in pending.values()):
+                waiting.append((i, stage, inputs))
+            else:
+                pending[pool.submit(timed, stage, inputs)] = (i, stage, inputs)
+
+        def start_next() -> None:
+            if todo:
+                i = todo.pop()
+                results[i] = {}
+                submit(i, "source", batches[i])
+
+        for _ in range(window):
+            start_next()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                i, stage, inputs = pending.pop(future)
+                result, t0, t1 = future.result()
+                yield i, stage, inputs, result, t0, t1
+                queued = next((w for w in waiting if w[1] == stage), None)
+                if queued is not None:
+                    waiting.remove(queued)
+                    submit(*queued)
+                if stage == stages[-1]:
+                    del results[i]
+                    start_next()
+                    continue
+                results[i][stage] = result
+                for child in children[stage]:
+                    if all(p in results[i] for p in parents[child]):
+                        submit(i, child, [results[i][p] for p in parents[child]])
+
+
+def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
+    """The flow's stage calls on its schedule (`overlapped`: `runtime.workers` threads,
+    `runtime.batches_in_flight` batches), without Prefect; per stage the summed call seconds (they
+    overlap, as Prefect's task runs do) and the GPU-busy seconds over each call."""
+    from refany3d.records import merge_samples
+    from refany3d.stages.context import StageContext
+    from refany3d.stages.dag import build_stages, stage_function
+    from refany3d.stages.read_source import plan_source
+    from refany3d.storage.shards import write_rejects
+    from refany3d.storage.store import ArtifactStore, join
+
+    ctx = StageContext(
+        store=ArtifactStore(join(settings.storage.out, "artifacts")), seed=settings.source.seed
+    )
+    stages = build_stages(settings.until)
+    batches = list(plan_source(settings))
+
+    def call(stage: str, inputs: Any) -> Any:
+        return stage_function(stage)(inputs if stage == "source" else merge_samples(inputs), settings, ctx)
+
+    per = {s: {"wall_s": 0.0, "gpu_busy_s": 0.0, "kept": 0, "dropped": 0, "tasks": 0} for s in stages}
+    samples = sharded = 0
+    start = time.perf_counter()
+    runtime = settings.runtime
+    for i, stage, inputs, result, t0, t1 in overlapped(
+        batches, stages, settings.until, runtime.batches_in_flight, runtime.workers, call
+    ):
+        row = per[stage]
+        row["wall_s"] += t1 - t0
+        row["gpu_busy_s"] += sampler.busy_s(t0, t1) or 0.0
+        row["kept"] += len(result.kept)
+        row["dropped"] += len(result.dropped)
+        row["tasks"] += 1
+        write_rejects(settings.storage.out, f"plain-{batches[i].batch_id}-{stage}", result.dropped)
+        samples += len(result.kept) if stage == "split" else 0
+        sharded += len(merge_samples(inputs)) if stage == "shard" else 0
     wall = time.perf_counter() - start
     return {"samples": samples, "sharded": sharded, "wall_s": wall, "stages": _rounded(per, sampler)}
 
@@ -756,7 +854,7 @@ def _case(mode: str, settings, sampler: Sampler) -> dict[str, Any]:
     _cuda_reset()
     t0 = time.perf_counter()
     try:
-        row = run_prefect(settings, sampler) if mode == "prefect" else run_plain(settings, sampler)
+        row = {"prefect": run_prefect, "plain": run_plain, "serial": run_serial}[mode](settings, sampler)
     except Exception as err:  # noqa: BLE001 - the other cases must still be measured and written
         import traceback
 
@@ -780,7 +878,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="Prefect task-runner threads")
     p.add_argument("--paths", default="fast,standard")
-    p.add_argument("--modes", default="plain,prefect")
+    p.add_argument(
+        "--modes",
+        default="plain,prefect",
+        help="plain: the flow's schedule without Prefect; prefect: the flow; serial: stage by stage, "
+        "with each stage's CPU seconds",
+    )
     p.add_argument("--until", default="shard", help="last stage (earlier if a stage cannot run here)")
     p.add_argument(
         "--view-size", type=int, default=0, help="synthetic view side; default 512, 96 with --tiny"
@@ -841,8 +944,8 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "skipped": {s: m for s, m in missing.items() if s not in stages},
         "replaced": {s: v for s, v in REPLACED.items() if s in stages or (s == "mesh" and "mesh" not in stages)},
         "source": source_note, "source_s": round(source_s, 1), "weights_build_s": round(time.perf_counter() - t, 1),
-        "units": "wall_s: whole run; samples: views sharded; stages.*.wall_s: summed stage (plain) or task-run "
-        "(prefect, overlapping) seconds; cpu_s: CPU seconds of the process and its post-processing processes during the stage (plain only); "
+        "units": "wall_s: whole run; samples: views sharded; stages.*.wall_s: summed call (plain) or task-run "
+        "(prefect) seconds, overlapping, or summed stage seconds one at a time (serial); cpu_s: CPU seconds of the process and its post-processing processes during the stage (serial only); "
         "gpu_busy_s: NVML utilisation x seconds over each stage's intervals; gpu_busy_fraction: mean "
         "utilisation over the run (steady: without its first fifth); host_rss_peak_gib: this process "
         "and its post-processing processes (the Prefect server is another)",

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,20 +156,69 @@ def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path)
 def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_path):
     out = tmp_path / "gpu_build.json"
     report = bench.main(["--tiny", "--rows", "1", "--batch-rows", "1", "--view-size", "160", "--paths", "fast",
-                         "--modes", "plain", "--until", "depth", "--work", str(tmp_path / "work"),
+                         "--modes", "serial,plain", "--until", "depth", "--work", str(tmp_path / "work"),
                          "--json", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["stages"] == report["stages"]
     assert report["stages"] == ["source", "quality", "split", "detect", "segment", "depth", "shard"]
-    plain = report["paths"]["fast"]["plain"]
-    assert "error" not in plain, plain.get("error")
-    assert plain["samples"] == 2 and plain["samples_per_hour"] > 0
-    assert set(plain["stages"]) == set(report["stages"]) and plain["stages"]["depth"]["cpu_s"] > 0
+    serial, plain = report["paths"]["fast"]["serial"], report["paths"]["fast"]["plain"]
+    for row in (serial, plain):
+        assert "error" not in row, row.get("error")
+        assert row["samples"] == 2 and row["samples_per_hour"] > 0
+        assert set(row["stages"]) == set(report["stages"])
+    assert serial["stages"]["depth"]["cpu_s"] > 0 and plain["stages"]["depth"]["tasks"] == 1
     assert set(report["replaced"]) == {"detect", "segment", "depth", "mesh"}
     mesh = report["paths"]["fast"]["mesh_networks"]
     assert "error" not in mesh, mesh.get("error")
     assert mesh["objects"] == 2 and all(f > 0 for f in mesh["raw_faces"])
     page = out.with_suffix(".md").read_text()
-    assert "| fast | plain | 2 |" in page and "Replaced outputs" in page
+    assert "| fast | plain | 2 |" in page and "| fast | serial | 2 |" in page and "Replaced outputs" in page
+
+
+def _tracing_call(barrier_stage: str, parties: int):
+    """A stage call that names its inputs, meets `parties` calls of `barrier_stage` at a barrier
+    (broken if they do not run at once), and records each stage's most calls at a time."""
+    lock, running, most = threading.Lock(), Counter(), Counter()
+    barrier = threading.Barrier(parties, timeout=20)
+
+    def call(stage, inputs):
+        with lock:
+            running[stage] += 1
+            most[stage] = max(most[stage], running[stage])
+        try:
+            if stage == barrier_stage:
+                barrier.wait()
+            time.sleep(0.05)
+            return f"{stage}<{inputs if stage == 'source' else '+'.join(inputs)}>"
+        finally:
+            with lock:
+                running[stage] -= 1
+
+    return call, most
+
+
+def test_plain_schedule_overlaps_batches_feeds_each_call_its_own_parents_and_runs_serial_stages_alone(bench):
+    from refany3d.stages.dag import build_stages, plan_inputs
+
+    stages = build_stages("shard")
+    call, most = _tracing_call("detect", parties=2)  # both batches' detect at once, or a broken barrier
+    done = list(bench.overlapped(["b0", "b1"], stages, "shard", window=2, workers=4, call=call))
+    assert sorted((i, s) for i, s, *_ in done) == sorted((i, s) for i in (0, 1) for s in stages)
+    assert most["shard"] == 1 and most["detect"] == 2  # shard is serial; the batches ran side by side
+    results = {(i, s): r for i, s, _, r, *_ in done}
+    pose_inputs = [results[0, p] for p in plan_inputs("pose", "shard")]
+    assert results[0, "pose"] == f"pose<{'+'.join(pose_inputs)}>" and len(pose_inputs) == 2
+    assert "b1" not in results[0, "shard"] and "b0" in results[0, "shard"]
+
+
+def test_plain_schedule_keeps_at_most_its_window_of_batches_in_flight(bench):
+    from refany3d.stages.dag import build_stages
+
+    stages = build_stages("shard")
+    call, _ = _tracing_call("none", parties=1)
+    done = list(bench.overlapped(["b0", "b1", "b2"], stages, "shard", window=1, workers=4, call=call))
+    span = {i: (min(t0 for j, _, _, _, t0, _ in done if j == i), max(t1 for j, *_, t1 in done if j == i))
+            for i in range(3)}  # fmt: skip
+    assert span[0][1] <= span[1][0] and span[1][1] <= span[2][0]
 
 
 @pytest.mark.slow
@@ -180,4 +231,4 @@ def test_tiny_whole_dag_through_prefect_and_plain_loop(bench, tmp_path):
         row = report["paths"]["fast"][mode]
         assert "error" not in row, row.get("error")
         assert row["samples"] == 4 and row["sharded"] >= 1
-    assert report["paths"]["fast"]["prefect"]["stages"]["mesh"]["tasks"] == 2
+    assert all(report["paths"]["fast"][m]["stages"]["mesh"]["tasks"] == 2 for m in ("plain", "prefect"))
