@@ -762,8 +762,8 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
         "Replaced outputs (the networks ran in full first): "
         + "; ".join(f"**{k}**: {v}" for k, v in report["replaced"].items()),
         "",
-        "| path | mode | samples | wall s | samples/h | GPU busy | steady | GPU peak GiB | host RSS GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| path | mode | samples | wall s | samples/h | GPU busy | steady | CPU cores busy | GPU peak GiB | host RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path, modes in report["paths"].items():
         for mode, row in modes.items():
@@ -771,7 +771,7 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
                 continue
             lines.append(
                 f"| {path} | {mode} | {row['samples']} | {row['wall_s']:.1f} | {row['samples_per_hour']:.0f} | "
-                f"{row.get('gpu_busy_fraction', '-')} | {row.get('gpu_busy_fraction_steady', '-')} | "
+                f"{row.get('gpu_busy_fraction', '-')} | {row.get('gpu_busy_fraction_steady', '-')} | {row.get('cores_busy', '-')} | "
                 f"{row.get('gpu_used_peak_gib', '-')} | {row['host_rss_peak_gib']} |"
             )
     for path, modes in report["paths"].items():
@@ -852,7 +852,7 @@ def summary_table(report: dict) -> str:
 
 def _case(mode: str, settings, sampler: Sampler) -> dict[str, Any]:
     _cuda_reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     try:
         row = {"prefect": run_prefect, "plain": run_plain, "serial": run_serial}[mode](settings, sampler)
     except Exception as err:  # noqa: BLE001 - the other cases must still be measured and written
@@ -860,6 +860,9 @@ def _case(mode: str, settings, sampler: Sampler) -> dict[str, Any]:
 
         return {"error": "".join(traceback.format_exception(err))[-3000:]}
     t1 = time.perf_counter()
+    # whole-run CPU: per stage only the serial mode can tell, but whether the cores are the limit shows here
+    row["cpu_s"] = round(_cpu_s() - c0, 1)
+    row["cores_busy"] = round(row["cpu_s"] / max(t1 - t0, 1e-9), 2)
     row["wall_s"] = round(row["wall_s"], 2)
     row["samples_per_hour"] = round(3600 * row["samples"] / max(row["wall_s"], 1e-9), 1)
     row.update(sampler.summary(t0, t1), **_cuda_peak())
@@ -945,7 +948,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "replaced": {s: v for s, v in REPLACED.items() if s in stages or (s == "mesh" and "mesh" not in stages)},
         "source": source_note, "source_s": round(source_s, 1), "weights_build_s": round(time.perf_counter() - t, 1),
         "units": "wall_s: whole run; samples: views sharded; stages.*.wall_s: summed call (plain) or task-run "
-        "(prefect) seconds, overlapping, or summed stage seconds one at a time (serial); cpu_s: CPU seconds of the process and its post-processing processes during the stage (serial only); "
+        "(prefect) seconds, overlapping, or summed stage seconds one at a time (serial); cpu_s: CPU seconds of the process and its post-processing processes during the run, and per stage (serial only); cores_busy: the run's cpu_s / wall; "
         "gpu_busy_s: NVML utilisation x seconds over each stage's intervals; gpu_busy_fraction: mean "
         "utilisation over the run (steady: without its first fifth); host_rss_peak_gib: this process "
         "and its post-processing processes (the Prefect server is another)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import threading
 import time
@@ -139,7 +140,7 @@ def test_sampler_timeline_and_busy_seconds(bench):
 def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path):
     stages = {"detect": {"wall_s": 1.0, "cpu_s": 0.5, "gpu_busy_s": 0.8, "kept": 4, "dropped": 0}}
     row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.5,
-           "gpu_busy_fraction_steady": 0.6, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
+           "gpu_busy_fraction_steady": 0.6, "cores_busy": 7.5, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
            "timeline": [1.0] * 30 + [0.0] * 30, "stages": stages}  # fmt: skip
     report = {"machine": {"gpu": "H200"}, "date": "today", "command": "python bench/gpu_build_bench.py",
               "stages": ["detect", "shard"], "skipped": {"mesh": ["open3d"]}, "replaced": {"detect": "boxes"},
@@ -147,7 +148,7 @@ def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path)
     md = tmp_path / "page.md"
     bench.write_markdown(report, md, md.with_suffix(".png"))
     page = md.read_text()
-    assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 30.0 | 9.0 |" in page
+    assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 7.5 | 30.0 | 9.0 |" in page
     assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
     assert md.with_suffix(".png").stat().st_size > 0 and "![GPU busy over time](page.png)" in page
     assert "mesh_networks" in bench.summary_table(report)
@@ -166,6 +167,7 @@ def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_pat
         assert row["samples"] == 2 and row["samples_per_hour"] > 0
         assert set(row["stages"]) == set(report["stages"])
     assert serial["stages"]["depth"]["cpu_s"] > 0 and plain["stages"]["depth"]["tasks"] == 1
+    assert plain["cpu_s"] > 0 and 0 < plain["cores_busy"] <= (os.cpu_count() or 1) + 0.5
     assert set(report["replaced"]) == {"detect", "segment", "depth", "mesh"}
     mesh = report["paths"]["fast"]["mesh_networks"]
     assert "error" not in mesh, mesh.get("error")
