@@ -25,7 +25,9 @@ pyrender) nor room for full shards, and the geometric metrics need Open3D (bench
   build's meshes (`silhouette_iou`, `surface_distance`, `texture_error`; `refany3d evaluate`'s
   code), the verdict against the margins stated here in advance (`MARGINS`), a contact sheet
   (views | generated RGB | generated point map; step 0, trained, ablation side by side) and the
-  numbers (`metrics.step0 / trained / ablation`, `higher_is_better`).
+  numbers (`metrics.step0 / trained / ablation`: the three means, a sample without a value at its
+  chance value; `scored_only`: how many samples each metric scored and their plain mean;
+  `higher_is_better`).
 
 Usage:
   python bench/learn_bench.py slim --data BUILD --out SLIM [--resolution 32 --views 4]
@@ -282,7 +284,7 @@ def score(args: argparse.Namespace) -> None:
             tar.extractall(work, filter="data")
         calls.append(json.loads((Path(draw_dir) / "runs.json").read_text()))
     facts = merge_calls(calls)
-    results, sheets, rows, chance = {}, {}, None, {}
+    results, scored, sheets, rows, chance = {}, {}, {}, None, {}
     for model in ("step0", "trained", "ablation"):
         paths = sorted((work / "samples" / model).iterdir())
         if rows is None:
@@ -301,14 +303,16 @@ def score(args: argparse.Namespace) -> None:
                 ]
                 sheets[model].append(contact_sheet(sample.views, pms, sample.image, sample.point_map))  # fmt: skip
         report = build_report(per_sample, [], EvaluateSettings())
-        results[model] = chance_filled_means(report["samples"], chance)
-        results[model]["count"] = {m: report["count"].get(m) for m in METRICS}
-        results[model]["scored_only"] = {m: report["mean"].get(m) for m in METRICS}
+        results[model] = chance_filled_means(report["samples"], chance)  # the three means only
+        scored[model] = {
+            "count": {m: report["count"].get(m) for m in METRICS},
+            "mean": {m: report["mean"].get(m) for m in METRICS},
+        }
     checks = verdict(results)
     sheet = Path(args.sheet) if args.sheet else Path(args.out).with_suffix(".png")
     columns = [np.concatenate(sheets[k], axis=0) for k in ("step0", "trained", "ablation")]
     Image.fromarray(np.concatenate(columns, axis=1)).save(sheet)
-    report = {"bench": "learn_bench", **facts, "metrics": results, "higher_is_better": HIGHER_IS_BETTER,
+    report = {"bench": "learn_bench", **facts, "metrics": results, "scored_only": scored, "higher_is_better": HIGHER_IS_BETTER,
               "margins": MARGINS, "checks": checks, "passed": all(checks.values()), "sheet": str(sheet)}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     print(json.dumps({"metrics": results, "checks": checks, "passed": report["passed"]}, indent=2))
