@@ -455,20 +455,26 @@ def build_settings(args, weights: dict[str, str], source: str, path: str, out: s
 # --------------------------------------------------------------------------- runs
 
 
+def _stage_context(settings):
+    """The stage calls' context, as the flow's tasks make it: the build's artifact store, its seed."""
+    from refany3d.stages.context import StageContext
+    from refany3d.storage.store import ArtifactStore, join
+
+    return StageContext(
+        store=ArtifactStore(join(settings.storage.out, "artifacts")), seed=settings.source.seed
+    )
+
+
 def run_serial(settings, sampler: Sampler) -> dict[str, Any]:
     """The flow's stage calls over the same batches, one after another, without Prefect: no overlap,
     but each stage timed alone on the wall clock, the process CPU clock (with the post-processing
     processes') and the GPU (NVML) over its interval. A diagnosis, not the worker's speed."""
     from refany3d.records import merge_samples
-    from refany3d.stages.context import StageContext
     from refany3d.stages.dag import build_stages, plan_inputs, stage_function
     from refany3d.stages.read_source import plan_source
     from refany3d.storage.shards import write_rejects
-    from refany3d.storage.store import ArtifactStore, join
 
-    ctx = StageContext(
-        store=ArtifactStore(join(settings.storage.out, "artifacts")), seed=settings.source.seed
-    )
+    ctx = _stage_context(settings)
     stages = build_stages(settings.until)
     per = {s: {"wall_s": 0.0, "cpu_s": 0.0, "gpu_busy_s": 0.0, "kept": 0, "dropped": 0} for s in stages}
     samples = sharded = 0
@@ -556,15 +562,11 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
     `runtime.batches_in_flight` batches), without Prefect; per stage the summed call seconds (they
     overlap, as Prefect's task runs do) and the GPU-busy seconds over each call."""
     from refany3d.records import merge_samples
-    from refany3d.stages.context import StageContext
     from refany3d.stages.dag import build_stages, stage_function
     from refany3d.stages.read_source import plan_source
     from refany3d.storage.shards import write_rejects
-    from refany3d.storage.store import ArtifactStore, join
 
-    ctx = StageContext(
-        store=ArtifactStore(join(settings.storage.out, "artifacts")), seed=settings.source.seed
-    )
+    ctx = _stage_context(settings)
     stages = build_stages(settings.until)
     batches = list(plan_source(settings))
 
