@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # the renderer's headless GL, before any GL import
 
+# Row keys left out of the printed lines (they are in the JSON and the markdown).
+BULKY = ("timeline", "cores_timeline", "spans", "gpu_waits")
 PATHS = {
     "fast": {"mesher.dit": "turbo", "mesher.flashvdm": True},
     "standard": {"mesher.dit": "standard", "mesher.flashvdm": False},
@@ -129,7 +131,9 @@ class MeshTruthAfter(TruthAfter):
         out = []
         for image, sample, surface in zip(images, samples, generated, strict=True):
             faces = len(surface.faces) if surface is not None else 0
-            key = (sample.sample_id, seed, faces)
+            # Not keyed by `faces`: fp16 decoding can move Hunyuan3D's count by a few faces from run
+            # to run, and a timed run must not re-make a truth mesh.
+            key = (sample.sample_id, seed)
             if key not in self.made:
                 truth = self.truth([image], [sample], options, seed, deadline)[0]
                 while truth is not None and abs(4 * len(truth.faces) - faces) < abs(len(truth.faces) - faces):
@@ -253,10 +257,13 @@ def _hy3dgen_importable():
 
 
 class Sampler:
-    """GPU utilisation and memory (NVML) and this process's RSS, every `period` seconds."""
+    """GPU utilisation and memory (NVML), this process's RSS and the machine's busy cores, every
+    `period` seconds; and, where the GPU is idle, what each stage thread of this process is doing
+    (`waits`: the answer to "where does the GPU wait")."""
 
     def __init__(self, period: float = 0.2) -> None:
-        self.period, self.rows = period, []  # (t, gpu util %, gpu used GiB, rss GiB)
+        self.period, self.rows = period, []  # (t, gpu util %, gpu used GiB, rss GiB, cores busy)
+        self.waits: list[tuple[float, tuple[str, ...]]] = []  # (t, what each stage thread is in)
         self._handle = None
         with contextlib.suppress(Exception):  # no NVML (CPU machine): host memory only
             import pynvml
@@ -272,12 +279,16 @@ class Sampler:
 
     def _run(self) -> None:
         nvml = sys.modules.get("pynvml")
+        cores = _CoreClock()
         while not self._stop.is_set():
             util, used = 0.0, 0.0
             if self._handle is not None:
                 util = float(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
                 used = nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**30
-            self.rows.append((time.perf_counter(), util, used, _read_rss_gib()))
+            t = time.perf_counter()
+            self.rows.append((t, util, used, _read_rss_gib(), cores.busy()))
+            if self._handle is not None and util < IDLE_UTIL:
+                self.waits.append((t, stage_threads_at()))
             self._stop.wait(self.period)
 
     def start(self) -> Sampler:
@@ -308,8 +319,22 @@ class Sampler:
                 gpu_busy_fraction_steady=round(sum(r[1] for r in steady) / max(len(steady), 1) / 100, 3),
                 gpu_used_peak_gib=round(max(r[2] for r in rows), 2),
                 timeline=_timeline(rows, t0, t1),
+                gpu_waits=self.gpu_waits(t0, t1),
             )
+        if rows:
+            out["cores_timeline"] = _timeline(rows, t0, t1, column=4, scale=1.0)
         return out
+
+    def gpu_waits(self, t0: float, t1: float, top: int = 12) -> list[dict[str, Any]]:
+        """The commonest places the stage threads were in while the GPU was idle, with the share of
+        the idle samples each was seen in (a thread blocked on a lock shows the lock's caller)."""
+        idle = [where for t, where in self.waits if t0 <= t <= t1]
+        counts: dict[str, int] = {}
+        for where in idle:
+            for place in set(where):
+                counts[place] = counts.get(place, 0) + 1
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [{"where": w, "share_of_idle": round(n / len(idle), 3)} for w, n in ranked]
 
 
 def _spawned_children() -> list[Path]:
@@ -345,15 +370,62 @@ def _cpu_s() -> float:
     return total
 
 
-def _timeline(rows: list[tuple], t0: float, t1: float, bins: int = 60) -> list[float]:
-    """Mean GPU utilisation (0-1) in `bins` equal slices of [t0, t1]."""
+def _timeline(
+    rows: list[tuple], t0: float, t1: float, bins: int = 60, column: int = 1, scale: float = 0.01
+) -> list[float]:
+    """Mean of a sampled column in `bins` equal slices of [t0, t1]: GPU utilisation (0-1) by
+    default, busy cores with `column=4, scale=1`."""
     width = max((t1 - t0) / bins, 1e-9)
     sums, counts = [0.0] * bins, [0] * bins
-    for t, util, *_ in rows:
-        i = min(int((t - t0) / width), bins - 1)
-        sums[i] += util / 100
+    for row in rows:
+        i = min(int((row[0] - t0) / width), bins - 1)
+        sums[i] += row[column] * scale
         counts[i] += 1
     return [round(s / c, 2) if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+
+
+class _CoreClock:
+    """The machine's busy cores since the last call (/proc/stat: all but idle and iowait)."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        try:
+            with open("/proc/stat") as fh:
+                ticks = [int(v) for v in fh.readline().split()[1:]]
+        except OSError:  # not Linux
+            return 0, 0
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+    def busy(self) -> float:
+        now = self._read()
+        busy, total = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        return round((os.cpu_count() or 1) * busy / total, 2) if total > 0 else 0.0
+
+
+IDLE_UTIL = 10.0  # % NVML utilisation below which a sample counts as the GPU waiting
+_STAGES_DIR = f"{os.sep}refany3d{os.sep}stages{os.sep}"
+
+
+def stage_threads_at() -> tuple[str, ...]:
+    """For each thread of this process inside a stage function: `<stage module>.<function> >
+    <innermost frame>` (file name, function, line): where it is right now."""
+    out = []
+    for frame in sys._current_frames().values():
+        inner, stage = frame, None
+        while frame is not None:
+            if _STAGES_DIR in frame.f_code.co_filename and stage is None:
+                stage = frame  # the innermost stage frame
+            frame = frame.f_back
+        if stage is None:
+            continue
+        code = inner.f_code
+        where = f"{Path(code.co_filename).name}:{code.co_name}:{inner.f_lineno}"
+        out.append(f"{Path(stage.f_code.co_filename).stem}.{stage.f_code.co_name} > {where}")
+    return tuple(out)
 
 
 def _sync() -> None:
@@ -575,6 +647,7 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
 
     per = {s: {"wall_s": 0.0, "gpu_busy_s": 0.0, "kept": 0, "dropped": 0, "tasks": 0} for s in stages}
     samples = sharded = 0
+    spans: list[list] = []
     start = time.perf_counter()
     runtime = settings.runtime
     for i, stage, inputs, result, t0, t1 in overlapped(
@@ -586,11 +659,13 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
         row["kept"] += len(result.kept)
         row["dropped"] += len(result.dropped)
         row["tasks"] += 1
+        spans.append([i, stage, round(t0 - start, 2), round(t1 - start, 2)])
         write_rejects(settings.storage.out, f"plain-{batches[i].batch_id}-{stage}", result.dropped)
         samples += len(result.kept) if stage == "split" else 0
         sharded += len(merge_samples(inputs)) if stage == "shard" else 0
     wall = time.perf_counter() - start
-    return {"samples": samples, "sharded": sharded, "wall_s": wall, "stages": _rounded(per, sampler)}
+    return {"samples": samples, "sharded": sharded, "wall_s": wall, "stages": _rounded(per, sampler),
+            "spans": spans}  # fmt: skip
 
 
 def run_prefect(settings, sampler: Sampler) -> dict[str, Any]:
@@ -602,18 +677,23 @@ def run_prefect(settings, sampler: Sampler) -> dict[str, Any]:
     out = build_dataset(settings)
     wall = time.perf_counter() - start
     stats = out["stats"]
+    stages, spans = _task_seconds(out["flow_run_id"], sampler, start, time.time() - wall)
     return {"samples": stats["split"]["kept"], "sharded": stats["shard"]["in"], "wall_s": wall,
-            "stages": _task_seconds(out["flow_run_id"], sampler, start, time.time() - wall)}  # fmt: skip
+            "stages": stages, "spans": spans}  # fmt: skip
 
 
-def _task_seconds(flow_run_id: str, sampler: Sampler, start: float, epoch_start: float) -> dict:
-    """Per stage: task-run seconds (summed) and GPU-busy seconds over each task's interval."""
+def _task_seconds(
+    flow_run_id: str, sampler: Sampler, start: float, epoch_start: float
+) -> tuple[dict, list[list]]:
+    """Per stage: task-run seconds (summed) and GPU-busy seconds over each task's interval; and
+    each task run's span: [batch, stage, start s, end s] from the flow's start."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     per: dict[str, dict[str, float]] = {}
+    spans: list[list] = []
     with get_client(sync_client=True) as client:
         for _ in range(20):  # task-run states arrive as events, shortly after the flow returns
             runs = client.read_task_runs(
@@ -623,7 +703,7 @@ def _task_seconds(flow_run_id: str, sampler: Sampler, start: float, epoch_start:
                 break
             time.sleep(0.5)
     for run in runs:
-        stage = run.name.split("-batch-")[0]
+        stage, _, batch = run.name.partition("-batch-")
         row = per.setdefault(stage, {"wall_s": 0.0, "gpu_busy_s": 0.0, "tasks": 0})
         row["tasks"] += 1
         if run.start_time and run.end_time:
@@ -631,7 +711,9 @@ def _task_seconds(flow_run_id: str, sampler: Sampler, start: float, epoch_start:
             t1 = start + run.end_time.timestamp() - epoch_start
             row["wall_s"] += t1 - t0
             row["gpu_busy_s"] += sampler.busy_s(t0, t1) or 0.0
-    return _rounded(dict(sorted(per.items(), key=lambda kv: _stage_index(kv[0]))), sampler)
+            spans.append([batch, stage, round(t0 - start, 2), round(t1 - start, 2)])
+    stages = _rounded(dict(sorted(per.items(), key=lambda kv: _stage_index(kv[0]))), sampler)
+    return stages, sorted(spans, key=lambda span: span[2])
 
 
 def _rounded(per: dict, sampler: Sampler) -> dict:
@@ -803,6 +885,17 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
                     "",
                     f"    |{bar}|",
                 ]
+            if row.get("cores_timeline"):
+                cores = report["machine"].get("cpu_count") or 1
+                bar = "".join(
+                    SHADES[min(int(c / cores * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)]
+                    for c in row["cores_timeline"]
+                )
+                lines += ["", f"CPU cores busy over the run (of {cores}):", "", f"    |{bar}|"]
+            if row.get("gpu_waits"):
+                lines += ["", "Where the stage threads were while the GPU was idle (share of the idle samples):", "",
+                          "| where (stage function > innermost frame) | share |", "|---|---|"]  # fmt: skip
+                lines += [f"| `{w['where']}` | {w['share_of_idle']} |" for w in row["gpu_waits"]]
     if png is not None and _plot(report, png):
         lines += ["", f"![GPU busy over time]({png.name})"]
     md.write_text("\n".join(lines) + "\n")
@@ -819,17 +912,37 @@ def _plot(report: dict, png: Path) -> bool:
     rows = [(f"{p} {m}", r) for p, ms in report["paths"].items() for m, r in ms.items() if r.get("timeline")]
     if not rows:
         return False
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.6 * len(rows)), squeeze=False)
-    for ax, (label, row) in zip(axes[:, 0], rows, strict=True):
+    fig, axes = plt.subplots(2 * len(rows), 1, figsize=(9, 3.4 * len(rows)), squeeze=False)
+    cores = report["machine"].get("cpu_count") or 1
+    for i, (label, row) in enumerate(rows):
+        ax, gantt = axes[2 * i, 0], axes[2 * i + 1, 0]
         n = len(row["timeline"])
-        ax.fill_between([row["wall_s"] * i / n for i in range(n)], row["timeline"], step="post")
+        ticks = [row["wall_s"] * k / n for k in range(n)]
+        ax.fill_between(ticks, row["timeline"], step="post", label="GPU")
+        if row.get("cores_timeline"):
+            ax.step(
+                ticks, [c / cores for c in row["cores_timeline"]], where="post", color="C3", label="CPU cores"
+            )
+            ax.legend(fontsize=7, loc="upper right")
         ax.set_ylim(0, 1)
+        ax.set_xlim(0, row["wall_s"])
         ax.set_ylabel("busy")
         ax.set_title(f"{label}: GPU busy {row.get('gpu_busy_fraction')}", fontsize=9)
+        _gantt(gantt, row.get("spans", []), report["stages"], row["wall_s"])
     axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     return True
+
+
+def _gantt(ax, spans: list[list], stages: list[str], wall: float) -> None:
+    """Each stage call as a bar on its stage's row, coloured by batch."""
+    batches = sorted({str(b) for b, *_ in spans})
+    for batch, stage, t0, t1 in spans:
+        ax.barh(stages.index(stage), t1 - t0, left=t0, height=0.8, color=f"C{batches.index(str(batch)) % 10}")
+    ax.set_yticks(range(len(stages)), stages, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, wall)
 
 
 def summary_table(report: dict) -> str:
@@ -974,16 +1087,14 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
             # in CUDA graphs) once, outside the timed runs; later warm-ups take one batch
             warm = {"source.limit": args.batch_rows} if mode.startswith("warmup") and warmed else {}
             warmed = warmed or mode.startswith("warmup")
-            settings = override(settings, **extra, **warm)
+            settings = override(settings, **{**extra, **warm})
             try:
                 install_replacements(settings)
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
             rows[mode] = _case(mode.removeprefix("warmup_"), settings, sampler)
-            print(
-                path, mode, json.dumps({k: v for k, v in rows[mode].items() if k != "timeline"}), flush=True
-            )
+            print(path, mode, json.dumps({k: v for k, v in rows[mode].items() if k not in BULKY}), flush=True)
             _write(report, args)
         if "mesh" not in stages and "hy3dgen" not in missing.get("mesh", []):
             settings = override(build_settings(args, weights, source, path, str(work / f"{path}-mesh"), until,

@@ -53,19 +53,21 @@ echo "parts: $n (.gbc1 ... .gbc$n), $(du -shc .gbc* | tail -1 | cut -f1)"
 echo "calls, back to back (carry one part each; the last also carries .gl):"
 for k in $(seq 1 $((n - 1))); do echo "  carry [\".gbc$k\"]  command: mkdir -p /tmp/p && cp .gbc$k/* /tmp/p/"; done
 # The bench's commands: the first call installs (once per warm machine: /tmp stays, the marker says
-# so) and runs one mode; the next runs the other. One mode a call, each with its own warm-up: a
-# warm-up and a timed run of the 22-sample source take ~330 s, the install 60-130 s of the 600.
+# so; bench/unpack_wheels.py unpacks the wheels in parallel, seconds where pip took 60-130 s of
+# the call) and runs the fast path, both modes (~330 s for the first warm-up and the timed plain
+# run of the 22-sample source, ~120 s for Prefect's one-batch warm-up and timed run); the next
+# call runs the standard path on 6 rows in batches of 2 (its mesh stage is 7 s an object).
 ENV='export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/sysroot/usr/lib/x86_64-linux-gnu:/tmp/sysroot/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYOPENGL_PLATFORM=egl;'
-BENCH='python3 bench/gpu_build_bench.py --rows 12 --batch-rows 4 --paths fast --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb'
+BENCH='python3 bench/gpu_build_bench.py --rows 12 --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --modes plain,prefect'
 cat <<EOF
-  carry [".gbc$n", ".gl"]  command (installs, then the Prefect mode):
+  carry [".gbc$n", ".gl"]  command (installs, then the fast path):
     [ -f /tmp/site/.installed ] || { cp .gbc$n/* /tmp/p/ && cat /tmp/p/gbw.part.* | tar xf - -C /tmp && for f in .gl/*.deb; do dpkg -x \$f /; done; ldconfig;
     mkdir -p /tmp/sysroot && for f in /tmp/.gbw/debs/*.deb; do dpkg -x \$f /tmp/sysroot; done;
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/.whl/*.whl /tmp/.gbw/*.whl && tar xf /tmp/.gbw/meshoptimizer.tar -C /tmp/site && touch /tmp/site/.installed; } || exit;
+    python3 bench/unpack_wheels.py --target /tmp/site /tmp/.whl/*.whl /tmp/.gbw/*.whl && tar xf /tmp/.gbw/meshoptimizer.tar -C /tmp/site && touch /tmp/site/.installed; } || exit;
     $ENV
     python3 -c "import open3d, pymeshlab, pyrender, xatlas, meshoptimizer, lpips; print('imports ok')" &&
-    timeout 440 $BENCH --modes prefect --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log | tail -5
-  then at once, no carry (the machine still warm, the same install), the other mode:
+    timeout 540 $BENCH --paths fast --batch-rows 4 --json \$OUT/gpu_build_h200_fast.json 2>&1 | tee \$OUT/gpu_build_h200_fast.log | tail -5
+  then at once, no carry (the machine still warm, the same install), the standard path:
     [ -f /tmp/site/.installed ] || exit 3; $ENV
-    timeout 560 $BENCH --modes serial --json \$OUT/gpu_build_h200.json 2>&1 | tee \$OUT/gpu_build_h200.log | tail -5
+    timeout 560 $BENCH --paths standard --batch-rows 2 --set source.limit=6 --json \$OUT/gpu_build_h200_standard.json 2>&1 | tee \$OUT/gpu_build_h200_standard.log | tail -5
 EOF

@@ -63,8 +63,12 @@ class _Mesher:
         self.faces, self.calls = faces, 0
 
     def generate(self, images, samples, options, seed, deadline):
+        """A subdivided box (`faces` 1), with `faces - 1` faces fewer, or None (0)."""
         self.calls += 1
-        return [trimesh.creation.box().subdivide_to_size(0.05) if self.faces else None for _ in samples]
+        if not self.faces:
+            return [None for _ in samples]
+        box = trimesh.creation.box().subdivide_to_size(0.05)
+        return [trimesh.Trimesh(box.vertices, box.faces[: len(box.faces) + 1 - self.faces]) for _ in samples]
 
 
 class _TruthMesher:
@@ -87,6 +91,9 @@ def test_mesh_truth_after_makes_each_truth_once_at_about_the_networks_face_count
     faces = len(first[0].faces)
     assert 0.4 * made_by_network <= faces < 1.6 * made_by_network and faces % 80 == 0  # the nearest x4 step
     assert [len(m.faces) for m in again] == [faces, faces] and again[0] is not first[0]
+    network.faces = 2  # fp16 decoding moved Hunyuan3D's count a little: the truth is not made again
+    network.generate([None, None], samples, None, 0, 0.0)
+    assert truth.made == 2
 
 
 def test_cpu_seconds_count_the_post_processing_processes(bench):
@@ -129,20 +136,63 @@ def test_runnable_until_keeps_the_depth_branch_without_the_mesh_stage(bench):
 
 def test_sampler_timeline_and_busy_seconds(bench):
     sampler = bench.Sampler()
-    sampler._handle = object()  # as if NVML answered: rows are (t, util %, GPU GiB, RSS GiB)
-    sampler.rows = [(float(t), 100.0 if t < 5 else 0.0, 3.0, 1.0) for t in range(10)]
+    sampler._handle = object()  # as if NVML answered: rows are (t, util %, GPU GiB, RSS GiB, cores busy)
+    sampler.rows = [(float(t), 100.0 if t < 5 else 0.0, 3.0, 1.0, 2.0 if t < 5 else 12.0) for t in range(10)]
     assert sampler.busy_s(0, 4) == pytest.approx(4.0)
     out = sampler.summary(0, 9)
     assert out["gpu_busy_fraction"] == 0.5 and out["gpu_used_peak_gib"] == 3.0
     assert len(out["timeline"]) == 60 and out["timeline"][0] == 1.0 and out["timeline"][-1] == 0.0
+    assert out["cores_timeline"][0] == 2.0 and out["cores_timeline"][-1] == 12.0
+
+
+def test_gpu_waits_rank_where_the_stage_threads_were_while_the_gpu_idled(bench):
+    sampler = bench.Sampler()
+    sampler._handle = object()
+    sampler.rows = [(float(t), 0.0, 1.0, 1.0, 1.0) for t in range(4)]
+    lock, pose = "mesh.infer > _device_lock.py:locked:26", "pose.pose > icp.py:step:9"
+    sampler.waits = [(0.0, (lock, lock, pose)), (1.0, (lock,)), (2.0, (pose,)), (3.0, (lock,)), (9.0, (pose,))]
+    assert sampler.summary(0, 3)["gpu_waits"] == [  # a place counts once per sample; t=9 is outside
+        {"where": lock, "share_of_idle": 0.75},
+        {"where": pose, "share_of_idle": 0.5},
+    ]
+
+
+def test_stage_threads_at_names_the_stage_function_and_where_its_thread_is(bench):
+    from refany3d.stages._views import parallel_map
+
+    inside, release = threading.Event(), threading.Event()
+
+    def wait_inside(_):
+        inside.set()
+        release.wait(10)
+
+    worker = threading.Thread(target=parallel_map, args=(wait_inside, [1]))
+    worker.start()
+    try:
+        assert inside.wait(10)
+        here = bench.stage_threads_at()
+    finally:
+        release.set()
+        worker.join()
+    # the thread in parallel_map waits for its pool's answer (the pool thread runs this file's code)
+    assert [w.split(" > ")[1].rsplit(":", 1)[0] for w in here if w.startswith("_views.")] == ["threading.py:wait"]
+    assert not any("test_gpu_build_bench" in w for w in bench.stage_threads_at())  # outside stages: none
+
+
+def test_core_clock_counts_a_busy_core(bench):
+    clock = bench._CoreClock()
+    _busy(0.5)
+    assert 0.5 <= clock.busy() <= (os.cpu_count() or 1)
 
 
 def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path):
     stages = {"detect": {"wall_s": 1.0, "cpu_s": 0.5, "gpu_busy_s": 0.8, "kept": 4, "dropped": 0}}
     row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.5,
            "gpu_busy_fraction_steady": 0.6, "cores_busy": 7.5, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
-           "timeline": [1.0] * 30 + [0.0] * 30, "stages": stages}  # fmt: skip
-    report = {"machine": {"gpu": "H200"}, "date": "today", "command": "python bench/gpu_build_bench.py",
+           "timeline": [1.0] * 30 + [0.0] * 30, "cores_timeline": [16.0] * 30 + [0.0] * 30, "stages": stages,
+           "gpu_waits": [{"where": "mesh.infer > x.py:f:1", "share_of_idle": 0.9}],
+           "spans": [[0, "detect", 0.0, 1.0], [1, "shard", 1.0, 2.0]]}  # fmt: skip
+    report = {"machine": {"gpu": "H200", "cpu_count": 16}, "date": "today", "command": "python bench/gpu_build_bench.py",
               "stages": ["detect", "shard"], "skipped": {"mesh": ["open3d"]}, "replaced": {"detect": "boxes"},
               "paths": {"fast": {"plain": row, "mesh_networks": {"objects": 2, "s_per_object": 1.0, "wall_s": 2.0}}}}  # fmt: skip
     md = tmp_path / "page.md"
@@ -150,6 +200,8 @@ def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path)
     page = md.read_text()
     assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 7.5 | 30.0 | 9.0 |" in page
     assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
+    assert page.count("    |" + "@" * 30 + " " * 30 + "|") == 2 and "CPU cores busy over the run (of 16)" in page
+    assert "| `mesh.infer > x.py:f:1` | 0.9 |" in page
     assert md.with_suffix(".png").stat().st_size > 0 and "![GPU busy over time](page.png)" in page
     assert "mesh_networks" in bench.summary_table(report)
 
@@ -168,6 +220,9 @@ def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_pat
         assert set(row["stages"]) == set(report["stages"])
     assert serial["stages"]["depth"]["cpu_s"] > 0 and plain["stages"]["depth"]["tasks"] == 1
     assert plain["cpu_s"] > 0 and 0 < plain["cores_busy"] <= (os.cpu_count() or 1) + 0.5
+    # one span per stage call, in the run's seconds
+    assert sorted(s for _, s, _, _ in plain["spans"]) == sorted(report["stages"])
+    assert all(0 <= t0 <= t1 <= plain["wall_s"] for *_, t0, t1 in plain["spans"])
     assert set(report["replaced"]) == {"detect", "segment", "depth", "mesh"}
     mesh = report["paths"]["fast"]["mesh_networks"]
     assert "error" not in mesh, mesh.get("error")
@@ -233,4 +288,5 @@ def test_tiny_whole_dag_through_prefect_and_plain_loop(bench, tmp_path):
         row = report["paths"]["fast"][mode]
         assert "error" not in row, row.get("error")
         assert row["samples"] == 4 and row["sharded"] >= 1
+        assert len(row["spans"]) == sum(st["tasks"] for st in row["stages"].values())
     assert all(report["paths"]["fast"][m]["stages"]["mesh"]["tasks"] == 2 for m in ("plain", "prefect"))
