@@ -150,7 +150,13 @@ def test_gpu_waits_rank_where_the_stage_threads_were_while_the_gpu_idled(bench):
     sampler._handle = object()
     sampler.rows = [(float(t), 0.0, 1.0, 1.0, 1.0) for t in range(4)]
     lock, pose = "mesh.infer > _device_lock.py:locked:26", "pose.pose > icp.py:step:9"
-    sampler.waits = [(0.0, (lock, lock, pose)), (1.0, (lock,)), (2.0, (pose,)), (3.0, (lock,)), (9.0, (pose,))]
+    sampler.waits = [
+        (0.0, (lock, lock, pose)),
+        (1.0, (lock,)),
+        (2.0, (pose,)),
+        (3.0, (lock,)),
+        (9.0, (pose,)),
+    ]
     assert sampler.summary(0, 3)["gpu_waits"] == [  # a place counts once per sample; t=9 is outside
         {"where": lock, "share_of_idle": 0.75},
         {"where": pose, "share_of_idle": 0.5},
@@ -175,7 +181,9 @@ def test_stage_threads_at_names_the_stage_function_and_where_its_thread_is(bench
         release.set()
         worker.join()
     # the thread in parallel_map waits for its pool's answer (the pool thread runs this file's code)
-    assert [w.split(" > ")[1].rsplit(":", 1)[0] for w in here if w.startswith("_views.")] == ["threading.py:wait"]
+    assert [w.split(" > ")[1].rsplit(":", 1)[0] for w in here if w.startswith("_views.")] == [
+        "threading.py:wait"
+    ]
     assert not any("test_gpu_build_bench" in w for w in bench.stage_threads_at())  # outside stages: none
 
 
@@ -200,7 +208,9 @@ def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path)
     page = md.read_text()
     assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 7.5 | 30.0 | 9.0 |" in page
     assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
-    assert page.count("    |" + "@" * 30 + " " * 30 + "|") == 2 and "CPU cores busy over the run (of 16)" in page
+    assert (
+        page.count("    |" + "@" * 30 + " " * 30 + "|") == 2 and "CPU cores busy over the run (of 16)" in page
+    )
     assert "| `mesh.infer > x.py:f:1` | 0.9 |" in page
     assert md.with_suffix(".png").stat().st_size > 0 and "![GPU busy over time](page.png)" in page
     assert "mesh_networks" in bench.summary_table(report)

@@ -38,7 +38,10 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in root.rglob("*")
-        if p.is_file() and p.name not in _PIP_ONLY and "__pycache__" not in p.parts and p.parts[-2:-1] != ("bin",)
+        if p.is_file()
+        and p.name not in _PIP_ONLY
+        and "__pycache__" not in p.parts
+        and p.parts[-2:-1] != ("bin",)
     }
 
 
@@ -52,7 +55,9 @@ def test_unpacked_files_equal_pips_target_install(tmp_path):
     )  # fmt: skip
     subprocess.run([sys.executable, str(ROOT / "bench" / "unpack_wheels.py"), "--target", str(ours), str(wheel)],
                    check=True)  # fmt: skip
-    pip_files = {k: v for k, v in _tree(pip_target).items() if not k.startswith("include")}  # headers: left out
+    pip_files = {
+        k: v for k, v in _tree(pip_target).items() if not k.startswith("include")
+    }  # headers: left out
     assert _tree(ours) == pip_files
     assert (ours / "demo_extra.py").read_bytes() == b"EXTRA = 2\n"  # purelib at the root, not under .data
     tool = ours / "bin" / "demo-tool"
