@@ -13,6 +13,13 @@ on a CUDA device the table covers, the nearest measured shape's kernel first, th
 order (flash, memory-efficient, math; where the first refuses a shape, the next takes it); on
 the CPU or an unmeasured device, PyTorch's order unchanged. Compiled graphs take the kernel chosen
 while they are traced: hold the context around every call of a compiled model.
+
+A call site whose shapes change from call to call (FlashVDM's ragged chunks: a different query
+count for every grid cell and every object) says so (`shapes_vary`), and then a kernel that plans
+per shape is never put first: cuDNN builds an execution graph for each new shape and caches it per
+thread, tens of milliseconds of host time each, while the GPU waits. On the H200 worker that was
+13-17 s of idle GPU on a thread's first object (`bench/results/gpu_build_h200.md`); the table's
+fixed-shape timing cannot show it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 
 TABLE = Path(__file__).with_name("sdpa_table.json")
 DEFAULT_ORDER = ("flash", "efficient", "math", "cudnn")  # PyTorch's priority (cuDNN last)
+PLANNED_PER_SHAPE = ("cudnn",)  # kernels that build (and cache, per thread) a plan for each new shape
 # Largest max |kernel - fp32 math| / max |fp32 math| a kernel may have to be chosen.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-4}
 
@@ -91,17 +99,24 @@ def kernel_order(first: str | None) -> tuple[str, ...]:
 
 
 def attention_kernels(
-    head_dim: int, dtype: Any, queries: int, keys: int, device: Any, backward: bool = False
+    head_dim: int,
+    dtype: Any,
+    queries: int,
+    keys: int,
+    device: Any,
+    backward: bool = False,
+    shapes_vary: bool = False,
 ) -> contextlib.AbstractContextManager:
     """The context in which SDPA of this shape (`queries` / `keys`: tokens of one call, a guide to
-    the nearest measured row) runs the table's kernel first; a no-op where nothing is measured."""
+    the nearest measured row) runs the table's kernel first; a no-op where nothing is measured, and
+    where `shapes_vary` and the table's kernel plans per shape (`PLANNED_PER_SHAPE`)."""
     key = _device_key(device)
     if key is None:
         return contextlib.nullcontext()
     dtype_name = str(dtype).removeprefix("torch.")
     first = chosen_kernel(load_table(), key, head_dim, dtype_name, max(queries, 1), max(keys, 1), backward)
-    if first is None or first == DEFAULT_ORDER[0]:
-        return contextlib.nullcontext()  # PyTorch's own order already tries it first
+    if first is None or first == DEFAULT_ORDER[0] or (shapes_vary and first in PLANNED_PER_SHAPE):
+        return contextlib.nullcontext()  # PyTorch's own order (flash first)
     return sdpa_order(kernel_order(first))
 
 

@@ -104,6 +104,15 @@ def test_attention_kernels_sets_the_tables_kernel_first(measured_here):
         assert _priority() == before
 
 
+def test_shapes_that_vary_never_put_a_per_shape_planned_kernel_first(measured_here):
+    measured_here([*ROWS, _row(32, 32, "efficient", head_dim=16)])
+    before = _priority()
+    with sdpa.attention_kernels(64, torch.float16, 200000, 3072, "cuda", shapes_vary=True):
+        assert _priority() == before  # the table says cuDNN: flash stays first
+    with sdpa.attention_kernels(16, torch.float16, 32, 32, "cuda", shapes_vary=True):
+        assert _priority()[0] == int(SDPBackend.EFFICIENT_ATTENTION)  # no plans: still the table's
+
+
 def test_the_fallback_on_the_cpu_gives_the_same_attention():
     q, k, v = (torch.randn(2, 4, 50, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     plain = F.scaled_dot_product_attention(q, k, v)
@@ -150,6 +159,22 @@ def test_hunyuan3d_runs_its_dit_and_decoder_in_the_tables_context_with_equal_mes
     # on the CPU cuDNN refuses and the next kernel runs: the same mesh
     assert np.array_equal(plain[0].vertices, chosen[0].vertices)
     assert np.array_equal(plain[0].faces, chosen[0].faces)
+
+
+def test_hunyuan3d_flashvdm_decodes_its_ragged_chunks_with_flash_where_the_table_says_cudnn(
+    weights,  # noqa: F811
+    measured_here,
+):
+    settings = _settings(weights, **{"mesher.flashvdm": True})
+    m = settings.mesher
+    mesher = Hunyuan3DMesher(m.weights, dit=m.dit, flashvdm=m.flashvdm, mc_algo=m.mc_algo)
+    first = set()
+    mesher.pipe.vae.geo_decoder.register_forward_pre_hook(lambda *_: first.add(_priority()[0]))
+    measured_here(_tiny_rows(mesher))
+    with mesher.dit_kernels():
+        assert _priority()[0] == int(SDPBackend.CUDNN_ATTENTION)  # the DiT's shapes are fixed
+    mesher.generate(_cutouts(1), _samples(1), m, 0, time.monotonic() + 300)
+    assert first == {int(SDPBackend.FLASH_ATTENTION)}
 
 
 def test_depth_pro_runs_its_encoders_in_the_tables_context(tmp_path, measured_here):

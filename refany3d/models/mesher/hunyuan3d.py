@@ -194,11 +194,17 @@ class Hunyuan3DMesher:
 
     def decoder_kernels(self, options: MesherSettings):
         """The SDPA kernel context of the geometry decoder's cross-attention: a chunk of volume
-        queries (a dense chunk; FlashVDM's are smaller) on the latents."""
+        queries on the latents. Dense chunks all have one size; FlashVDM's are smaller and ragged
+        (one per grid cell, a new length almost every call), so no per-shape-planned kernel there."""
         vae = self.pipe.vae
         queries = options.num_chunks // 10 if options.flashvdm else options.num_chunks
         return attention_kernels(
-            _head_dim(vae.geo_decoder), self.dtype, queries, vae.latent_shape[0], self.device
+            _head_dim(vae.geo_decoder),
+            self.dtype,
+            queries,
+            vae.latent_shape[0],
+            self.device,
+            shapes_vary=options.flashvdm,
         )
 
     def denoise(self, images, samples, options: MesherSettings, seed: int, deadline: float):
