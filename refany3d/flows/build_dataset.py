@@ -21,7 +21,7 @@ from prefect.states import Failed, State
 from refany3d.config import BuildSettings, SettingsError, to_dict
 from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport
 from refany3d.flows.memory import collect_garbage, limit_malloc_arenas
-from refany3d.flows.runtime import refuse_relative, result_storage, task_runner
+from refany3d.flows.runtime import give_back_gpu_slots, refuse_relative, result_storage, task_runner
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
 from refany3d.preflight import preflight
@@ -140,19 +140,22 @@ def run_batches(
     tasks = {s: stage_task(s).with_options(result_storage=storage) for s in report.stages}
     outputs = _Outputs()
     todo = list(enumerate(batches))[::-1]
-    with task_runner(settings) as runner:
-        scheduler = Scheduler(runner, tasks, settings, build_id)
-        for _ in range(min(settings.runtime.batches_in_flight, len(todo))):
-            i, batch = todo.pop()
-            scheduler.start(i, batch, keys[i])
-        for _ in batches:
-            i, futures = scheduler.next_finished_batch()
-            _count_batch(futures, batches[i], settings.until, report)
-            outputs.add_shard(keys[i]["shard"], futures["shard"].result())
-            collect_garbage()
-            if todo:
-                j, batch = todo.pop()
-                scheduler.start(j, batch, keys[j])
+    try:
+        with task_runner(settings) as runner:
+            scheduler = Scheduler(runner, tasks, settings, build_id)
+            for _ in range(min(settings.runtime.batches_in_flight, len(todo))):
+                i, batch = todo.pop()
+                scheduler.start(i, batch, keys[i])
+            for _ in batches:
+                i, futures = scheduler.next_finished_batch()
+                _count_batch(futures, batches[i], settings.until, report)
+                outputs.add_shard(keys[i]["shard"], futures["shard"].result())
+                collect_garbage()
+                if todo:
+                    j, batch = todo.pop()
+                    scheduler.start(j, batch, keys[j])
+    finally:
+        give_back_gpu_slots()  # the slots this process kept for its GPU tasks' next turns
     return outputs
 
 

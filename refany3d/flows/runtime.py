@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import threading
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -14,6 +15,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from refany3d.config import BuildSettings, SettingsError
+from refany3d.flows.gpu_turns import GpuTurns
 from refany3d.storage.fs import S3_PROTOCOLS, s3_options
 from refany3d.storage.store import join
 
@@ -93,11 +95,10 @@ def ensure_gpu_limit(name: str, slots: int) -> int:
 
 
 def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
-    """One slot of this machine's GPU limit (`gpu-<host name>`, created with `runtime.gpu_slots`
-    slots when missing), taken where the task runs: workers on two machines each run their own
-    slots, and concurrent builds share a machine's slots without resizing them."""
-    from prefect.concurrency.sync import concurrency
-
+    """A turn on one slot of this machine's GPU limit (`gpu-<host name>`, created with
+    `runtime.gpu_slots` slots when missing), taken where the task runs: workers on two machines
+    each run their own slots, and concurrent builds share a machine's slots without resizing them.
+    The process keeps a slot it took while its stage threads take turns (`gpu_turns.py`)."""
     name = gpu_limit_name()
     size = ensure_gpu_limit(name, settings.runtime.gpu_slots)
     if size != settings.runtime.gpu_slots:
@@ -106,4 +107,25 @@ def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
             "as it is (resize it with `prefect global-concurrency-limit update %s --limit N`)",
             name, size, settings.runtime.gpu_slots, name,
         )  # fmt: skip
-    return concurrency(name, occupy=1, strict=True)
+    return _process_turns(name).turn(size)
+
+
+_TURNS: dict[str, GpuTurns] = {}  # this process's turns, per machine limit
+_TURNS_LOCK = threading.Lock()
+
+
+def _process_turns(name: str) -> GpuTurns:
+    from prefect.concurrency.sync import concurrency
+
+    with _TURNS_LOCK:
+        if name not in _TURNS:
+            _TURNS[name] = GpuTurns(lambda: concurrency(name, occupy=1, strict=True))
+        return _TURNS[name]
+
+
+def give_back_gpu_slots() -> None:
+    """Give the slots this process holds and no turn uses back to the server (a flow's end)."""
+    with _TURNS_LOCK:
+        turns = list(_TURNS.values())
+    for each in turns:
+        each.give_back_idle()
