@@ -938,8 +938,11 @@ def _plot(report: dict, png: Path) -> bool:
 def _gantt(ax, spans: list[list], stages: list[str], wall: float) -> None:
     """Each stage call as a bar on its stage's row, coloured by batch."""
     batches = sorted({str(b) for b, *_ in spans})
+    height = 0.8 / max(len(batches), 1)  # each batch its own lane in the stage's row
     for batch, stage, t0, t1 in spans:
-        ax.barh(stages.index(stage), t1 - t0, left=t0, height=0.8, color=f"C{batches.index(str(batch)) % 10}")
+        k = batches.index(str(batch))
+        y = stages.index(stage) - 0.4 + (k + 0.5) * height
+        ax.barh(y, t1 - t0, left=t0, height=height, color=f"C{k % 10}")
     ax.set_yticks(range(len(stages)), stages, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlim(0, wall)

@@ -54,11 +54,12 @@ echo "calls, back to back (carry one part each; the last also carries .gl):"
 for k in $(seq 1 $((n - 1))); do echo "  carry [\".gbc$k\"]  command: mkdir -p /tmp/p && cp .gbc$k/* /tmp/p/"; done
 # The bench's commands: the first call installs (once per warm machine: /tmp stays, the marker says
 # so; bench/unpack_wheels.py unpacks the wheels in parallel, seconds where pip took 60-130 s of
-# the call) and runs the fast path, both modes (~330 s for the first warm-up and the timed plain
-# run of the 22-sample source, ~120 s for Prefect's one-batch warm-up and timed run); the next
-# call runs the standard path on 6 rows in batches of 2 (its mesh stage is 7 s an object).
+# the call) and runs the fast path, both modes (the first warm-up takes the whole source, Prefect's one batch);
+# the next call runs the standard path on 6 rows in batches of 2 (its mesh stage is 7 s an
+# object). ROWS: the rows `gpu_build_wheels.sh` generated (default 24).
 ENV='export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/sysroot/usr/lib/x86_64-linux-gnu:/tmp/sysroot/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYOPENGL_PLATFORM=egl;'
-BENCH='python3 bench/gpu_build_bench.py --rows 12 --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --modes plain,prefect'
+ROWS=${ROWS:-24}
+BENCH="python3 bench/gpu_build_bench.py --rows $ROWS --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --modes plain,prefect"
 cat <<EOF
   carry [".gbc$n", ".gl"]  command (installs, then the fast path):
     [ -f /tmp/site/.installed ] || { cp .gbc$n/* /tmp/p/ && cat /tmp/p/gbw.part.* | tar xf - -C /tmp && for f in .gl/*.deb; do dpkg -x \$f /; done; ldconfig;
