@@ -13,6 +13,7 @@ this VAE instance only; `compile` wraps this instance's DiT and decoder block, n
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -121,6 +122,11 @@ class Hunyuan3DMesher:
             variant="fp16",
         )
         self.dit = dit
+        # One object batch at a time on any device: the pipeline keeps state between the calls of
+        # a generation (its scheduler's step index, FlashVDM's chunk plan on its attention
+        # processor), and two mesh tasks of a thread-runner build share this instance. On CUDA
+        # `DEVICE_LOCK` serialises them too; on the CPU two at once raced to an IndexError.
+        self._generating = threading.Lock()
         self.configure_decoder(flashvdm, algorithm)
         if compile and self.device.type == "cuda":
             self.compile()
@@ -177,15 +183,16 @@ class Hunyuan3DMesher:
         seed: int,
         deadline: float,
     ) -> list[trimesh.Trimesh | None]:
-        latents = self.denoise(images, samples, options, seed, deadline)
-        out = []
-        for latent in latents:
-            if time.monotonic() > deadline:
-                raise MesherTimeout(
-                    f"hunyuan3d passed its deadline after {len(out)} of {len(samples)} decodes", done=out
-                )
-            out.append(self.decode(latent[None], options))
-        return out
+        with self._generating:
+            latents = self.denoise(images, samples, options, seed, deadline)
+            out = []
+            for latent in latents:
+                if time.monotonic() > deadline:
+                    raise MesherTimeout(
+                        f"hunyuan3d passed its deadline after {len(out)} of {len(samples)} decodes", done=out
+                    )
+                out.append(self.decode(latent[None], options))
+            return out
 
     def dit_kernels(self):
         """The SDPA kernel context of the DiT's joint attention (latents with image tokens)."""

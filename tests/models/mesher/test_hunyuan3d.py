@@ -1,3 +1,4 @@
+import threading
 import time
 
 import numpy as np
@@ -80,6 +81,39 @@ def test_hunyuan3d_batching_keeps_each_objects_result(weights):
     alone = mesher.denoise(_cutouts(2)[1:], _samples(2)[1:], settings.mesher, 0, time.monotonic() + 300)
     assert np.allclose(latents[1].numpy(), alone[0].numpy(), atol=1e-5)
     assert not np.allclose(latents[0].numpy(), latents[1].numpy())
+
+
+def test_hunyuan3d_generates_one_batch_at_a_time_from_two_threads(weights):
+    """Two mesh tasks of a thread-runner build share the instance; its pipeline keeps per-call
+    state (the scheduler's step index), so their generations must not interleave, on the CPU too."""
+    settings = _settings(weights)
+    mesher = _mesher(settings)
+    denoise, inside, most = mesher.denoise, [0], [0]
+
+    def counted(*args):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)  # a window in which a second generation would enter
+        try:
+            return denoise(*args)
+        finally:
+            inside[0] -= 1
+
+    mesher.denoise = counted
+    alone = mesher.generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic() + 300)
+    out = [None, None]
+
+    def run(i):
+        out[i] = mesher.generate(_cutouts(1), _samples(1), settings.mesher, 0, time.monotonic() + 300)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert most[0] == 1
+    for meshes in out:
+        assert np.array_equal(meshes[0].vertices, alone[0].vertices)
 
 
 def test_hunyuan3d_generate_past_deadline_raises_timeout(weights):
