@@ -315,8 +315,9 @@ class Sampler:
         if self.has_gpu and rows:
             steady = [r for r in rows if r[0] >= t0 + 0.2 * (t1 - t0)]  # the first fifth: ramp-up
             out.update(
-                gpu_busy_fraction=round(sum(r[1] for r in rows) / len(rows) / 100, 3),
-                gpu_busy_fraction_steady=round(sum(r[1] for r in steady) / max(len(steady), 1) / 100, 3),
+                # the figure: steady state, the run without its first fifth (ramp-up)
+                gpu_busy_fraction=round(sum(r[1] for r in steady) / max(len(steady), 1) / 100, 3),
+                gpu_busy_fraction_whole_run=round(sum(r[1] for r in rows) / len(rows) / 100, 3),
                 gpu_used_peak_gib=round(max(r[2] for r in rows), 2),
                 timeline=_timeline(rows, t0, t1),
                 gpu_waits=self.gpu_waits(t0, t1),
@@ -846,7 +847,7 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
         "Replaced outputs (the networks ran in full first): "
         + "; ".join(f"**{k}**: {v}" for k, v in report["replaced"].items()),
         "",
-        "| path | mode | samples | wall s | samples/h | GPU busy | steady | CPU cores busy | GPU peak GiB | host RSS GiB |",
+        "| path | mode | samples | wall s | samples/h | GPU busy (steady) | GPU busy (whole run) | CPU cores busy | GPU peak GiB | host RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path, modes in report["paths"].items():
@@ -855,7 +856,7 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
                 continue
             lines.append(
                 f"| {path} | {mode} | {row['samples']} | {row['wall_s']:.1f} | {row['samples_per_hour']:.0f} | "
-                f"{row.get('gpu_busy_fraction', '-')} | {row.get('gpu_busy_fraction_steady', '-')} | {row.get('cores_busy', '-')} | "
+                f"{row.get('gpu_busy_fraction', '-')} | {row.get('gpu_busy_fraction_whole_run', '-')} | {row.get('cores_busy', '-')} | "
                 f"{row.get('gpu_used_peak_gib', '-')} | {row['host_rss_peak_gib']} |"
             )
     for path, modes in report["paths"].items():
@@ -1068,7 +1069,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "units": "wall_s: whole run; samples: views sharded; stages.*.wall_s: summed call (plain) or task-run "
         "(prefect) seconds, overlapping, or summed stage seconds one at a time (serial); cpu_s: CPU seconds of the process and its post-processing processes during the run, and per stage (serial only); cores_busy: the run's cpu_s / wall; "
         "gpu_busy_s: NVML utilisation x seconds over each stage's intervals; gpu_busy_fraction: mean "
-        "utilisation over the run (steady: without its first fifth); host_rss_peak_gib: this process "
+        "utilisation in steady state (the run without its first fifth; gpu_busy_fraction_whole_run: all of it); host_rss_peak_gib: this process "
         "and its post-processing processes (the Prefect server is another)",
         "paths": {},
     }  # fmt: skip

@@ -79,6 +79,13 @@ GPU_PROFILE: dict[str, Any] = {
     "depth.batch_size": 8,
     "mesher.compile": True,  # mesh_gpu_h200_sdpa.json: standard 6.62 s an asset compiled, 11.4 eager
     "mesher.batch_size": 4,  # standard compiled: 6.62 s at DiT batch 4, 6.73 at 1
+    # gpu_build_h200.json (the whole DAG, 16-core H200 worker): 12 processes of 1 thread each for
+    # the mesh post-processing and 16 task threads made 2,930 samples/h on the fast path; 4
+    # batches in flight and 1 GPU slot are the defaults those runs kept
+    "mesher.post_processes": 12,
+    "runtime.workers": 16,
+    "runtime.batches_in_flight": 4,
+    "runtime.gpu_slots": 1,
 }
 
 

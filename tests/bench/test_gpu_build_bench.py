@@ -140,7 +140,8 @@ def test_sampler_timeline_and_busy_seconds(bench):
     sampler.rows = [(float(t), 100.0 if t < 5 else 0.0, 3.0, 1.0, 2.0 if t < 5 else 12.0) for t in range(10)]
     assert sampler.busy_s(0, 4) == pytest.approx(4.0)
     out = sampler.summary(0, 9)
-    assert out["gpu_busy_fraction"] == 0.5 and out["gpu_used_peak_gib"] == 3.0
+    assert out["gpu_busy_fraction_whole_run"] == 0.5 and out["gpu_used_peak_gib"] == 3.0
+    assert out["gpu_busy_fraction"] == 0.375  # steady: t = 2 ... 9 (after the first fifth), 3 of 8 busy
     assert len(out["timeline"]) == 60 and out["timeline"][0] == 1.0 and out["timeline"][-1] == 0.0
     assert out["cores_timeline"][0] == 2.0 and out["cores_timeline"][-1] == 12.0
 
@@ -195,8 +196,8 @@ def test_core_clock_counts_a_busy_core(bench):
 
 def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path):
     stages = {"detect": {"wall_s": 1.0, "cpu_s": 0.5, "gpu_busy_s": 0.8, "kept": 4, "dropped": 0}}
-    row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.5,
-           "gpu_busy_fraction_steady": 0.6, "cores_busy": 7.5, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
+    row = {"samples": 4, "sharded": 4, "wall_s": 10.0, "samples_per_hour": 1440.0, "gpu_busy_fraction": 0.6,
+           "gpu_busy_fraction_whole_run": 0.5, "cores_busy": 7.5, "gpu_used_peak_gib": 30.0, "host_rss_peak_gib": 9.0,
            "timeline": [1.0] * 30 + [0.0] * 30, "cores_timeline": [16.0] * 30 + [0.0] * 30, "stages": stages,
            "gpu_waits": [{"where": "mesh.infer > x.py:f:1", "share_of_idle": 0.9}],
            "spans": [[0, "detect", 0.0, 1.0], [1, "shard", 1.0, 2.0]]}  # fmt: skip
@@ -206,7 +207,7 @@ def test_markdown_page_has_the_tables_the_busy_bar_and_the_plot(bench, tmp_path)
     md = tmp_path / "page.md"
     bench.write_markdown(report, md, md.with_suffix(".png"))
     page = md.read_text()
-    assert "| fast | plain | 4 | 10.0 | 1440 | 0.5 | 0.6 | 7.5 | 30.0 | 9.0 |" in page
+    assert "| fast | plain | 4 | 10.0 | 1440 | 0.6 | 0.5 | 7.5 | 30.0 | 9.0 |" in page
     assert "    |" + "@" * 30 + " " * 30 + "|" in page and "skipped (missing modules)" in page
     assert (
         page.count("    |" + "@" * 30 + " " * 30 + "|") == 2 and "CPU cores busy over the run (of 16)" in page
