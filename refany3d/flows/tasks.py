@@ -141,5 +141,8 @@ def stage_task(stage: str) -> Task:
         # The result store would also keep each record in an in-memory LRU (1,000 records, ≈ 0.1 MB
         # each at 64 samples): the flow's memory grew with the build. Futures hold what is in flight.
         cache_result_in_memory=False,
-        tags=["gpu"] if STAGES[stage].gpu else ["cpu"],
+        # No tags: Prefect takes a slot of a `tag:<tag>` concurrency limit for each tag of each task
+        # run as it starts, one more server call per task, which waited 1.8-2.3 s under a build's
+        # load (bench/GPU_BUILD_RUN.md, run 6). The GPU's limit is the machine's (`gpu_slot`).
+        tags=[],
     )

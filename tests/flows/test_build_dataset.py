@@ -55,8 +55,11 @@ def test_build_dataset_until_split_writes_shards_rejects_card_and_artifacts(tmp_
     assert (out / "README.md").read_text().startswith("---\n")
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(result["flow_run_id"]).name == "Flow Test"
-        names = {t.name for t in task_runs(client, result["flow_run_id"], expect=8)}
+        runs = task_runs(client, result["flow_run_id"], expect=8)
+        names = {t.name for t in runs}
         arts = artifacts(client, result["flow_run_id"])
+        # untagged: no `tag:` concurrency slot to take (a server call each) as a task run starts
+        assert all(not t.tags for t in runs)
     assert names == {
         f"{s}-batch-pairs-{a:07d}-{b:07d}"
         for s in ("source", "quality", "split", "shard")
