@@ -111,6 +111,7 @@ def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
 
 
 _TURNS: dict[str, GpuTurns] = {}  # this process's turns, per machine limit
+LEASE_S = 60.0
 _TURNS_LOCK = threading.Lock()
 
 
@@ -119,7 +120,14 @@ def _process_turns(name: str) -> GpuTurns:
 
     with _TURNS_LOCK:
         if name not in _TURNS:
-            _TURNS[name] = GpuTurns(lambda: concurrency(name, occupy=1, strict=True))
+            # A short lease (Prefect renews it while held): a worker killed holding the slot frees
+            # it within a minute, not the default five. A renewal that fails leaves the lane
+            # holding on (a GPU-sharing hint gone stale), instead of cancelling the lane's thread.
+            _TURNS[name] = GpuTurns(
+                lambda: concurrency(
+                    name, occupy=1, strict=True, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False
+                )
+            )
         return _TURNS[name]
 
 

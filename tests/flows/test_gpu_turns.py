@@ -124,18 +124,27 @@ def test_a_failed_acquisition_fails_the_turn_and_the_next_one_tries_again():
 def test_a_process_keeps_a_prefect_slot_between_turns_and_gives_it_back_at_the_end():
     from prefect.client.orchestration import get_client
 
-    from refany3d.flows.runtime import give_back_gpu_slots, gpu_limit_name, gpu_slot
+    from refany3d.flows.runtime import ensure_gpu_limit, give_back_gpu_slots, gpu_limit_name, gpu_slot
 
-    settings = override(BuildSettings(), **{"runtime.gpu_slots": 1})
+    name = gpu_limit_name()
+    with get_client(sync_client=True) as client:
+        existed = any(lim.name == name for lim in client.read_global_concurrency_limits())
+    size = ensure_gpu_limit(name, 1)  # an earlier test may have made it with other slots
+    settings = override(BuildSettings(), **{"runtime.gpu_slots": size})
 
     def active() -> int:
         with get_client(sync_client=True) as client:
-            return client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots
+            return client.read_global_concurrency_limit_by_name(name).active_slots
 
-    with gpu_slot(settings):
-        assert active() == 1
-    assert active() == 1  # kept for this process's next turn
-    with gpu_slot(settings):
-        assert active() == 1
-    give_back_gpu_slots()
-    assert active() == 0
+    try:
+        with gpu_slot(settings):
+            assert active() == 1
+        assert active() == 1  # kept for this process's next turn
+        with gpu_slot(settings):
+            assert active() == 1
+        give_back_gpu_slots()
+        assert active() == 0
+    finally:
+        if not existed:  # the harness is the session's: leave no limit for the tests after this one
+            with get_client(sync_client=True) as client:
+                client.delete_global_concurrency_limit_by_name(name)
