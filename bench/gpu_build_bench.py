@@ -835,6 +835,12 @@ def _machine() -> dict[str, Any]:
 SHADES = " .:-=+*#%@"
 
 
+def _bar(fractions: list[float]) -> str:
+    """One shade per value in 0-1, ' ' to '@'."""
+    top = len(SHADES) - 1
+    return "".join(SHADES[min(int(f * top + 0.5), top)] for f in fractions)
+
+
 def write_markdown(report: dict, md: Path, png: Path | None) -> None:
     lines = [
         f"# The whole build DAG on one worker ({report['machine']['gpu']}, {report['date']})",
@@ -877,21 +883,15 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
                     f"| {stage} | {st['wall_s']} | {st.get('cpu_s', '-')} | {st['gpu_busy_s']} | {st.get('tasks', '-')} |"
                 )
             if row.get("timeline"):
-                bar = "".join(
-                    SHADES[min(int(u * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)] for u in row["timeline"]
-                )
                 lines += [
                     "",
                     "GPU busy over the run (60 slices, ' ' idle ... '@' 100 %):",
                     "",
-                    f"    |{bar}|",
+                    f"    |{_bar(row['timeline'])}|",
                 ]
             if row.get("cores_timeline"):
                 cores = report["machine"].get("cpu_count") or 1
-                bar = "".join(
-                    SHADES[min(int(c / cores * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)]
-                    for c in row["cores_timeline"]
-                )
+                bar = _bar([c / cores for c in row["cores_timeline"]])
                 lines += ["", f"CPU cores busy over the run (of {cores}):", "", f"    |{bar}|"]
             if row.get("gpu_waits"):
                 lines += ["", "Where the stage threads were while the GPU was idle (share of the idle samples):", "",

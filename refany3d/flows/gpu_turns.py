@@ -6,7 +6,7 @@ after the limit's mean occupancy times its waiters (Poisson-jittered, up to 30 s
 that waits for a turn another thread of the same process holds therefore sleeps well past the
 moment the slot is free, and the GPU idles meanwhile. With one slot taken per forward pass, the
 build on the H200 worker ran the fast path at 709 samples/h through Prefect against 1,176 for the
-same schedule without it (`bench/results/gpu_build_h200.md`).
+same schedule without it (`bench/GPU_BUILD_RUN.md`, run 5).
 
 So a process keeps the slots it takes. Each is held by a lane thread of its own (Prefect's context
 manager is entered and left on one thread), which hands the slot from one stage thread of the

@@ -110,8 +110,8 @@ def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
     return _process_turns(name).turn(size)
 
 
+LEASE_S = 60.0  # of a GPU slot a lane holds; Prefect renews it while the process lives
 _TURNS: dict[str, GpuTurns] = {}  # this process's turns, per machine limit
-LEASE_S = 60.0
 _TURNS_LOCK = threading.Lock()
 
 

@@ -18,7 +18,7 @@ A call site whose shapes change from call to call (FlashVDM's ragged chunks: a d
 count for every grid cell and every object) says so (`shapes_vary`), and then a kernel that plans
 per shape is never put first: cuDNN builds an execution graph for each new shape and caches it per
 thread, tens of milliseconds of host time each, while the GPU waits. On the H200 worker that was
-13-17 s of idle GPU on a thread's first object (`bench/results/gpu_build_h200.md`); the table's
+13-17 s of idle GPU on a thread's first object (`bench/GPU_BUILD_RUN.md`, run 5); the table's
 fixed-shape timing cannot show it.
 """
 
