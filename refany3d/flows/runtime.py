@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -79,7 +80,7 @@ def gpu_limit_name(host: str | None = None) -> str:
 def ensure_gpu_limit(name: str, slots: int) -> int:
     """Create the limit `name` with `slots` slots unless it exists; its size (an existing limit
     keeps its own: a build never resizes the slots another build, or an operator, set). One API
-    read per GPU task (a task is a whole batch)."""
+    read per GPU task (a task is a whole batch; its turns read nothing)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -94,11 +95,12 @@ def ensure_gpu_limit(name: str, slots: int) -> int:
         return client.read_global_concurrency_limit_by_name(name).limit
 
 
-def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
-    """A turn on one slot of this machine's GPU limit (`gpu-<host name>`, created with
+def gpu_turns(settings: BuildSettings) -> Callable[[], contextlib.AbstractContextManager]:
+    """Turns on one slot of this machine's GPU limit (`gpu-<host name>`, created with
     `runtime.gpu_slots` slots when missing), taken where the task runs: workers on two machines
     each run their own slots, and concurrent builds share a machine's slots without resizing them.
-    The process keeps a slot it took while its stage threads take turns (`gpu_turns.py`)."""
+    A GPU task takes a turn per forward pass; the process keeps a slot it took while its stage
+    threads take turns (`gpu_turns.py`), so a turn costs no server call."""
     name = gpu_limit_name()
     size = ensure_gpu_limit(name, settings.runtime.gpu_slots)
     if size != settings.runtime.gpu_slots:
@@ -107,7 +109,8 @@ def gpu_slot(settings: BuildSettings) -> contextlib.AbstractContextManager:
             "as it is (resize it with `prefect global-concurrency-limit update %s --limit N`)",
             name, size, settings.runtime.gpu_slots, name,
         )  # fmt: skip
-    return _process_turns(name).turn(size)
+    turns = _process_turns(name)
+    return lambda: turns.turn(size)
 
 
 LEASE_S = 60.0  # of a GPU slot a lane holds; Prefect renews it while the process lives

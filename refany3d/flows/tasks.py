@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import cache
 from typing import Any
 
@@ -52,13 +54,14 @@ def task_for(tasks: dict[str, Task], stage: str, settings: BuildSettings, key: s
     return tasks[stage]
 
 
-def _gpu_slot(stage: str, settings: BuildSettings) -> contextlib.AbstractContextManager:
-    """A slot of this machine's GPU limit for GPU stages on a CUDA device; no throttling on CPU."""
+def _gpu_turns(stage: str, settings: BuildSettings) -> Callable[[], AbstractContextManager]:
+    """Turns on a slot of this machine's GPU limit for GPU stages on a CUDA device (the stage takes
+    one per forward pass, `StageContext.device`); no throttling on CPU."""
     if STAGES[stage].gpu and settings.runtime.device.startswith("cuda"):
-        from refany3d.flows.runtime import gpu_slot
+        from refany3d.flows.runtime import gpu_turns
 
-        return gpu_slot(settings)
-    return contextlib.nullcontext()
+        return gpu_turns(settings)
+    return contextlib.nullcontext
 
 
 def run_stage(
@@ -76,12 +79,7 @@ def run_stage(
     logger = get_run_logger()
     limit_malloc_arenas()  # in a Dask worker process, too
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
-    ctx = StageContext(store=store, seed=settings.source.seed, key=key)
-    whole_stage = contextlib.nullcontext()
-    if STAGES[stage].device_turns:  # the stage holds the slot over its forward passes only
-        ctx.device = lambda: _gpu_slot(stage, settings)
-    else:
-        whole_stage = _gpu_slot(stage, settings)
+    ctx = StageContext(store=store, seed=settings.source.seed, key=key, device=_gpu_turns(stage, settings))
     if isinstance(inputs, SourceBatch):
         samples_in: Any = inputs
         size = inputs.stop - inputs.start
@@ -92,8 +90,7 @@ def run_stage(
         partial = any(r.transient for r in inputs)
     logger.info("%s: %d %s of batch %s", stage, size, "rows" if stage == "source" else "samples", batch_id)
     start = time.perf_counter()
-    with whole_stage:
-        result = run_with_policy(stage, samples_in, settings, ctx)
+    result = run_with_policy(stage, samples_in, settings, ctx)
     if stage == "shard":
         dropped = [r for earlier in inputs for r in earlier.dropped] + result.dropped
         name = write_rejects(settings.storage.out, key, dropped)
@@ -143,6 +140,6 @@ def stage_task(stage: str) -> Task:
         cache_result_in_memory=False,
         # No tags: Prefect takes a slot of a `tag:<tag>` concurrency limit for each tag of each task
         # run as it starts, one more server call per task, which waited 1.8-2.3 s under a build's
-        # load (bench/GPU_BUILD_RUN.md, run 6). The GPU's limit is the machine's (`gpu_slot`).
+        # load (bench/GPU_BUILD_RUN.md, run 6). The GPU's limit is the machine's (`gpu_turns`).
         tags=[],
     )

@@ -95,12 +95,14 @@ def pipelined(
     """(chunk, finish(chunk, loaded, infer(chunk, loaded))) for each chunk, in order, where
     loaded = load(chunk).
 
-    `infer` (the forward pass) runs on the calling thread, one chunk at a time, inside one
-    `device()` context (the stage's GPU slot, `StageContext.device`) that is left after the last
-    forward pass: the chunks' remaining `finish` work then holds no slot, and another batch's GPU
-    stage can run meanwhile. The next chunk's `load` (decode, read) runs on a thread of its own and
-    the chunks' `finish` (checks, encode, write) on two others, so a stage's host work hides behind
-    the GPU instead of adding to it, and a slow `finish` never delays the next forward pass.
+    `infer` (the forward pass) runs on the calling thread, one chunk at a time, each inside a
+    `device()` context of its own (a turn on the stage's GPU slot, `StageContext.device`): while
+    the stage waits for a chunk's `load`, or after its last forward pass, it holds no turn, and
+    another batch's GPU stage runs its forward pass meanwhile (one turn over all the chunks would
+    keep those waiting on this stage's host work, as a plain loop's device lock never does). The
+    next chunk's `load` (decode, read) runs on a thread of its own and the chunks' `finish`
+    (checks, encode, write) on two others, so a stage's host work hides behind the GPU instead of
+    adding to it, and a slow `finish` never delays the next forward pass.
     """
     if not chunks:
         return
@@ -110,13 +112,13 @@ def pipelined(
     ):
         upcoming: Future = loads.submit(load, chunks[0])
         finishing: list[Future] = []
-        with device():
-            for index, chunk in enumerate(chunks):
-                loaded = upcoming.result()
-                if index + 1 < len(chunks):
-                    upcoming = loads.submit(load, chunks[index + 1])
+        for index, chunk in enumerate(chunks):
+            loaded = upcoming.result()
+            if index + 1 < len(chunks):
+                upcoming = loads.submit(load, chunks[index + 1])
+            with device():
                 outputs = infer(chunk, loaded)
-                finishing.append(finishes.submit(finish, chunk, loaded, outputs))
+            finishing.append(finishes.submit(finish, chunk, loaded, outputs))
         for chunk, done in zip(chunks, finishing, strict=True):
             yield chunk, done.result()
 

@@ -15,8 +15,8 @@ from refany3d.storage.store import ArtifactStore
 class StageContext:
     """Per-call context of a stage. `store` holds heavy artifacts; `seed` feeds any randomness;
     `key` is the stage's content key on this batch (`stages/keys.py`), for stages that name the
-    files they write after what decides them. `device` is the GPU's turn: a stage whose spec says
-    `device_turns` holds it over its forward passes only (the flow gives it the machine's GPU
+    files they write after what decides them. `device` is a turn on the GPU: a GPU stage holds
+    one over each forward pass, and none over its host work (the flow gives it the machine's GPU
     slot; elsewhere it is nothing)."""
 
     store: ArtifactStore

@@ -35,10 +35,10 @@ class StageSpec:
     sections: tuple[str, ...]
     columns: tuple[str, ...]  # shard columns this stage fills
     module: str  # refany3d.stages.<module>.<name> is the stage function
-    gpu: bool = False  # runs a network: takes a slot of its machine's GPU limit on CUDA (`gpu-<host>`)
-    # The stage takes that slot itself (`StageContext.device`), over its forward passes only, and
-    # gives it back before its host work on the last chunks ends; otherwise the task holds it.
-    device_turns: bool = False
+    # Runs a network: on CUDA, each of its forward passes takes a turn on a slot of its machine's
+    # GPU limit (`gpu-<host>`, `StageContext.device`); its host work (reads, decodes, checks,
+    # writes) holds none, so another batch's forward pass runs meanwhile.
+    gpu: bool = False
     # One task at a time across the build: a shard task holds a whole shard in memory (its rows and
     # their Arrow table, ≈ 2 MB a sample), and two at once were the flow's largest peak.
     serial: bool = False
@@ -72,7 +72,6 @@ STAGES: dict[str, StageSpec] = {
         ("box",),
         "detect",
         gpu=True,
-        device_turns=True,
         truth_section="detector",
         weights=("detector.weights", "detector.text_encoder", "detector.config"),
         on_device=_always,
@@ -83,7 +82,6 @@ STAGES: dict[str, StageSpec] = {
         ("mask",),
         "segment",
         gpu=True,
-        device_turns=True,
         truth_section="segmenter",
         weights=("segmenter.weights",),
         on_device=_always,
@@ -94,7 +92,6 @@ STAGES: dict[str, StageSpec] = {
         ("mesh_glb",),
         "mesh",
         gpu=True,
-        device_turns=True,
         truth_section="mesher",
         weights=("mesher.weights",),
         on_device=_always,
@@ -105,7 +102,6 @@ STAGES: dict[str, StageSpec] = {
         ("depth", "intrinsics"),
         "depth",
         gpu=True,
-        device_turns=True,
         truth_section="depth",
         weights=("depth.weights",),
         on_device=_always,

@@ -8,6 +8,9 @@ unit, the calibration), metrics `pose_score` (the estimator's confidence) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import numpy as np
 import trimesh
 
@@ -78,9 +81,10 @@ def _finish(sample: Sample, view, found: PoseResult | Exception, opts: PoseSetti
     return out
 
 
-def _estimate_one(estimator, view) -> PoseResult | Exception:
+def _estimate_one(estimator, view, device: Callable[[], AbstractContextManager]) -> PoseResult | Exception:
     try:
-        return estimator.estimate(*view)
+        with device():
+            return estimator.estimate(*view)
     except Exception as err:
         return err
 
@@ -96,11 +100,11 @@ def pose(samples: list[Sample], settings: BuildSettings, ctx: StageContext) -> S
     batched = getattr(estimator, "estimate_many", None)  # the GPU path poses a batch at once
     if batched is not None:
         try:
-            found = dict(zip(ready, batched([views[i][:4] for i in ready]), strict=True))
+            found = dict(zip(ready, batched([views[i][:4] for i in ready], device=ctx.device), strict=True))
         except Exception:  # the batch failed (out of memory, say): each sample alone
             found = None
     if found is None:
-        found = {i: _estimate_one(estimator, views[i]) for i in ready}
+        found = {i: _estimate_one(estimator, views[i], ctx.device) for i in ready}
     outcomes = [
         _finish(sample, views[i], found[i], settings.pose) if i in found else views[i]
         for i, sample in enumerate(samples)

@@ -41,7 +41,7 @@ def test_build_dataset_until_mesh_writes_textured_meshes(tmp_path, synthetic_sou
         assert mesh.visual.kind == "texture" and 0 < len(mesh.faces) <= 3000
 
 
-def test_the_mesh_task_gives_the_gpu_slot_back_before_its_last_objects_are_finished(
+def test_the_mesh_task_takes_a_gpu_turn_per_forward_pass_and_none_over_its_last_objects(
     tmp_path, synthetic_source, monkeypatch
 ):
     # the slot is for the forward passes: held over the post-processing of the last chunk, it would
@@ -52,20 +52,23 @@ def test_the_mesh_task_gives_the_gpu_slot_back_before_its_last_objects_are_finis
     from refany3d.flows import tasks
     from refany3d.stages import mesh as mesh_stage
 
-    slots, kept = [], []
+    turns, kept = [], []
 
-    @contextlib.contextmanager
-    def slot(stage, settings):
-        taken = time.monotonic()
-        yield
-        slots.append((stage, taken, time.monotonic()))
+    def gpu_turns(stage, settings):
+        @contextlib.contextmanager
+        def turn():
+            taken = time.monotonic()
+            yield
+            turns.append((stage, taken, time.monotonic()))
+
+        return turn
 
     def keep(sample, done, ctx):
         kept.append(time.monotonic())
         return real_keep(sample, done, ctx)
 
     real_keep = mesh_stage._keep
-    monkeypatch.setattr(tasks, "_gpu_slot", slot)
+    monkeypatch.setattr(tasks, "_gpu_turns", gpu_turns)
     monkeypatch.setattr(mesh_stage, "_keep", keep)
     settings = override(
         BuildSettings(),
@@ -74,5 +77,6 @@ def test_the_mesh_task_gives_the_gpu_slot_back_before_its_last_objects_are_finis
            "mesher.uv_atlas_size": 256, "mesher.truth_resolution": 48, "texturer.fit_resolution": 128},
     )  # fmt: skip
     assert build_dataset(settings)["stats"]["mesh"]["kept"] == len(kept) == 2
-    (mesh_slot,) = [s for s in slots if s[0] == "mesh"]
-    assert mesh_slot[2] < max(kept)  # given back while the last object was still being finished
+    mesh_turns = [t for t in turns if t[0] == "mesh"]
+    assert len(mesh_turns) == 2  # one per chunk of one object
+    assert mesh_turns[-1][2] < max(kept)  # given back while the last object was still being finished

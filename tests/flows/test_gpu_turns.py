@@ -124,7 +124,7 @@ def test_a_failed_acquisition_fails_the_turn_and_the_next_one_tries_again():
 def test_a_process_keeps_a_prefect_slot_between_turns_and_gives_it_back_at_the_end():
     from prefect.client.orchestration import get_client
 
-    from refany3d.flows.runtime import ensure_gpu_limit, give_back_gpu_slots, gpu_limit_name, gpu_slot
+    from refany3d.flows.runtime import ensure_gpu_limit, give_back_gpu_slots, gpu_limit_name, gpu_turns
 
     name = gpu_limit_name()
     with get_client(sync_client=True) as client:
@@ -137,10 +137,11 @@ def test_a_process_keeps_a_prefect_slot_between_turns_and_gives_it_back_at_the_e
             return client.read_global_concurrency_limit_by_name(name).active_slots
 
     try:
-        with gpu_slot(settings):
+        turn = gpu_turns(settings)
+        with turn():
             assert active() == 1
         assert active() == 1  # kept for this process's next turn
-        with gpu_slot(settings):
+        with turn():
             assert active() == 1
         give_back_gpu_slots()
         assert active() == 0

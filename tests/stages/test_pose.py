@@ -1,3 +1,4 @@
+import dataclasses
 import io
 
 import numpy as np
@@ -135,7 +136,9 @@ def test_pose_on_the_gpu_path_poses_the_batch_at_once_and_drops_alone(staged, mo
     estimator = BatchedPoseEstimator(quick, "cpu")
     calls = []
     many = estimator.estimate_many
-    monkeypatch.setattr(estimator, "estimate_many", lambda views: calls.append(len(views)) or many(views))
+    monkeypatch.setattr(
+        estimator, "estimate_many", lambda views, device: calls.append(len(views)) or many(views, device)
+    )
     monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
     empty = _sample(ctx, cases[0], 9, depth=np.zeros_like(cases[0].depth))
     result = pose([empty, samples[1]], BuildSettings(), ctx)
@@ -146,13 +149,43 @@ def test_pose_on_the_gpu_path_poses_the_batch_at_once_and_drops_alone(staged, mo
     assert errors.add_s < 0.05 and errors.scale < 0.06
 
 
+def test_pose_on_the_gpu_path_searches_inside_a_device_turn_and_reads_outside_it(staged, monkeypatch):
+    """The stage's GPU turn covers the search on the device only: reading the mesh, depth and
+    mask, and making the observations, hold no turn (another batch's forward pass runs then)."""
+    import contextlib
+
+    from refany3d.config import PoseSettings
+    from refany3d.models.pose import batched as batched_module
+
+    ctx, _, samples = staged
+    held, seen = [False], {"read": [], "observe": [], "search": []}
+
+    @contextlib.contextmanager
+    def device():
+        held[0] = True
+        yield
+        held[0] = False
+
+    def spy(name, real):
+        return lambda *a, **k: seen[name].append(held[0]) or real(*a, **k)
+
+    estimator = batched_module.BatchedPoseEstimator(PoseSettings(view_directions=14, in_plane_steps=4), "cpu")
+    monkeypatch.setattr(pose_module, "load_pose_estimator", lambda settings: estimator)
+    monkeypatch.setattr(pose_module, "read_depth", spy("read", pose_module.read_depth))
+    monkeypatch.setattr(batched_module, "observe", spy("observe", batched_module.observe))
+    monkeypatch.setattr(estimator, "_search", spy("search", estimator._search))
+    result = pose(samples, BuildSettings(), dataclasses.replace(ctx, device=device))
+    assert len(result.kept) == len(samples)
+    assert seen == {"read": [False] * len(samples), "observe": [False] * len(samples), "search": [True]}
+
+
 class _BatchFails(_Raising):
     name = "stub"
 
     def __init__(self):
         self.single = 0
 
-    def estimate_many(self, views):
+    def estimate_many(self, views, device):
         raise MemoryError("CUDA out of memory")
 
     def estimate(self, mesh, depth, mask, intrinsics, rgb=None):

@@ -38,7 +38,7 @@ def test_pipelined_loads_next_chunk_while_inferring():
     assert [r for _, r in pipelined([[0], [1]], load, infer, lambda c, loaded, out: out)] == [[0], [1]]
 
 
-def test_pipelined_holds_the_device_over_the_forward_passes_and_not_the_last_finish():
+def test_pipelined_takes_a_device_turn_per_forward_pass_and_none_over_the_last_finish():
     events, released = [], threading.Event()
 
     @contextlib.contextmanager
@@ -59,7 +59,38 @@ def test_pipelined_holds_the_device_over_the_forward_passes_and_not_the_last_fin
 
     out = [r for _, r in pipelined([[0], [1], [2]], lambda c: c, infer, finish, device=device)]
     assert out == [[0], [1], [2]]
-    assert events == ["take", "infer 0", "infer 1", "infer 2", "give back"]
+    assert events == ["take", "infer 0", "give back"] + ["take", "infer 1", "give back"] + [
+        "take",
+        "infer 2",
+        "give back",
+    ]
+
+
+def test_pipelined_holds_no_device_turn_while_its_next_chunk_loads():
+    # another stage's forward pass (here: the load of chunk 1, which waits for a turn of its own)
+    # gets the device while this stage waits for its load; one turn over all chunks deadlocks
+    turn = threading.Lock()
+
+    @contextlib.contextmanager
+    def device():
+        assert turn.acquire(timeout=10), "the device turn was never given back"
+        try:
+            yield
+        finally:
+            turn.release()
+
+    def load(chunk):
+        if chunk == [1]:
+            with device():  # another batch's forward pass, while this stage's next load is late
+                pass
+        return chunk
+
+    assert [
+        r for _, r in pipelined([[0], [1]], load, lambda c, loaded: loaded, lambda c, x, out: out, device)
+    ] == [
+        [0],
+        [1],
+    ]
 
 
 def test_pipelined_forward_passes_never_wait_behind_slow_finishes():

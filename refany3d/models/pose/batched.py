@@ -11,7 +11,9 @@ hypotheses go on) is small and runs in numpy, as in `builtin`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -721,9 +723,13 @@ class BatchedPoseEstimator:
         return result
 
     def estimate_many(
-        self, views: list[tuple[trimesh.Trimesh, np.ndarray, np.ndarray, np.ndarray]]
+        self,
+        views: list[tuple[trimesh.Trimesh, np.ndarray, np.ndarray, np.ndarray]],
+        device: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> list[PoseResult | PoseNotFound]:
-        """Pose of each (mesh, depth, mask, intrinsics) view, or the PoseNotFound it raised."""
+        """Pose of each (mesh, depth, mask, intrinsics) view, or the PoseNotFound it raised. The
+        search on the device runs inside a `device()` turn (the stage's GPU slot); the views'
+        observations and models are made on the host before it."""
         opts = self.options
         results: list[PoseResult | PoseNotFound | None] = [None] * len(views)
         models, observations, hints, slots = [], [], [], []
@@ -743,7 +749,7 @@ class BatchedPoseEstimator:
             slots.append(i)
         if not slots:
             return results  # type: ignore[return-value]
-        with torch.no_grad():
+        with device(), torch.no_grad():
             found = self._search(_Views(models, observations, self.device), hints)
         for i, result in zip(slots, found, strict=True):
             results[i] = result
