@@ -1013,11 +1013,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", default="", help="synthetic source directory (reused when it matches)")
     p.add_argument("--work", default="", help="weights and outputs; default: a temporary directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra build setting")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="after each path's modes, every mode again with these settings too, in the same warm "
+        "process (no second warm-up); its rows are `<mode>@<NAME>`",
+    )
     p.add_argument("--json", default="")
     p.add_argument(
         "--md", default="", help="markdown page (and a PNG plot beside it); default: beside --json"
     )
     args = p.parse_args(argv)
+    try:
+        args.variants = parse_variants(args.variant)
+    except ValueError as err:
+        p.error(str(err))
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-build-"))
@@ -1035,6 +1047,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = _run(args, work, until, missing, modes)
     print(summary_table(report), flush=True)
     return report
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """`NAME:KEY=VALUE[,KEY=VALUE]` each -> {NAME: {KEY: VALUE}}."""
+    variants: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, pairs = spec.partition(":")
+        settings = dict(kv.split("=", 1) for kv in pairs.split(",") if "=" in kv)
+        if not name or not settings or name in variants:
+            raise ValueError(f"--variant {spec!r}: want a new NAME:KEY=VALUE[,KEY=VALUE]")
+        variants[name] = settings
+    return variants
 
 
 def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[str, Any]:
@@ -1062,6 +1086,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
         "machine": _machine(),
         "tiny": args.tiny, "device": args.device, "dtype": args.dtype, "rows": args.rows,
         "batch_rows": args.batch_rows, "workers": args.workers, "extra_settings": args.set,
+        "variants": args.variants,
         "stages": stages,
         "skipped": {s: m for s, m in missing.items() if s not in stages},
         "replaced": {s: v for s, v in REPLACED.items() if s in stages or (s == "mesh" and "mesh" not in stages)},
@@ -1084,20 +1109,24 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     for path in [p for p in args.paths.split(",") if p]:
         rows = report["paths"].setdefault(path, {})
         # one warm-up of each kind before it is timed: compiles, CUDA graphs, Prefect's first flow run
-        for mode in [m for kind in modes for m in (f"warmup_{kind}", kind)]:
-            out = tempfile.mkdtemp(dir=work, prefix=f"{path}-{mode}-")
+        cases = [(m, {}) for kind in modes for m in (f"warmup_{kind}", kind)]
+        cases += [(f"{kind}@{name}", more) for name, more in args.variants.items() for kind in modes]
+        for mode, more in cases:
+            out = tempfile.mkdtemp(dir=work, prefix=f"{path}-{mode.replace('@', '-')}-")
             settings = build_settings(args, weights, source, path, out, until, args.workers)
             # the first warm-up takes the whole source: each batch shape compiles (and is captured
             # in CUDA graphs) once, outside the timed runs; later warm-ups take one batch
             warm = {"source.limit": args.batch_rows} if mode.startswith("warmup") and warmed else {}
             warmed = warmed or mode.startswith("warmup")
-            settings = override(settings, **{**extra, **warm})
+            settings = override(settings, **{**extra, **more, **warm})
             try:
                 install_replacements(settings)
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
-            rows[mode] = _case(mode.removeprefix("warmup_"), settings, sampler)
+            rows[mode] = _case(mode.removeprefix("warmup_").split("@")[0], settings, sampler)
+            if more:
+                rows[mode]["settings"] = more
             print(path, mode, json.dumps({k: v for k, v in rows[mode].items() if k not in BULKY}), flush=True)
             _write(report, args)
         if "mesh" not in stages and "hy3dgen" not in missing.get("mesh", []):

@@ -71,4 +71,8 @@ cat <<EOF
   then at once, no carry (the machine still warm, the same install), the standard path:
     [ -f /tmp/site/.installed ] || exit 3; $ENV
     timeout 560 $BENCH --paths standard --batch-rows 2 --set source.limit=6 --json \$OUT/gpu_build_h200_standard.json 2>&1 | tee \$OUT/gpu_build_h200_standard.log | tail -5
+  then, with ~450 s of device time left, no carry: the fast path through Prefect with more batches in
+  flight (its first warm-up takes the whole source; each variant runs in the same warm process):
+    [ -f /tmp/site/.installed ] || exit 3; $ENV
+    timeout 560 ${BENCH/--modes plain,prefect/--modes prefect} --paths fast --batch-rows 4 --variant bif8:runtime.batches_in_flight=8 --json \$OUT/gpu_build_h200_fast_in_flight.json 2>&1 | tee \$OUT/gpu_build_h200_fast_in_flight.log | tail -5
 EOF

@@ -20,7 +20,7 @@ from prefect.states import Failed, State
 
 from refany3d.config import BuildSettings, SettingsError, to_dict
 from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport
-from refany3d.flows.memory import collect_garbage, limit_malloc_arenas
+from refany3d.flows.memory import GarbageCollector, limit_malloc_arenas
 from refany3d.flows.runtime import give_back_gpu_slots, refuse_relative, result_storage, task_runner
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
@@ -141,7 +141,7 @@ def run_batches(
     outputs = _Outputs()
     todo = list(enumerate(batches))[::-1]
     try:
-        with task_runner(settings) as runner:
+        with GarbageCollector() as garbage, task_runner(settings) as runner:
             scheduler = Scheduler(runner, tasks, settings, build_id)
             for _ in range(min(settings.runtime.batches_in_flight, len(todo))):
                 i, batch = todo.pop()
@@ -150,7 +150,7 @@ def run_batches(
                 i, futures = scheduler.next_finished_batch()
                 _count_batch(futures, batches[i], settings.until, report)
                 outputs.add_shard(keys[i]["shard"], futures["shard"].result())
-                collect_garbage()
+                garbage.after_batch()
                 if todo:
                     j, batch = todo.pop()
                     scheduler.start(j, batch, keys[j])

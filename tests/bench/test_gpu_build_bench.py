@@ -221,7 +221,7 @@ def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_pat
     out = tmp_path / "gpu_build.json"
     report = bench.main(["--tiny", "--rows", "1", "--batch-rows", "1", "--view-size", "160", "--paths", "fast",
                          "--modes", "serial,plain", "--until", "depth", "--work", str(tmp_path / "work"),
-                         "--json", str(out)])  # fmt: skip
+                         "--variant", "short:until=segment", "--json", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["stages"] == report["stages"]
     assert report["stages"] == ["source", "quality", "split", "detect", "segment", "depth", "shard"]
     serial, plain = report["paths"]["fast"]["serial"], report["paths"]["fast"]["plain"]
@@ -238,8 +238,26 @@ def test_tiny_run_to_depth_writes_json_markdown_and_mesh_networks(bench, tmp_pat
     mesh = report["paths"]["fast"]["mesh_networks"]
     assert "error" not in mesh, mesh.get("error")
     assert mesh["objects"] == 2 and all(f > 0 for f in mesh["raw_faces"])
+    # each mode again with the variant's settings, in the same process: here a shorter DAG
+    short = report["paths"]["fast"]["plain@short"]
+    assert "error" not in short, short.get("error")
+    assert short["settings"] == {"until": "segment"} and report["variants"] == {"short": {"until": "segment"}}
+    assert sorted(s for _, s, _, _ in short["spans"]) == sorted(
+        ["source", "quality", "split", "detect", "segment", "shard"]
+    )
+    assert "serial@short" in report["paths"]["fast"]
     page = out.with_suffix(".md").read_text()
     assert "| fast | plain | 2 |" in page and "| fast | serial | 2 |" in page and "Replaced outputs" in page
+    assert "| fast | plain@short | 2 |" in page
+
+
+def test_variants_are_named_settings_and_a_bad_one_is_refused(bench):
+    assert bench.parse_variants(["bif8:runtime.batches_in_flight=8,runtime.workers=24"]) == {
+        "bif8": {"runtime.batches_in_flight": "8", "runtime.workers": "24"}
+    }
+    for bad in (["bif8"], [":runtime.workers=2"], ["a:x=1", "a:y=2"]):
+        with pytest.raises(ValueError, match="--variant"):
+            bench.parse_variants(bad)
 
 
 def _tracing_call(barrier_stage: str, parties: int):
