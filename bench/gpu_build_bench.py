@@ -1109,9 +1109,10 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
     for path in [p for p in args.paths.split(",") if p]:
         rows = report["paths"].setdefault(path, {})
         # one warm-up of each kind before it is timed: compiles, CUDA graphs, Prefect's first flow run
-        cases = [(m, {}) for kind in modes for m in (f"warmup_{kind}", kind)]
-        cases += [(f"{kind}@{name}", more) for name, more in args.variants.items() for kind in modes]
-        for mode, more in cases:
+        # (row name, mode run, variant settings)
+        cases = [(m, kind, {}) for kind in modes for m in (f"warmup_{kind}", kind)]
+        cases += [(f"{kind}@{name}", kind, more) for name, more in args.variants.items() for kind in modes]
+        for mode, kind, more in cases:
             out = tempfile.mkdtemp(dir=work, prefix=f"{path}-{mode.replace('@', '-')}-")
             settings = build_settings(args, weights, source, path, out, until, args.workers)
             # the first warm-up takes the whole source: each batch shape compiles (and is captured
@@ -1124,7 +1125,7 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
-            rows[mode] = _case(mode.removeprefix("warmup_").split("@")[0], settings, sampler)
+            rows[mode] = _case(kind, settings, sampler)
             if more:
                 rows[mode]["settings"] = more
             print(path, mode, json.dumps({k: v for k, v in rows[mode].items() if k not in BULKY}), flush=True)
