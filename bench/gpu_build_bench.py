@@ -42,6 +42,8 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # the renderer's headless GL, before any GL import
 
 # Row keys left out of the printed lines (they are in the JSON and the markdown).
-BULKY = ("timeline", "cores_timeline", "spans", "gpu_waits")
+BULKY = ("timeline", "cores_timeline", "spans", "gpu_waits", "gil_holders")
 PATHS = {
     "fast": {"mesher.dit": "turbo", "mesher.flashvdm": True},
     "standard": {"mesher.dit": "standard", "mesher.flashvdm": False},
@@ -336,6 +338,74 @@ class Sampler:
                 counts[place] = counts.get(place, 0) + 1
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
         return [{"where": w, "share_of_idle": round(n / len(idle), 3)} for w, n in ranked]
+
+
+class GilHolders:
+    """Which thread holds the GIL over a case, and where: `py-spy record --gil` on this process
+    (it samples only the thread that holds the GIL, nothing while none does). Every torch op
+    releases the GIL, so a thread launching small kernels waits up to the switch interval per op
+    while another thread runs Python; the GPU then idles with the cores nearly idle too, and
+    `gpu_waits` shows the launching thread, not the one it waits for. Off (a no-op) without py-spy
+    on PATH, or when `raw` is None."""
+
+    def __init__(self, raw: Path | None, rate: int = 100) -> None:
+        self.raw, self.rate, self._proc, self._t0 = raw, rate, None, 0.0
+        self.note = ""
+
+    def __enter__(self) -> GilHolders:
+        exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        if self.raw is None or exe is None:
+            self.note = "" if self.raw is None else "py-spy not on PATH"
+            return self
+        self.raw.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [exe, "record", "--pid", str(os.getpid()), "--gil", "--threads", "--nonblocking",
+               "--rate", str(self.rate), "--format", "raw", "--output", str(self.raw)]  # fmt: skip
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+        try:
+            _, err = self._proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        self.seconds = time.perf_counter() - self._t0
+        if not self.raw.is_file():
+            self.note = f"py-spy wrote nothing: {(err or '').strip()[-300:]}"
+
+    def summary(self, top: int = 12) -> dict[str, Any]:
+        """`gil_held_fraction`: samples / (rate x seconds); `gil_holders`: the commonest innermost
+        frames of the holding thread, with their share of the samples."""
+        if self._proc is None or not self.raw.is_file():
+            return {"gil_note": self.note} if self.note else {}
+        return gil_summary(self.raw.read_text(), self.rate, self.seconds, top)
+
+
+def gil_summary(raw: str, rate: int, seconds: float, top: int = 12) -> dict[str, Any]:
+    """Summary of py-spy's raw (collapsed-stack) output: `frame;frame;... count` per line, the
+    outermost frame first, after `thread (id): name` (`--threads`)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        parts = stack.split(";")
+        thread = next((f.partition("): ")[2] for f in parts if f.startswith("thread (")), "")
+        frames = [f for f in parts if not f.startswith(("process ", "thread ("))]
+        where = " > ".join(frames[-2:]) or "(no Python frame)"
+        where = f"{thread}: {where}" if thread else where
+        counts[where] = counts.get(where, 0) + int(n)
+        total += int(n)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "gil_held_fraction": round(total / max(rate * seconds, 1e-9), 3),
+        "gil_holders": [{"where": w, "share": round(k / max(total, 1), 3)} for w, k in ranked],
+    }
 
 
 def _spawned_children() -> list[Path]:
@@ -642,6 +712,7 @@ def run_plain(settings, sampler: Sampler) -> dict[str, Any]:
     ctx = _stage_context(settings)
     stages = build_stages(settings.until)
     batches = list(plan_source(settings))
+    sys.setswitchinterval(settings.runtime.switch_interval_ms / 1000)  # as the flow sets it
 
     def call(stage: str, inputs: Any) -> Any:
         return stage_function(stage)(inputs if stage == "source" else merge_samples(inputs), settings, ctx)
@@ -897,6 +968,10 @@ def write_markdown(report: dict, md: Path, png: Path | None) -> None:
                 lines += ["", "Where the stage threads were while the GPU was idle (share of the idle samples):", "",
                           "| where (stage function > innermost frame) | share |", "|---|---|"]  # fmt: skip
                 lines += [f"| `{w['where']}` | {w['share_of_idle']} |" for w in row["gpu_waits"]]
+            if row.get("gil_holders"):
+                lines += ["", f"Which thread held the GIL, and where (py-spy; held {row['gil_held_fraction']} of the run):",
+                          "", "| thread: frame > innermost frame | share |", "|---|---|"]  # fmt: skip
+                lines += [f"| `{w['where']}` | {w['share']} |" for w in row["gil_holders"]]
     if png is not None and _plot(report, png):
         lines += ["", f"![GPU busy over time]({png.name})"]
     md.write_text("\n".join(lines) + "\n")
@@ -969,16 +1044,18 @@ def summary_table(report: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _case(mode: str, settings, sampler: Sampler) -> dict[str, Any]:
+def _case(mode: str, settings, sampler: Sampler, gil_raw: Path | None = None) -> dict[str, Any]:
     _cuda_reset()
     t0, c0 = time.perf_counter(), _cpu_s()
     try:
-        row = {"prefect": run_prefect, "plain": run_plain, "serial": run_serial}[mode](settings, sampler)
+        with GilHolders(gil_raw) as gil:
+            row = {"prefect": run_prefect, "plain": run_plain, "serial": run_serial}[mode](settings, sampler)
     except Exception as err:  # noqa: BLE001 - the other cases must still be measured and written
         import traceback
 
         return {"error": "".join(traceback.format_exception(err))[-3000:]}
     t1 = time.perf_counter()
+    row.update(gil.summary())
     # whole-run CPU: per stage only the serial mode can tell, but whether the cores are the limit shows here
     row["cpu_s"] = round(_cpu_s() - c0, 1)
     row["cores_busy"] = round(row["cpu_s"] / max(t1 - t0, 1e-9), 2)
@@ -1020,6 +1097,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="after each path's modes, every mode again with these settings too, in the same warm "
         "process (no second warm-up); its rows are `<mode>@<NAME>`",
+    )
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="record which thread holds the GIL in each timed case (py-spy, beside --json)",
     )
     p.add_argument("--json", default="")
     p.add_argument(
@@ -1125,7 +1207,10 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
-            rows[mode] = _case(kind, settings, sampler)
+            gil_raw = None
+            if args.gil and args.json and not mode.startswith("warmup"):
+                gil_raw = Path(args.json).with_suffix(f".{path}-{mode.replace('@', '-')}.gil.txt")
+            rows[mode] = _case(kind, settings, sampler, gil_raw)
             if more:
                 rows[mode]["settings"] = more
             print(path, mode, json.dumps({k: v for k, v in rows[mode].items() if k not in BULKY}), flush=True)

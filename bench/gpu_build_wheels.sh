@@ -20,6 +20,7 @@ mkdir -p .whl .bench-data
 # needs torch, transformers, einops, scikit-image, opencv, PyYAML, tqdm - all on the machine - and
 # diffusers + trimesh), segment-anything. Then Prefect's and diffusers' needs that the image lacks
 # (closure of their metadata here, minus KINDS.md's package list).
+# py-spy: the bench's --gil (which thread holds the GIL in each timed case).
 WHEELS=(
   prefect==3.9.1 hy3dgen==2.0.2 diffusers==0.42.1 trimesh==5.2.0 segment-anything==1.0
   aiosqlite==0.22.1 alembic==1.20.1 amplitude-analytics==1.3.0 annotated-types==0.8.0 apprise==2.0.1
@@ -36,6 +37,7 @@ WHEELS=(
   rich-rst==2.2.0 rpds-py==2026.9.1 ruamel-yaml==0.19.1 semver==3.1.2 sniffio==1.3.1 sqlalchemy==2.1.9
   starlette==1.10.0 text-unidecode==1.3 toml==0.10.2 typing-inspection==0.4.5 tzdata==2026.6
   tzlocal==5.4.5 uncalled-for==0.6.2 uvicorn==0.54.0 websockets==16.1.1 whenever==0.11.0
+  py-spy==0.4.3
 )
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 \

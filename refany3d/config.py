@@ -371,6 +371,13 @@ class RuntimeSettings(_Section):
     workers: int = _opt(
         2, "stage tasks at once: threads of the thread runner, worker processes of a local dask cluster", ge=1
     )
+    switch_interval_ms: float = _opt(
+        5.0,
+        "how long a thread keeps the GIL while another waits for it (sys.setswitchinterval; Python's "
+        "default 5 ms): every torch op releases it, so a stage thread launching GPU kernels waits this long "
+        "per op whenever another thread runs Python",
+        gt=0.0,
+    )
     runner: Literal["thread", "dask"] = _opt("thread", "task runner for in-flow fan-out")
     dask_address: str = _opt("", "dask scheduler address; empty = local cluster")
 

@@ -21,7 +21,13 @@ from prefect.states import Failed, State
 from refany3d.config import BuildSettings, SettingsError, to_dict
 from refany3d.flows.artifacts import GALLERY_SAMPLES, BuildReport
 from refany3d.flows.memory import GarbageCollector, limit_malloc_arenas
-from refany3d.flows.runtime import give_back_gpu_slots, refuse_relative, result_storage, task_runner
+from refany3d.flows.runtime import (
+    give_back_gpu_slots,
+    refuse_relative,
+    result_storage,
+    set_switch_interval,
+    task_runner,
+)
 from refany3d.flows.scheduler import Scheduler
 from refany3d.flows.tasks import stage_task
 from refany3d.preflight import preflight
@@ -94,6 +100,7 @@ def build_dataset(settings: BuildSettings, partition: Partition | None = None) -
         return Failed(message=str(err))
     file_rejects = preflight(settings)  # again: deployment runs do not come through the CLI
     limit_malloc_arenas()  # before the task runner starts its threads
+    set_switch_interval(settings)
     build_id = ensure_build_id(settings.storage.out)
     batches = plan_source(settings)
     keys = plan_keys(settings, batches)

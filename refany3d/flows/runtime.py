@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,14 @@ def refuse_relative(**paths: str) -> None:
                 f"{name}: {url!r} is relative; a deployment run needs an absolute path or URL "
                 "(the worker's working directory is temporary)"
             )
+
+
+def set_switch_interval(settings: BuildSettings) -> None:
+    """This process's GIL switch interval: `runtime.switch_interval_ms`. Every torch op releases the
+    GIL and takes it back; while another thread runs Python, taking it back waits up to the
+    interval, so a stage thread that launches many small kernels (FlashVDM's attention, one grid
+    cell at a time) waits that long per op while the GPU idles (`bench/GPU_BUILD_RUN.md`)."""
+    sys.setswitchinterval(settings.runtime.switch_interval_ms / 1000)
 
 
 def result_storage(settings: BuildSettings) -> Path | str:

@@ -32,6 +32,7 @@ from refany3d.config import BuildSettings
 from refany3d.flows.artifacts import reason_counts
 from refany3d.flows.memory import limit_malloc_arenas, release_free_memory
 from refany3d.flows.policy import RETRIES, run_with_policy
+from refany3d.flows.runtime import gpu_turns, set_switch_interval
 from refany3d.records import StageResult, merge_samples
 from refany3d.stages.context import StageContext
 from refany3d.stages.dag import STAGES
@@ -58,8 +59,6 @@ def _gpu_turns(stage: str, settings: BuildSettings) -> Callable[[], AbstractCont
     """Turns on a slot of this machine's GPU limit for GPU stages on a CUDA device (the stage takes
     one per forward pass, `StageContext.device`); no throttling on CPU."""
     if STAGES[stage].gpu and settings.runtime.device.startswith("cuda"):
-        from refany3d.flows.runtime import gpu_turns
-
         return gpu_turns(settings)
     return contextlib.nullcontext
 
@@ -78,6 +77,7 @@ def run_stage(
     it writes their rejects too). `build_id` and `source_url` are only part of the cache key."""
     logger = get_run_logger()
     limit_malloc_arenas()  # in a Dask worker process, too
+    set_switch_interval(settings)
     store = ArtifactStore(settings.storage.artifacts or join(settings.storage.out, "artifacts"))
     ctx = StageContext(store=store, seed=settings.source.seed, key=key, device=_gpu_turns(stage, settings))
     if isinstance(inputs, SourceBatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -186,6 +187,54 @@ def test_stage_threads_at_names_the_stage_function_and_where_its_thread_is(bench
         "threading.py:wait"
     ]
     assert not any("test_gpu_build_bench" in w for w in bench.stage_threads_at())  # outside stages: none
+
+
+def test_gil_summary_ranks_the_holding_threads_innermost_frames(bench):
+    raw = "\n".join([
+        'thread (7): mesh;run (threading.py:1);_generate (mesh.py:9);__call__ (attention_processors.py:66) 6',
+        'thread (8): pose;run (threading.py:1);pose (pose.py:3);icp (icp.py:40) 3',
+        'thread (7): mesh;run (threading.py:1);_generate (mesh.py:9);__call__ (attention_processors.py:66) 2',
+        'thread (9): MainThread 1',
+        "garbage line",
+    ])  # fmt: skip
+    out = bench.gil_summary(raw, rate=100, seconds=0.24)
+    assert out["gil_held_fraction"] == 0.5  # 12 samples of 24 possible
+    assert out["gil_holders"] == [
+        {"where": "mesh: _generate (mesh.py:9) > __call__ (attention_processors.py:66)", "share": 0.667},
+        {"where": "pose: pose (pose.py:3) > icp (icp.py:40)", "share": 0.25},
+        {"where": "MainThread: (no Python frame)", "share": 0.083},
+    ]
+
+
+@pytest.mark.skipif(
+    not shutil.which("py-spy", path=f"{os.environ.get('PATH', '')}:{os.path.dirname(sys.executable)}"),
+    reason="py-spy is not installed",
+)
+def test_gil_holders_names_the_thread_running_python_while_another_launches_torch_ops(bench, tmp_path):
+    import torch
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(10_000))
+
+    x = torch.ones(8)
+    hog = threading.Thread(target=spin, name="hog")
+    hog.start()
+    try:
+        with bench.GilHolders(tmp_path / "gil.txt") as gil:
+            end = time.monotonic() + 2.0  # py-spy takes a moment to attach
+            while time.monotonic() < end:  # each op releases the GIL and waits for it back
+                torch.add(x, 1)
+    finally:
+        stop.set()
+        hog.join()
+    out = gil.summary()
+    if "gil_note" in out:
+        pytest.skip(f"py-spy cannot attach here: {out['gil_note']}")
+    assert out["gil_held_fraction"] > 0.5
+    assert out["gil_holders"][0]["where"].startswith("hog: ") and out["gil_holders"][0]["share"] > 0.8
 
 
 def test_core_clock_counts_a_busy_core(bench):

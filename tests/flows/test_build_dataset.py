@@ -4,6 +4,7 @@ GPU slots, artifacts and the Dask runner."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -132,6 +133,22 @@ def test_cuda_build_takes_and_gives_back_this_machines_gpu_slots(tmp_path, synth
         assert all(lim.name != "gpu" for lim in client.read_global_concurrency_limits())
     assert limit.limit == 2 and limit.active_slots == 0
     assert result["stats"]["detect"]["in"] == cpu["stats"]["split"]["kept"] > 0
+
+
+def test_switch_interval_is_the_builds_setting_and_a_rerun_with_another_is_cached(tmp_path, s200k_source):
+    out = tmp_path / "out"
+    before = sys.getswitchinterval()
+    try:
+        first = build_dataset(_settings(out, s200k_source))
+        assert sys.getswitchinterval() == pytest.approx(0.005)  # the default: Python's own
+        second = build_dataset(_settings(out, s200k_source, **{"runtime.switch_interval_ms": 0.5}))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+    assert second["version"] == first["version"]  # how threads switch decides no output
+    with get_client(sync_client=True) as client:
+        states = {t.name: t.state.name for t in task_runs(client, second["flow_run_id"], expect=8)}
+    assert set(states.values()) == {"Cached"}
 
 
 def test_build_dataset_dask_runner_writes_same_shards_as_threads(tmp_path, s200k_source):
