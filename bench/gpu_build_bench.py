@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # the renderer's headless GL, before any GL import
 
 # Row keys left out of the printed lines (they are in the JSON and the markdown).
-BULKY = ("timeline", "cores_timeline", "spans", "gpu_waits", "gil_holders")
+BULKY = ("timeline", "cores_timeline", "spans", "gpu_waits", "gil_holders", "native_dumps")
 PATHS = {
     "fast": {"mesher.dit": "turbo", "mesher.flashvdm": True},
     "standard": {"mesher.dit": "standard", "mesher.flashvdm": False},
@@ -274,6 +274,7 @@ class Sampler:
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._dumps: NativeDumps | None = None
 
     @property
     def has_gpu(self) -> bool:
@@ -291,7 +292,22 @@ class Sampler:
             self.rows.append((t, util, used, _read_rss_gib(), cores.busy()))
             if self._handle is not None and util < IDLE_UTIL:
                 self.waits.append((t, stage_threads_at()))
+            if self._dumps is not None:
+                self._dumps.tick(t, idle=self._handle is not None and util < IDLE_UTIL)
             self._stop.wait(self.period)
+
+    def dumping(self, dumps: NativeDumps | None) -> contextlib.AbstractContextManager:
+        """Native stack dumps (`NativeDumps`) while the GPU idles, over a `with` block."""
+
+        @contextlib.contextmanager
+        def scope():
+            self._dumps = dumps
+            try:
+                yield dumps
+            finally:
+                self._dumps = None
+
+        return scope()
 
     def start(self) -> Sampler:
         self._thread.start()
@@ -338,6 +354,38 @@ class Sampler:
                 counts[place] = counts.get(place, 0) + 1
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
         return [{"where": w, "share_of_idle": round(n / len(idle), 3)} for w, n in ranked]
+
+
+class NativeDumps:
+    """`py-spy dump --native` of this process (every thread's Python and C/C++ frames) once the GPU
+    has idled for `after_s`, at most `limit` times and `every_s` apart: what a thread is doing
+    inside a native call (an SDPA kernel's host side, the allocator, a lock) that the Python frames
+    of `gpu_waits` cannot show. Each dump pauses the process for a moment; files `<prefix>N.txt`."""
+
+    def __init__(self, prefix: Path, limit: int, after_s: float = 1.0, every_s: float = 5.0) -> None:
+        self.prefix, self.limit, self.after_s, self.every_s = prefix, limit, after_s, every_s
+        self.exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        self.taken: list[dict[str, Any]] = []
+        self._idle_since: float | None = None
+        self._last = -1e9
+
+    def tick(self, t: float, idle: bool) -> None:
+        self._idle_since = (self._idle_since if self._idle_since is not None else t) if idle else None
+        if (
+            self.exe is None
+            or self._idle_since is None
+            or len(self.taken) >= self.limit
+            or t - self._idle_since < self.after_s
+            or t - self._last < self.every_s
+        ):
+            return
+        self._last = t
+        path = self.prefix.with_name(f"{self.prefix.name}{len(self.taken)}.txt")
+        cmd = [self.exe, "dump", "--native", "--pid", str(os.getpid())]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(done.stdout + (f"\n[stderr]\n{done.stderr}" if done.returncode else ""))
+        self.taken.append({"t": round(t, 2), "idle_s": round(t - self._idle_since, 2), "file": path.name})
 
 
 class GilHolders:
@@ -1044,11 +1092,13 @@ def summary_table(report: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _case(mode: str, settings, sampler: Sampler, gil_raw: Path | None = None) -> dict[str, Any]:
+def _case(
+    mode: str, settings, sampler: Sampler, gil_raw: Path | None = None, dumps: NativeDumps | None = None
+) -> dict[str, Any]:
     _cuda_reset()
     t0, c0 = time.perf_counter(), _cpu_s()
     try:
-        with GilHolders(gil_raw) as gil:
+        with GilHolders(gil_raw) as gil, sampler.dumping(dumps):
             row = {"prefect": run_prefect, "plain": run_plain, "serial": run_serial}[mode](settings, sampler)
     except Exception as err:  # noqa: BLE001 - the other cases must still be measured and written
         import traceback
@@ -1056,6 +1106,8 @@ def _case(mode: str, settings, sampler: Sampler, gil_raw: Path | None = None) ->
         return {"error": "".join(traceback.format_exception(err))[-3000:]}
     t1 = time.perf_counter()
     row.update(gil.summary())
+    if dumps is not None:
+        row["native_dumps"] = dumps.taken
     # whole-run CPU: per stage only the serial mode can tell, but whether the cores are the limit shows here
     row["cpu_s"] = round(_cpu_s() - c0, 1)
     row["cores_busy"] = round(row["cpu_s"] / max(t1 - t0, 1e-9), 2)
@@ -1102,6 +1154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--gil",
         action="store_true",
         help="record which thread holds the GIL in each timed case (py-spy, beside --json)",
+    )
+    p.add_argument(
+        "--native-dumps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="in each timed case, up to N native stack dumps (py-spy) while the GPU idles, beside --json",
     )
     p.add_argument("--json", default="")
     p.add_argument(
@@ -1207,10 +1266,14 @@ def _run(args, work: Path, until: str, missing: dict, modes: list[str]) -> dict[
             except Exception as err:  # noqa: BLE001
                 rows[mode] = {"error": f"loading the backends: {err!r}"[:3000]}
                 break
-            gil_raw = None
-            if args.gil and args.json and not mode.startswith("warmup"):
-                gil_raw = Path(args.json).with_suffix(f".{path}-{mode.replace('@', '-')}.gil.txt")
-            rows[mode] = _case(kind, settings, sampler, gil_raw)
+            gil_raw = dumps = None
+            if args.json and not mode.startswith("warmup"):
+                beside = Path(args.json)
+                name = f"{beside.stem}.{path}-{mode.replace('@', '-')}"
+                gil_raw = beside.with_name(f"{name}.gil.txt") if args.gil else None
+                if args.native_dumps:
+                    dumps = NativeDumps(beside.with_name(f"{name}.native"), args.native_dumps)
+            rows[mode] = _case(kind, settings, sampler, gil_raw, dumps)
             if more:
                 rows[mode]["settings"] = more
             print(path, mode, json.dumps({k: v for k, v in rows[mode].items() if k not in BULKY}), flush=True)

@@ -17,6 +17,7 @@ FLUX.1-dev configs) at the build's and training's defaults. Every kernel runs al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -99,6 +100,49 @@ def measure(shape: tuple, reps: int) -> dict:
     return out
 
 
+# FlashVDM's refinement: one SDPA call per grid cell, its query count new almost every call
+RAGGED = {"site": "hunyuan3d.decoder flashvdm, ragged", "heads": 16, "keys": 1024, "head_dim": 64,
+          "dtype": "float16", "queries": (500, 20000)}  # fmt: skip
+
+
+def ragged(calls: int) -> dict:
+    """Host milliseconds per SDPA call (until the call returns, the GPU not waited for) on
+    `calls` ragged FlashVDM shapes, per kernel and in PyTorch's own order: first on shapes the
+    process has not seen, then on the same shapes again. A kernel that plans per shape shows it
+    as host time on the first pass only; the table's fixed-shape timing cannot."""
+    import random
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    lengths = random.Random(0).sample(range(*RAGGED["queries"]), calls)
+    h, k, d = RAGGED["heads"], RAGGED["keys"], RAGGED["head_dim"]
+    dt = getattr(torch, RAGGED["dtype"])
+    key, value = (torch.randn(1, h, k, d, device="cuda", dtype=dt) for _ in range(2))
+    queries = torch.randn(1, h, max(lengths), d, device="cuda", dtype=dt)
+    out: dict = {**RAGGED, "queries": list(RAGGED["queries"]), "calls": calls, "host_ms": {}, "refused": {}}
+    for kernel in ("default", *KERNELS):
+        order = contextlib.nullcontext() if kernel == "default" else sdpa_order((kernel,))
+        passes = []
+        with order:
+            try:
+                for _ in range(2):
+                    host = []
+                    for n in lengths:
+                        t = time.perf_counter()
+                        F.scaled_dot_product_attention(queries[:, :, :n], key, value)
+                        host.append(time.perf_counter() - t)
+                        torch.cuda.synchronize()
+                    passes.append(1e3 * sum(host) / len(host))
+            except RuntimeError as err:
+                out["refused"][kernel] = str(err).splitlines()[0][:200]
+                continue
+        out["host_ms"][kernel] = {"new_shapes": round(passes[0], 4), "seen_shapes": round(passes[1], 4)}
+        print(json.dumps({"ragged": kernel, **out["host_ms"][kernel]}), flush=True)
+    return out
+
+
 def run(args) -> dict:
     import torch
 
@@ -126,6 +170,7 @@ def run(args) -> dict:
         },  # fmt: skip
         "tolerance": TOLERANCE,
         "rows": rows,
+        "ragged": ragged(args.ragged_calls) if args.ragged_calls else None,
     }
 
 
@@ -157,7 +202,27 @@ def markdown(report: dict) -> str:
             f"| {r['site']} | {shape} | {cell(r, 'flash')} | {cell(r, 'cudnn')} | "
             f"{r['ms'].get('efficient', float('nan')):.3f} | {err} | **{r['best']}** |"
         )
+    if report.get("ragged"):
+        r = report["ragged"]
+        lines += ["", f"Ragged shapes ({r['site']}: {r['calls']} calls, 1 x {r['heads']} x {r['queries'][0]}-"
+                  f"{r['queries'][1]} x {r['keys']} x {r['head_dim']}, {r['dtype']}): host ms per call until it "
+                  "returns, on shapes not seen before and on the same shapes again", "",
+                  "| kernel | new shapes | seen shapes |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v['new_shapes']} | {v['seen_shapes']} |" for k, v in r["host_ms"].items()]
+        lines += [f"| {k} | refused: {v} | |" for k, v in r["refused"].items()]
     return "\n".join(lines) + "\n"
+
+
+def merged_table(path: Path, report: dict) -> dict:
+    """The kernel table with this run's rows in place of its device's old ones; other devices'
+    rows (and their machine entries) are kept."""
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    mine = (report["machine"]["device"], report["machine"]["capability"])
+    machines = [m for m in old.get("machines", [old["machine"]] if "machine" in old else [])
+                if (m["device"], m["capability"]) != mine]  # fmt: skip
+    rows = [r for r in old["rows"] if (r["device"], r["capability"]) != mine]
+    return {"bench": report["bench"], "date": report["date"], "machines": [*machines, report["machine"]],
+            "tolerance": report["tolerance"], "rows": [*rows, *report["rows"]]}  # fmt: skip
 
 
 def main() -> None:
@@ -165,6 +230,7 @@ def main() -> None:
     p.add_argument("--json", help="results JSON (measure on this machine's GPU)")
     p.add_argument("--table", help="also write the kernel table the package reads")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--ragged-calls", type=int, default=200, help="ragged FlashVDM shapes timed (0: none)")
     p.add_argument("--report", help="an existing results JSON: write its markdown (--md) only")
     p.add_argument("--md", help="markdown page")
     args = p.parse_args()
@@ -174,7 +240,7 @@ def main() -> None:
         report = run(args)
         Path(args.json).write_text(json.dumps(report, indent=1))
         if args.table:
-            Path(args.table).write_text(json.dumps(report, indent=1))
+            Path(args.table).write_text(json.dumps(merged_table(Path(args.table), report), indent=1))
     if args.md:
         Path(args.md).write_text(markdown(report))
 
