@@ -237,6 +237,27 @@ def test_gil_holders_names_the_thread_running_python_while_another_launches_torc
     assert out["gil_holders"][0]["where"].startswith("hog: ") and out["gil_holders"][0]["share"] > 0.8
 
 
+def test_native_dumps_wait_for_an_idle_second_keep_apart_and_stop_at_the_limit(bench, tmp_path, monkeypatch):
+    dumps = bench.NativeDumps(tmp_path / "case.native", limit=2, after_s=1.0, every_s=5.0)
+    calls = []
+    dumps.exe = "py-spy"
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or _Done())
+    ticks = [(0.0, True), (0.8, True), (0.9, False), (1.0, True), (2.0, True), (2.2, True), (6.9, True),
+             (7.0, True), (20.0, True)]  # fmt: skip
+    for t, idle in ticks:
+        dumps.tick(t, idle)
+    # idle since 1.0 (the busy tick at 0.9 reset it): the first at 2.0, the next 5 s later, then the limit
+    assert dumps.taken == [
+        {"t": 2.0, "idle_s": 1.0, "file": "case.native0.txt"},
+        {"t": 7.0, "idle_s": 6.0, "file": "case.native1.txt"},
+    ]
+    assert calls[0][1:3] == ["dump", "--native"] and (tmp_path / "case.native1.txt").read_text() == "stacks"
+
+
+class _Done:
+    stdout, stderr, returncode = "stacks", "", 0
+
+
 def test_core_clock_counts_a_busy_core(bench):
     clock = bench._CoreClock()
     _busy(0.5)
