@@ -143,6 +143,42 @@ def ragged(calls: int) -> dict:
     return out
 
 
+def ragged_cells(calls: int) -> dict:
+    """Host milliseconds per step of FlashVDM's per-cell refinement (hy3dgen's
+    `FlashVDMCrossAttentionProcessor`: slice the cell's queries, score the keys, top-k, gather,
+    SDPA) in PyTorch's own kernel order, on `calls` new cell sizes: which step a launching thread
+    spends its time in when the GPU idles."""
+    import random
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    lengths = random.Random(1).sample(range(*RAGGED["queries"]), calls)
+    h, d, latents, topk = RAGGED["heads"], RAGGED["head_dim"], 3072, RAGGED["keys"]
+    dt = getattr(torch, RAGGED["dtype"])
+    key, value = (torch.randn(1, h, latents, d, device="cuda", dtype=dt) for _ in range(2))
+    queries = torch.randn(1, h, max(lengths), d, device="cuda", dtype=dt)
+    steps = ("slice", "score", "topk", "gather", "sdpa")
+    host = dict.fromkeys(steps, 0.0)
+    for n in lengths:
+        t = [time.perf_counter()]
+        q = queries[:, :, :n]
+        t.append(time.perf_counter())
+        sim = (q[:, :, ::50] @ key.transpose(-1, -2)).mean(-2)
+        t.append(time.perf_counter())
+        index = torch.topk(sim, dim=-1, k=topk).indices.squeeze(-2).unsqueeze(-1).expand(-1, -1, -1, d)
+        t.append(time.perf_counter())
+        k0, v0 = torch.gather(key, -2, index), torch.gather(value, -2, index)
+        t.append(time.perf_counter())
+        F.scaled_dot_product_attention(q, k0, v0)
+        t.append(time.perf_counter())
+        for step, a, b in zip(steps, t, t[1:]):
+            host[step] += b - a
+        torch.cuda.synchronize()
+    return {"calls": calls, "host_ms_per_cell": {k: round(1e3 * v / calls, 4) for k, v in host.items()}}
+
+
 def run(args) -> dict:
     import torch
 
@@ -171,6 +207,7 @@ def run(args) -> dict:
         "tolerance": TOLERANCE,
         "rows": rows,
         "ragged": ragged(args.ragged_calls) if args.ragged_calls else None,
+        "ragged_cells": ragged_cells(args.ragged_calls) if args.ragged_calls else None,
     }
 
 
@@ -210,6 +247,10 @@ def markdown(report: dict) -> str:
                   "| kernel | new shapes | seen shapes |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v['new_shapes']} | {v['seen_shapes']} |" for k, v in r["host_ms"].items()]
         lines += [f"| {k} | refused: {v} | |" for k, v in r["refused"].items()]
+    if report.get("ragged_cells"):
+        cells = report["ragged_cells"]
+        lines += ["", f"FlashVDM's per-cell steps in PyTorch's kernel order, host ms per cell ({cells['calls']} "
+                  "new cell sizes): " + ", ".join(f"{k} {v}" for k, v in cells["host_ms_per_cell"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
