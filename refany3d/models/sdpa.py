@@ -9,17 +9,24 @@ device (name, compute capability) and shape, the fastest kernel whose error is
 within `TOLERANCE`.
 
 `attention_kernels(head_dim, dtype, queries, keys, device)` is the context a network's forward runs in:
-on a CUDA device the table covers, the nearest measured shape's kernel first, then PyTorch's own
-order (flash, memory-efficient, math; where the first refuses a shape, the next takes it); on
-the CPU or an unmeasured device, PyTorch's order unchanged. Compiled graphs take the kernel chosen
-while they are traced: hold the context around every call of a compiled model.
+on a CUDA device the table covers, the nearest measured shape's kernel first, then `DEFAULT_ORDER`
+(flash, memory-efficient, math, cuDNN; where the first refuses a shape, the next takes it); on
+the CPU, nothing; on an unmeasured CUDA device, PyTorch's own order. Compiled graphs take the
+kernel chosen while they are traced: hold the context around every call of a compiled model.
+
+PyTorch's own order is not one order. Its list is flash, memory-efficient, math, cuDNN, but on
+Hopper and Blackwell (compute capability 9.0 / 10.0) with a recent cuDNN its first SDPA call of
+the process moves cuDNN to the front, unless that first call runs inside an explicit priority
+context, whose exit puts the list back. So the order a call gets without a context depends on
+which call came first; the contexts here always set the order they mean.
 
 A call site whose shapes change from call to call (FlashVDM's ragged chunks: a different query
 count for every grid cell and every object) says so (`shapes_vary`), and then a kernel that plans
-per shape is never put first: cuDNN builds an execution graph for each new shape and caches it per
-thread, tens of milliseconds of host time each, while the GPU waits. On the H200 worker that was
-13-17 s of idle GPU on a thread's first object (`bench/GPU_BUILD_RUN.md`, run 5); the table's
-fixed-shape timing cannot show it.
+per shape is never first, on any CUDA device, measured or not: cuDNN builds an execution graph for
+each new shape and caches it per thread, tens of milliseconds of host time each, while the GPU
+waits. On the H200 worker that was 13-17 s of idle GPU on a thread's first object
+(`bench/GPU_BUILD_RUN.md`, run 5), and on the H100, which the table did not cover, most of the
+fast path's wall (runs 7 and 8); the table's fixed-shape timing cannot show it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 TABLE = Path(__file__).with_name("sdpa_table.json")
-DEFAULT_ORDER = ("flash", "efficient", "math", "cudnn")  # PyTorch's priority (cuDNN last)
+DEFAULT_ORDER = ("flash", "efficient", "math", "cudnn")  # PyTorch's listed priority (cuDNN last)
 PLANNED_PER_SHAPE = ("cudnn",)  # kernels that build (and cache, per thread) a plan for each new shape
 # Largest max |kernel - fp32 math| / max |fp32 math| a kernel may have to be chosen.
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-4}
@@ -108,16 +115,19 @@ def attention_kernels(
     shapes_vary: bool = False,
 ) -> contextlib.AbstractContextManager:
     """The context in which SDPA of this shape (`queries` / `keys`: tokens of one call, a guide to
-    the nearest measured row) runs the table's kernel first; a no-op where nothing is measured, and
-    where `shapes_vary` and the table's kernel plans per shape (`PLANNED_PER_SHAPE`)."""
+    the nearest measured row) runs the table's kernel first. Where `shapes_vary`, `DEFAULT_ORDER`
+    (a per-shape planned kernel last) instead of a planned kernel or PyTorch's own order. Where
+    nothing is measured and the shapes are fixed, PyTorch's own order; on the CPU, a no-op."""
     key = _device_key(device)
     if key is None:
         return contextlib.nullcontext()
     dtype_name = str(dtype).removeprefix("torch.")
     first = chosen_kernel(load_table(), key, head_dim, dtype_name, max(queries, 1), max(keys, 1), backward)
-    if first is None or first == DEFAULT_ORDER[0] or (shapes_vary and first in PLANNED_PER_SHAPE):
-        return contextlib.nullcontext()  # PyTorch's own order (flash first)
-    return sdpa_order(kernel_order(first))
+    if shapes_vary and (first is None or first in PLANNED_PER_SHAPE):
+        return sdpa_order(DEFAULT_ORDER)
+    if first is None:
+        return contextlib.nullcontext()
+    return sdpa_order(kernel_order(first))  # even flash: PyTorch's own order may put cuDNN first
 
 
 def sdpa_order(order: tuple[str, ...]) -> contextlib.AbstractContextManager:

@@ -1,6 +1,7 @@
 """The SDPA kernel table (refany3d.models.sdpa): the nearest measured shape's kernel first, PyTorch's
-order where nothing is measured; the networks run inside the context; on the CPU the fallback
-leaves every output as it was."""
+order where nothing is measured (but never a per-shape planned kernel first for shapes that vary,
+even where PyTorch's own order, as on Hopper, puts cuDNN first); the networks run inside the
+context; on the CPU the fallback leaves every output as it was."""
 
 from __future__ import annotations
 
@@ -94,21 +95,39 @@ def measured_here(monkeypatch, tmp_path):
     sdpa._read_table.cache_clear()
 
 
-def test_attention_kernels_sets_the_tables_kernel_first(measured_here):
+@pytest.fixture
+def cudnn_first_default():
+    """PyTorch's own order as a Hopper process has it after its first SDPA call: cuDNN first."""
+    before = _priority()
+    torch._C._set_sdp_priority_order(
+        [int(SDPBackend.CUDNN_ATTENTION), *(p for p in before if p != int(SDPBackend.CUDNN_ATTENTION))]
+    )
+    yield
+    torch._C._set_sdp_priority_order(before)
+
+
+FLASH, CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)
+
+
+def test_attention_kernels_sets_the_tables_kernel_first(measured_here, cudnn_first_default):
     measured_here(ROWS)
     before = _priority()
     with sdpa.attention_kernels(64, torch.float16, 200000, 3072, "cuda"):
-        assert _priority()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert _priority()[0] == CUDNN
     assert _priority() == before
-    with sdpa.attention_kernels(64, torch.float16, 4442, 4442, "cuda"):  # flash: PyTorch's own first
+    with sdpa.attention_kernels(64, torch.float16, 4442, 4442, "cuda"):  # flash, not PyTorch's cuDNN
+        assert _priority()[:2] == [FLASH, int(SDPBackend.EFFICIENT_ATTENTION)]
+    assert _priority() == before
+    with sdpa.attention_kernels(80, torch.float16, 4096, 4096, "cuda"):  # unmeasured, fixed: PyTorch's
         assert _priority() == before
 
 
-def test_shapes_that_vary_never_put_a_per_shape_planned_kernel_first(measured_here):
+def test_shapes_that_vary_never_put_a_per_shape_planned_kernel_first(measured_here, cudnn_first_default):
     measured_here([*ROWS, _row(32, 32, "efficient", head_dim=16)])
-    before = _priority()
     with sdpa.attention_kernels(64, torch.float16, 200000, 3072, "cuda", shapes_vary=True):
-        assert _priority() == before  # the table says cuDNN: flash stays first
+        assert _priority()[0] == FLASH and _priority()[-2] == CUDNN  # the table says cuDNN
+    with sdpa.attention_kernels(80, torch.float16, 4096, 4096, "cuda", shapes_vary=True):
+        assert _priority()[0] == FLASH  # unmeasured: not PyTorch's cuDNN-first order either
     with sdpa.attention_kernels(16, torch.float16, 32, 32, "cuda", shapes_vary=True):
         assert _priority()[0] == int(SDPBackend.EFFICIENT_ATTENTION)  # no plans: still the table's
 
@@ -161,20 +180,25 @@ def test_hunyuan3d_runs_its_dit_and_decoder_in_the_tables_context_with_equal_mes
     assert np.array_equal(plain[0].faces, chosen[0].faces)
 
 
-def test_hunyuan3d_flashvdm_decodes_its_ragged_chunks_with_flash_where_the_table_says_cudnn(
+def test_hunyuan3d_flashvdm_decodes_its_ragged_chunks_with_flash_unmeasured_or_where_the_table_says_cudnn(
     weights,  # noqa: F811
     measured_here,
+    cudnn_first_default,
 ):
     settings = _settings(weights, **{"mesher.flashvdm": True})
     m = settings.mesher
     mesher = Hunyuan3DMesher(m.weights, dit=m.dit, flashvdm=m.flashvdm, mc_algo=m.mc_algo)
     first = set()
     mesher.pipe.vae.geo_decoder.register_forward_pre_hook(lambda *_: first.add(_priority()[0]))
+    measured_here(())  # a card the table does not cover (the H100 of runs 7 and 8)
+    mesher.generate(_cutouts(1), _samples(1), m, 0, time.monotonic() + 300)
+    assert first == {FLASH}
     measured_here(_tiny_rows(mesher))
     with mesher.dit_kernels():
-        assert _priority()[0] == int(SDPBackend.CUDNN_ATTENTION)  # the DiT's shapes are fixed
+        assert _priority()[0] == CUDNN  # the DiT's shapes are fixed
+    first.clear()
     mesher.generate(_cutouts(1), _samples(1), m, 0, time.monotonic() + 300)
-    assert first == {int(SDPBackend.FLASH_ATTENTION)}
+    assert first == {FLASH}
 
 
 def test_depth_pro_runs_its_encoders_in_the_tables_context(tmp_path, measured_here):
