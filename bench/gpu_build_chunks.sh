@@ -56,7 +56,10 @@ for k in $(seq 1 $((n - 1))); do echo "  carry [\".gbc$k\"]  command: mkdir -p /
 # so; bench/unpack_wheels.py unpacks the wheels in parallel, seconds where pip took 60-130 s of
 # the call) and runs the fast path, both modes (the first warm-up takes the whole source, Prefect's one batch);
 # the next call runs the standard path on 6 rows in batches of 2 (its mesh stage is 7 s an
-# object). ROWS: the rows `gpu_build_wheels.sh` generated (default 24).
+# object). ROWS: the rows `gpu_build_wheels.sh` generated (default 24). The fast call also records
+# which thread holds the GIL (--gil) and takes up to 4 native stack dumps while the GPU idles
+# (--native-dumps), both with py-spy, beside its JSON. A diagnosis-only call can add
+# `--set mesher.compile=false --set source.limit=12` to shorten the warm-up.
 ENV='export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/sysroot/usr/lib/x86_64-linux-gnu:/tmp/sysroot/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYOPENGL_PLATFORM=egl;'
 ROWS=${ROWS:-24}
 BENCH="python3 bench/gpu_build_bench.py --rows $ROWS --set mesher.post_processes=12 --data /tmp/.bench-data/source --work /tmp/gb --modes plain,prefect"
@@ -67,7 +70,7 @@ cat <<EOF
     python3 bench/unpack_wheels.py --target /tmp/site /tmp/.whl/*.whl /tmp/.gbw/*.whl && tar xf /tmp/.gbw/meshoptimizer.tar -C /tmp/site && touch /tmp/site/.installed; } || exit;
     $ENV
     python3 -c "import open3d, pymeshlab, pyrender, xatlas, meshoptimizer, lpips; print('imports ok')" &&
-    timeout 540 $BENCH --paths fast --batch-rows 4 --json \$OUT/gpu_build_h200_fast.json 2>&1 | tee \$OUT/gpu_build_h200_fast.log | tail -5
+    timeout 540 $BENCH --paths fast --batch-rows 4 --gil --native-dumps 4 --json \$OUT/gpu_build_h200_fast.json 2>&1 | tee \$OUT/gpu_build_h200_fast.log | tail -5
   then at once, no carry (the machine still warm, the same install), the standard path:
     [ -f /tmp/site/.installed ] || exit 3; $ENV
     timeout 560 $BENCH --paths standard --batch-rows 2 --set source.limit=6 --json \$OUT/gpu_build_h200_standard.json 2>&1 | tee \$OUT/gpu_build_h200_standard.log | tail -5
