@@ -1,8 +1,8 @@
 """Which SDPA kernel an attention shape runs, from a table measured on the GPU.
 
-PyTorch's `scaled_dot_product_attention` tries flash attention before cuDNN's fused attention. On
-Hopper, cuDNN is faster for some shapes (head dim 64 in fp16, the Hunyuan3D decoder's: 452 vs 309
-TFLOP/s) and not for others. `bench/sdpa_bench.py` times every kernel on the shapes our networks
+PyTorch's `scaled_dot_product_attention` tries its kernels in one priority order (below: which
+one depends on the device and on the process's first call). On Hopper, cuDNN is faster for some
+shapes (head dim 64 in fp16, the Hunyuan3D decoder's: 452 vs 309 TFLOP/s) and not for others. `bench/sdpa_bench.py` times every kernel on the shapes our networks
 run (Hunyuan3D's DiT and decoder, DINOv2, Depth Pro, BERT, Flux sampling and training), checks each
 kernel's output against fp32 math attention, and writes `sdpa_table.json` beside this file: per
 device (name, compute capability) and shape, the fastest kernel whose error is
