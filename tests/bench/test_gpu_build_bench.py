@@ -5,7 +5,6 @@ Prefect and a plain loop in the slow one)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,22 +12,17 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import trimesh
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_build_bench", ROOT / "bench" / "gpu_build_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_build_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_build_bench")
 
 
 class _Network:

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("sdpa_bench", ROOT / "bench" / "sdpa_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sdpa_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 def _report(device: str, sites: list[str], date: str) -> dict:
@@ -25,7 +14,7 @@ def _report(device: str, sites: list[str], date: str) -> dict:
 
 
 def test_a_run_replaces_its_devices_rows_and_keeps_the_other_devices(tmp_path):
-    bench = _bench()
+    bench = load_bench("sdpa_bench")
     table = tmp_path / "sdpa_table.json"
     table.write_text(json.dumps(_report("NVIDIA H200", ["dit", "decoder"], "d1")))  # the old layout
     merged = bench.merged_table(table, _report("NVIDIA H100 80GB HBM3", ["dit"], "d2"))
