@@ -356,6 +356,11 @@ class Sampler:
         return [{"where": w, "share_of_idle": round(n / len(idle), 3)} for w, n in ranked]
 
 
+def _py_spy() -> str | None:
+    """py-spy on PATH, else beside this Python (a venv's bin/); None without it."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+
+
 class NativeDumps:
     """`py-spy dump --native` of this process (every thread's Python and C/C++ frames) once the GPU
     has idled for `after_s`, at most `limit` times and `every_s` apart: what a thread is doing
@@ -364,7 +369,7 @@ class NativeDumps:
 
     def __init__(self, prefix: Path, limit: int, after_s: float = 1.0, every_s: float = 5.0) -> None:
         self.prefix, self.limit, self.after_s, self.every_s = prefix, limit, after_s, every_s
-        self.exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        self.exe = _py_spy()
         self.taken: list[dict[str, Any]] = []
         self._idle_since: float | None = None
         self._last = -1e9
@@ -401,7 +406,7 @@ class GilHolders:
         self.note = ""
 
     def __enter__(self) -> GilHolders:
-        exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        exe = _py_spy()
         if self.raw is None or exe is None:
             self.note = "" if self.raw is None else "py-spy not on PATH"
             return self
